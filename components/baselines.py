@@ -1,0 +1,74 @@
+"""Non-meta-learned baselines, scored by the same inner loop and steps as the meta-learners.
+
+- scratch: a fresh random initialisation per task, then the test-time SGD steps.
+- pretrain + finetune: one model trained jointly on every meta-train point, then the same SGD steps.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from components.evaluation import evaluate_params
+from components.metalearners import LossFn, Params
+from components.tasksets import TaskBatch
+
+BASELINES_VERSION = "1"
+
+
+def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int, lr: float, seed: int,
+            loss_fn: LossFn, chunk: int = 200) -> np.ndarray:
+    """Query loss after 0..steps SGD steps (rate lr) from a fresh torch-default init per task.
+
+    The T inits come, in task order, from one global RNG stream seeded with seed (the caller's RNG
+    state is restored afterwards). tasks holds T tasks; returns (steps + 1, T).
+    """
+    device = tasks.x_spt.device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inits = [dict(model_factory().named_parameters()) for _ in range(len(tasks))]
+        model = model_factory().to(device)  # only its structure is used: functional_call swaps the weights
+    init = {k: torch.stack([p[k].detach() for p in inits]).to(device) for k in inits[0]}  # (T, *shape)
+    return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk)
+
+
+def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: int, lr: float, seed: int,
+             loss_fn: LossFn) -> Params:
+    """Train a copy of model with Adam on all meta-train points pooled (support + query of every task).
+
+    Each iteration takes batch_size points without replacement from the T * (K + Q) pooled points,
+    drawn from a generator seeded with seed. Returns {name: tensor} of the trained weights; the
+    model passed in is left untouched.
+    """
+    model = copy.deepcopy(model)
+    x, y = pooled_points(train)
+    if batch_size > len(x):
+        raise ValueError(f"batch_size: {batch_size} exceeds the {len(x)} pooled points")
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(iterations):
+        idx = torch.randperm(len(x), generator=g)[:batch_size].to(x.device)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]), y[idx]).backward()
+        opt.step()
+    return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+def finetune(model: nn.Module, params: Params, tasks: TaskBatch, steps: int, lr: float, loss_fn: LossFn,
+             chunk: int = 200) -> np.ndarray:
+    """Query loss after 0..steps SGD steps (rate lr) from shared weights params {name: shape}: (steps + 1, T)."""
+    return evaluate_params(model, params, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, per_task=False)
+
+
+def pooled_points(tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """All support and query points of all tasks: x (T * (K + Q), d_in), y (T * (K + Q), d_out)."""
+    x = torch.cat([tasks.x_spt, tasks.x_qry], dim=1)
+    y = torch.cat([tasks.y_spt, tasks.y_qry], dim=1)
+    return x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+
+
+def _constant_lrs(model: nn.Module, lr: float) -> Params:
+    return {k: torch.full_like(p, lr).detach() for k, p in model.named_parameters()}

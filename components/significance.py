@@ -1,0 +1,175 @@
+"""Statistics for comparing few-shot methods evaluated on the same episodes.
+
+Every method is scored on the same held-out episodes, so comparisons are paired: the unit of
+analysis is the per-episode difference a_i - b_i. Input tables are tidy long tables with at
+least the columns ``episode, method, metric, value``.
+"""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+RESULT_COLUMNS = ("episode", "method", "metric", "value")
+PAIR_FIELDS = ("n", "mean_diff", "ci_low", "ci_high", "t_stat", "p_ttest",
+               "wilcoxon_stat", "p_wilcoxon", "cohens_dz")
+
+
+def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of a two-sided Student-t confidence interval.
+
+    values: (n,) scores. Half-width = t_{(1+confidence)/2, n-1} * sd(ddof=1) / sqrt(n);
+    it is nan for n = 1, where the spread is unknown.
+    """
+    x = _as_vector(values, "values")
+    if x.size < 2:
+        return float(x[0]), float("nan")
+    t = stats.t.ppf((1 + confidence) / 2, df=x.size - 1)
+    return float(x.mean()), float(t * x.std(ddof=1) / np.sqrt(x.size))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values, (m,) -> (m,), in the input order.
+
+    The i-th smallest p gets max_{j<=i} min(1, (m - j + 1) p_(j)). nan p-values (tests that
+    could not be run) stay nan and do not count towards m.
+    """
+    p = np.asarray(pvalues, dtype=float).ravel()
+    finite = ~np.isnan(p)
+    order = np.argsort(p[finite], kind="stable")
+    m = order.size
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[finite][order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    out = np.full(p.shape, np.nan)
+    out[finite] = adjusted
+    return out
+
+
+def paired_comparison(a, b, confidence: float = 0.95) -> dict:
+    """Compare two methods scored on the same n episodes: a (n,), b (n,), a[i] and b[i] on episode i.
+
+    Tests H0: the mean (t-test) or the median (Wilcoxon signed-rank) of d = a - b is zero.
+    Returns n, mean_diff, the t-interval ci_low/ci_high of mean(d), t_stat/p_ttest,
+    wilcoxon_stat/p_wilcoxon and Cohen's d_z = mean(d) / sd(d, ddof=1). When every d is zero
+    both tests give statistic 0 and p = 1 and d_z is 0 (scipy would give nan or raise); a
+    constant non-zero d gives t and d_z = +-inf, p_ttest = 0; n = 1 gives nan t, CI and d_z.
+    """
+    a, b = _as_vector(a, "a"), _as_vector(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must be aligned per episode; got shapes {a.shape} and {b.shape}")
+    d = a - b
+    mean_diff, half = mean_ci(d, confidence)
+    t_stat, p_t = _ttest(a, b, d)
+    w_stat, p_w = _wilcoxon(d)
+    return {"n": int(d.size), "mean_diff": mean_diff, "ci_low": mean_diff - half,
+            "ci_high": mean_diff + half, "t_stat": t_stat, "p_ttest": p_t,
+            "wilcoxon_stat": w_stat, "p_wilcoxon": p_w, "cohens_dz": _cohens_dz(d)}
+
+
+def compare_methods(results: pd.DataFrame, metric: str, lower_is_better: bool,
+                    confidence: float = 0.95) -> pd.DataFrame:
+    """All pairwise paired comparisons of the methods in `results` on one metric.
+
+    results: tidy table (episode, method, metric, value), one row per episode x method x metric.
+    Returns one row per unordered pair, (M choose 2) rows: method_a is the one with the better
+    mean, then PAIR_FIELDS for a - b, p_ttest_holm and p_wilcoxon_holm (Holm over all pairs
+    of this table) and a_better: both Holm-adjusted p < 1 - confidence and mean_diff favours a.
+    """
+    scores = _paired_scores(results, metric)
+    ranked = _rank(scores.mean(), lower_is_better)
+    rows = [{"method_a": a, "method_b": b, **paired_comparison(scores[a], scores[b], confidence)}
+            for a, b in itertools.combinations(ranked, 2)]
+    table = pd.DataFrame(rows, columns=["method_a", "method_b", *PAIR_FIELDS])
+    table["p_ttest_holm"] = holm(table["p_ttest"])
+    table["p_wilcoxon_holm"] = holm(table["p_wilcoxon"])
+    table["a_better"] = _significantly_better(table, lower_is_better, 1 - confidence)
+    return table
+
+
+def summarize(results: pd.DataFrame, metric: str, confidence: float = 0.95, *,
+              lower_is_better: bool = False) -> pd.DataFrame:
+    """Per-method n, mean, ci_half (t-interval half-width), ci_low, ci_high; best method first.
+
+    results: tidy table (episode, method, metric, value). Returns (M, 5) indexed by method.
+    """
+    values = _metric_rows(results, metric).groupby("method")["value"]
+    rows = {m: (v.size, *mean_ci(v.to_numpy(), confidence)) for m, v in values}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["n", "mean", "ci_half"])
+    table["ci_low"] = table["mean"] - table["ci_half"]
+    table["ci_high"] = table["mean"] + table["ci_half"]
+    table.index.name = "method"
+    return table.loc[_rank(table["mean"], lower_is_better)]
+
+
+def _as_vector(values, name: str) -> np.ndarray:
+    x = np.asarray(values, dtype=float)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array; got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains nan or inf")
+    return x
+
+
+def _ttest(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> tuple[float, float]:
+    """scipy's ttest_rel, with its warning-prone corners made explicit."""
+    if d.size < 2:
+        return float("nan"), float("nan")  # no spread to test against
+    if d.std(ddof=1) == 0:  # constant differences: t is 0 or +-inf
+        return (0.0, 1.0) if d[0] == 0 else (float(np.copysign(np.inf, d[0])), 0.0)
+    res = stats.ttest_rel(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _wilcoxon(d: np.ndarray) -> tuple[float, float]:
+    if not d.any():
+        return 0.0, 1.0
+    res = stats.wilcoxon(d)
+    return float(res.statistic), float(res.pvalue)
+
+
+def _cohens_dz(d: np.ndarray) -> float:
+    mean = d.mean()
+    sd = d.std(ddof=1) if d.size > 1 else float("nan")
+    if sd == 0:
+        return 0.0 if mean == 0 else float(np.copysign(np.inf, mean))
+    return float(mean / sd)
+
+
+def _metric_rows(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows of one metric, checked: required columns present, one row per episode x method."""
+    missing = [c for c in RESULT_COLUMNS if c not in results.columns]
+    if missing:
+        raise ValueError(f"results lacks columns {missing}")
+    rows = results.loc[results["metric"] == metric, ["episode", "method", "value"]]
+    if rows.empty:
+        raise ValueError(f"no results for metric {metric!r}")
+    dup = rows.duplicated(["episode", "method"])
+    if dup.any():
+        raise ValueError(f"duplicate (episode, method) rows for metric {metric!r}: "
+                         f"{rows.loc[dup, ['episode', 'method']].head().values.tolist()}")
+    return rows
+
+
+def _paired_scores(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """(episodes x methods) scores; raises if any method lacks an episode another has."""
+    scores = _metric_rows(results, metric).pivot(index="episode", columns="method", values="value")
+    lacking = scores.columns[scores.isna().any()].tolist()
+    if lacking:
+        raise ValueError(f"methods {lacking} lack episodes that other methods have on metric "
+                         f"{metric!r}; paired tests need the same episodes for every method")
+    return scores
+
+
+def _rank(means: pd.Series, lower_is_better: bool) -> list:
+    """Method names best-first; ties broken by name so the order is deterministic."""
+    frame = pd.DataFrame({"mean": means.to_numpy(), "name": means.index.astype(str)}, index=means.index)
+    return frame.sort_values(["mean", "name"], ascending=[lower_is_better, True]).index.tolist()
+
+
+def _significantly_better(table: pd.DataFrame, lower_is_better: bool, alpha: float) -> pd.Series:
+    favours_a = table["mean_diff"] < 0 if lower_is_better else table["mean_diff"] > 0
+    return (favours_a & (table["p_ttest_holm"] < alpha)
+            & (table["p_wilcoxon_holm"] < alpha)).astype(bool)

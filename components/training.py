@@ -1,0 +1,192 @@
+"""Meta-training of any MetaLearner: one Adam, periodic meta-validation, early stopping, resumable checkpoints.
+
+The meta-batch of iteration i depends only on (seed, i), and a checkpoint holds everything else the
+loop carries (meta-parameters, Adam state, best state, patience counter, history), so a run resumed
+from a checkpoint ends exactly where an uninterrupted run with the same seed ends.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from components.metalearners import MetaLearner
+from components.tasksets import TaskBatch
+
+TRAINING_VERSION = "1"
+STOP_REASONS = ("iterations", "early_stopping", "budget")
+# TrainConfig fields a resumed run must share with its checkpoint: they shape the trajectory.
+TRAJECTORY_FIELDS = ("meta_lr", "meta_batch_size", "val_every", "patience", "seed")
+
+Log = Callable[[int, dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    meta_lr: float = 1e-3  # outer Adam step size, the same optimizer for every algorithm
+    iterations: int = 1000  # meta-iterations in total, counting those already in a resumed checkpoint
+    meta_batch_size: int = 25  # tasks per meta-gradient, drawn without replacement from the train pool
+    val_every: int = 100  # iterations between meta-val losses (iteration 0 is validated too)
+    patience: int = 0  # validations without a new best val loss before stopping; 0 = never stop early
+    checkpoint_every: int = 100  # iterations between checkpoints; 0 = only the one written at the end
+    seed: int = 0  # with the iteration number, fixes each meta-batch, so a resume replays exactly
+    budget_seconds: float | None = None  # wall-clock limit of one call; a checkpoint lets the next go on
+
+    def __post_init__(self):
+        for name in ("iterations", "patience", "checkpoint_every", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("meta_batch_size", "val_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.meta_lr < 0:
+            raise ValueError(f"meta_lr: must be >= 0, got {self.meta_lr}")
+
+
+@dataclass
+class TrainResult:
+    state: dict  # best meta-parameters by meta-val loss (MetaLearner.state_dict format): evaluate these
+    final_state: dict  # meta-parameters after the last iteration (the learner is left holding them)
+    history: pd.DataFrame  # long: iteration, metric (train_loss | val_loss), value
+    iterations_run: int  # iterations executed in this call (0 when a finished checkpoint was resumed)
+    iterations_total: int  # iterations the meta-parameters have seen, across resumes
+    stop_reason: str  # one of STOP_REASONS
+    best_iteration: int  # iteration whose meta-parameters are `state`
+    seconds: float  # wall-clock seconds of this call
+
+
+def meta_train(learner: MetaLearner, train: TaskBatch, val: TaskBatch, cfg: TrainConfig,
+               checkpoint_path: Path | None = None, log: Log | None = None) -> TrainResult:
+    """Train the learner's meta-parameters in place; resume from checkpoint_path when it exists.
+
+    train, val: task pools (T_train and T_val tasks). log(iteration, metrics) gets train_loss at
+    every iteration and val_loss at every validation (val_loss alone at iteration 0).
+    """
+    start = time.perf_counter()
+    if cfg.meta_batch_size > len(train):
+        raise ValueError(f"meta_batch_size: {cfg.meta_batch_size} exceeds the {len(train)} train tasks")
+    opt = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
+    path = None if checkpoint_path is None else Path(checkpoint_path)
+    if path is not None and path.exists():
+        run = _resume(path, learner, opt, cfg)
+    else:
+        run = _fresh_run(learner, cfg)
+        _validate(learner, val, run, log)
+    first = run["iteration"]
+    while (stop := _stop_reason(run, cfg, start)) is None:
+        _iterate(learner, opt, train, val, run, cfg, log)
+        if path is not None and cfg.checkpoint_every and run["iteration"] % cfg.checkpoint_every == 0:
+            _save(path, run, learner, opt)
+    if path is not None:
+        _save(path, run, learner, opt)
+    return TrainResult(
+        state=run["best_state"], final_state=learner.state_dict(), history=pd.DataFrame(run["history"]),
+        iterations_run=run["iteration"] - first, iterations_total=run["iteration"], stop_reason=stop,
+        best_iteration=run["best_iteration"], seconds=time.perf_counter() - start)
+
+
+def meta_batch_indices(n_tasks: int, meta_batch_size: int, seed: int, iteration: int) -> torch.Tensor:
+    """Task indices (meta_batch_size,) of one iteration, without replacement, a function of (seed, iteration) only."""
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]))
+    return torch.randperm(n_tasks, generator=g)[:meta_batch_size]
+
+
+def val_loss(learner: MetaLearner, val: TaskBatch) -> float:
+    """Mean query loss over val after learner.cfg.inner_steps inner steps; builds no graph."""
+    with torch.no_grad():
+        fast = learner.adapt_batch(val.x_spt, val.y_spt, learner.cfg.inner_steps)
+        return learner.evaluate_fast(fast, val.x_qry, val.y_qry).mean().item()
+
+
+def _iterate(learner, opt, train, val, run, cfg, log) -> None:
+    """One meta-iteration, plus a validation when it falls on val_every."""
+    it = run["iteration"] + 1
+    idx = meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it)
+    opt.zero_grad(set_to_none=True)
+    metrics = {"train_loss": learner.meta_backward(train.index(idx))}
+    opt.step()
+    learner.clip_()
+    run["iteration"] = it
+    _record(run, it, metrics)
+    if it % cfg.val_every == 0:
+        metrics["val_loss"] = _validate(learner, val, run, log=None)
+    if log is not None:
+        log(it, metrics)
+
+
+def _validate(learner, val, run, log) -> float:
+    """Record the meta-val loss of the current iteration; update the best state and the patience counter."""
+    loss = val_loss(learner, val)
+    _record(run, run["iteration"], {"val_loss": loss})
+    if loss < run["best_val"]:
+        run.update(best_val=loss, best_iteration=run["iteration"], best_state=learner.state_dict(), bad_validations=0)
+    else:
+        run["bad_validations"] += 1
+    if log is not None:
+        log(run["iteration"], {"val_loss": loss})
+    return loss
+
+
+def _stop_reason(run, cfg: TrainConfig, start: float) -> str | None:
+    if cfg.patience and run["bad_validations"] >= cfg.patience:
+        return "early_stopping"
+    if run["iteration"] >= cfg.iterations:
+        return "iterations"
+    if cfg.budget_seconds is not None and time.perf_counter() - start >= cfg.budget_seconds:
+        return "budget"
+    return None
+
+
+def _record(run, iteration: int, metrics: dict[str, float]) -> None:
+    for metric, value in metrics.items():
+        run["history"]["iteration"].append(iteration)
+        run["history"]["metric"].append(metric)
+        run["history"]["value"].append(float(value))
+
+
+def _run_config(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint must agree on with the run resuming it (plain types, for weights_only loading)."""
+    learner_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(learner.cfg).items()}
+    return {"train": {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS}, "learner": learner_cfg}
+
+
+def _fresh_run(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
+    return {"version": TRAINING_VERSION, "config": _run_config(learner, cfg), "iteration": 0,
+            "best_state": learner.state_dict(), "best_val": float("inf"), "best_iteration": 0,
+            "bad_validations": 0, "history": {"iteration": [], "metric": [], "value": []}}
+
+
+def _save(path: Path, run: dict, learner: MetaLearner, opt: torch.optim.Optimizer) -> None:
+    """Write run + learner + optimizer state atomically: temp file in the same directory, then os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({**run, "learner": learner.state_dict(), "optimizer": opt.state_dict()}, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
+    """Load a checkpoint into learner and opt; return the loop state it holds."""
+    ckpt = torch.load(path, weights_only=True)
+    if ckpt.get("version") != TRAINING_VERSION:
+        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r}, expected {TRAINING_VERSION!r}")
+    expected = _run_config(learner, cfg)
+    for group, fields in expected.items():
+        for k, v in fields.items():
+            if ckpt["config"][group].get(k) != v:
+                raise ValueError(f"{path}: checkpoint has {group}.{k}={ckpt['config'][group].get(k)!r}, "
+                                 f"this run has {v!r}")
+    learner.load_state_dict(ckpt.pop("learner"))
+    opt.load_state_dict(ckpt.pop("optimizer"))
+    return ckpt

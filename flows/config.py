@@ -1,0 +1,150 @@
+"""Study configuration: YAML validated at the boundary with pydantic.
+
+A wrong key, type or value stops the run before any work, with an error naming the key and the file.
+Components never see these models: `components_config` style helpers turn sections into the
+components' frozen dataclasses.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from components.metalearners import ALGORITHMS
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SinusoidSection(Section):
+    kind: Literal["sinusoid"] = "sinusoid"
+    amplitude: tuple[float, float] = (0.1, 5.0)
+    phase: tuple[float, float] = (0.0, math.pi)
+    x_range: tuple[float, float] = (-5.0, 5.0)
+    k_shot: int = Field(10, ge=1)
+    n_query: int = Field(10, ge=1)
+    n_tasks: dict[Literal["meta_train", "meta_val", "meta_test"], int] = Field(
+        default_factory=lambda: {"meta_train": 5000, "meta_val": 100, "meta_test": 600})
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in ("amplitude", "phase", "x_range"):
+            lo, hi = getattr(self, name)
+            if not lo < hi:
+                raise ValueError(f"{name}: need low < high, got [{lo}, {hi}]")
+        for split in ("meta_train", "meta_val", "meta_test"):
+            if self.n_tasks.get(split, 0) < 1:
+                raise ValueError(f"n_tasks.{split}: need at least 1 task")
+        return self
+
+
+class EmbeddingSection(Section):
+    kind: Literal["features"] = "features"
+    metrics: tuple[Literal["cosine", "euclidean", "manhattan"], ...] = ("cosine", "euclidean", "manhattan")
+    n_similarity_tasks: int = Field(50, ge=2)  # meta-test tasks drawn in the similarity heatmaps
+
+
+class ModelSection(Section):
+    sizes: tuple[int, ...] = (1, 40, 40, 1)
+
+
+class AlgorithmOverride(Section):
+    inner_steps: int | None = Field(None, ge=1)
+    fast_lr: float | None = Field(None, gt=0)
+    meta_lr: float | None = Field(None, gt=0)
+
+
+class MetaTrainSection(Section):
+    algorithms: tuple[Literal["maml", "fomaml", "reptile", "metasgd"], ...] = ALGORITHMS
+    inner_steps: int = Field(1, ge=1)
+    fast_lr: float = Field(0.01, gt=0)
+    meta_lr: float = Field(1e-3, gt=0)
+    meta_batch_size: int = Field(25, ge=1)
+    iterations: int = Field(5000, ge=1)
+    val_every: int = Field(100, ge=1)
+    patience: int = Field(0, ge=0)  # validations without improvement before stopping; 0 = off
+    checkpoint_every: int = Field(500, ge=1)
+    budget_minutes: float | None = Field(None, gt=0)
+    metasgd_lr_range: tuple[float, float] = (1e-4, 0.1)
+    vectorize: bool = True
+    overrides: dict[Literal["maml", "fomaml", "reptile", "metasgd"], AlgorithmOverride] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.algorithms)) != len(self.algorithms) or not self.algorithms:
+            raise ValueError(f"algorithms: need a non-empty list without repeats, got {list(self.algorithms)}")
+        lo, hi = self.metasgd_lr_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"metasgd_lr_range: need 0 < low <= high, got [{lo}, {hi}]")
+        return self
+
+    def for_algorithm(self, algorithm: str) -> dict:
+        """This section with the algorithm's overrides applied (what its cache key hashes)."""
+        base = self.model_dump(exclude={"algorithms", "overrides"})
+        override = self.overrides.get(algorithm)
+        if override is not None:
+            base.update({k: v for k, v in override.model_dump().items() if v is not None})
+        return {"algorithm": algorithm, **base}
+
+
+class EvaluateSection(Section):
+    steps: int = Field(10, ge=1)  # test-time inner steps
+    chunk: int = Field(200, ge=1)  # tasks adapted at once (bounds memory)
+
+
+class BaselinesSection(Section):
+    scratch_lr: float = Field(0.01, gt=0)
+    finetune_lr: float = Field(0.01, gt=0)
+    pretrain_iterations: int = Field(2000, ge=1)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_batch_size: int = Field(25, ge=1)
+
+
+class SignificanceSection(Section):
+    confidence: float = Field(0.95, gt=0, lt=1)
+    alpha: float = Field(0.01, gt=0, lt=1)  # significance level for the summary verdicts
+
+
+class RuntimeSection(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    data_dir: str = "data"  # stage cache, relative to the project root
+    experiment: str = "metapeft"
+
+
+class StudyConfig(Section):
+    name: str = "study"
+    seed: int = 0
+    family: SinusoidSection = Field(default_factory=SinusoidSection)
+    embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    meta_train: MetaTrainSection = Field(default_factory=MetaTrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    baselines: BaselinesSection = Field(default_factory=BaselinesSection)
+    significance: SignificanceSection = Field(default_factory=SignificanceSection)
+    runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return StudyConfig.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<top>'}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from None
