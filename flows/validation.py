@@ -62,13 +62,21 @@ def validate_tasksets(points: pd.DataFrame, family: SinusoidSection, name: str =
     """Validate the point table and its per-task summary; return the JSON report or raise ValidationFailed."""
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name)
     failures, reports = [], {}
-    tables = {"points": (points, _point_expectations), "tasks": (per_task_summary(points), _task_expectations)}
-    for table, (frame, expectations) in tables.items():
+    checks = [("points", lambda: points, _point_expectations), ("tasks", lambda: per_task_summary(points),
+                                                                   _task_expectations)]
+    for table, frame, expectations in checks:
+        missing = sorted(set(POINT_COLUMNS) - set(points.columns))
+        if table == "tasks" and missing:
+            failures.append(f"tasks: not checked, the point table lacks columns {missing}")
+            break
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": frame})
+            batch_parameters={"dataframe": frame()})
         suite = gx.ExpectationSuite(name=f"{name}.{table}", expectations=expectations(gx, family))
         result = batch.validate(suite)
         reports[table] = result.to_json_dict()

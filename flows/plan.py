@@ -1,0 +1,75 @@
+"""Stage graph and cache keys, computed from the config alone (no Prefect, no MLflow).
+
+A stage's key hashes its config section, its upstream stages' keys and its code version (the
+source of the component modules it runs), so editing one section recomputes that stage and what
+follows it, nothing before.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from components import (baselines, evaluation, features, metalearners, models, significance, tasksets,
+                        training)
+from flows import report, validation
+from flows.cache import content_key, source_version
+from flows.config import StudyConfig
+
+STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
+UPSTREAM = {
+    "task_sets": (),
+    "embeddings": ("task_sets",),
+    "meta_train": ("task_sets",),
+    "evaluate": ("task_sets", "meta_train"),
+    "baselines": ("task_sets",),
+    "significance": ("evaluate", "baselines"),
+}
+CODE = {
+    "task_sets": (tasksets, validation),
+    "embeddings": (features, report),
+    "meta_train": (metalearners, training, models),
+    "evaluate": (evaluation, metalearners, models),
+    "baselines": (baselines, evaluation, models),
+    "significance": (significance, report),
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    keys: dict[str, str]  # stage -> cache key (meta_train: a hash of its algorithms' keys)
+    algorithm_keys: dict[str, str]  # algorithm -> key of its meta_train entry
+
+
+def make_plan(cfg: StudyConfig) -> Plan:
+    def key(stage: str, section: object, *upstream: str) -> str:
+        return content_key({"stage": stage, "config": section, "upstream": [keys[u] for u in upstream],
+                            "code": source_version(*CODE[stage])})
+
+    keys: dict[str, str] = {}
+    keys["task_sets"] = key("task_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed})
+    keys["embeddings"] = key("embeddings", cfg.embedding.model_dump(), "task_sets")
+    algorithm_keys = {
+        alg: key("meta_train", {"train": cfg.meta_train.for_algorithm(alg), "model": cfg.model.model_dump(),
+                                "seed": cfg.seed}, "task_sets")
+        for alg in cfg.meta_train.algorithms}
+    keys["meta_train"] = content_key(algorithm_keys)
+    keys["evaluate"] = key("evaluate", cfg.evaluate.model_dump(), "task_sets", "meta_train")
+    keys["baselines"] = key("baselines", {"baselines": cfg.baselines.model_dump(), "model": cfg.model.model_dump(),
+                                          "evaluate": cfg.evaluate.model_dump(), "seed": cfg.seed}, "task_sets")
+    keys["significance"] = key("significance", cfg.significance.model_dump(), "evaluate", "baselines")
+    return Plan(keys, algorithm_keys)
+
+
+def needed_stages(only: set[str] | None) -> list[str]:
+    """The requested stages and everything upstream of them, in pipeline order (all when only is empty)."""
+    if not only:
+        return list(STAGES)
+    unknown = sorted(only - set(STAGES))
+    if unknown:
+        raise ValueError(f"--stage: unknown stage(s) {unknown}; stages are {list(STAGES)}")
+    needed, todo = set(), list(only)
+    while todo:
+        stage = todo.pop()
+        if stage not in needed:
+            needed.add(stage)
+            todo.extend(UPSTREAM[stage])
+    return [s for s in STAGES if s in needed]

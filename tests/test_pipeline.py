@@ -1,0 +1,77 @@
+"""The whole pipeline under a temporary Prefect server and a temporary MLflow store."""
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TINY = {
+    "name": "tiny",
+    "family": {"n_tasks": {"meta_train": 200, "meta_val": 20, "meta_test": 40}},
+    "meta_train": {"iterations": 20, "val_every": 10, "checkpoint_every": 10, "meta_batch_size": 5},
+    "evaluate": {"steps": 3},
+    "baselines": {"pretrain_iterations": 20},
+    "embedding": {"n_similarity_tasks": 5},
+    "runtime": {"threads": 1},
+}
+METHODS = {"maml", "fomaml", "reptile", "metasgd", "scratch", "pretrain_finetune"}
+
+
+def write_config(project, **sections):
+    cfg = {**TINY, **sections}
+    path = project / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def misses(out):
+    return {entry.split("/")[0] for entry, hit in out["hits"].items() if not hit}
+
+
+def runs_of(project, parent_id):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    return client, parent, {r.info.run_name: r for r in children}
+
+
+def test_pipeline_runs_then_hits_the_cache(prefect_harness, project):
+    from flows.pipeline import meta_pipeline
+
+    config = write_config(project)
+    first = meta_pipeline(config_path=config)
+    assert misses(first) == {"task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance"}
+    assert "maml" in first["results"] and "scratch" in first["results"]
+
+    client, parent, children = runs_of(project, first["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert set(children) == METHODS
+    for run in children.values():
+        assert {"meta_test_mse", "meta_test_mse_ci95"} <= set(run.data.metrics)
+        assert run.info.status == "FINISHED"
+    assert len(client.get_metric_history(children["maml"].info.run_id, "val_loss")) == 3  # iterations 0, 10, 20
+    artifacts = {a.path for a in client.list_artifacts(first["run_id"], "significance")}
+    assert "significance/comparisons.parquet" in artifacts
+
+    second = meta_pipeline(config_path=config)
+    assert misses(second) == set()
+    _, _, children = runs_of(project, second["run_id"])
+    assert all(children[a].data.metrics["meta_train_iterations_this_run"] == 0
+               for a in ("maml", "fomaml", "reptile", "metasgd"))
+    assert children["maml"].data.metrics["meta_test_mse"] == pytest.approx(
+        runs_of(project, first["run_id"])[2]["maml"].data.metrics["meta_test_mse"])
+
+    alone = meta_pipeline(config_path=config, stages=["evaluate"])
+    assert set(alone["hits"]) == {f"evaluate/{first['keys']['evaluate']}"} and misses(alone) == {"evaluate"}
+
+    edited = meta_pipeline(config_path=write_config(project, evaluate={"steps": 4}))
+    assert misses(edited) == {"evaluate", "baselines", "significance"}
+
+
+def test_stage_alone_without_upstream_names_it(prefect_harness, project):
+    from flows.pipeline import MissingUpstream, meta_pipeline
+
+    with pytest.raises(MissingUpstream, match="'task_sets'"):
+        meta_pipeline(config_path=write_config(project), stages=["evaluate"])
