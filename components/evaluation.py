@@ -13,19 +13,24 @@ from components.tasksets import TaskBatch
 EVALUATION_VERSION = "1"
 
 
-def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int = 200) -> np.ndarray:
-    """Query loss of every task after 0..steps inner steps from the learner's meta-parameters.
+def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int = 200,
+                  score_fn: LossFn | None = None) -> np.ndarray:
+    """Query score (default: the loss) of every task after 0..steps inner steps from the meta-parameters.
 
     Uses the learner's inner rates (Meta-SGD: its learned ones). tasks holds T tasks; returns
     (steps + 1, T), row k = after k steps, row 0 = the meta-parameters themselves.
     """
     init = {k: v.detach() for k, v in learner.params.items()}
-    return evaluate_params(learner.model, init, learner.lrs, tasks, steps, learner.loss_fn, chunk, per_task=False)
+    return evaluate_params(learner.model, init, learner.lrs, tasks, steps, learner.loss_fn, chunk, per_task=False,
+                           score_fn=score_fn)
 
 
 def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatch, steps: int, loss_fn: LossFn,
-                    chunk: int = 200, per_task: bool = True) -> np.ndarray:
-    """Query loss after 0..steps SGD steps (theta - lrs * grad) on each task's support set.
+                    chunk: int = 200, per_task: bool = True, score_fn: LossFn | None = None) -> np.ndarray:
+    """Query score after 0..steps SGD steps (theta - lrs * grad) on each task's support set.
+
+    The inner steps descend loss_fn; the curve holds score_fn(prediction, y_qry) (default loss_fn),
+    e.g. accuracy for classification.
 
     init: starting weights, {name: (T, *shape)} one per task if per_task else {name: shape} shared.
     lrs: {name: shape} inner rates. Tasks are processed chunk at a time. Returns (steps + 1, T).
@@ -35,11 +40,12 @@ def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatc
     parts = []
     for lo in range(0, len(tasks), chunk):
         part = {k: v[lo:lo + chunk] for k, v in init.items()} if per_task else init
-        parts.append(_loss_curve(model, part, lrs, tasks.index(slice(lo, lo + chunk)), steps, loss_fn, per_task))
+        parts.append(_loss_curve(model, part, lrs, tasks.index(slice(lo, lo + chunk)), steps, loss_fn, per_task,
+                                 score_fn or loss_fn))
     return np.concatenate(parts, axis=1)
 
 
-def _loss_curve(model, init, lrs, batch: TaskBatch, steps, loss_fn, per_task) -> np.ndarray:
+def _loss_curve(model, init, lrs, batch: TaskBatch, steps, loss_fn, per_task, score_fn) -> np.ndarray:
     """(steps + 1, T) for one chunk; each step continues from the previous step's fast weights."""
     lrs = {k: v.detach() for k, v in lrs.items()}
 
@@ -47,7 +53,7 @@ def _loss_curve(model, init, lrs, batch: TaskBatch, steps, loss_fn, per_task) ->
         return adapt(model, fast, lrs, x_spt, y_spt, loss_fn, steps=1, first_order=True)
 
     def query_loss(fast, x_qry, y_qry):
-        return loss_fn(functional_call(model, fast, (x_qry,)), y_qry)
+        return score_fn(functional_call(model, fast, (x_qry,)), y_qry)
 
     with torch.no_grad():  # torch.func.grad inside adapt still differentiates; no graph to init is kept
         fast, dim = init, 0 if per_task else None

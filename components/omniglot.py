@@ -238,14 +238,20 @@ def sample_episodes(pool: ClassPool, n_way: int, k_shot: int, n_query: int, n_ep
     """
     n_classes, n_drawings = pool.images.shape[:2]
     classes, drawings = sample_episode_indices(n_classes, n_drawings, n_way, k_shot, n_query, n_episodes, seed)
-    classes, drawings = torch.from_numpy(classes), torch.from_numpy(drawings)
+    return episodes_from_indices(pool, classes, drawings, k_shot), torch.from_numpy(classes)
+
+
+def episodes_from_indices(pool: ClassPool, classes: np.ndarray, drawings: np.ndarray, k_shot: int) -> EpisodeBatch:
+    """Gather episodes: classes (T, N) pool indices, drawings (T, N, K+Q); the first K drawings are support."""
+    classes, drawings = torch.as_tensor(classes), torch.as_tensor(drawings)
+    n_episodes, n_way, n_total = drawings.shape
     x = pool.images[classes[..., None], drawings]  # (T, N, K+Q, 1, s, s)
     labels = torch.arange(n_way).view(1, n_way, 1)
 
     def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         return x[:, :, lo:hi].flatten(1, 2), labels.expand(n_episodes, n_way, hi - lo).flatten(1)
 
-    return EpisodeBatch(*part(0, k_shot), *part(k_shot, k_shot + n_query)), classes
+    return EpisodeBatch(*part(0, k_shot), *part(k_shot, n_total))
 
 
 def episode_table(batch: EpisodeBatch, classes: torch.Tensor, class_ids: Sequence[str]) -> pd.DataFrame:

@@ -26,6 +26,7 @@ STOP_REASONS = ("iterations", "early_stopping", "budget")
 TRAJECTORY_FIELDS = ("meta_lr", "meta_batch_size", "val_every", "patience", "seed")
 
 Log = Callable[[int, dict[str, float]], None]
+Sampler = Callable[[int], TaskBatch]
 
 
 @dataclass(frozen=True)
@@ -62,15 +63,17 @@ class TrainResult:
     seconds: float  # wall-clock seconds of this call
 
 
-def meta_train(learner: MetaLearner, train: TaskBatch, val: TaskBatch, cfg: TrainConfig,
+def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch, cfg: TrainConfig,
                checkpoint_path: Path | None = None, log: Log | None = None) -> TrainResult:
     """Train the learner's meta-parameters in place; resume from checkpoint_path when it exists.
 
-    train, val: task pools (T_train and T_val tasks). log(iteration, metrics) gets train_loss at
+    train: a pool of T_train tasks (meta-batches drawn by `meta_batch_indices`) or a sampler
+    iteration -> meta-batch, which must depend on the iteration only (so a resume replays it).
+    val: T_val tasks. log(iteration, metrics) gets train_loss at
     every iteration and val_loss at every validation (val_loss alone at iteration 0).
     """
     start = time.perf_counter()
-    if cfg.meta_batch_size > len(train):
+    if not callable(train) and cfg.meta_batch_size > len(train):
         raise ValueError(f"meta_batch_size: {cfg.meta_batch_size} exceeds the {len(train)} train tasks")
     opt = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
     path = None if checkpoint_path is None else Path(checkpoint_path)
@@ -108,9 +111,12 @@ def val_loss(learner: MetaLearner, val: TaskBatch) -> float:
 def _iterate(learner, opt, train, val, run, cfg, log) -> None:
     """One meta-iteration, plus a validation when it falls on val_every."""
     it = run["iteration"] + 1
-    idx = meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it)
+    if callable(train):
+        batch = train(it)
+    else:
+        batch = train.index(meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it))
     opt.zero_grad(set_to_none=True)
-    metrics = {"train_loss": learner.meta_backward(train.index(idx))}
+    metrics = {"train_loss": learner.meta_backward(batch)}
     opt.step()
     learner.clip_()
     run["iteration"] = it

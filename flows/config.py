@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from components.metalearners import ALGORITHMS
 
@@ -42,6 +42,35 @@ class SinusoidSection(Section):
         return self
 
 
+class OmniglotSection(Section):
+    kind: Literal["omniglot"]
+    path: str = "../shared/data/omniglot"  # images_background.zip, images_evaluation.zip, splits_vinyals/
+    split: Literal["vinyals", "random"] = "vinyals"  # random: seeded 1028/172/423-style fractions below
+    random_fractions: tuple[float, float, float] = (0.64, 0.10, 0.26)
+    image_size: int = Field(28, ge=8)
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    n_query: int = Field(15, ge=1)  # queries per class
+    n_val_episodes: int = Field(100, ge=1)
+    n_test_episodes: int = Field(600, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.k_shot + self.n_query > 20:
+            raise ValueError(f"k_shot + n_query: Omniglot has 20 drawings per class, got {self.k_shot + self.n_query}")
+        if abs(sum(self.random_fractions) - 1) > 1e-6:
+            raise ValueError(f"random_fractions: must sum to 1, got {self.random_fractions}")
+        return self
+
+
+def _family_kind(value) -> str:
+    return value.get("kind", "sinusoid") if isinstance(value, dict) else value.kind
+
+
+Family = Annotated[Union[Annotated[SinusoidSection, Tag("sinusoid")], Annotated[OmniglotSection, Tag("omniglot")]],
+                   Discriminator(_family_kind)]
+
+
 class EmbeddingSection(Section):
     kind: Literal["features"] = "features"
     metrics: tuple[Literal["cosine", "euclidean", "manhattan"], ...] = ("cosine", "euclidean", "manhattan")
@@ -49,7 +78,12 @@ class EmbeddingSection(Section):
 
 
 class ModelSection(Section):
-    sizes: tuple[int, ...] = (1, 40, 40, 1)
+    kind: Literal["mlp", "conv4"] = "mlp"
+    sizes: tuple[int, ...] = (1, 40, 40, 1)  # mlp layer widths
+    hidden: int = Field(64, ge=1)  # conv4 filters per block
+    adapted: Literal["full", "head", "lora"] = "full"  # the parameters the inner loop adapts
+    lora_r: int = Field(4, ge=1)
+    lora_alpha: float = Field(8.0, gt=0)
 
 
 class AlgorithmOverride(Section):
@@ -119,7 +153,7 @@ class RuntimeSection(Section):
 class StudyConfig(Section):
     name: str = "study"
     seed: int = 0
-    family: SinusoidSection = Field(default_factory=SinusoidSection)
+    family: Family = Field(default_factory=SinusoidSection)
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
     model: ModelSection = Field(default_factory=ModelSection)
     meta_train: MetaTrainSection = Field(default_factory=MetaTrainSection)
@@ -127,6 +161,13 @@ class StudyConfig(Section):
     baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     significance: SignificanceSection = Field(default_factory=SignificanceSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+
+    @model_validator(mode="after")
+    def _model_fits_family(self):
+        expected = {"sinusoid": "mlp", "omniglot": "conv4"}[self.family.kind]
+        if self.model.kind != expected:
+            raise ValueError(f"model.kind: the {self.family.kind} family needs {expected!r}, got {self.model.kind!r}")
+        return self
 
 
 class ConfigError(ValueError):

@@ -1,12 +1,14 @@
 """Great Expectations checks of the task sets; a failure stops the pipeline before training.
 
-`great_expectations` takes seconds to import, so it is imported inside `validate_tasksets`.
+`great_expectations` takes seconds to import, so it is imported inside `validate`.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import pandas as pd
 
-from flows.config import SinusoidSection
+from flows.config import OmniglotSection, SinusoidSection
 
 POINT_COLUMNS = ["task_id", "split", "role", "point", "x", "y", "amplitude", "phase"]
 SPLITS = ["meta_train", "meta_val", "meta_test"]
@@ -59,32 +61,76 @@ def _task_expectations(gx, family: SinusoidSection) -> list:
 
 
 def validate_tasksets(points: pd.DataFrame, family: SinusoidSection, name: str = "tasksets") -> dict:
-    """Validate the point table and its per-task summary; return the JSON report or raise ValidationFailed."""
-    import great_expectations as gx
+    """Validate the sinusoid point table and its per-task summary; return the report or raise ValidationFailed."""
+    missing = sorted(set(POINT_COLUMNS) - set(points.columns))
+    tables = {"points": (points, lambda gx: _point_expectations(gx, family))}
+    if missing:  # the per-task summary needs the columns; the points suite reports them missing
+        return validate(name, tables, [f"tasks: not checked, the point table lacks columns {missing}"])
+    tables["tasks"] = (per_task_summary(points), lambda gx: _task_expectations(gx, family))
+    return validate(name, tables)
 
+
+def validate(name: str, tables: dict[str, tuple[pd.DataFrame, Callable]], failures: list[str] | None = None) -> dict:
+    """Run one expectation suite per table: tables maps name -> (frame, gx -> [expectations]).
+
+    Returns the JSON report; raises ValidationFailed listing every failing expectation.
+    """
+    import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="ephemeral")
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas(name)
-    failures, reports = [], {}
-    checks = [("points", lambda: points, _point_expectations), ("tasks", lambda: per_task_summary(points),
-                                                                   _task_expectations)]
-    for table, frame, expectations in checks:
-        missing = sorted(set(POINT_COLUMNS) - set(points.columns))
-        if table == "tasks" and missing:
-            failures.append(f"tasks: not checked, the point table lacks columns {missing}")
-            break
+    failures, reports = list(failures or []), {}
+    for table, (frame, expectations) in tables.items():
         batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all").get_batch(
-            batch_parameters={"dataframe": frame()})
-        suite = gx.ExpectationSuite(name=f"{name}.{table}", expectations=expectations(gx, family))
-        result = batch.validate(suite)
+            batch_parameters={"dataframe": frame})
+        result = batch.validate(gx.ExpectationSuite(name=f"{name}.{table}", expectations=expectations(gx)))
         reports[table] = result.to_json_dict()
         failures += [_describe(table, r) for r in result.results if not r.success]
     report = {"success": not failures, "failures": failures, "results": reports}
     if failures:
         raise ValidationFailed(name, failures, report)
     return report
+
+
+def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame,
+                      family: OmniglotSection) -> dict:
+    """Image shape and range, 20 drawings per character, no class or character in two splits,
+    every episode N x (K + Q) examples (episodes: rows of `components.omniglot.episode_table`)."""
+    n_pixels = family.image_size ** 2
+    per_image = pd.DataFrame({
+        "n_pixels": images["pixels"].map(len),
+        "max_intensity": images["pixels"].map(lambda b: max(b) if len(b) else -1),
+    })
+    per_character = images.groupby("character").size().rename("n_drawings").reset_index()
+    per_class = classes.assign(character=classes["class_id"].str.rsplit("/", n=1).str[0])
+    per_char_split = per_class.groupby("character")["split"].nunique().rename("n_splits").reset_index()
+    expected = {"support": family.k_shot, "query": family.n_query}
+    per_episode = episodes.groupby(["split", "episode"]).agg(n_way=("way", "nunique"), n_rows=("count", "sum"))
+
+    def e(gx):
+        return gx.expectations
+
+    tables = {
+        "images": (per_image, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_pixels", min_value=n_pixels, max_value=n_pixels),
+            e(gx).ExpectColumnValuesToBeBetween(column="max_intensity", min_value=1, max_value=255)]),  # not blank
+        "characters": (per_character, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_drawings", min_value=20, max_value=20)]),
+        "classes": (per_class, lambda gx: [
+            e(gx).ExpectColumnValuesToBeUnique(column="class_id"),
+            e(gx).ExpectColumnValuesToBeInSet(column="split", value_set=SPLITS)]),
+        "character_splits": (per_char_split, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
+        "episode_examples": (episodes.assign(expected=episodes["role"].map(expected)), lambda gx: [
+            e(gx).ExpectColumnPairValuesToBeEqual(column_A="count", column_B="expected")]),
+        "episodes": (per_episode.reset_index(), lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=family.n_way * (family.k_shot + family.n_query),
+                                                max_value=family.n_way * (family.k_shot + family.n_query))]),
+    }
+    return validate("omniglot", tables)
 
 
 def _describe(table: str, result) -> str:
