@@ -20,7 +20,7 @@ BASELINES_VERSION = "1"
 
 
 def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int, lr: float, seed: int,
-            loss_fn: LossFn, chunk: int = 200) -> np.ndarray:
+            loss_fn: LossFn, chunk: int = 200, score_fn: LossFn | None = None) -> np.ndarray:
     """Query loss after 0..steps SGD steps (rate lr) from a fresh torch-default init per task.
 
     The T inits come, in task order, from one global RNG stream seeded with seed (the caller's RNG
@@ -32,7 +32,7 @@ def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int
         inits = [dict(model_factory().named_parameters()) for _ in range(len(tasks))]
         model = model_factory().to(device)  # only its structure is used: functional_call swaps the weights
     init = {k: torch.stack([p[k].detach() for p in inits]).to(device) for k in inits[0]}  # (T, *shape)
-    return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk)
+    return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, score_fn=score_fn)
 
 
 def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: int, lr: float, seed: int,
@@ -58,9 +58,10 @@ def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: in
 
 
 def finetune(model: nn.Module, params: Params, tasks: TaskBatch, steps: int, lr: float, loss_fn: LossFn,
-             chunk: int = 200) -> np.ndarray:
+             chunk: int = 200, score_fn: LossFn | None = None) -> np.ndarray:
     """Query loss after 0..steps SGD steps (rate lr) from shared weights params {name: shape}: (steps + 1, T)."""
-    return evaluate_params(model, params, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, per_task=False)
+    return evaluate_params(model, params, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, per_task=False,
+                           score_fn=score_fn)
 
 
 def pooled_points(tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,3 +73,24 @@ def pooled_points(tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _constant_lrs(model: nn.Module, lr: float) -> Params:
     return {k: torch.full_like(p, lr).detach() for k, p in model.named_parameters()}
+
+
+def pretrain_classifier(model: nn.Module, images: torch.Tensor, iterations: int, batch_size: int, lr: float,
+                        seed: int, loss_fn: LossFn) -> Params:
+    """Train a copy of model (one output per class) with Adam on every image of a class pool.
+
+    images (C, D, *shape): D drawings of each of C classes; label = class index. Each iteration
+    takes batch_size random (class, drawing) pairs from a generator seeded with seed. Returns the
+    trained weights; the standard transfer baseline then swaps in a fresh N-way head.
+    """
+    model = copy.deepcopy(model)
+    n_classes, n_drawings = images.shape[:2]
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(iterations):
+        c = torch.randint(n_classes, (batch_size,), generator=g)
+        d = torch.randint(n_drawings, (batch_size,), generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(images[c, d]), c.to(images.device)).backward()
+        opt.step()
+    return {k: p.detach().clone() for k, p in model.named_parameters()}

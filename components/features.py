@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.spatial.distance import cdist
 
 FEATURES_VERSION = "1"
@@ -127,3 +128,30 @@ def _standardize(x: np.ndarray) -> np.ndarray:
         raise ValueError("features contain nan or inf")
     std = x.std(axis=0)
     return (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+EPISODE_FEATURES = ("n_way", "k_shot", "pixel_mean", "pixel_std", "ink_fraction", "within_class_distance",
+                    "between_class_distance")
+
+
+def episode_features(x_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame:
+    """Dataset statistics of image episodes from their support sets only.
+
+    x_spt (T, N*K, C, H, W), y_spt (T, N*K) labels 0..N-1. Distances are euclidean in pixel space:
+    within = mean distance of an example to its class mean, between = mean distance between class means.
+    Returns (T, len(EPISODE_FEATURES)) indexed by episode position.
+    """
+    n_tasks, n_examples = y_spt.shape
+    n_way = int(y_spt.max()) + 1
+    flat = x_spt.reshape(n_tasks, n_examples, -1).double()
+    onehot = torch.nn.functional.one_hot(y_spt, n_way).double()  # (T, NK, N)
+    counts = onehot.sum(1)  # (T, N)
+    means = onehot.transpose(1, 2) @ flat / counts[..., None]  # (T, N, P)
+    within = (flat - onehot @ means).norm(dim=-1).mean(1)
+    between = torch.cdist(means, means).sum((1, 2)) / (n_way * (n_way - 1))
+    return pd.DataFrame({
+        "n_way": n_way, "k_shot": counts.min(1).values.numpy(),
+        "pixel_mean": flat.mean((1, 2)).numpy(), "pixel_std": flat.std((1, 2)).numpy(),
+        "ink_fraction": (flat > 0.5).double().mean((1, 2)).numpy(),
+        "within_class_distance": within.numpy(), "between_class_distance": between.numpy(),
+    }).rename_axis("episode")

@@ -19,6 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=DEFAULT_CONFIG)
     run.add_argument("--stage", nargs="+", default=[], metavar="NAME", help="run only these stages")
     run.add_argument("--force", nargs="+", default=[], metavar="NAME", help="recompute these stages even if cached")
+    run.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                     help="stop each algorithm's meta-training after M minutes (overrides meta_train.budget_minutes)")
     stages = sub.add_parser("stages", help="print each stage, its cache key and whether it is cached")
     stages.add_argument("--config", default=DEFAULT_CONFIG)
     ui = sub.add_parser("ui", help="start the MLflow UI over the project's store")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.plan import STAGES
 
     try:
-        cfg = load_config(args.config) if hasattr(args, "config") else None
+        cfg = load_config(args.config, _overrides(args)) if hasattr(args, "config") else None
         for name in getattr(args, "stage", []) + getattr(args, "force", []):
             if name not in STAGES:
                 raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -46,6 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ui":
         return _ui(root, args.host, args.port)
     return _run(args)
+
+
+def _overrides(args) -> dict:
+    budget = getattr(args, "budget_minutes", None)
+    return {"meta_train": {"budget_minutes": budget}} if budget is not None else {}
 
 
 def _stages(cfg, root) -> int:
@@ -79,7 +86,8 @@ def _run(args) -> int:
 
     start = time.perf_counter()
     try:
-        out = meta_pipeline(config_path=args.config, stages=args.stage or None, force=args.force or None)
+        out = meta_pipeline(config_path=args.config, stages=args.stage or None, force=args.force or None,
+                            overrides=_overrides(args) or None)
     except (MissingUpstream, ValidationFailed) as e:
         print(f"metapeft: {e}", file=sys.stderr)
         return 1

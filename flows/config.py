@@ -174,7 +174,8 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
+    """The validated config of a YAML file; overrides ({section: {key: value}}) are merged in first."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -184,6 +185,8 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for section, values in (overrides or {}).items():
+        raw[section] = {**(raw.get(section) or {}), **values}
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

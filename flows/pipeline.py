@@ -25,6 +25,7 @@ from flows import stages as stages_module  # noqa: E402
 from flows.cache import StageCache  # noqa: E402
 from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
+from flows.families import family_for  # noqa: E402
 from flows.plan import Plan, make_plan, needed_stages  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 from flows.validation import ValidationFailed  # noqa: E402
@@ -124,7 +125,8 @@ def meta_train_algorithm(run: Run, algorithm: str) -> str:
 
     path, meta = run.stage("meta_train", key, compute)
     child = run.method_run(algorithm, "meta_learner")
-    run.tracker.log_params(child, {**section, "model.sizes": run.cfg.model.sizes, "seed": run.cfg.seed})
+    run.tracker.log_params(child, {**section, **{f"model.{k}": v for k, v in run.cfg.model.model_dump().items()},
+                                   "seed": run.cfg.seed})
     run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"]})
     history = pd.read_parquet(path / "history.parquet")
     run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
@@ -137,14 +139,14 @@ def meta_train_algorithm(run: Run, algorithm: str) -> str:
 
 
 def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
-    """meta_test_mse (+ CI half-width) at the last step and the curve over steps, per method."""
-    last = results["steps"].max()
+    """meta_test_<metric> (+ _ci95 half-width) at the last step and the curve over steps, per method."""
+    last, name = results["steps"].max(), f"meta_test_{family_for(run.cfg).metric}"
     for method, rows in results.groupby("method"):
         child = run.method_run(method, kind)
         mean, half = mean_ci(rows.loc[rows["steps"] == last, "value"], run.cfg.significance.confidence)
         curve = rows.groupby("steps")["value"].mean()
-        run.tracker.log_metrics(child, {"meta_test_mse": mean, "meta_test_mse_ci95": half})
-        run.tracker.log_curves(child, (("meta_test_mse_by_step", s, v) for s, v in curve.items()))
+        run.tracker.log_metrics(child, {name: mean, f"{name}_ci95": half})
+        run.tracker.log_curves(child, ((f"{name}_by_step", s, v) for s, v in curve.items()))
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -177,7 +179,8 @@ def significance(run: Run) -> str:
     path, _ = run.stage("significance", key, compute)
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
-    text = report.results_text(summary, comparisons, stages.METRIC, "scratch", run.cfg.significance.alpha)
+    text = report.results_text(summary, comparisons, family_for(run.cfg).metric, "scratch",
+                               run.cfg.significance.alpha)
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png"):
         run.tracker.log_artifact(run.parent_id, path / name, "significance")
@@ -195,9 +198,12 @@ def _require_cached(run: Run, stage: str) -> None:
 
 @flow(name="meta_pipeline")
 def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = None,
-                  force: list[str] | None = None) -> dict:
-    """Run the study of `config_path`; `stages` runs only those (inputs from the cache), `force` recomputes."""
-    cfg, root = load_config(config_path), project_root()
+                  force: list[str] | None = None, overrides: dict | None = None) -> dict:
+    """Run the study of `config_path`; `stages` runs only those (inputs from the cache), `force` recomputes.
+
+    overrides ({section: {key: value}}) change the config file's values, e.g. a wall-clock budget.
+    """
+    cfg, root = load_config(config_path, overrides), project_root()
     only = frozenset(stages or ())
     todo = needed_stages(set(only))
     stages_module.set_threads(cfg)

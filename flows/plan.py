@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from components import (baselines, evaluation, features, metalearners, models, significance, tasksets,
+from components import (baselines, evaluation, features, metalearners, models, omniglot, significance, tasksets,
                         training)
-from flows import report, validation
+from flows import families, report, validation
 from flows.cache import content_key, source_version
 from flows.config import StudyConfig
 
@@ -24,11 +24,11 @@ UPSTREAM = {
     "significance": ("evaluate", "baselines"),
 }
 CODE = {
-    "task_sets": (tasksets, validation),
-    "embeddings": (features, report),
-    "meta_train": (metalearners, training, models),
-    "evaluate": (evaluation, metalearners, models),
-    "baselines": (baselines, evaluation, models),
+    "task_sets": (tasksets, omniglot, validation, families),
+    "embeddings": (features, report, families),
+    "meta_train": (metalearners, training, models, families),
+    "evaluate": (evaluation, metalearners, models, families),
+    "baselines": (baselines, evaluation, models, families),
     "significance": (significance, report),
 }
 

@@ -29,14 +29,15 @@ def plot_summary(summary: pd.DataFrame, metric: str, path: Path) -> Path:
     return path
 
 
-def plot_curves(results: pd.DataFrame, metric: str, path: Path) -> Path:
+def plot_curves(results: pd.DataFrame, metric: str, path: Path, log_scale: bool = True) -> Path:
     """Mean metric against test-time inner steps, one line per method (results: tidy long table)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = results[results["metric"] == metric].groupby(["method", "steps"])["value"].mean().unstack(0)
     for method in curves.columns:
         ax.plot(curves.index, curves[method], marker="o", ms=3, label=method)
-    ax.set_yscale("log")
+    if log_scale:
+        ax.set_yscale("log")
     ax.set_xlabel("test-time inner steps")
     ax.set_ylabel(f"meta-test {metric}")
     ax.legend(fontsize=8)

@@ -1,0 +1,64 @@
+"""Task families as the pipeline builds them: Omniglot task sets from the real archives, validated."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from components.features import episode_features
+from flows.config import StudyConfig
+from flows.families import OmniglotTasks, _episode_rows, accuracy
+from flows.validation import ValidationFailed, validate_omniglot
+
+OMNIGLOT = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
+
+
+def omniglot_cfg(**family):
+    return StudyConfig.model_validate({"family": {"kind": "omniglot", "path": str(OMNIGLOT), **family},
+                                       "model": {"kind": "conv4"}})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The 5-way 1-shot task sets built once from the full archives (about 15 s)."""
+    out = tmp_path_factory.mktemp("omniglot")
+    cfg = omniglot_cfg(n_val_episodes=10, n_test_episodes=20)
+    return cfg, out, OmniglotTasks(cfg).build(out)
+
+
+def test_build_uses_the_vinyals_split_and_fixed_episodes(built):
+    cfg, out, meta = built
+    assert meta == {"n_classes_meta_train": 4112, "n_classes_meta_val": 688, "n_classes_meta_test": 1692}
+    data = OmniglotTasks(cfg).open(out, torch.device("cpu"), ("meta_train", "meta_test"), meta_batch_size=4)
+    assert data.test.x_spt.shape == (20, 5, 1, 28, 28) and data.test.x_qry.shape == (20, 75, 1, 28, 28)
+    again = OmniglotTasks(cfg).open(out, torch.device("cpu"), ("meta_test",))
+    assert torch.equal(data.test.x_qry, again.test.x_qry)  # the same episodes for every method
+    assert torch.equal(data.train(7).x_spt, data.train(7).x_spt)  # meta-batches depend on the iteration only
+    assert not torch.equal(data.train(7).x_spt, data.train(8).x_spt)
+
+
+def test_validation_rejects_a_class_in_two_splits_and_short_episodes(built):
+    cfg, out, _ = built
+    images = pd.read_parquet(out / "images.parquet")
+    classes = pd.read_parquet(out / "classes.parquet")
+    episodes = _episode_rows(pd.read_parquet(out / "episodes_meta_test.parquet"), "meta_test", 1)
+    leaked = pd.concat([classes, classes.iloc[[0]].assign(split="meta_test")])
+    short = episodes.assign(count=np.where(episodes.index == 0, 0, episodes["count"]))
+    with pytest.raises(ValidationFailed) as err:
+        validate_omniglot(images.iloc[20:], leaked, short, cfg.family)
+    text = str(err.value)
+    assert "classes: expect_column_values_to_be_unique(class_id)" in text
+    assert "character_splits" in text
+    assert "episode_examples" in text
+
+
+def test_accuracy_and_episode_features():
+    logits = torch.tensor([[2.0, 1.0], [0.0, 3.0], [1.0, 0.0]])
+    assert accuracy(logits, torch.tensor([0, 1, 1])).item() == pytest.approx(2 / 3)
+    x = torch.zeros(1, 4, 1, 2, 2)
+    x[0, 2:] = 1.0  # class 1 all ink, class 0 blank
+    features = episode_features(x, torch.tensor([[0, 0, 1, 1]]))
+    assert features.loc[0, "within_class_distance"] == 0
+    assert features.loc[0, "between_class_distance"] == pytest.approx(2.0)  # sqrt(4 pixels)
+    assert features.loc[0, "ink_fraction"] == pytest.approx(0.5)
