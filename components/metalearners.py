@@ -1,14 +1,22 @@
 """MAML (second order), FOMAML, Reptile and Meta-SGD over an explicit parameter dict.
 
 Every algorithm is the same object: meta-parameters (the initialisation theta and, for Meta-SGD,
-one inner learning rate per weight) plus a `meta_backward` that writes the algorithm's
+one inner learning rate per adapted weight) plus a `meta_backward` that writes the algorithm's
 meta-gradient into `.grad`, so one `torch.optim` optimizer serves all four.
-Tasks of a meta-batch are batched with `torch.func.vmap` (`vectorize=True`) or looped.
+
+Which weights the inner loop adapts is a choice (`adapted`): all of them (MAML), the head only
+(ANIL), LoRA adapters plus head. The others are still meta-learned by the outer loop, or, when
+`frozen`, held constant (a pretrained backbone).
+
+Tasks of a meta-batch run in one of three ways: `torch.func.vmap` (`vectorize=True`), a Python
+loop, or, with `task_batched=True`, inside the model itself: it takes x (T, B, ...) and weights
+that are either shared (shape) or per task (T, *shape) (`components.conv4.Conv4` does), and plain
+autograd differentiates the whole meta-batch at once, with no vmap.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -17,9 +25,10 @@ from torch.func import functional_call, grad, vmap
 from components.tasksets import TaskBatch
 
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd")
-METALEARNERS_VERSION = "1"
+METALEARNERS_VERSION = "2"
 
 Params = dict[str, torch.Tensor]
+Rates = dict[str, "torch.Tensor | float"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -30,6 +39,8 @@ class MetaLearnerConfig:
     fast_lr: float = 0.01  # inner learning rate (Meta-SGD: its starting value)
     lr_range: tuple[float, float] = (1e-4, 1.0)  # Meta-SGD keeps every rate inside this range
     vectorize: bool = True  # vmap over the tasks of a meta-batch instead of a Python loop
+    task_batched: bool = False  # the model runs all tasks at once (x (T, B, ...)); overrides vectorize
+    task_chunk: int = 0  # tasks per autograd graph in meta_backward (bounds peak memory); 0 = all at once
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -41,25 +52,64 @@ class MetaLearnerConfig:
             raise ValueError(f"lr_range: need 0 < low <= high, got {self.lr_range!r}")
         if not lo <= self.fast_lr <= hi:
             raise ValueError(f"fast_lr: {self.fast_lr} is outside lr_range {self.lr_range!r}")
+        if not isinstance(self.task_chunk, int) or self.task_chunk < 0:
+            raise ValueError(f"task_chunk: need an integer >= 0, got {self.task_chunk!r}")
 
 
-def adapt(model: nn.Module, params: Params, lrs: Params | float, x_spt, y_spt, loss_fn: LossFn,
+def adapt(model: nn.Module, params: Params, lrs: Rates | float, x_spt, y_spt, loss_fn: LossFn,
           steps: int, first_order: bool = False) -> Params:
-    """`steps` SGD steps on one task's support set: theta' = theta - lr * dL_spt/dtheta.
+    """`steps` SGD steps on one task's support set: theta'_k = theta_k - lr_k * dL_spt/dtheta_k.
 
-    lrs: one rate tensor per weight (Meta-SGD), or one float for all. Differentiable in params
-    and lrs (second order) unless first_order, which treats the inner gradients as constants.
+    lrs: {name: rate tensor or float} for the adapted weights only (the others pass through
+    unchanged), or one float for all. Differentiable in params and lrs (second order, through
+    the unadapted weights too) unless first_order, which treats the inner gradients as constants.
     Works under vmap; x_spt (K, d_in), y_spt (K, d_out).
     """
-    def support_loss(p: Params) -> torch.Tensor:
-        return loss_fn(functional_call(model, p, (x_spt,)), y_spt)
+    names = list(lrs) if isinstance(lrs, dict) else list(params)
+
+    def support_loss(fast: Params, rest: Params) -> torch.Tensor:
+        return loss_fn(functional_call(model, {**rest, **fast}, (x_spt,)), y_spt)
 
     for _ in range(steps):
         # first order: differentiate at detached weights, so no second-order graph is even built
         at = {k: p.detach() for k, p in params.items()} if first_order else params
-        grads = grad(support_loss)(at)
-        params = {k: _sgd_step(p, grads[k], lrs[k] if isinstance(lrs, dict) else lrs) for k, p in params.items()}
+        grads = grad(support_loss)({k: at[k] for k in names}, at)
+        params = {k: _sgd_step(p, grads[k], _rate(lrs, k)) if k in grads else p for k, p in params.items()}
     return params
+
+
+def adapt_tasks(model: nn.Module, params: Params, lrs: Rates, x_spt, y_spt, loss_fn: LossFn,
+                steps: int, first_order: bool = False) -> Params:
+    """`adapt` for all T tasks at once through a task-batched model, with plain autograd.
+
+    params: {name: shape} shared by every task or {name: (T, *shape)} per task; x_spt (T, K, ...),
+    y_spt (T, K, ...). Returns the adapted weights (names in lrs) per task, (T, *shape), and the
+    others unchanged. Each task's gradient is that of its own mean support loss: the tasks of the
+    summed loss share no weights, since each adapted weight is expanded to one copy per task.
+    """
+    n_tasks, shapes = len(x_spt), {k: p.shape for k, p in model.named_parameters()}
+    fast = {k: v.expand(n_tasks, *v.shape) if v.shape == shapes[k] else v for k, v in params.items() if k in lrs}
+    rest = {k: v for k, v in params.items() if k not in lrs}
+    for _ in range(steps):
+        with torch.enable_grad():
+            if first_order:
+                at = {k: v.detach().requires_grad_() for k, v in fast.items()}
+                fixed = {k: v.detach() for k, v in rest.items()}
+            else:
+                at, fixed = fast, rest
+            loss = task_losses(loss_fn, functional_call(model, {**fixed, **at}, (x_spt,)), y_spt).sum()
+            grads = torch.autograd.grad(loss, list(at.values()), create_graph=not first_order)
+        fast = {k: _sgd_step(v, g, _rate(lrs, k)) for (k, v), g in zip(fast.items(), grads)}
+    return {**rest, **fast}
+
+
+def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each task's own loss: pred (T, B, ...), target (T, B, ...) -> (T,)."""
+    return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+
+
+def _rate(lrs: Rates | float, name: str) -> torch.Tensor | float:
+    return lrs[name] if isinstance(lrs, dict) else lrs
 
 
 def _sgd_step(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor | float) -> torch.Tensor:
@@ -80,13 +130,24 @@ def _stack(outs: list[torch.Tensor | Params]) -> torch.Tensor | Params:
 
 
 class MetaLearner:
-    """Meta-parameters of one algorithm and its meta-gradient on a batch of tasks."""
+    """Meta-parameters of one algorithm and its meta-gradient on a batch of tasks.
 
-    def __init__(self, model: nn.Module, cfg: MetaLearnerConfig, loss_fn: LossFn):
+    adapted: names the inner loop adapts (default: every meta-parameter); `lrs` holds one rate
+    per adapted name only. frozen: names held constant (neither adapted nor meta-learned).
+    """
+
+    def __init__(self, model: nn.Module, cfg: MetaLearnerConfig, loss_fn: LossFn,
+                 adapted: Sequence[str] | None = None, frozen: Sequence[str] = ()):
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
-        self.params: Params = {k: p.detach().clone().requires_grad_() for k, p in model.named_parameters()}
-        self.lrs: Params = {k: torch.full_like(p, cfg.fast_lr, requires_grad=cfg.algorithm == "metasgd")
-                            for k, p in self.params.items()}
+        named = dict(model.named_parameters())
+        _check_names("frozen", frozen, named)
+        self.frozen: Params = {k: named[k].detach() for k in frozen}  # shared storage: a backbone is not copied
+        self.params: Params = {k: p.detach().clone().requires_grad_() for k, p in named.items() if k not in self.frozen}
+        adapted = tuple(self.params) if adapted is None else tuple(adapted)
+        _check_names("adapted", adapted, self.params)
+        self.lrs: Params = {k: torch.full_like(self.params[k], cfg.fast_lr, requires_grad=cfg.algorithm == "metasgd")
+                            for k in adapted}
+        self.n_adapted = sum(self.params[k].numel() for k in adapted)  # weights the inner loop changes
 
     def parameters(self) -> list[torch.Tensor]:
         extra = list(self.lrs.values()) if self.cfg.algorithm == "metasgd" else []
@@ -108,33 +169,90 @@ class MetaLearner:
             return vmap(fn)(*args)
         return _stack([fn(*(_task(a, t) for a in args)) for t in range(len(args[-1]))])
 
-    def _inner_lrs(self) -> Params | float:
+    def _inner_lrs(self) -> Rates:
         """Meta-SGD's learned rates, or the fixed fast_lr as a float (cheaper than a rate tensor)."""
-        return self.lrs if self.cfg.algorithm == "metasgd" else float(self.cfg.fast_lr)
+        if self.cfg.algorithm == "metasgd":
+            return self.lrs
+        return {k: float(self.cfg.fast_lr) for k in self.lrs}
+
+    def _weights(self, params: Params) -> Params:
+        return {**self.frozen, **params}
 
     def query_losses(self, batch: TaskBatch, steps: int, first_order: bool) -> torch.Tensor:
         """Post-adaptation query loss of every task (T,), differentiable in the meta-parameters."""
-        lrs = self._inner_lrs()
+        lrs, weights = self._inner_lrs(), self._weights(self.params)
+        if self.cfg.task_batched:
+            x_spt, y_spt, x_qry, y_qry = batch
+            fast = adapt_tasks(self.model, weights, lrs, x_spt, y_spt, self.loss_fn, steps, first_order)
+            return task_losses(self.loss_fn, functional_call(self.model, fast, (x_qry,)), y_qry)
 
         def task_loss(x_spt, y_spt, x_qry, y_qry):
-            fast = adapt(self.model, self.params, lrs, x_spt, y_spt, self.loss_fn, steps, first_order)
+            fast = adapt(self.model, weights, lrs, x_spt, y_spt, self.loss_fn, steps, first_order)
             return self.loss_fn(functional_call(self.model, fast, (x_qry,)), y_qry)
 
         return self._per_task(task_loss, *batch)
 
     def meta_backward(self, batch: TaskBatch) -> float:
-        """Write the meta-gradient into `.grad` of `parameters()`; return the mean query loss."""
+        """Write the meta-gradient into `.grad` of `parameters()`; return the mean query loss.
+
+        With cfg.task_chunk, the query losses are differentiated task_chunk tasks at a time and the
+        gradients summed, so only one chunk's query graph is alive at once.
+        """
         if self.cfg.algorithm == "reptile":
             return self._reptile_backward(batch)
         first_order = self.cfg.algorithm == "fomaml"
-        loss = self.query_losses(batch, self.cfg.inner_steps, first_order).mean()
-        grads = torch.autograd.grad(loss, self.parameters())
+        if self.cfg.task_batched:
+            grads, total = self._task_batched_grads(batch, first_order)
+        else:
+            grads, total = self._chunked_grads(batch, first_order)
         for p, g in zip(self.parameters(), grads):
             p.grad = g
-        return loss.item()
+        return total
+
+    def _chunked_grads(self, batch: TaskBatch, first_order: bool) -> tuple[list[torch.Tensor], float]:
+        params, n_tasks = self.parameters(), len(batch[0])
+        chunk = self.cfg.task_chunk or n_tasks
+        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        for lo in range(0, n_tasks, chunk):
+            part = tuple(t[lo:lo + chunk] for t in batch)
+            loss = self.query_losses(part, self.cfg.inner_steps, first_order).sum() / n_tasks
+            for acc, g in zip(grads, torch.autograd.grad(loss, params)):
+                acc.add_(g)
+            total += loss.item()
+        return grads, total
+
+    def _task_batched_grads(self, batch: TaskBatch, first_order: bool) -> tuple[list[torch.Tensor], float]:
+        """Adapt every task in one graph; differentiate the query losses a chunk at a time, only up to
+        the adapted weights (v = dL/dfast, (T, *shape)); then push v through the adaptation graph once.
+
+        The small support graph of the whole meta-batch then runs as a few big batched ops, while
+        the large query graphs stay one chunk at a time. The unadapted weights' direct gradient
+        (the query loss uses them as they are) is added on.
+        """
+        x_spt, y_spt, x_qry, y_qry = batch
+        n_tasks, params = len(x_spt), self.parameters()
+        chunk = self.cfg.task_chunk or n_tasks
+        fast = adapt_tasks(self.model, self._weights(self.params), self._inner_lrs(), x_spt, y_spt, self.loss_fn,
+                           self.cfg.inner_steps, first_order)
+        adapted, direct = list(self.lrs), [k for k in self.params if k not in self.lrs]
+        v = {k: torch.empty_like(fast[k]) for k in adapted}
+        direct_grads, total = {k: torch.zeros_like(self.params[k]) for k in direct}, 0.0
+        for lo in range(0, n_tasks, chunk):
+            leaves = {k: fast[k][lo:lo + chunk].detach().requires_grad_() for k in adapted}
+            pred = functional_call(self.model, {**self._weights(self.params), **leaves}, (x_qry[lo:lo + chunk],))
+            loss = task_losses(self.loss_fn, pred, y_qry[lo:lo + chunk]).sum() / n_tasks
+            grads = torch.autograd.grad(loss, [*leaves.values(), *(self.params[k] for k in direct)])
+            for k, g in zip(adapted, grads):
+                v[k][lo:lo + chunk] = g
+            for k, g in zip(direct, grads[len(adapted):]):
+                direct_grads[k].add_(g)
+            total += loss.item()
+        through = torch.autograd.grad([fast[k] for k in adapted], params, [v[k] for k in adapted], allow_unused=True)
+        extra = [direct_grads.get(k) for k in self.params] + [None] * (len(params) - len(self.params))
+        return [_sum_grads(p, a, b) for p, a, b in zip(params, through, extra)], total
 
     def _reptile_backward(self, batch: TaskBatch) -> float:
-        """Reptile: grad = theta - mean_t(phi_t), phi_t = theta after inner_steps on task t."""
+        """Reptile: grad = theta - mean_t(phi_t), phi_t = theta after inner_steps on task t (0 where not adapted)."""
         fast = self.adapt_batch(batch.x_spt, batch.y_spt, self.cfg.inner_steps)
         for k, p in self.params.items():
             p.grad = p.detach() - fast[k].mean(0)
@@ -143,20 +261,28 @@ class MetaLearner:
         return losses.mean().item()
 
     def adapt_batch(self, x_spt: torch.Tensor, y_spt: torch.Tensor, steps: int) -> Params:
-        """Adapted parameters per task, without a graph to the meta-parameters: {name: (T, *shape)}."""
+        """Adapted parameters per task, without a graph to the meta-parameters: {name: (T, *shape)}.
+
+        Every meta-parameter is returned, the unadapted ones repeated per task (frozen ones are not).
+        """
         params = {k: v.detach() for k, v in self.params.items()}
-        lrs = self._inner_lrs()
-        lrs = {k: v.detach() for k, v in lrs.items()} if isinstance(lrs, dict) else lrs
+        lrs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self._inner_lrs().items()}
+        if self.cfg.task_batched:
+            fast = adapt_tasks(self.model, {**self.frozen, **params}, lrs, x_spt, y_spt, self.loss_fn, steps, True)
+            return {k: fast[k] if k in lrs else v.expand(len(x_spt), *v.shape) for k, v in params.items()}
 
         def one(xs, ys):
-            return adapt(self.model, params, lrs, xs, ys, self.loss_fn, steps, first_order=True)
+            return adapt(self.model, self._weights(params), lrs, xs, ys, self.loss_fn, steps, first_order=True)
 
-        return self._per_task(one, x_spt, y_spt)
+        return {k: v for k, v in self._per_task(one, x_spt, y_spt).items() if k in params}
 
     def evaluate_fast(self, fast: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of each task's own adapted parameters on its points: fast {name: (T, ...)}, x (T, N, d) -> (T,)."""
+        if self.cfg.task_batched:
+            return task_losses(self.loss_fn, functional_call(self.model, self._weights(fast), (x,)), y)
+
         def one(f, xs, ys):
-            return self.loss_fn(functional_call(self.model, f, (xs,)), ys)
+            return self.loss_fn(functional_call(self.model, self._weights(f), (xs,)), ys)
 
         return self._per_task(one, fast, x, y)
 
@@ -166,3 +292,13 @@ class MetaLearner:
             with torch.no_grad():
                 for v in self.lrs.values():
                     v.clamp_(*self.cfg.lr_range)
+
+
+def _sum_grads(p: torch.Tensor, *grads: torch.Tensor | None) -> torch.Tensor:
+    present = [g for g in grads if g is not None]
+    return torch.stack(present).sum(0) if len(present) > 1 else present[0] if present else torch.zeros_like(p)
+
+
+def _check_names(field: str, names: Sequence[str], known: dict) -> None:
+    if unknown := sorted(set(names) - set(known)):
+        raise ValueError(f"{field}: {unknown[:5]} are not meta-parameters of the model (frozen ones cannot be adapted)")

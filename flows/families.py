@@ -156,11 +156,11 @@ class OmniglotTasks:
                         None if test is None else np.arange(len(test)))
 
     def model(self, n_out: int | None = None) -> nn.Module:
-        from components.conv4 import Conv4
+        from components.conv4 import Conv4, Conv4Config
 
         m = self.cfg.model
-        return Conv4(n_out or self.family.n_way, hidden=m.hidden, lora_r=m.lora_r if m.adapted == "lora" else 0,
-                     lora_alpha=m.lora_alpha)
+        return Conv4(Conv4Config(n_way=n_out or self.family.n_way, hidden=m.hidden, image_size=self.family.image_size,
+                                 lora_rank=m.lora_r if m.adapted == "lora" else 0, lora_alpha=m.lora_alpha))
 
     def adapted(self, model: nn.Module) -> tuple[str, ...] | None:
         from components.conv4 import adapted_names

@@ -61,10 +61,7 @@ def make_learner(cfg: StudyConfig, algorithm: str, dev: torch.device) -> MetaLea
     learner_cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=section["inner_steps"],
                                     fast_lr=section["fast_lr"], lr_range=section["metasgd_lr_range"],
                                     vectorize=section["vectorize"])
-    adapted = family.adapted(model)
-    if adapted is None:
-        return MetaLearner(model, learner_cfg, family.loss_fn)
-    return MetaLearner(model, learner_cfg, family.loss_fn, adapted=adapted)
+    return MetaLearner(model, learner_cfg, family.loss_fn, adapted=family.adapted(model))
 
 
 def train_algorithm(cfg: StudyConfig, algorithm: str, cache: StageCache, tasksets_key: str, out: Path,

@@ -75,3 +75,33 @@ def test_stage_alone_without_upstream_names_it(prefect_harness, project):
 
     with pytest.raises(MissingUpstream, match="'task_sets'"):
         meta_pipeline(config_path=write_config(project), stages=["evaluate"])
+
+
+def test_omniglot_study_runs_end_to_end(prefect_harness, project):
+    """The same flow on the image family: accuracy, conv4, pre-trained classifier baseline."""
+    from pathlib import Path
+
+    from flows.pipeline import meta_pipeline
+
+    omniglot = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
+    cfg = {
+        "name": "omni-tiny",
+        "family": {"kind": "omniglot", "path": str(omniglot), "n_way": 3, "k_shot": 1, "n_query": 2,
+                   "n_val_episodes": 4, "n_test_episodes": 12},
+        "model": {"kind": "conv4", "hidden": 8, "adapted": "head"},
+        "meta_train": {"algorithms": ["maml", "metasgd"], "fast_lr": 0.4, "meta_batch_size": 2, "iterations": 4,
+                       "val_every": 2, "checkpoint_every": 2, "metasgd_lr_range": [0.001, 1.0], "vectorize": False},
+        "evaluate": {"steps": 2, "chunk": 6},
+        "baselines": {"scratch_lr": 0.4, "finetune_lr": 0.4, "pretrain_iterations": 3, "pretrain_batch_size": 8},
+        "embedding": {"n_similarity_tasks": 4},
+        "runtime": {"threads": 1},
+    }
+    path = project / "omni.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = meta_pipeline(config_path=str(path))
+    assert "accuracy" in out["results"]
+    _, parent, children = runs_of(project, out["run_id"])
+    assert set(children) == {"maml", "metasgd", "scratch", "pretrain_finetune"}
+    for run in children.values():
+        assert 0 <= run.data.metrics["meta_test_accuracy"] <= 1
+        assert "meta_test_accuracy_ci95" in run.data.metrics
