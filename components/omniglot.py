@@ -243,7 +243,7 @@ def sample_episodes(pool: ClassPool, n_way: int, k_shot: int, n_query: int, n_ep
 
 def episodes_from_indices(pool: ClassPool, classes: np.ndarray, drawings: np.ndarray, k_shot: int) -> EpisodeBatch:
     """Gather episodes: classes (T, N) pool indices, drawings (T, N, K+Q); the first K drawings are support."""
-    classes, drawings = torch.as_tensor(classes), torch.as_tensor(drawings)
+    classes, drawings = torch.tensor(np.asarray(classes)), torch.tensor(np.asarray(drawings))  # copies: Parquet arrays are read-only
     n_episodes, n_way, n_total = drawings.shape
     x = pool.images[classes[..., None], drawings]  # (T, N, K+Q, 1, s, s)
     labels = torch.arange(n_way).view(1, n_way, 1)

@@ -87,6 +87,8 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
         _iterate(learner, opt, train, val, run, cfg, log)
         if path is not None and cfg.checkpoint_every and run["iteration"] % cfg.checkpoint_every == 0:
             _save(path, run, learner, opt)
+    if stop == "budget" and _last_validation(run) < run["iteration"]:
+        _validate(learner, val, run, log)  # a budget stops between validations: score the last state too
     if path is not None:
         _save(path, run, learner, opt)
     return TrainResult(
@@ -138,6 +140,11 @@ def _validate(learner, val, run, log) -> float:
     if log is not None:
         log(run["iteration"], {"val_loss": loss})
     return loss
+
+
+def _last_validation(run) -> int:
+    history = run["history"]
+    return max((i for i, m in zip(history["iteration"], history["metric"]) if m == "val_loss"), default=-1)
 
 
 def _stop_reason(run, cfg: TrainConfig, start: float) -> str | None:

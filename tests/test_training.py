@@ -167,3 +167,17 @@ def test_config_rejects_bad_values(pools):
     train, val = pools
     with pytest.raises(ValueError, match="meta_batch_size"):
         meta_train(make_learner(), train, val, cfg_for(meta_batch_size=13))
+
+
+def test_a_budget_stop_between_validations_still_scores_the_last_state(pools):
+    """Without a last validation a short budget would hand back the iteration-0 meta-parameters."""
+    import time as _time
+
+    train, val = pools
+    start = _time.perf_counter()
+    result = meta_train(make_learner("maml"), train, val, cfg_for(iterations=10_000, val_every=10_000,
+                                                                  budget_seconds=0.5))
+    assert result.stop_reason == "budget" and _time.perf_counter() - start < 5
+    vals = result.history[result.history["metric"] == "val_loss"]
+    assert vals["iteration"].tolist() == [0, result.iterations_total]
+    assert result.best_iteration == result.iterations_total  # training improved on the start
