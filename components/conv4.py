@@ -2,15 +2,23 @@
 
 Four blocks of [3x3 conv, 64 filters, stride 2, padding 1; batch norm; ReLU], 28 -> 14 -> 7 -> 4 -> 2,
 then flatten (64 * 2 * 2 = 256) and a linear head to n_way logits. Batch norm always normalises with
-the statistics of the batch it is given (transductive, as the published numbers do) and is written
-with plain reduction and element-wise ops: `nn.BatchNorm2d` under `vmap(grad(...))` gives wrong
-second-order gradients. Convolutions have no bias: batch norm subtracts it again.
+the statistics of the batch it is given (transductive, as the published numbers do); it has a
+learnable affine weight and bias and no running statistics. Convolutions have no bias: batch norm
+subtracts it again.
+
+Two forward paths compute the same function:
+  x (B, C, H, W)     one task; batch norm from plain mean / variance ops, so it is exact under
+                     `vmap(grad(...))` (`nn.BatchNorm2d` there gives wrong second-order gradients).
+  x (T, B, C, H, W)  T tasks at once, every weight shared (its own shape) or per task (T, *shape);
+                     what `MetaLearnerConfig(task_batched=True)` runs. The tasks become one network of
+                     T * 64 channels with T-grouped convolutions, channels-last, with autograd Functions
+                     whose backward is itself differentiable and fast (see `_GroupedConv`, `_BatchNorm`).
 
 Adapted-parameter sets (`adapted_names`):
   full  every weight is adapted in the inner loop.
   head  ANIL: only the head is adapted; the body is still meta-learned by the outer loop.
   lora  LoRA adapters on every convolution (`lora_A`, `lora_B`, `scaling = alpha / r`, peft's names)
-        plus the head are adapted; the base weights and batch-norm affines are meta-learned only.
+        plus the head are adapted; base weights and batch-norm affines are meta-learned only.
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from torch import nn
 
 ADAPT_MODES = ("full", "head", "lora")
 CONV4_VERSION = "1"
+STRIDE, PADDING = 2, 1
 
 
 @dataclass(frozen=True)
@@ -33,7 +42,7 @@ class Conv4Config:
     image_size: int = 28  # side of the square input; 28 -> 2 after four stride-2 convolutions
     lora_rank: int = 0  # r of the LoRA adapter on each convolution; 0 = no adapters
     lora_alpha: float = 8.0  # scaling = lora_alpha / lora_rank, as in peft
-    lora_b_std: float = 1e-3  # std of lora_B's N(0, std) start; peft's B = 0 would zero the first inner dA
+    lora_b_std: float = 1e-3  # lora_B starts N(0, std): peft's B = 0 would make the first inner dL/dA zero
     eps: float = 1e-5  # batch-norm variance floor, nn.BatchNorm2d's default
 
     def __post_init__(self):
@@ -45,14 +54,11 @@ class Conv4Config:
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Normalise x (B, C, H, W) per channel with its own batch mean and (biased) variance, then scale and shift (C,).
-
-    Folds everything per channel into one scale and shift: y = x * scale + shift, a single big op.
-    """
-    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    scale = weight * torch.rsqrt(var + eps)  # (C,)
-    shift = bias - mean * scale
-    return torch.addcmul(shift[:, None, None], x, scale[:, None, None])
+    """Normalise x (B, C, H, W) per channel by its own batch mean and biased variance; scale and shift (C,)."""
+    mean = x.mean((0, 2, 3), keepdim=True)
+    centred = x - mean
+    var = centred.square().mean((0, 2, 3), keepdim=True)  # two passes: exact, and far faster than var_mean here
+    return centred * (weight[:, None, None] * torch.rsqrt(var + eps)) + bias[:, None, None]
 
 
 class BatchNorm(nn.Module):
@@ -69,10 +75,11 @@ class BatchNorm(nn.Module):
 
 
 class LoraConv2d(nn.Module):
-    """A frozen-in-the-inner-loop conv `base_layer` plus scaling * B @ A, merged into one kernel per call.
+    """A conv `base_layer` plus scaling * B @ A, merged into one kernel per call.
 
-    lora_A (r, C_in, k, k) starts kaiming-uniform like peft's; lora_B (C_out, r) starts N(0, b_std), not
-    peft's zeros: with B = 0 the inner-loop gradient with respect to A is exactly zero on the first step.
+    lora_A (r, C_in, k, k) is peft's conv A kernel and starts kaiming-uniform as there; lora_B (C_out, r)
+    is peft's 1x1 conv B kernel flattened. B starts N(0, lora_b_std), not at peft's zeros: with B = 0 the
+    inner-loop gradient with respect to A is exactly zero, so a one-step inner loop could never move A.
     """
 
     def __init__(self, base_layer: nn.Conv2d, rank: int, alpha: float, b_std: float):
@@ -86,34 +93,34 @@ class LoraConv2d(nn.Module):
         nn.init.normal_(self.lora_B, std=b_std)
 
     def merged_weight(self) -> torch.Tensor:
-        """base + scaling * B @ A as a conv kernel (C_out, C_in, k, k); (T, C_out, C_in, k, k) when A or B is per task."""
+        """base + scaling * B @ A as a kernel (C_out, C_in, k, k); (T, C_out, C_in, k, k) when A or B is per task."""
         base = self.base_layer.weight
         delta = self.lora_B @ self.lora_A.flatten(-3)  # (..., C_out, C_in * k * k)
         return base + self.scaling * delta.unflatten(-1, base.shape[-3:])
 
     def forward(self, x):
-        conv = self.base_layer
-        return F.conv2d(x, self.merged_weight(), None, conv.stride, conv.padding)
+        return F.conv2d(x, self.merged_weight(), None, self.base_layer.stride, self.base_layer.padding)
 
 
 class ConvBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int, cfg: Conv4Config):
         super().__init__()
-        conv = nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False)
+        conv = nn.Conv2d(c_in, c_out, 3, stride=STRIDE, padding=PADDING, bias=False)
         self.conv = LoraConv2d(conv, cfg.lora_rank, cfg.lora_alpha, cfg.lora_b_std) if cfg.lora_rank else conv
         self.norm = BatchNorm(c_out, cfg.eps)
+
+    def kernel(self) -> torch.Tensor:
+        return self.conv.merged_weight() if isinstance(self.conv, LoraConv2d) else self.conv.weight
 
     def forward(self, x):
         return F.relu(self.norm(self.conv(x)))
 
 
 class Conv4(nn.Module):
-    """forward: images x (B, C_in, 28, 28) -> logits (B, n_way); batch norm uses this batch's statistics.
+    """forward: images x (B, C_in, 28, 28) -> logits (B, n_way); or x (T, B, C_in, 28, 28) -> (T, B, n_way).
 
-    Task-batched: x (T, B, C_in, 28, 28) -> (T, B, n_way), each task normalised on its own, with every
-    weight either shared (its own shape) or one per task (T, *shape), e.g. through
-    `functional_call` (what `MetaLearnerConfig(task_batched=True)` does). The T tasks run as one
-    network with T * 64 channels and T-grouped convolutions, in channels-last memory format.
+    Task-batched (5-D x): each task is normalised on its own; every weight may be shared (its own
+    shape) or one per task (T, *shape), e.g. swapped in through `functional_call`.
     """
 
     def __init__(self, cfg: Conv4Config = Conv4Config()):
@@ -123,7 +130,7 @@ class Conv4(nn.Module):
         self.blocks = nn.Sequential(*(ConvBlock(a, b, cfg) for a, b in zip(widths[:-1], widths[1:])))
         side = cfg.image_size
         for _ in range(4):
-            side = (side + 1) // 2
+            side = (side + 2 * PADDING - 3) // STRIDE + 1
         self.head = nn.Linear(cfg.hidden * side * side, cfg.n_way)
 
     def forward(self, x):
@@ -135,20 +142,138 @@ class Conv4(nn.Module):
         n_tasks, n = x.shape[:2]
         h = x.transpose(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)  # (B, T * C, H, W)
         for block in self.blocks:
-            conv = block.conv
-            weight = conv.merged_weight() if isinstance(conv, LoraConv2d) else conv.weight
-            h = F.conv2d(h, _per_task(weight, n_tasks, 4).flatten(0, 1), None, 2, 1, 1, n_tasks)
-            # native batch norm is exact here (no vmap): the T * 64 channels are each task's own
-            h = F.batch_norm(h, None, None, _per_task(block.norm.weight, n_tasks, 1).flatten(),
-                             _per_task(block.norm.bias, n_tasks, 1).flatten(), True, 0.0, self.cfg.eps)
-            h = F.relu(h)
+            h = _GroupedConv.apply(h, _per_task(block.kernel(), n_tasks, 4).flatten(0, 1), n_tasks)
+            weight, bias = (_per_task(p, n_tasks, 1).flatten() for p in (block.norm.weight, block.norm.bias))
+            h = F.relu(_BatchNorm.apply(h, weight, bias, self.cfg.eps), inplace=True)
         features = h.reshape(n, n_tasks, -1).transpose(0, 1)  # (T, B, C * s * s), each image's (C, s, s) order
         return features @ self.head.weight.mT + self.head.bias.unsqueeze(-2)
 
 
 def _per_task(w: torch.Tensor, n_tasks: int, ndim: int) -> torch.Tensor:
-    """(T, *shape) from a weight of ndim dimensions shared by all tasks, or already one per task."""
+    """(T, *shape) from a weight of ndim dimensions shared by all tasks, or one already per task."""
     return w if w.dim() > ndim else w.expand(n_tasks, *w.shape)
+
+
+def _conv_backward(grad_out, x, weight, groups: int, mask: list[bool]):
+    return torch.ops.aten.convolution_backward(grad_out, x, weight, None, [STRIDE] * 2, [PADDING] * 2, [1, 1],
+                                               False, [0, 0], groups, mask)
+
+
+class _GroupedConv(torch.autograd.Function):
+    """conv2d(x, weight, stride 2, padding 1, groups). Its backward is `_GroupedConvBackward`, whose own
+    derivative calls the grouped convolution kernels: autograd's built-in conv double backward runs one
+    small convolution per group for the weight term, a per-task Python-speed loop here."""
+
+    @staticmethod
+    def forward(ctx, x, weight, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.groups = groups
+        return F.conv2d(x, weight, None, STRIDE, PADDING, 1, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False]
+        if torch.is_grad_enabled():  # create_graph: the inner loop's gradient, differentiated again later
+            grad_x, grad_w = _GroupedConvBackward.apply(grad_out, x, weight, ctx.groups, *mask[:2])
+        else:
+            grad_x, grad_w, _ = _conv_backward(grad_out, x, weight, ctx.groups, mask)
+        return grad_x, grad_w, None
+
+
+class _GroupedConvBackward(torch.autograd.Function):
+    """(dL/dx, dL/dweight) of `_GroupedConv` from grad_out; linear in grad_out, in x and in weight."""
+
+    @staticmethod
+    def forward(ctx, grad_out, x, weight, groups, need_x, need_w):
+        ctx.save_for_backward(grad_out, x, weight)
+        ctx.groups = groups
+        ctx.set_materialize_grads(False)
+        grad_x, grad_w, _ = _conv_backward(grad_out, x, weight, groups, [need_x, need_w, False])
+        return grad_x, grad_w
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_w):
+        grad_out, x, weight = ctx.saved_tensors
+        g = ctx.groups
+        d_grad_out = d_x = d_w = None
+        if ctx.needs_input_grad[0]:
+            terms = [F.conv2d(gg_x, weight, None, STRIDE, PADDING, 1, g)] if gg_x is not None else []
+            terms += [F.conv2d(x, gg_w, None, STRIDE, PADDING, 1, g)] if gg_w is not None else []
+            d_grad_out = sum(terms) if terms else None
+        if gg_w is not None and ctx.needs_input_grad[1]:
+            d_x = _conv_backward(grad_out, x, gg_w, g, [True, False, False])[0]
+        if gg_x is not None and ctx.needs_input_grad[2]:
+            d_w = _conv_backward(grad_out, gg_x, weight, g, [False, True, False])[1]
+        return d_grad_out, d_x, d_w, None, None, None
+
+
+class _BatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of x (B, C, H, W) with the native fused kernels; backward `_BatchNormBackward`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, mean, invstd = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the inner loop's gradient, differentiated again later
+            return *_BatchNormBackward.apply(grad_y, x, weight, mean, invstd, ctx.eps), None
+        return *_native_bn_backward(grad_y, x, weight, mean, invstd, ctx.eps), None
+
+
+def _native_bn_backward(grad_y, x, weight, mean, invstd, eps: float):
+    return torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True, eps,
+                                                     [True, True, True])
+
+
+class _BatchNormBackward(torch.autograd.Function):
+    """(dL/dx, dL/dweight, dL/dbias) of `_BatchNorm` from grad_y, by the native kernel.
+
+    Its own derivative is written out below with whole-(B, H, W) reductions and saves nothing new:
+    autograd's native double backward reduces one dimension at a time, which is slow on channels-last
+    tensors, and keeps several activation-sized intermediates alive. mean and invstd enter as constants,
+    their dependence on x is in the formulas, so a third derivative is not available.
+    """
+
+    @staticmethod
+    def forward(ctx, grad_y, x, weight, mean, invstd, eps):
+        ctx.save_for_backward(grad_y, x, weight, mean, invstd)
+        ctx.set_materialize_grads(False)
+        return _native_bn_backward(grad_y, x, weight, mean, invstd, eps)
+
+    @staticmethod
+    def backward(ctx, gg_x, gg_weight, gg_bias):
+        if torch.is_grad_enabled():
+            raise RuntimeError("conv4 batch norm: third-order derivatives are not implemented")
+        grad_y, x, weight, mean, invstd = ctx.saved_tensors
+        dims, m = (0, 2, 3), x.numel() // x.shape[1]
+        rstd, gamma = invstd[:, None, None], weight[:, None, None]
+        x_hat = (x - mean[:, None, None]) * rstd
+
+        def project(v):  # v - mean(v) - x_hat * mean(v * x_hat), per channel: the Jacobian of x_hat, symmetric
+            return v - v.mean(dims, keepdim=True) - x_hat * (v * x_hat).mean(dims, keepdim=True)
+
+        p_grad_y = project(grad_y)
+        d_grad_y, d_x, d_weight = [], [], None
+        if gg_x is not None:  # grad_x = gamma * rstd * project(grad_y): linear in grad_y; rstd, x_hat depend on x
+            p_gg_x = project(gg_x)
+            s = (gg_x * (grad_y - grad_y.mean(dims, keepdim=True))).sum(dims, keepdim=True)
+            t = (gg_x * x_hat).sum(dims, keepdim=True)
+            u = (grad_y * x_hat).mean(dims, keepdim=True)
+            d_grad_y.append(gamma * rstd * p_gg_x)
+            d_x.append(gamma * rstd * rstd * (-(s - t * u) * x_hat / m - u * p_gg_x - t * p_grad_y / m))
+            d_weight = (gg_x * rstd * p_grad_y).sum(dims)
+        if gg_weight is not None:  # grad_weight = sum(grad_y * x_hat)
+            d_grad_y.append(gg_weight[:, None, None] * x_hat)
+            d_x.append(gg_weight[:, None, None] * rstd * p_grad_y)
+        if gg_bias is not None:  # grad_bias = sum(grad_y)
+            d_grad_y.append(gg_bias[:, None, None].expand_as(grad_y))
+        return sum(d_grad_y) if d_grad_y else None, sum(d_x) if d_x else None, d_weight, None, None, None
 
 
 def adapted_names(model: Conv4, mode: str) -> tuple[str, ...]:

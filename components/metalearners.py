@@ -40,7 +40,8 @@ class MetaLearnerConfig:
     lr_range: tuple[float, float] = (1e-4, 1.0)  # Meta-SGD keeps every rate inside this range
     vectorize: bool = True  # vmap over the tasks of a meta-batch instead of a Python loop
     task_batched: bool = False  # the model runs all tasks at once (x (T, B, ...)); overrides vectorize
-    task_chunk: int = 0  # tasks per autograd graph in meta_backward (bounds peak memory); 0 = all at once
+    task_chunk: int = 0  # tasks per autograd graph (bounds peak memory); 0 = the whole meta-batch at once
+    query_chunk: int = 0  # task_batched: tasks per query graph within a task chunk; 0 = the task chunk
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -52,8 +53,11 @@ class MetaLearnerConfig:
             raise ValueError(f"lr_range: need 0 < low <= high, got {self.lr_range!r}")
         if not lo <= self.fast_lr <= hi:
             raise ValueError(f"fast_lr: {self.fast_lr} is outside lr_range {self.lr_range!r}")
-        if not isinstance(self.task_chunk, int) or self.task_chunk < 0:
-            raise ValueError(f"task_chunk: need an integer >= 0, got {self.task_chunk!r}")
+        for name in ("task_chunk", "query_chunk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name}: need an integer >= 0, got {getattr(self, name)!r}")
+        if self.query_chunk and not self.task_batched:
+            raise ValueError("query_chunk: only task_batched learners split the query apart from the support")
 
 
 def adapt(model: nn.Module, params: Params, lrs: Rates | float, x_spt, y_spt, loss_fn: LossFn,
@@ -117,8 +121,14 @@ def _sgd_step(p: torch.Tensor, g: torch.Tensor, lr: torch.Tensor | float) -> tor
     return p - lr * g if isinstance(lr, torch.Tensor) else torch.add(p, g, alpha=-lr)
 
 
-def _task(arg: torch.Tensor | Params, t: int) -> torch.Tensor | Params:
-    """Task t's slice of a per-task tensor (T, ...) or dict of them."""
+def _slices(n: int, size: int) -> list[slice]:
+    """Consecutive slices of at most size (0 = all n) covering range(n)."""
+    size = size or n
+    return [slice(lo, lo + size) for lo in range(0, n, size)]
+
+
+def _task(arg: torch.Tensor | Params, t: int | slice) -> torch.Tensor | Params:
+    """Task t's slice (or a slice of tasks) of a per-task tensor (T, ...) or dict of them."""
     return {k: v[t] for k, v in arg.items()} if isinstance(arg, dict) else arg[t]
 
 
@@ -211,39 +221,47 @@ class MetaLearner:
 
     def _chunked_grads(self, batch: TaskBatch, first_order: bool) -> tuple[list[torch.Tensor], float]:
         params, n_tasks = self.parameters(), len(batch[0])
-        chunk = self.cfg.task_chunk or n_tasks
         total, grads = 0.0, [torch.zeros_like(p) for p in params]
-        for lo in range(0, n_tasks, chunk):
-            part = tuple(t[lo:lo + chunk] for t in batch)
-            loss = self.query_losses(part, self.cfg.inner_steps, first_order).sum() / n_tasks
+        for part in _slices(n_tasks, self.cfg.task_chunk):
+            loss = self.query_losses(tuple(t[part] for t in batch), self.cfg.inner_steps, first_order).sum() / n_tasks
             for acc, g in zip(grads, torch.autograd.grad(loss, params)):
                 acc.add_(g)
             total += loss.item()
         return grads, total
 
     def _task_batched_grads(self, batch: TaskBatch, first_order: bool) -> tuple[list[torch.Tensor], float]:
-        """Adapt every task in one graph; differentiate the query losses a chunk at a time, only up to
-        the adapted weights (v = dL/dfast, (T, *shape)); then push v through the adaptation graph once.
+        """Per task chunk: adapt its tasks in one graph; differentiate their query losses query_chunk tasks
+        at a time, only up to the adapted weights (v = dL/dfast, (T, *shape)); then push v through the
+        adaptation graph once. The unadapted weights' direct gradient (the query uses them as they are)
+        is added on.
 
-        The small support graph of the whole meta-batch then runs as a few big batched ops, while
-        the large query graphs stay one chunk at a time. The unadapted weights' direct gradient
-        (the query loss uses them as they are) is added on.
+        The support graph is small, so a big task chunk runs it as a few large batched ops, while the
+        large query graphs stay query_chunk tasks at a time.
         """
+        n_tasks, params = len(batch[0]), self.parameters()
+        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        for part in _slices(n_tasks, self.cfg.task_chunk):
+            part_grads, loss = self._adapt_then_query(tuple(t[part] for t in batch), n_tasks, first_order)
+            for acc, g in zip(grads, part_grads):
+                acc.add_(g)
+            total += loss
+        return grads, total
+
+    def _adapt_then_query(self, batch: TaskBatch, n_total: int, first_order: bool) -> tuple[list[torch.Tensor], float]:
         x_spt, y_spt, x_qry, y_qry = batch
         n_tasks, params = len(x_spt), self.parameters()
-        chunk = self.cfg.task_chunk or n_tasks
         fast = adapt_tasks(self.model, self._weights(self.params), self._inner_lrs(), x_spt, y_spt, self.loss_fn,
                            self.cfg.inner_steps, first_order)
         adapted, direct = list(self.lrs), [k for k in self.params if k not in self.lrs]
         v = {k: torch.empty_like(fast[k]) for k in adapted}
         direct_grads, total = {k: torch.zeros_like(self.params[k]) for k in direct}, 0.0
-        for lo in range(0, n_tasks, chunk):
-            leaves = {k: fast[k][lo:lo + chunk].detach().requires_grad_() for k in adapted}
-            pred = functional_call(self.model, {**self._weights(self.params), **leaves}, (x_qry[lo:lo + chunk],))
-            loss = task_losses(self.loss_fn, pred, y_qry[lo:lo + chunk]).sum() / n_tasks
+        for part in _slices(n_tasks, self.cfg.query_chunk):
+            leaves = {k: fast[k][part].detach().requires_grad_() for k in adapted}
+            pred = functional_call(self.model, {**self._weights(self.params), **leaves}, (x_qry[part],))
+            loss = task_losses(self.loss_fn, pred, y_qry[part]).sum() / n_total
             grads = torch.autograd.grad(loss, [*leaves.values(), *(self.params[k] for k in direct)])
             for k, g in zip(adapted, grads):
-                v[k][lo:lo + chunk] = g
+                v[k][part] = g
             for k, g in zip(direct, grads[len(adapted):]):
                 direct_grads[k].add_(g)
             total += loss.item()
@@ -268,8 +286,10 @@ class MetaLearner:
         params = {k: v.detach() for k, v in self.params.items()}
         lrs = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in self._inner_lrs().items()}
         if self.cfg.task_batched:
-            fast = adapt_tasks(self.model, {**self.frozen, **params}, lrs, x_spt, y_spt, self.loss_fn, steps, True)
-            return {k: fast[k] if k in lrs else v.expand(len(x_spt), *v.shape) for k, v in params.items()}
+            parts = [adapt_tasks(self.model, {**self.frozen, **params}, lrs, x_spt[part], y_spt[part], self.loss_fn,
+                                 steps, True) for part in _slices(len(x_spt), self.cfg.task_chunk)]
+            return {k: torch.cat([f[k] for f in parts]) if k in lrs else v.expand(len(x_spt), *v.shape)
+                    for k, v in params.items()}
 
         def one(xs, ys):
             return adapt(self.model, self._weights(params), lrs, xs, ys, self.loss_fn, steps, first_order=True)
@@ -279,7 +299,9 @@ class MetaLearner:
     def evaluate_fast(self, fast: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of each task's own adapted parameters on its points: fast {name: (T, ...)}, x (T, N, d) -> (T,)."""
         if self.cfg.task_batched:
-            return task_losses(self.loss_fn, functional_call(self.model, self._weights(fast), (x,)), y)
+            return torch.cat([task_losses(self.loss_fn, functional_call(self.model, self._weights(_task(fast, part)),
+                                                                        (x[part],)), y[part])
+                              for part in _slices(len(x), self.cfg.query_chunk or self.cfg.task_chunk)])
 
         def one(f, xs, ys):
             return self.loss_fn(functional_call(self.model, self._weights(f), (xs,)), ys)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.metalearners import MetaLearner, MetaLearnerConfig
+from components.metalearners import MetaLearner, MetaLearnerConfig, adapt
 from components.models import MLP
 from components.tasksets import SinusoidFamily, TaskBatch, sample_sinusoid_tasks, to_batch
 
@@ -203,3 +203,100 @@ def test_vectorized_and_looped_agree(batch, algorithm):
 def test_config_errors_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MetaLearnerConfig(**kwargs)
+
+
+# --- adapted subsets (ANIL-style): only some weights move in the inner loop ---
+
+HEAD = ("net.4.weight", "net.4.bias")
+
+
+def make_subset_learner(algorithm: str, adapted=HEAD, frozen=(), **cfg) -> MetaLearner:
+    torch.manual_seed(0)
+    model = MLP(SIZES).double()
+    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=STEPS, fast_lr=FAST_LR, **cfg)
+    return MetaLearner(model, cfg, F.mse_loss, adapted=adapted, frozen=frozen)
+
+
+def reference_subset_loss(weights, adapted_idx, batch: TaskBatch, steps: int) -> torch.Tensor:
+    """Mean query loss when only weights[i] for i in adapted_idx take inner SGD steps (second order)."""
+    losses = []
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+        fast = list(weights)
+        for _ in range(steps):
+            grads = torch.autograd.grad(F.mse_loss(mlp_forward(fast, x_spt), y_spt), [fast[i] for i in adapted_idx],
+                                        create_graph=True)
+            for i, g in zip(adapted_idx, grads):
+                fast[i] = fast[i] - FAST_LR * g
+        losses.append(F.mse_loss(mlp_forward(fast, x_qry), y_qry))
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_head_only_maml_reaches_body_through_second_order_terms(batch, vectorize):
+    learner = make_subset_learner("maml", vectorize=vectorize)
+    assert list(learner.lrs) == list(HEAD)
+    weights = leaves(learner.params.values())
+    loss = reference_subset_loss(weights, [4, 5], batch, STEPS)
+    expected = torch.autograd.grad(loss, weights)
+    got = learner_grads(learner, batch)
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+    assert all(g.abs().max() > 1e-6 for g in got[:4])  # the body is meta-learned, not adapted
+    # and not only first-order: the head's inner steps depend on the body, which MAML differentiates
+    fomaml = learner_grads(make_subset_learner("fomaml", vectorize=vectorize), batch)
+    assert max((a - b).abs().max().item() for a, b in zip(got[:4], fomaml[:4])) > 1e-4
+
+
+def test_adapt_changes_only_the_adapted_weights(batch):
+    learner = make_subset_learner("maml")
+    params = {k: v.detach() for k, v in learner.params.items()}
+    fast = adapt(learner.model, params, {k: FAST_LR for k in HEAD}, batch.x_spt[0], batch.y_spt[0],
+                 F.mse_loss, steps=2)
+    for k, v in params.items():
+        assert torch.equal(fast[k], v) == (k not in HEAD), k
+    per_task = learner.adapt_batch(batch.x_spt, batch.y_spt, 2)
+    for k, v in params.items():
+        assert torch.equal(per_task[k], v.expand_as(per_task[k])) == (k not in HEAD), k
+
+
+def test_metasgd_learns_rates_for_adapted_weights_only(batch):
+    learner = make_subset_learner("metasgd")
+    assert len(learner.parameters()) == len(learner.params) + len(HEAD)
+    assert learner.n_adapted == 8 + 1
+    grads = learner_grads(learner, batch)
+    assert all(torch.isfinite(g).all() for g in grads) and grads[-2].abs().max() > 0
+
+
+def test_frozen_weights_are_constants(batch):
+    learner = make_subset_learner("maml", frozen=("net.0.weight", "net.0.bias"))
+    assert set(learner.params) == {"net.2.weight", "net.2.bias", *HEAD}
+    weights = leaves(learner.model.parameters())
+    expected = torch.autograd.grad(reference_subset_loss(weights, [4, 5], batch, STEPS), weights[2:])
+    for got, want in zip(learner_grads(learner, batch), expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(adapted=("net.9.weight",)), "adapted"),
+    (dict(frozen=("nope",)), "frozen"),
+    (dict(adapted=HEAD, frozen=HEAD), "adapted"),
+])
+def test_unknown_or_frozen_adapted_names_fail(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        make_subset_learner("maml", **kwargs)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd"])
+def test_task_chunks_sum_to_the_whole_batch_gradient(batch, algorithm):
+    whole = learner_grads(make_learner(algorithm), batch)
+    torch.manual_seed(0)
+    model = MLP(SIZES).double()
+    chunked = MetaLearner(model, MetaLearnerConfig(algorithm=algorithm, inner_steps=STEPS, fast_lr=FAST_LR,
+                                                   task_chunk=2), F.mse_loss)
+    for got, want in zip(learner_grads(chunked, batch), whole):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_query_chunk_needs_task_batched():
+    with pytest.raises(ValueError, match="query_chunk"):
+        MetaLearnerConfig(query_chunk=2)

@@ -1,0 +1,527 @@
+"""Omniglot N-way K-shot: metapeft's meta-learners against learn2learn's MAML, same budget, same test episodes.
+
+The MAML paper's setting (Finn et al. 2017): Conv4 with transductive batch norm, Vinyals class split
+(train + val characters for meta-training, rotations as new classes), Adam meta-lr 1e-3, 15 queries per
+class; 5-way: 1 inner step of lr 0.4, meta-batch 32; 20-way: 5 steps of lr 0.1, meta-batch 16.
+Reptile takes 5 inner steps at train (its paper's Omniglot setting; one step would make it plain joint
+training). Every algorithm trains for the same wall-clock budget in a fresh subprocess (so each peak RSS
+is its own), on the same sequence of training episodes, from the same initialisation, and is tested on
+the same meta-test episodes with the same procedure: `--test-steps` SGD steps on the support set from the
+final meta-parameters, then query accuracy. learn2learn's MAML (`l2l.algorithms.MAML`, second order) trains
+an equivalent nn.Module Conv4 (nn.BatchNorm2d without running statistics); its final weights are tested
+like everyone else's.
+
+    python benchmarks/omniglot.py --budget-minutes 20 [--ways 5 --shots 1 --episodes 600 --out PATH]
+    python benchmarks/omniglot.py --smoke           # all five algorithms, a few iterations, 20 episodes
+    python benchmarks/omniglot.py --throughput      # MAML tasks/s and peak RSS: metapeft vs learn2learn
+
+learn2learn is optional: `bash benchmarks/install_learn2learn.sh`. Only `learn2learn.algorithms.maml`
+and what it imports are loaded, never the package's __init__, which pulls gym and torchvision.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from components.conv4 import Conv4, Conv4Config
+from components.metalearners import MetaLearner, MetaLearnerConfig
+from components.omniglot import (OMNIGLOT_VERSION, EpisodeBatch, build_class_pool, load_omniglot,
+                                 read_vinyals_split, sample_episodes)
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "l2l_maml")
+PAPER = {5: dict(train_steps=1, fast_lr=0.4, meta_batch=32), 20: dict(train_steps=5, fast_lr=0.1, meta_batch=16)}
+TRAIN_STEPS = {"reptile": 5}  # overrides of the paper's inner steps at train time
+PUBLISHED = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}  # MAML paper, %
+TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
+META_LR = 1e-3
+N_QUERY = 15  # query images per class, at train and at test
+EVAL_CHUNK = 4  # test episodes adapted and scored at once (bounds the evaluation's memory)
+TASK_CHUNK, QUERY_CHUNK = 16, 2  # metapeft's task-batched MAML: adaptation / query graphs alive at once
+
+
+# ---------------------------------------------------------------- data
+
+def table_path(data: Path) -> Path:
+    """data/omniglot/table-<key>.parquet, key = hash of both archives, the loader version and the image size."""
+    digest = hashlib.sha256(OMNIGLOT_VERSION.encode())
+    for stem in ("images_background", "images_evaluation"):
+        digest.update((data / f"{stem}.zip").read_bytes())
+    return ROOT / "data" / "omniglot" / f"table-{digest.hexdigest()[:16]}-28.parquet"
+
+
+def cached_table(data: Path) -> pd.DataFrame:
+    """The decoded image table, from its Parquet cache (0.1 s) or from the zips (about 10 s), then cached."""
+    path = table_path(data)
+    if path.exists():
+        return pd.read_parquet(path)
+    table = load_omniglot(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+    try:
+        table.to_parquet(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return table
+
+
+def class_pools(data: Path):
+    """(meta-train pool: Vinyals train + val classes, 4800; meta-test pool: test classes, 1692)."""
+    table, splits = cached_table(data), read_vinyals_split(data / "splits_vinyals")
+    return build_class_pool(table, splits["train"] + splits["val"]), build_class_pool(table, splits["test"])
+
+
+def episode_seed(seed: int, iteration: int) -> int:
+    return int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------- learn2learn
+
+def load_l2l_maml():
+    """learn2learn's MAML class, loading only learn2learn.algorithms.maml and its imports (base_learner, utils)."""
+    spec = importlib.util.find_spec("learn2learn")
+    if spec is None:
+        raise ImportError("learn2learn is not installed: run bash benchmarks/install_learn2learn.sh")
+    root = spec.submodule_search_locations[0]
+    for name, path in (("learn2learn", root), ("learn2learn.algorithms", f"{root}/algorithms")):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+    from learn2learn.algorithms.maml import MAML
+    return MAML
+
+
+class TorchConv4(nn.Module):
+    """Conv4 as a plain nn.Module for learn2learn: nn.BatchNorm2d without running statistics (transductive)."""
+
+    def __init__(self, n_way: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in in (1, 64, 64, 64):
+            layers += [nn.Conv2d(c_in, 64, 3, 2, 1, bias=False), nn.BatchNorm2d(64, track_running_stats=False), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(256, n_way)
+
+    def forward(self, x):
+        return self.head(self.body(x).flatten(1))
+
+
+def copy_weights(src: nn.Module, dst: nn.Module) -> None:
+    """Copy parameters in order; Conv4 and TorchConv4 list the same tensors in the same order."""
+    pairs = list(zip(src.parameters(), dst.parameters(), strict=True))
+    with torch.no_grad():
+        for a, b in pairs:
+            if a.shape != b.shape:
+                raise ValueError(f"copy_weights: shape {tuple(a.shape)} vs {tuple(b.shape)}")
+            b.copy_(a)
+
+
+# ---------------------------------------------------------------- one meta-iteration per implementation
+
+def metapeft_learner(algorithm: str, n_way: int, seed: int, task_chunk: int = TASK_CHUNK,
+                     query_chunk: int = QUERY_CHUNK, task_batched: bool = True) -> MetaLearner:
+    torch.manual_seed(seed)
+    paper = PAPER[n_way]
+    batched = dict(task_batched=True, task_chunk=task_chunk, query_chunk=query_chunk) if task_batched \
+        else dict(vectorize=False, task_chunk=task_chunk)
+    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=TRAIN_STEPS.get(algorithm, paper["train_steps"]),
+                            fast_lr=paper["fast_lr"], **batched)
+    return MetaLearner(Conv4(Conv4Config(n_way=n_way)), cfg, F.cross_entropy)
+
+
+def metapeft_step(learner: MetaLearner):
+    opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
+
+    def step(batch: EpisodeBatch) -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = learner.meta_backward(batch)
+        opt.step()
+        learner.clip_()
+        return loss
+
+    return step
+
+
+def l2l_step(n_way: int, seed: int):
+    """learn2learn's MAML loop (its examples' pattern): clone per task, adapt, backward the query loss / T."""
+    maml_cls, paper = load_l2l_maml(), PAPER[n_way]
+    torch.manual_seed(seed)
+    model = TorchConv4(n_way)
+    copy_weights(Conv4(Conv4Config(n_way=n_way)), model)  # the same initialisation as metapeft's
+    maml = maml_cls(model, lr=paper["fast_lr"], first_order=False)
+    opt = torch.optim.Adam(maml.parameters(), lr=META_LR)
+
+    def step(batch: EpisodeBatch) -> float:
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+            learner = maml.clone()
+            for _ in range(paper["train_steps"]):
+                learner.adapt(F.cross_entropy(learner(x_spt), y_spt))
+            loss = F.cross_entropy(learner(x_qry), y_qry) / len(batch)
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        return total
+
+    return step, model
+
+
+# ---------------------------------------------------------------- evaluation
+
+def test_accuracy(learner: MetaLearner, episodes: EpisodeBatch, steps: int) -> np.ndarray:
+    """Query accuracy of each episode after `steps` SGD steps on its support set: (T,)."""
+    accs = []
+    for lo in range(0, len(episodes), EVAL_CHUNK):
+        part = episodes.index(slice(lo, lo + EVAL_CHUNK))
+        fast = learner.adapt_batch(part.x_spt, part.y_spt, steps)
+        with torch.no_grad():
+            logits = functional_call(learner.model, fast, (part.x_qry,))  # (T, N * Q, N)
+        accs.append((logits.argmax(-1) == part.y_qry).double().mean(1))
+    return torch.cat(accs).numpy()
+
+
+def evaluation_learner(algorithm: str, trained, n_way: int, seed: int) -> MetaLearner:
+    """A task-batched learner holding the trained meta-parameters (learn2learn's weights copied in)."""
+    learner = metapeft_learner("maml" if algorithm == "l2l_maml" else algorithm, n_way, seed)
+    if algorithm == "l2l_maml":
+        with torch.no_grad():
+            for p, q in zip(learner.params.values(), trained.parameters(), strict=True):
+                p.copy_(q)
+    else:
+        learner.load_state_dict(trained.state_dict())
+    return learner
+
+
+# ---------------------------------------------------------------- workers (one subprocess each)
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_algorithm(args) -> dict:
+    """Train one algorithm for the budget, test it; per-episode accuracies and costs."""
+    torch.set_num_threads(args.threads)
+    paper = PAPER[args.ways]
+    train_pool, test_pool = class_pools(args.data)
+    test, _ = sample_episodes(test_pool, args.ways, args.shots, N_QUERY, args.episodes, seed=args.seed + 1)
+    del test_pool
+    if args.worker == "l2l_maml":
+        step, trained = l2l_step(args.ways, args.seed)
+    else:
+        trained = metapeft_learner(args.worker, args.ways, args.seed)
+        step = metapeft_step(trained)
+    budget, start = 60 * args.budget_minutes, time.perf_counter()
+    iterations, update_seconds, losses = 0, 0.0, []
+    while time.perf_counter() - start < budget and iterations < args.max_iterations:
+        iterations += 1
+        batch, _ = sample_episodes(train_pool, args.ways, args.shots, N_QUERY, paper["meta_batch"],
+                                   seed=episode_seed(args.seed, iterations))
+        t = time.perf_counter()
+        losses.append(step(batch))
+        update_seconds += time.perf_counter() - t
+    train_seconds, peak_train = time.perf_counter() - start, peak_rss_mb()
+    accuracy = test_accuracy(evaluation_learner(args.worker, trained, args.ways, args.seed), test, args.test_steps)
+    return {"algorithm": args.worker, "iterations": iterations, "tasks": iterations * paper["meta_batch"],
+            "train_seconds": train_seconds, "update_seconds": update_seconds,
+            "tasks_per_s": iterations * paper["meta_batch"] / max(update_seconds, 1e-9),
+            "final_train_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
+            "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(), "accuracy": accuracy.tolist()}
+
+
+CONV_SHAPES = ((1, 28, 64), (64, 14, 64), (64, 7, 64), (64, 4, 64))  # (C_in, side in, C_out) of the 4 convs
+
+
+def measure_machine(args) -> dict:
+    """Plain conv GFLOP/s on conv4's shapes (75 images, channels-last, forward) and FLOPs per task by algorithm."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.set_num_threads(args.threads)
+    n, flops, seconds = 75 * 8, 0.0, 0.0
+    for c_in, side, c_out in CONV_SHAPES:
+        x = torch.rand(n, c_in, side, side).contiguous(memory_format=torch.channels_last)
+        w = torch.rand(c_out, c_in, 3, 3)
+        out = (side + 1) // 2
+        for _ in range(2):
+            F.conv2d(x, w, None, 2, 1)
+        reps, t = 10, time.perf_counter()
+        for _ in range(reps):
+            F.conv2d(x, w, None, 2, 1)
+        seconds += (time.perf_counter() - t) / reps
+        flops += 2 * n * c_out * c_in * 9 * out * out
+    per_task = {}
+    g = torch.Generator().manual_seed(0)
+    one = EpisodeBatch(torch.rand(1, args.ways * args.shots, 1, 28, 28, generator=g),
+                       torch.arange(args.ways).repeat_interleave(args.shots)[None],
+                       torch.rand(1, args.ways * N_QUERY, 1, 28, 28, generator=g),
+                       torch.arange(args.ways).repeat_interleave(N_QUERY)[None])
+    for algorithm in ("maml", "fomaml", "reptile", "metasgd"):
+        learner = metapeft_learner(algorithm, args.ways, 0, task_chunk=0, task_batched=False)  # no grouped convs
+        with FlopCounterMode(display=False) as counter:
+            learner.meta_backward(one)
+        per_task[algorithm] = counter.get_total_flops()
+    per_task["l2l_maml"] = per_task["maml"]
+    return {"conv_gflops": flops / seconds / 1e9, "flops_per_task": per_task}
+
+
+def throughput(args) -> dict:
+    """MAML tasks/s of metapeft (task-batched per --chunks; per-task torch.func loop) and learn2learn,
+    interleaved in this one process, on real meta-training episodes."""
+    torch.set_num_threads(args.threads)
+    train_pool, _ = class_pools(args.data)
+    batches = [sample_episodes(train_pool, args.ways, args.shots, N_QUERY, PAPER[args.ways]["meta_batch"],
+                               seed=episode_seed(args.seed, i))[0] for i in range(args.tp_iterations)]
+    steps = {name: make_impl(name, args) for name in implementations(args)}
+    for step in steps.values():
+        step(batches[0])
+    rates = {name: [] for name in steps}
+    for _ in range(args.tp_repeats):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for b in batches:
+                step(b)
+            rates[name].append(len(batches) * len(batches[0]) / (time.perf_counter() - t))
+    return {"rates": rates, "loadavg_end": os.getloadavg()}
+
+
+def implementations(args) -> list[str]:
+    return ["l2l_maml", *(f"metapeft_{c}" for c in args.chunks.split(",")), "metapeft_loop"]
+
+
+def make_impl(name: str, args):
+    """One MAML meta-iteration of an implementation: l2l_maml, metapeft_loop or metapeft_<task>x<query>."""
+    if name == "l2l_maml":
+        return l2l_step(args.ways, args.seed)[0]
+    if name == "metapeft_loop":  # the per-task torch.func path, one task's graph at a time, like learn2learn
+        return metapeft_step(metapeft_learner("maml", args.ways, args.seed, task_chunk=1, task_batched=False))
+    task_chunk, query_chunk = (int(v) for v in name.removeprefix("metapeft_").split("x"))
+    return metapeft_step(metapeft_learner("maml", args.ways, args.seed, task_chunk, query_chunk))
+
+
+def peak_of(args) -> dict:
+    """Peak RSS of `--tp-iterations` MAML meta-iterations of one implementation (this process alone)."""
+    torch.set_num_threads(args.threads)
+    train_pool, _ = class_pools(args.data)
+    batches = [sample_episodes(train_pool, args.ways, args.shots, N_QUERY, PAPER[args.ways]["meta_batch"],
+                               seed=episode_seed(args.seed, i))[0] for i in range(args.tp_iterations)]
+    step = make_impl(args.impl, args)
+    before = peak_rss_mb()
+    for b in batches:
+        step(b)
+    return {"peak_rss_mb": peak_rss_mb(), "before_training_mb": before}
+
+
+# ---------------------------------------------------------------- driver
+
+def worker_env(args) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.pop("LD_PRELOAD", None)
+    if args.allocator == "tcmalloc":
+        if not TCMALLOC.exists():
+            raise FileNotFoundError(f"{TCMALLOC} not found: apt-get install -y libtcmalloc-minimal4, "
+                                    "or pass --allocator default")
+        env["LD_PRELOAD"] = str(TCMALLOC)
+    return env
+
+
+def run_worker(args, worker: str, extra: list[str] = ()) -> dict:
+    """Run this script as `--worker worker` in a fresh process; return the JSON it writes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, __file__, *args.passthrough, "--worker", worker, "--worker-out", str(out), *extra]
+        subprocess.run(cmd, env=worker_env(args), check=True, cwd=ROOT)
+        return json.loads(out.read_text())
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(obj, f, indent=2)
+        tmp = f.name
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+        tmp = f.name
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def machine_info(args) -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "threads": args.threads, "cpu_count": os.cpu_count(), "allocator": args.allocator,
+            "ld_preload": str(TCMALLOC) if args.allocator == "tcmalloc" else "", "loadavg_start": os.getloadavg()}
+
+
+def accuracy_benchmark(args) -> None:
+    from components.significance import compare_methods, summarize  # scipy: the driver only, not every worker
+
+    cached_table(args.data)  # decode the zips once, here, not in every worker
+    machine = {**machine_info(args), **run_worker(args, "_machine")}
+    runs = {}
+    for algorithm in args.algorithms:
+        print(f"training {algorithm} for {args.budget_minutes:g} min ...", flush=True)
+        runs[algorithm] = run_worker(args, algorithm)
+    machine["loadavg_end"] = os.getloadavg()
+    results = pd.concat([pd.DataFrame({"episode": np.arange(args.episodes), "method": a, "metric": "accuracy",
+                                       "value": 100 * np.asarray(r["accuracy"])}) for a, r in runs.items()])
+    summary = summarize(results, "accuracy")
+    comparisons = compare_methods(results, "accuracy", lower_is_better=False) if len(runs) > 1 else pd.DataFrame()
+    rows = []
+    for a, r in runs.items():
+        flops = machine["flops_per_task"][a]
+        rows.append({"algorithm": a, "accuracy": summary.loc[a, "mean"], "ci95": summary.loc[a, "ci_half"],
+                     "iterations": r["iterations"], "tasks_per_s": r["tasks_per_s"],
+                     "peak_rss_train_mb": r["peak_rss_train_mb"], "peak_rss_mb": r["peak_rss_mb"],
+                     "gflop_per_task": flops / 1e9,
+                     "conv_rate_fraction": r["tasks_per_s"] * flops / (machine["conv_gflops"] * 1e9),
+                     "final_train_loss": r["final_train_loss"]})
+    table = pd.DataFrame(rows)
+    print_report(args, machine, table, comparisons)
+    out = {"settings": settings(args), "machine": machine, "published_maml": PUBLISHED.get((args.ways, args.shots)),
+           "results": table.to_dict("records"), "comparisons": comparisons.to_dict("records")}
+    write_json_atomic(out, args.out)
+    write_parquet_atomic(results, args.out.with_suffix(".episodes.parquet"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.episodes.parquet')}")
+
+
+def settings(args) -> dict:
+    return {"ways": args.ways, "shots": args.shots, "episodes": args.episodes, "test_steps": args.test_steps,
+            "budget_minutes": args.budget_minutes, "max_iterations": args.max_iterations, "seed": args.seed,
+            "meta_lr": META_LR, "n_query": N_QUERY, **PAPER[args.ways], "train_steps_overrides": TRAIN_STEPS,
+            "metapeft_task_chunk": TASK_CHUNK, "metapeft_query_chunk": QUERY_CHUNK}
+
+
+def print_report(args, machine, table: pd.DataFrame, comparisons: pd.DataFrame) -> None:
+    published = PUBLISHED.get((args.ways, args.shots))
+    print(f"\nOmniglot {args.ways}-way {args.shots}-shot, {args.episodes} test episodes, {args.test_steps} test steps, "
+          f"{args.budget_minutes:g} min each; {args.threads} threads, allocator {args.allocator}; "
+          f"conv {machine['conv_gflops']:.0f} GFLOP/s")
+    if published:
+        print(f"published MAML: {published[0]} +- {published[1]} %")
+    print(f"{'algorithm':<10} {'accuracy %':>16} {'iters':>6} {'tasks/s':>8} {'peak MB train/all':>17} "
+          f"{'GFLOP/task':>10} {'conv rate':>9}")
+    for r in table.itertuples():
+        print(f"{r.algorithm:<10} {r.accuracy:>9.2f} +- {r.ci95:<4.2f} {r.iterations:>6} {r.tasks_per_s:>8.1f} "
+              f"{r.peak_rss_train_mb:>8.0f} /{r.peak_rss_mb:>7.0f} {r.gflop_per_task:>10.2f} "
+              f"{100 * r.conv_rate_fraction:>8.1f}%")
+    if not comparisons.empty:
+        print("paired comparisons (Holm-adjusted t-test p):")
+        for c in comparisons.itertuples():
+            print(f"  {c.method_a} - {c.method_b}: {c.mean_diff:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}] "
+                  f"p_holm={c.p_ttest_holm:.3g}{'  *' if c.a_better else ''}")
+
+
+def throughput_benchmark(args) -> None:
+    cached_table(args.data)
+    rows = []
+    for allocator in args.allocators.split(","):
+        args.allocator = allocator
+        timed = run_worker(args, "_throughput")
+        peaks = {name: run_worker(args, "_peak", ["--impl", name]) for name in implementations(args)}
+        base = statistics.median(timed["rates"]["l2l_maml"])
+        for name, rates in timed["rates"].items():
+            ratios = [a / b for a, b in zip(rates, timed["rates"]["l2l_maml"])]
+            rows.append({"allocator": allocator, "threads": args.threads, "implementation": name,
+                         "tasks_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
+                         "vs_l2l": statistics.median(rates) / base, "vs_l2l_per_round": statistics.median(ratios),
+                         "peak_rss_mb": peaks[name]["peak_rss_mb"],
+                         "peak_rss_over_start_mb": peaks[name]["peak_rss_mb"] - peaks[name]["before_training_mb"],
+                         "rates": rates, "loadavg_end": timed["loadavg_end"]})
+    print(f"\nMAML second order, Omniglot {args.ways}-way {args.shots}-shot, meta-batch {PAPER[args.ways]['meta_batch']}, "
+          f"{N_QUERY} queries/class; {args.tp_repeats} interleaved rounds of {args.tp_iterations} meta-iterations")
+    print(f"{'allocator':<9} {'thr':>3} {'implementation':<16} {'tasks/s':>8} {'[min, max]':>14} {'x l2l':>6} "
+          f"{'x l2l/round':>11} {'peak RSS MB':>11} {'over start':>10}")
+    for r in rows:
+        print(f"{r['allocator']:<9} {r['threads']:>3} {r['implementation']:<16} {r['tasks_per_s']:>8.1f} "
+              f"[{r['min']:>5.1f}, {r['max']:>5.1f}] {r['vs_l2l']:>6.2f} {r['vs_l2l_per_round']:>11.2f} "
+              f"{r['peak_rss_mb']:>11.0f} {r['peak_rss_over_start_mb']:>10.0f}")
+    out = {"settings": {**settings(args), "tp_iterations": args.tp_iterations, "tp_repeats": args.tp_repeats},
+           "machine": {k: v for k, v in machine_info(args).items() if k not in ("allocator", "ld_preload")},
+           "rows": rows}
+    write_json_atomic(out, args.throughput_out)
+    print(f"wrote {args.throughput_out}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget-minutes", type=float, default=None, help="wall-clock training budget per algorithm")
+    p.add_argument("--ways", type=int, default=5, choices=sorted(PAPER))
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    p.add_argument("--episodes", type=int, default=600, help="meta-test episodes, the same for every algorithm")
+    p.add_argument("--test-steps", type=int, default=10, help="SGD steps on the support set at test time")
+    p.add_argument("--data", type=Path, default=Path("../shared/data/omniglot"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--allocator", choices=("tcmalloc", "default"), default="tcmalloc" if TCMALLOC.exists() else "default")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-iterations", type=int, default=10**9, help="stop a run earlier than its budget")
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--smoke", action="store_true", help="2 iterations each, 20 test episodes: a < 1 min check")
+    p.add_argument("--throughput", action="store_true", help="MAML tasks/s and peak RSS, metapeft vs learn2learn")
+    p.add_argument("--allocators", default="tcmalloc,default", help="--throughput: allocators to compare under")
+    p.add_argument("--chunks", default=f"{TASK_CHUNK}x{QUERY_CHUNK},1x1", help="--throughput: metapeft task x query chunks")
+    p.add_argument("--tp-iterations", type=int, default=4, help="--throughput: meta-iterations per timing")
+    p.add_argument("--tp-repeats", type=int, default=7, help="--throughput: interleaved timings per implementation")
+    p.add_argument("--throughput-out", type=Path, default=None)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.data = args.data.resolve()
+    args.algorithms = [a for a in args.algorithms.split(",") if a]
+    if unknown := sorted(set(args.algorithms) - set(ALGORITHMS)):
+        raise SystemExit(f"--algorithms: {unknown} not among {ALGORITHMS}")
+    if args.smoke:
+        args.budget_minutes, args.max_iterations, args.episodes = args.budget_minutes or 0.5, 2, 20
+        args.tp_iterations, args.tp_repeats = 1, 2
+    tag = f"{args.ways}w{args.shots}s" + ("-smoke" if args.smoke else "")
+    args.out = args.out or ROOT / "benchmarks" / "results" / f"omniglot-{tag}.json"
+    args.throughput_out = args.throughput_out or ROOT / "benchmarks" / "results" / f"omniglot-throughput-{tag}.json"
+    args.passthrough = ["--ways", str(args.ways), "--shots", str(args.shots), "--episodes", str(args.episodes),
+                        "--test-steps", str(args.test_steps), "--data", str(args.data), "--threads", str(args.threads),
+                        "--seed", str(args.seed), "--max-iterations", str(args.max_iterations),
+                        "--budget-minutes", str(args.budget_minutes or 0), "--chunks", args.chunks,
+                        "--tp-iterations", str(args.tp_iterations), "--tp-repeats", str(args.tp_repeats)]
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        work = {"_machine": measure_machine, "_throughput": throughput, "_peak": peak_of}.get(args.worker, run_algorithm)
+        write_json_atomic(work(args), args.worker_out)
+    elif args.throughput:
+        throughput_benchmark(args)
+    else:
+        if args.budget_minutes is None:
+            raise SystemExit("--budget-minutes is required (or --smoke, or --throughput)")
+        accuracy_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()
