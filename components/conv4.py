@@ -161,8 +161,8 @@ def _conv_backward(grad_out, x, weight, groups: int, mask: list[bool]):
 
 class _GroupedConv(torch.autograd.Function):
     """conv2d(x, weight, stride 2, padding 1, groups). Its backward is `_GroupedConvBackward`, whose own
-    derivative calls the grouped convolution kernels: autograd's built-in conv double backward runs one
-    small convolution per group for the weight term, a per-task Python-speed loop here."""
+    derivative calls the grouped convolution kernels: autograd's built-in conv double backward computes
+    the weight term with one small convolution per group, i.e. per task."""
 
     @staticmethod
     def forward(ctx, x, weight, groups):
@@ -234,10 +234,10 @@ def _native_bn_backward(grad_y, x, weight, mean, invstd, eps: float):
 class _BatchNormBackward(torch.autograd.Function):
     """(dL/dx, dL/dweight, dL/dbias) of `_BatchNorm` from grad_y, by the native kernel.
 
-    Its own derivative is written out below with whole-(B, H, W) reductions and saves nothing new:
-    autograd's native double backward reduces one dimension at a time, which is slow on channels-last
-    tensors, and keeps several activation-sized intermediates alive. mean and invstd enter as constants,
-    their dependence on x is in the formulas, so a third derivative is not available.
+    Its own derivative is written out below: five whole-(B, H, W) sums and five fused multiply-adds, and
+    nothing new saved. Autograd's native double backward reduces one dimension at a time, which is slow
+    on channels-last tensors, and keeps several activation-sized intermediates alive. mean and invstd
+    enter as constants, their dependence on x is in the formulas, so a third derivative is not available.
     """
 
     @staticmethod
@@ -250,30 +250,39 @@ class _BatchNormBackward(torch.autograd.Function):
     def backward(ctx, gg_x, gg_weight, gg_bias):
         if torch.is_grad_enabled():
             raise RuntimeError("conv4 batch norm: third-order derivatives are not implemented")
-        grad_y, x, weight, mean, invstd = ctx.saved_tensors
+        grad_y, x, weight, mean, rstd = ctx.saved_tensors
         dims, m = (0, 2, 3), x.numel() // x.shape[1]
-        rstd, gamma = invstd[:, None, None], weight[:, None, None]
-        x_hat = (x - mean[:, None, None]) * rstd
-
-        def project(v):  # v - mean(v) - x_hat * mean(v * x_hat), per channel: the Jacobian of x_hat, symmetric
-            return v - v.mean(dims, keepdim=True) - x_hat * (v * x_hat).mean(dims, keepdim=True)
-
-        p_grad_y = project(grad_y)
-        d_grad_y, d_x, d_weight = [], [], None
-        if gg_x is not None:  # grad_x = gamma * rstd * project(grad_y): linear in grad_y; rstd, x_hat depend on x
-            p_gg_x = project(gg_x)
-            s = (gg_x * (grad_y - grad_y.mean(dims, keepdim=True))).sum(dims, keepdim=True)
-            t = (gg_x * x_hat).sum(dims, keepdim=True)
-            u = (grad_y * x_hat).mean(dims, keepdim=True)
-            d_grad_y.append(gamma * rstd * p_gg_x)
-            d_x.append(gamma * rstd * rstd * (-(s - t * u) * x_hat / m - u * p_gg_x - t * p_grad_y / m))
-            d_weight = (gg_x * rstd * p_grad_y).sum(dims)
-        if gg_weight is not None:  # grad_weight = sum(grad_y * x_hat)
-            d_grad_y.append(gg_weight[:, None, None] * x_hat)
-            d_x.append(gg_weight[:, None, None] * rstd * p_grad_y)
-        if gg_bias is not None:  # grad_bias = sum(grad_y)
-            d_grad_y.append(gg_bias[:, None, None].expand_as(grad_y))
-        return sum(d_grad_y) if d_grad_y else None, sum(d_x) if d_x else None, d_weight, None, None, None
+        # per channel (C,): with x_hat = (x - mean) * rstd and P(v) = v - mean(v) - x_hat * mean(v * x_hat),
+        # grad_x = weight * rstd * P(grad_y), grad_weight = sum(grad_y * x_hat), grad_bias = sum(grad_y).
+        # Their derivatives are per-channel combinations of gg_x, grad_y, x_hat and 1, built from five sums.
+        centred = x - mean[:, None, None]
+        zero = torch.zeros_like(mean)
+        gg_weight = zero if gg_weight is None else gg_weight
+        gg_bias = zero if gg_bias is None else gg_bias
+        sum_gy = grad_y.sum(dims)
+        mean_gy, u = sum_gy / m, rstd * (grad_y * centred).sum(dims) / m  # u = mean(grad_y * x_hat)
+        if gg_x is None:
+            sum_gg = t = s = zero
+        else:
+            sum_gg = gg_x.sum(dims)
+            t = rstd * (gg_x * centred).sum(dims)  # sum(gg_x * x_hat)
+            s = (gg_x * grad_y).sum(dims) - sum_gg * mean_gy  # sum(gg_x * (grad_y - mean(grad_y)))
+        mean_gg, v = sum_gg / m, t / m
+        a = weight * rstd
+        a2 = a * rstd
+        coef_gg = -a2 * u
+        coef_gy = -a2 * v + gg_weight * rstd
+        coef_xhat = -a2 * (s - t * u) / m + 2 * a2 * u * v - gg_weight * rstd * u
+        const = a2 * u * mean_gg + a2 * v * mean_gy - gg_weight * rstd * mean_gy
+        d_x = torch.addcmul(const[:, None, None], centred, (coef_xhat * rstd)[:, None, None])
+        d_x.addcmul_(grad_y, coef_gy[:, None, None])
+        e = gg_weight - a * v  # coefficient of x_hat in d_grad_y
+        d_grad_y = torch.addcmul((gg_bias - a * mean_gg)[:, None, None], centred, (e * rstd)[:, None, None])
+        if gg_x is not None:
+            d_x.addcmul_(gg_x, coef_gg[:, None, None])
+            d_grad_y.addcmul_(gg_x, a[:, None, None])
+        d_weight = rstd * (s - u * t)
+        return d_grad_y, d_x, d_weight, None, None, None
 
 
 def adapted_names(model: Conv4, mode: str) -> tuple[str, ...]:
