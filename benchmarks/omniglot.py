@@ -56,7 +56,9 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 META_LR = 1e-3
 N_QUERY = 15  # query images per class, at train and at test
 EVAL_CHUNK = 4  # test episodes adapted and scored at once (bounds the evaluation's memory)
-TASK_CHUNK, QUERY_CHUNK = 16, 2  # metapeft's default: tasks per adaptation graph / per query graph (speed vs memory)
+# metapeft's default tasks per adaptation graph / per query graph (speed vs memory): a 20-way task has 4x the
+# queries and 5 inner steps, so fewer of its graphs fit beside each other
+CHUNKS = {5: (16, 2), 20: (4, 1)}
 
 
 # ---------------------------------------------------------------- data
@@ -141,10 +143,12 @@ def copy_weights(src: nn.Module, dst: nn.Module) -> None:
 
 # ---------------------------------------------------------------- one meta-iteration per implementation
 
-def metapeft_learner(algorithm: str, n_way: int, seed: int, task_chunk: int = TASK_CHUNK,
-                     query_chunk: int = QUERY_CHUNK, task_batched: bool = True) -> MetaLearner:
+def metapeft_learner(algorithm: str, n_way: int, seed: int, task_chunk: int | None = None,
+                     query_chunk: int | None = None, task_batched: bool = True) -> MetaLearner:
     torch.manual_seed(seed)
     paper = PAPER[n_way]
+    task_chunk = CHUNKS[n_way][0] if task_chunk is None else task_chunk
+    query_chunk = CHUNKS[n_way][1] if query_chunk is None else query_chunk
     batched = dict(task_batched=True, task_chunk=task_chunk, query_chunk=query_chunk) if task_batched \
         else dict(vectorize=False, task_chunk=task_chunk)
     cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=TRAIN_STEPS.get(algorithm, paper["train_steps"]),
@@ -234,7 +238,7 @@ def run_algorithm(args) -> dict:
     else:
         trained = metapeft_learner(args.worker, args.ways, args.seed, args.task_chunk, args.query_chunk)
         step = metapeft_step(trained)
-    budget, start = 60 * args.budget_minutes, time.perf_counter()
+    budget, start, load_start = 60 * args.budget_minutes, time.perf_counter(), os.getloadavg()
     iterations, update_seconds, losses = 0, 0.0, []
     while time.perf_counter() - start < budget and iterations < args.max_iterations:
         iterations += 1
@@ -249,7 +253,8 @@ def run_algorithm(args) -> dict:
             "train_seconds": train_seconds, "update_seconds": update_seconds,
             "tasks_per_s": iterations * paper["meta_batch"] / max(update_seconds, 1e-9),
             "final_train_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
-            "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(), "accuracy": accuracy.tolist()}
+            "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(), "accuracy": accuracy.tolist(),
+            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}  # a busy neighbour shows here
 
 
 CONV_SHAPES = ((1, 28, 64), (64, 14, 64), (64, 7, 64), (64, 4, 64))  # (C_in, side in, C_out) of the 4 convs
@@ -399,7 +404,8 @@ def accuracy_benchmark(args) -> None:
                      "peak_rss_train_mb": r["peak_rss_train_mb"], "peak_rss_mb": r["peak_rss_mb"],
                      "gflop_per_task": flops / 1e9,
                      "conv_rate_fraction": r["tasks_per_s"] * flops / (machine["conv_gflops"] * 1e9),
-                     "final_train_loss": r["final_train_loss"]})
+                     "final_train_loss": r["final_train_loss"], "loadavg_1min_start": r["loadavg_start"][0],
+                     "loadavg_1min_end": r["loadavg_end"][0]})
     table = pd.DataFrame(rows)
     print_report(args, machine, table, comparisons)
     out = {"settings": settings(args), "machine": machine, "published_maml": PUBLISHED.get((args.ways, args.shots)),
@@ -481,13 +487,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-iterations", type=int, default=10**9, help="stop a run earlier than its budget")
     p.add_argument("--out", type=Path, default=None)
-    p.add_argument("--task-chunk", type=int, default=TASK_CHUNK, help="metapeft: tasks per adaptation graph")
-    p.add_argument("--query-chunk", type=int, default=QUERY_CHUNK, help="metapeft: tasks per query graph; 1x1 "
-                   "keeps one task's graph at a time, as learn2learn does")
+    p.add_argument("--task-chunk", type=int, default=None, help="metapeft: tasks per adaptation graph "
+                   f"(default by ways: {CHUNKS})")
+    p.add_argument("--query-chunk", type=int, default=None, help="metapeft: tasks per query graph; 1 and "
+                   "--task-chunk 1 keep one task's graph at a time, as learn2learn does")
     p.add_argument("--smoke", action="store_true", help="2 iterations each, 20 test episodes: a < 1 min check")
     p.add_argument("--throughput", action="store_true", help="MAML tasks/s and peak RSS, metapeft vs learn2learn")
     p.add_argument("--allocators", default="tcmalloc,default", help="--throughput: allocators to compare under")
-    p.add_argument("--chunks", default=f"{TASK_CHUNK}x{QUERY_CHUNK},1x1", help="--throughput: metapeft task x query chunks")
+    p.add_argument("--chunks", default=None, help="--throughput: metapeft task x query chunks, e.g. 16x2,1x1")
     p.add_argument("--tp-iterations", type=int, default=4, help="--throughput: meta-iterations per timing")
     p.add_argument("--tp-repeats", type=int, default=7, help="--throughput: interleaved timings per implementation")
     p.add_argument("--throughput-out", type=Path, default=None)
@@ -499,6 +506,9 @@ def parse_args(argv=None):
     args.algorithms = [a for a in args.algorithms.split(",") if a]
     if unknown := sorted(set(args.algorithms) - set(ALGORITHMS)):
         raise SystemExit(f"--algorithms: {unknown} not among {ALGORITHMS}")
+    args.task_chunk = CHUNKS[args.ways][0] if args.task_chunk is None else args.task_chunk
+    args.query_chunk = CHUNKS[args.ways][1] if args.query_chunk is None else args.query_chunk
+    args.chunks = args.chunks or f"{args.task_chunk}x{args.query_chunk},1x1"
     if args.smoke:
         args.budget_minutes, args.max_iterations, args.episodes = args.budget_minutes or 0.5, 2, 20
         args.tp_iterations, args.tp_repeats = 1, 2

@@ -205,8 +205,8 @@ class MetaLearner:
     def meta_backward(self, batch: TaskBatch) -> float:
         """Write the meta-gradient into `.grad` of `parameters()`; return the mean query loss.
 
-        With cfg.task_chunk, the query losses are differentiated task_chunk tasks at a time and the
-        gradients summed, so only one chunk's query graph is alive at once.
+        Tasks are differentiated cfg.task_chunk at a time (task-batched: their query losses
+        cfg.query_chunk at a time) and the gradients summed, so only one chunk's graph is alive.
         """
         if self.cfg.algorithm == "reptile":
             return self._reptile_backward(batch)
