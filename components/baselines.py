@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,8 @@ BASELINES_VERSION = "1"
 
 
 def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int, lr: float, seed: int,
-            loss_fn: LossFn, chunk: int = 200, score_fn: LossFn | None = None) -> np.ndarray:
+            loss_fn: LossFn, chunk: int = 200, score_fn: LossFn | None = None,
+            score_steps: Sequence[int] | None = None) -> np.ndarray:
     """Query loss after 0..steps SGD steps (rate lr) from a fresh torch-default init per task.
 
     The T inits come, in task order, from one global RNG stream seeded with seed (the caller's RNG
@@ -32,7 +33,8 @@ def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int
         inits = [dict(model_factory().named_parameters()) for _ in range(len(tasks))]
         model = model_factory().to(device)  # only its structure is used: functional_call swaps the weights
     init = {k: torch.stack([p[k].detach() for p in inits]).to(device) for k in inits[0]}  # (T, *shape)
-    return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, score_fn=score_fn)
+    return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, score_fn=score_fn,
+                           score_steps=score_steps)
 
 
 def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: int, lr: float, seed: int,
@@ -58,10 +60,20 @@ def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: in
 
 
 def finetune(model: nn.Module, params: Params, tasks: TaskBatch, steps: int, lr: float, loss_fn: LossFn,
-             chunk: int = 200, score_fn: LossFn | None = None) -> np.ndarray:
-    """Query loss after 0..steps SGD steps (rate lr) from shared weights params {name: shape}: (steps + 1, T)."""
-    return evaluate_params(model, params, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, per_task=False,
-                           score_fn=score_fn)
+             chunk: int = 200, score_fn: LossFn | None = None, adapted: Sequence[str] | None = None,
+             score_steps: Sequence[int] | None = None) -> np.ndarray:
+    """Query loss after 0..steps SGD steps (rate lr) from shared weights params {name: shape}: (steps + 1, T).
+
+    adapted: the weights the steps change (e.g. LoRA factors and head); default all of them.
+    """
+    lrs = _constant_lrs(model, lr)
+    if adapted is not None:
+        if unknown := sorted(set(adapted) - lrs.keys()):
+            raise ValueError(f"adapted: {unknown[:5]} are not parameters of the model")
+        lrs = {k: lrs[k] for k in adapted}
+    params = {k: v.detach() for k, v in params.items()}
+    return evaluate_params(model, params, lrs, tasks, steps, loss_fn, chunk, per_task=False, score_fn=score_fn,
+                           score_steps=score_steps)
 
 
 def pooled_points(tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:

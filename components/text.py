@@ -272,6 +272,38 @@ def encode_prefix(model, tokenizer, texts: Sequence[str], first_adapted_layer: i
     return hidden, mask
 
 
+def prefix_table(hidden: torch.Tensor, mask: torch.Tensor) -> pd.DataFrame:
+    """The cached prefix as a ragged table, one row per real token: utterance, position, h000.. (float16).
+
+    Padding positions are not stored; ``prefix_from_table`` rebuilds the dense (n, L, H) and mask.
+    """
+    n, width, size = hidden.shape
+    utterance, position = torch.nonzero(mask, as_tuple=True)
+    values = hidden[utterance, position].to(torch.float16).numpy()
+    table = pd.DataFrame(values, columns=[f"h{i:03d}" for i in range(size)])
+    table.insert(0, "position", position.numpy().astype(np.int16))
+    table.insert(0, "utterance", utterance.numpy().astype(np.int32))
+    return table
+
+
+def prefix_from_table(table: pd.DataFrame, n_utterances: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (n, L, H) float16, mask (n, L) int64) from ``prefix_table``'s rows; L = the longest utterance."""
+    columns = [c for c in table.columns if c.startswith("h")]
+    utterance = torch.from_numpy(table["utterance"].to_numpy(np.int64))
+    position = torch.from_numpy(table["position"].to_numpy(np.int64))
+    if len(utterance) and (utterance.max() >= n_utterances or utterance.min() < 0):
+        raise ValueError(f"prefix table: utterance ids outside 0..{n_utterances - 1}")
+    width = int(position.max()) + 1 if len(position) else 1
+    hidden = torch.zeros(n_utterances, width, len(columns), dtype=torch.float16)
+    mask = torch.zeros(n_utterances, width, dtype=torch.int64)
+    hidden[utterance, position] = torch.from_numpy(np.array(table[columns], dtype=np.float16))
+    mask[utterance, position] = 1
+    if (missing := (mask.sum(1) == 0)).any():
+        raise ValueError(f"prefix table: {int(missing.sum())} utterances have no tokens, e.g. "
+                         f"{torch.nonzero(missing).flatten()[:5].tolist()}")
+    return hidden, mask
+
+
 # ---------------------------------------------------------------- the adapted top
 
 @dataclass(frozen=True)
@@ -368,6 +400,32 @@ class CachedTopEncoder(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.top(self.hidden[rows].to(self.top.head.weight.dtype), self.mask[rows])
+
+
+@torch.no_grad()
+def sentence_embeddings(top: "TopEncoder", hidden: torch.Tensor, mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Mean-pooled output of top's layers for every cached utterance: (n, H) float32, in batches."""
+    dtype = top.head.weight.dtype
+    parts = [top.embed(hidden[lo:lo + batch_size].to(dtype), mask[lo:lo + batch_size])
+             for lo in range(0, len(hidden), batch_size)]
+    return torch.cat(parts).float()
+
+
+class CachedEmbeddingHead(nn.Module):
+    """A linear head on fixed sentence embeddings, looked up by utterance id: forward(rows (B,)) -> (B, n_way).
+
+    The frozen-encoder + linear-head baseline; the head starts at zero (every class equally likely).
+    """
+
+    def __init__(self, embeddings: torch.Tensor, n_way: int):
+        super().__init__()
+        self.register_buffer("embeddings", embeddings, persistent=False)
+        self.head = nn.Linear(embeddings.shape[1], n_way)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embeddings[rows])
 
 
 def adapted_names(module: nn.Module) -> tuple[str, ...]:

@@ -60,7 +60,7 @@ def _stages(cfg, root) -> int:
     from flows.plan import STAGES, make_plan
 
     plan, cache = make_plan(cfg), StageCache(root / cfg.runtime.data_dir)
-    for stage in STAGES:
+    for stage in [s for s in ("task_sets", "prefix") if s in plan.keys] + list(STAGES[1:]):
         keys = plan.algorithm_keys if stage == "meta_train" else {"": plan.keys[stage]}
         for label, key in keys.items():
             name = f"{stage}[{label}]" if label else stage

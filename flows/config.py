@@ -63,11 +63,39 @@ class OmniglotSection(Section):
         return self
 
 
+class TextSection(Section):
+    """Few-shot intent classification: N-way K-shot episodes of utterances, classes disjoint across splits."""
+
+    kind: Literal["text"]
+    dataset: Literal["clinc150", "banking77", "csv"] = "clinc150"
+    path: str = "../shared/data/clinc150"  # clinc150: data_full.json (+ domains.json); banking77: train/test.csv
+    text_col: str = "text"  # csv / jsonl only
+    label_col: str = "label"
+    domain_col: str | None = None
+    split_by: Literal["class", "domain"] = "class"  # domain: whole domains per split (CLINC150 has 10)
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    n_query: int = Field(15, ge=1)  # queries per class
+    n_val_episodes: int = Field(100, ge=1)
+    n_test_episodes: int = Field(600, ge=1)
+    max_length: int = Field(32, ge=4)  # tokens per utterance (longer ones are truncated)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
+            raise ValueError(f"fractions: need three positive shares summing to 1, got {self.fractions}")
+        if self.split_by == "domain" and self.dataset == "banking77":
+            raise ValueError("split_by: BANKING77 has no domains; use 'class'")
+        return self
+
+
 def _family_kind(value) -> str:
     return value.get("kind", "sinusoid") if isinstance(value, dict) else value.kind
 
 
-Family = Annotated[Union[Annotated[SinusoidSection, Tag("sinusoid")], Annotated[OmniglotSection, Tag("omniglot")]],
+Family = Annotated[Union[Annotated[SinusoidSection, Tag("sinusoid")], Annotated[OmniglotSection, Tag("omniglot")],
+                         Annotated[TextSection, Tag("text")]],
                    Discriminator(_family_kind)]
 
 
@@ -78,12 +106,15 @@ class EmbeddingSection(Section):
 
 
 class ModelSection(Section):
-    kind: Literal["mlp", "conv4"] = "mlp"
+    kind: Literal["mlp", "conv4", "minilm"] = "mlp"
     sizes: tuple[int, ...] = (1, 40, 40, 1)  # mlp layer widths
     hidden: int = Field(64, ge=1)  # conv4 filters per block
     adapted: Literal["full", "head", "lora"] = "full"  # the parameters the inner loop adapts
     lora_r: int = Field(4, ge=1)
     lora_alpha: float = Field(8.0, gt=0)
+    top_layers: int = Field(2, ge=1, le=6)  # minilm: top layers run per episode (LoRA there); below is cached
+    target_modules: tuple[str, ...] = ("query", "value")  # minilm: peft target modules in each top layer
+    lora_b_std: float = Field(1e-3, ge=0)  # minilm: lora_B ~ N(0, std), not peft's zeros (dL/dA would start at 0)
 
 
 class AlgorithmOverride(Section):
@@ -127,6 +158,7 @@ class MetaTrainSection(Section):
 
 class EvaluateSection(Section):
     steps: int = Field(10, ge=1)  # test-time inner steps
+    score_every: int = Field(1, ge=1)  # score the query set at steps 0, k, 2k, ... and the last (cost: queries)
     chunk: int = Field(200, ge=1)  # tasks adapted at once (bounds memory)
 
 
@@ -136,6 +168,7 @@ class BaselinesSection(Section):
     pretrain_iterations: int = Field(2000, ge=1)
     pretrain_lr: float = Field(1e-3, gt=0)
     pretrain_batch_size: int = Field(25, ge=1)
+    head_lr: float = Field(0.5, gt=0)  # text: linear head on the frozen sentence embedding, from zeros
 
 
 class SignificanceSection(Section):
@@ -164,9 +197,11 @@ class StudyConfig(Section):
 
     @model_validator(mode="after")
     def _model_fits_family(self):
-        expected = {"sinusoid": "mlp", "omniglot": "conv4"}[self.family.kind]
+        expected = {"sinusoid": "mlp", "omniglot": "conv4", "text": "minilm"}[self.family.kind]
         if self.model.kind != expected:
             raise ValueError(f"model.kind: the {self.family.kind} family needs {expected!r}, got {self.model.kind!r}")
+        if self.model.kind == "minilm" and self.model.adapted == "full":
+            raise ValueError("model.adapted: the MiniLM backbone stays frozen; choose 'lora' or 'head'")
         return self
 
 

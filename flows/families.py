@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components import omniglot
-from components.baselines import pretrain, pretrain_classifier
+from components import omniglot, text
+from components.baselines import finetune, pretrain, pretrain_classifier, scratch
 from components.features import TaskFeatureExtractor, episode_features
 from components.metalearners import Params
 from components.models import MLP
 from components.tasksets import SPLITS, SinusoidFamily, TaskBatch, sample_sinusoid_tasks, task_ids, to_batch
 from flows.cache import write_table
 from flows.config import StudyConfig
-from flows.validation import validate_omniglot, validate_tasksets
+from flows.validation import validate_omniglot, validate_tasksets, validate_text
 
 
 @dataclass
@@ -45,13 +45,35 @@ def iteration_seed(seed: int, iteration: int, stream: int = 0) -> int:
     return int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0])
 
 
-class SinusoidTasks:
+class Family:
+    """What every family shares: the entries it reads, frozen weights (none), and the two standard baselines."""
+
+    metric: str
+    lower_is_better: bool
+    loss_fn: Callable
+    score_fn: Callable
+    reference = "scratch"  # the baseline the report compares every method with
+
+    def __init__(self, cfg: StudyConfig, entries: dict[str, Path] | None = None):
+        self.cfg, self.family, self.entries = cfg, cfg.family, entries or {}
+
+    def frozen(self, model: nn.Module) -> tuple[str, ...]:
+        return ()
+
+    def baseline_curves(self, test: TaskBatch, model: nn.Module, steps: int,
+                        score_steps: list[int]) -> dict[str, np.ndarray]:
+        """scratch (a fresh init per task) and pretrain_finetune, scored after score_steps of 0..steps SGD steps."""
+        b, chunk = self.cfg.baselines, self.cfg.evaluate.chunk
+        pretrained = self.pretrained_init(self.entries["task_sets"], model)
+        kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
+        return {"scratch": scratch(self.model, test, steps, b.scratch_lr, self.cfg.seed, **kw),
+                "pretrain_finetune": finetune(model, pretrained, test, steps, b.finetune_lr, **kw)}
+
+
+class SinusoidTasks(Family):
     metric, lower_is_better = "mse", True
     loss_fn = staticmethod(F.mse_loss)
     score_fn = staticmethod(F.mse_loss)
-
-    def __init__(self, cfg: StudyConfig):
-        self.cfg = cfg
 
     def build(self, out: Path) -> dict:
         """Sample the three disjoint task sets, validate them (raises ValidationFailed), one table each."""
@@ -91,14 +113,11 @@ class SinusoidTasks:
                         self.cfg.seed, self.loss_fn)
 
 
-class OmniglotTasks:
+class OmniglotTasks(Family):
     metric, lower_is_better = "accuracy", False
     loss_fn = staticmethod(F.cross_entropy)
     score_fn = staticmethod(accuracy)
     SPLIT_FILES = {"meta_train": "train", "meta_val": "val", "meta_test": "test"}
-
-    def __init__(self, cfg: StudyConfig):
-        self.cfg, self.family = cfg, cfg.family
 
     def _class_split(self, images: pd.DataFrame) -> dict[str, list[str]]:
         if self.family.split == "vinyals":
@@ -191,5 +210,164 @@ def _episode_rows(episodes: pd.DataFrame, split: str, k_shot: int) -> pd.DataFra
     return pd.concat([support, query])[["episode", "way", "role", "count"]].assign(split=split)
 
 
-def family_for(cfg: StudyConfig):
-    return {"sinusoid": SinusoidTasks, "omniglot": OmniglotTasks}[cfg.family.kind](cfg)
+class TextTasks(Family):
+    """Few-shot intent classification on a frozen MiniLM: LoRA on its top layers plus a head are adapted.
+
+    Episodes hold utterance ids (rows of the task set's utterance table); the model looks their cached
+    prefix (the hidden states below the top layers, the "prefix" entry) up, so only the top layers run.
+    """
+
+    metric, lower_is_better = "accuracy", False
+    loss_fn = staticmethod(F.cross_entropy)
+    score_fn = staticmethod(accuracy)
+    reference = "prototypes"
+
+    def utterances(self) -> pd.DataFrame:
+        f = self.family
+        if f.dataset == "clinc150":
+            return text.load_clinc150(Path(f.path))
+        if f.dataset == "banking77":
+            return text.load_banking77(Path(f.path))
+        return text.load_text_csv(Path(f.path), f.text_col, f.label_col, f.domain_col)
+
+    def build(self, out: Path) -> dict:
+        """Utterances, the class-disjoint split (whole domains if asked) and the fixed meta-val/test episodes."""
+        f = self.family
+        utterances = self.utterances()
+        if f.split_by == "domain" and "domain" not in utterances:
+            raise ValueError(f"family.split_by: 'domain', but {f.path} gives no domains")
+        groups = utterances["domain"] if f.split_by == "domain" else None
+        split = text.class_split(utterances["label"], dict(zip(SPLITS, f.fractions)), self.cfg.seed, groups)
+        classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "label"])
+        tables = {s: self._sample_table(utterances, split[s], s, offset)
+                  for offset, s in enumerate(("meta_val", "meta_test"), start=1)}
+        report = validate_text(utterances, classes, pd.concat(tables.values()), f)
+        (out / "validation.json").write_text(json.dumps(report, default=str))
+        write_table(utterances, out, "utterances")
+        write_table(classes, out, "classes")
+        for s, table in tables.items():
+            write_table(table, out, f"episodes_{s}")
+        return {f"n_classes_{s}": len(split[s]) for s in SPLITS} | {"n_utterances": len(utterances)}
+
+    def _sample_table(self, utterances: pd.DataFrame, classes: list[str], split: str, stream: int) -> pd.DataFrame:
+        """The split's fixed episodes, long: split, episode, way, slot (< K support, else query), label, row."""
+        f = self.family
+        n = f.n_val_episodes if split == "meta_val" else f.n_test_episodes
+        rows, ways = text.sample_text_episodes(utterances["label"], classes, f.n_way, f.k_shot, f.n_query, n,
+                                               iteration_seed(self.cfg.seed, 0, stream))
+        t, w, k = np.meshgrid(np.arange(n), np.arange(f.n_way), np.arange(rows.shape[2]), indexing="ij")
+        label = np.asarray(classes, dtype=object)[ways.numpy()][..., None].repeat(rows.shape[2], -1)
+        return pd.DataFrame({"split": split, "episode": t.ravel(), "way": w.ravel(), "slot": k.ravel(),
+                             "label": label.ravel(), "row": rows.numpy().ravel()})
+
+    def _episodes(self, entry: Path, split: str) -> TaskBatch:
+        table = pd.read_parquet(entry / f"episodes_{split}.parquet").sort_values(["episode", "way", "slot"])
+        f = self.family
+        rows = table["row"].to_numpy().reshape(table["episode"].nunique(), f.n_way, f.k_shot + f.n_query)
+        return text.episodes_from_rows(torch.tensor(rows), f.k_shot)
+
+    def open(self, entry: Path, dev: torch.device, splits=SPLITS, meta_batch_size: int = 4) -> TaskData:
+        f = self.family
+        labels = pd.read_parquet(entry / "utterances.parquet", columns=["label"])["label"].to_numpy()
+        classes = pd.read_parquet(entry / "classes.parquet")
+        train_classes = classes.loc[classes["split"] == "meta_train", "label"].tolist()
+
+        def sample(iteration: int) -> TaskBatch:
+            rows, _ = text.sample_text_episodes(labels, train_classes, f.n_way, f.k_shot, f.n_query,
+                                                meta_batch_size, iteration_seed(self.cfg.seed, iteration))
+            return text.episodes_from_rows(rows, f.k_shot).to(dev)
+
+        val = self._episodes(entry, "meta_val").to(dev) if "meta_val" in splits else None
+        test = self._episodes(entry, "meta_test").to(dev) if "meta_test" in splits else None
+        return TaskData(sample if "meta_train" in splits else None, val, test,
+                        None if test is None else np.arange(len(test)))
+
+    # ---- the prefix entry (computed by the embeddings stage)
+
+    def build_prefix(self, out: Path) -> dict:
+        """Hidden states entering the first adapted layer for every utterance, and the sentence embeddings."""
+        f, m = self.family, self.cfg.model
+        utterances = self.utterances()
+        backbone, tokenizer = text.load_minilm()
+        first = len(backbone.encoder.layer) - m.top_layers
+        hidden, mask = text.encode_prefix(backbone, tokenizer, utterances["text"].tolist(), first, f.max_length)
+        top = text.TopEncoder(backbone, text.TopEncoderConfig(n_layers=m.top_layers, lora_r=0))
+        sentences = F.normalize(text.sentence_embeddings(top, hidden, mask), dim=-1)  # as sentence-transformers
+        write_table(text.prefix_table(hidden, mask), out, "prefix")
+        write_table(pd.DataFrame({"text": utterances["text"]}), out, "texts")
+        write_table(pd.DataFrame(sentences.numpy(), columns=[f"e{i:03d}" for i in range(sentences.shape[1])]),
+                    out, "sentences")
+        return {"n_utterances": len(utterances), "n_tokens": int(mask.sum()), "prefix_width": int(mask.shape[1]),
+                "first_adapted_layer": first}
+
+    def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _load_prefix(self.entries["prefix"], self.entries["task_sets"])
+
+    def sentences(self) -> torch.Tensor:
+        table = pd.read_parquet(self.entries["prefix"] / "sentences.parquet")
+        return torch.from_numpy(table.to_numpy(np.float32))
+
+    # ---- model and baselines
+
+    def top_config(self, lora_b_std: float | None = None) -> text.TopEncoderConfig:
+        m = self.cfg.model
+        return text.TopEncoderConfig(n_layers=m.top_layers, n_way=self.family.n_way,
+                                     lora_r=m.lora_r if m.adapted == "lora" else 0, lora_alpha=m.lora_alpha,
+                                     lora_b_std=m.lora_b_std if lora_b_std is None else lora_b_std,
+                                     target_modules=m.target_modules, seed=self.cfg.seed)
+
+    def model(self, lora_b_std: float | None = None) -> nn.Module:
+        hidden, mask = self.prefix()
+        backbone, _ = text.load_minilm()
+        return text.CachedTopEncoder(text.TopEncoder(backbone, self.top_config(lora_b_std)), hidden, mask)
+
+    def adapted(self, model: nn.Module) -> tuple[str, ...]:
+        return text.adapted_names(model)
+
+    def frozen(self, model: nn.Module) -> tuple[str, ...]:
+        return text.frozen_names(model)
+
+    def features(self, entry: Path) -> pd.DataFrame:
+        test = self._episodes(entry, "meta_test")
+        emb = self.sentences()
+        return episode_features(emb[test.x_spt], test.y_spt).assign(split="meta_test").rename_axis("task_id")
+
+    def baseline_curves(self, test: TaskBatch, model: nn.Module, steps: int,
+                        score_steps: list[int]) -> dict[str, np.ndarray]:
+        """prototypes (nearest class mean of the frozen sentence embeddings, no steps: a flat curve), a linear
+        head on them from zeros, and LoRA + head fine-tuned per episode from peft's usual init (B = 0)."""
+        b, chunk, n_way = self.cfg.baselines, self.cfg.evaluate.chunk, self.family.n_way
+        emb = self.sentences().to(test.x_spt.device)
+        scores = text.prototype_predict(emb[test.x_spt], test.y_spt, emb[test.x_qry], n_way)
+        correct = (scores.argmax(-1) == test.y_qry).double().mean(-1).cpu().numpy()
+        kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
+        head = text.CachedEmbeddingHead(emb, n_way).to(emb.device)
+        usual = self.model(lora_b_std=0.0).to(emb.device)
+        return {"prototypes": np.tile(correct, (len(score_steps), 1)),
+                "linear_head": finetune(head, dict(head.named_parameters()), test, steps, b.head_lr, **kw),
+                "lora_finetune": finetune(usual, dict(usual.named_parameters()), test, steps, b.finetune_lr,
+                                          adapted=self.adapted(usual), **kw)}
+
+
+_PREFIX_CACHE: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _load_prefix(prefix: Path, task_sets: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense prefix (hidden float16, mask), checked against the task set's utterances; kept per process."""
+    key = (str(prefix), str(task_sets))
+    if key not in _PREFIX_CACHE:
+        texts = pd.read_parquet(prefix / "texts.parquet")["text"]
+        expected = pd.read_parquet(task_sets / "utterances.parquet", columns=["text"])["text"]
+        if not texts.reset_index(drop=True).equals(expected.reset_index(drop=True)):
+            raise ValueError(f"{prefix}: the cached prefix was computed from other utterances than {task_sets}")
+        _PREFIX_CACHE.clear()  # one dataset's prefix at a time: it is hundreds of MB
+        _PREFIX_CACHE[key] = text.prefix_from_table(pd.read_parquet(prefix / "prefix.parquet"), len(texts))
+    return _PREFIX_CACHE[key]
+
+
+FAMILIES = {"sinusoid": SinusoidTasks, "omniglot": OmniglotTasks, "text": TextTasks}
+
+
+def family_for(cfg: StudyConfig, entries: dict[str, Path] | None = None) -> Family:
+    """The family of cfg; entries (stage -> cache entry path) are the inputs its methods read."""
+    return FAMILIES[cfg.family.kind](cfg, entries)

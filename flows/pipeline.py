@@ -96,9 +96,13 @@ def prepare_task_sets(run: Run) -> str:
 
 @task(name="compute_embeddings", cache_policy=NO_CACHE)
 def compute_embeddings(run: Run) -> str:
+    if "prefix" in run.plan.keys:  # text: the frozen layers' hidden states, which later stages read
+        _, meta = run.stage("prefix", run.plan.keys["prefix"], lambda out: stages.build_prefix(run.cfg, out))
+        run.tracker.log_metrics(run.parent_id, {f"prefix_{k}": v for k, v in meta.items() if k != "seconds"}
+                                | {"prefix_seconds": meta["seconds"]})
     key = run.plan.keys["embeddings"]
     path, _ = run.stage("embeddings", key, lambda out: stages.build_embeddings(
-        run.cfg, run.cache, run.plan.keys["task_sets"], out))
+        run.cfg, run.cache, run.plan.keys, out))
     for png in sorted(path.glob("*.png")):
         run.tracker.log_artifact(run.parent_id, png, "embeddings")
     return key
@@ -118,8 +122,7 @@ def meta_train_algorithm(run: Run, algorithm: str) -> str:
                         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def compute(out: Path) -> dict:
-        result = stages.train_algorithm(run.cfg, algorithm, run.cache, run.plan.keys["task_sets"], out,
-                                        checkpoint, progress)
+        result = stages.train_algorithm(run.cfg, algorithm, run.cache, run.plan.keys, out, checkpoint, progress)
         return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
                 "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
 
@@ -153,7 +156,7 @@ def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
 def evaluate(run: Run) -> str:
     key = run.plan.keys["evaluate"]
     path, _ = run.stage("evaluate", key, lambda out: stages.evaluate_algorithms(
-        run.cfg, run.cache, run.plan.keys["task_sets"], run.plan.algorithm_keys, out))
+        run.cfg, run.cache, run.plan.keys, run.plan.algorithm_keys, out))
     _log_results(run, pd.read_parquet(path / "results.parquet"), "meta_learner")
     return key
 
@@ -161,8 +164,7 @@ def evaluate(run: Run) -> str:
 @task(name="compare_baselines", cache_policy=NO_CACHE)
 def compare_baselines(run: Run) -> str:
     key = run.plan.keys["baselines"]
-    path, _ = run.stage("baselines", key, lambda out: stages.run_baselines(
-        run.cfg, run.cache, run.plan.keys["task_sets"], out))
+    path, _ = run.stage("baselines", key, lambda out: stages.run_baselines(run.cfg, run.cache, run.plan.keys, out))
     _log_results(run, pd.read_parquet(path / "results.parquet"), "baseline")
     return key
 
@@ -179,8 +181,8 @@ def significance(run: Run) -> str:
     path, _ = run.stage("significance", key, compute)
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
-    text = report.results_text(summary, comparisons, family_for(run.cfg).metric, "scratch",
-                               run.cfg.significance.alpha)
+    family = family_for(run.cfg)
+    text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha)
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png"):
         run.tracker.log_artifact(run.parent_id, path / name, "significance")
@@ -189,10 +191,14 @@ def significance(run: Run) -> str:
 
 
 def _require_cached(run: Run, stage: str) -> None:
-    keys = run.plan.algorithm_keys.values() if stage == "meta_train" else [run.plan.keys[stage]]
-    for key in keys:
-        if not run.cache.is_complete(stage, key):
-            raise MissingUpstream(f"stage {stage!r} has no cached output for this config (key {key}); "
+    keys = [(stage, run.plan.keys[stage])]
+    if stage == "meta_train":
+        keys = [(stage, k) for k in run.plan.algorithm_keys.values()]
+    if stage == "embeddings" and "prefix" in run.plan.keys:
+        keys.append(("prefix", run.plan.keys["prefix"]))
+    for entry, key in keys:
+        if not run.cache.is_complete(entry, key):
+            raise MissingUpstream(f"stage {stage!r} has no cached output for this config ({entry} key {key}); "
                                   f"run it first: metapeft run --stage {stage}")
 
 
@@ -205,7 +211,7 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     """
     cfg, root = load_config(config_path, overrides), project_root()
     only = frozenset(stages or ())
-    todo = needed_stages(set(only))
+    todo = needed_stages(set(only), cfg)
     stages_module.set_threads(cfg)
     tracker = Tracker(root, cfg.runtime.experiment)
     plan = make_plan(cfg)

@@ -9,12 +9,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from components import (baselines, evaluation, features, metalearners, models, omniglot, significance, tasksets,
-                        training)
+                        text, training)
 from flows import families, report, validation
 from flows.cache import content_key, source_version
 from flows.config import StudyConfig
 
 STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
+# Text families also cache a "prefix" entry (the frozen lower encoder layers' hidden states per utterance),
+# computed by the embeddings stage and read by meta_train, evaluate and baselines: for them the embeddings
+# stage is upstream too, but only the prefix key enters their keys (similarity settings do not retrain).
+TEXT_UPSTREAM = ("meta_train", "evaluate", "baselines")
 UPSTREAM = {
     "task_sets": (),
     "embeddings": ("task_sets",),
@@ -25,10 +29,11 @@ UPSTREAM = {
 }
 CODE = {
     "task_sets": (tasksets, omniglot, validation, families),
+    "prefix": (text, families),
     "embeddings": (features, report, families),
-    "meta_train": (metalearners, training, models, families),
-    "evaluate": (evaluation, metalearners, models, families),
-    "baselines": (baselines, evaluation, models, families),
+    "meta_train": (metalearners, training, models, text, families),
+    "evaluate": (evaluation, metalearners, models, text, families),
+    "baselines": (baselines, evaluation, models, text, families),
     "significance": (significance, report),
 }
 
@@ -46,20 +51,31 @@ def make_plan(cfg: StudyConfig) -> Plan:
 
     keys: dict[str, str] = {}
     keys["task_sets"] = key("task_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed})
-    keys["embeddings"] = key("embeddings", cfg.embedding.model_dump(), "task_sets")
+    data = ("task_sets",)
+    if cfg.family.kind == "text":
+        source = cfg.family.model_dump(include={"dataset", "path", "text_col", "label_col", "domain_col", "max_length"})
+        keys["prefix"] = key("prefix", {**source, "top_layers": cfg.model.top_layers})  # not k_shot etc.
+        data = ("task_sets", "prefix")
+    keys["embeddings"] = key("embeddings", cfg.embedding.model_dump(), *data)
     algorithm_keys = {
         alg: key("meta_train", {"train": cfg.meta_train.for_algorithm(alg), "model": cfg.model.model_dump(),
-                                "seed": cfg.seed}, "task_sets")
+                                "seed": cfg.seed}, *data)
         for alg in cfg.meta_train.algorithms}
     keys["meta_train"] = content_key(algorithm_keys)
-    keys["evaluate"] = key("evaluate", cfg.evaluate.model_dump(), "task_sets", "meta_train")
+    keys["evaluate"] = key("evaluate", cfg.evaluate.model_dump(), *data, "meta_train")
     keys["baselines"] = key("baselines", {"baselines": cfg.baselines.model_dump(), "model": cfg.model.model_dump(),
-                                          "evaluate": cfg.evaluate.model_dump(), "seed": cfg.seed}, "task_sets")
+                                          "evaluate": cfg.evaluate.model_dump(), "seed": cfg.seed}, *data)
     keys["significance"] = key("significance", cfg.significance.model_dump(), "evaluate", "baselines")
     return Plan(keys, algorithm_keys)
 
 
-def needed_stages(only: set[str] | None) -> list[str]:
+def upstream(stage: str, cfg: StudyConfig | None = None) -> tuple[str, ...]:
+    """The stages whose output `stage` reads (text families: the embeddings stage's prefix, too)."""
+    extra = ("embeddings",) if cfg is not None and cfg.family.kind == "text" and stage in TEXT_UPSTREAM else ()
+    return UPSTREAM[stage] + extra
+
+
+def needed_stages(only: set[str] | None, cfg: StudyConfig | None = None) -> list[str]:
     """The requested stages and everything upstream of them, in pipeline order (all when only is empty)."""
     if not only:
         return list(STAGES)
@@ -71,5 +87,5 @@ def needed_stages(only: set[str] | None) -> list[str]:
         stage = todo.pop()
         if stage not in needed:
             needed.add(stage)
-            todo.extend(UPSTREAM[stage])
+            todo.extend(upstream(stage, cfg))
     return [s for s in STAGES if s in needed]

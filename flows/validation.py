@@ -8,7 +8,7 @@ from typing import Callable
 
 import pandas as pd
 
-from flows.config import OmniglotSection, SinusoidSection
+from flows.config import OmniglotSection, SinusoidSection, TextSection
 
 POINT_COLUMNS = ["task_id", "split", "role", "point", "x", "y", "amplitude", "phase"]
 SPLITS = ["meta_train", "meta_val", "meta_test"]
@@ -131,6 +131,49 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
                                                 max_value=family.n_way * (family.k_shot + family.n_query))]),
     }
     return validate("omniglot", tables)
+
+
+def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame,
+                  family: TextSection) -> dict:
+    """No empty text or label, no class (or domain, when split by domain) in two splits, enough utterances
+    per class for an episode, every episode N distinct classes x (K + Q) distinct utterances of its split.
+
+    utterances: text, label (+ domain); classes: split, label; episodes: split, episode, way, label, row.
+    """
+    per_class = utterances.groupby("label").size().rename("n_utterances").reset_index()
+    class_splits = classes.groupby("label")["split"].nunique().rename("n_splits").reset_index()
+    split_of = classes.drop_duplicates("label").set_index("label")["split"]  # duplicates: class_splits fails
+    rows = episodes.assign(row_label=utterances["label"].to_numpy()[episodes["row"].to_numpy()],
+                           row_split=lambda t: t["row_label"].map(split_of))
+    per_episode = rows.groupby(["split", "episode"]).agg(n_way=("label", "nunique"), n_rows=("row", "nunique"),
+                                                         n_examples=("row", "size")).reset_index()
+    n_rows = family.n_way * (family.k_shot + family.n_query)
+
+    def e(gx):
+        return gx.expectations
+
+    tables = {
+        "utterances": (utterances.assign(n_chars=utterances["text"].str.strip().str.len()), lambda gx: [
+            e(gx).ExpectColumnValuesToNotBeNull(column="text"),
+            e(gx).ExpectColumnValuesToNotBeNull(column="label"),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_chars", min_value=1)]),
+        "classes": (per_class, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_utterances", min_value=family.k_shot + family.n_query)]),
+        "class_splits": (class_splits, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
+        "episode_rows": (rows, lambda gx: [
+            e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_label", column_B="label"),
+            e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_split", column_B="split")]),
+        "episodes": (per_episode, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=n_rows, max_value=n_rows),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=n_rows, max_value=n_rows)]),
+    }
+    if "domain" in utterances and family.split_by == "domain":
+        domains = utterances.assign(split=utterances["label"].map(split_of)).groupby("domain")["split"].nunique()
+        tables["domain_splits"] = (domains.rename("n_splits").reset_index(), lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)])
+    return validate("text", tables)
 
 
 def _describe(table: str, result) -> str:

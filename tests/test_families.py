@@ -62,3 +62,56 @@ def test_accuracy_and_episode_features():
     assert features.loc[0, "within_class_distance"] == 0
     assert features.loc[0, "between_class_distance"] == pytest.approx(2.0)  # sqrt(4 pixels)
     assert features.loc[0, "ink_fraction"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- the text family
+
+def intent_table(n_intents=9, per_intent=8):
+    labels = np.repeat([f"intent_{i}" for i in range(n_intents)], per_intent)
+    texts = [f"utterance {j} of {label}" for j, label in enumerate(labels)]
+    return pd.DataFrame({"text": texts, "label": labels})
+
+
+def text_config(path, **family):
+    return StudyConfig.model_validate({
+        "family": {"kind": "text", "dataset": "csv", "path": str(path), "n_way": 2, "k_shot": 1, "n_query": 3,
+                   "n_val_episodes": 3, "n_test_episodes": 5, "fractions": [0.34, 0.33, 0.33], **family},
+        "model": {"kind": "minilm", "adapted": "lora"}})
+
+
+def test_text_build_writes_class_disjoint_validated_episodes(tmp_path):
+    from flows.families import TextTasks
+
+    intent_table().to_csv(tmp_path / "intents.csv", index=False)
+    tasks = TextTasks(text_config(tmp_path / "intents.csv"))
+    out = tmp_path / "entry"
+    out.mkdir()
+    meta = tasks.build(out)
+    assert meta["n_utterances"] == 72 and sum(meta[f"n_classes_{s}"] for s in ("meta_train", "meta_val", "meta_test")) == 9
+    classes = pd.read_parquet(out / "classes.parquet")
+    assert classes["label"].is_unique
+    test = tasks.open(out, torch.device("cpu"), ("meta_test",)).test
+    assert test.x_spt.shape == (5, 2) and test.x_qry.shape == (5, 6)
+    utterances = pd.read_parquet(out / "utterances.parquet")
+    test_classes = set(classes.loc[classes["split"] == "meta_test", "label"])
+    assert set(utterances["label"].to_numpy()[test.x_qry.flatten().numpy()]) <= test_classes
+    batch = tasks.open(out, torch.device("cpu"), ("meta_train",), meta_batch_size=3).train(7)
+    assert batch.x_spt.shape == (3, 2) and torch.equal(batch.x_spt, tasks.open(out, torch.device("cpu"),
+                                                                             ("meta_train",), 3).train(7).x_spt)
+
+
+def test_text_validation_names_a_class_in_two_splits_and_empty_text(tmp_path):
+    from flows.validation import validate_text
+
+    utterances = intent_table(4, 4)
+    classes = pd.DataFrame({"split": ["meta_train", "meta_train", "meta_test", "meta_test", "meta_val"],
+                            "label": ["intent_0", "intent_1", "intent_2", "intent_3", "intent_0"]})
+    episodes = pd.DataFrame({"split": "meta_test", "episode": 0, "way": [0, 0, 1, 1], "slot": [0, 1, 0, 1],
+                             "label": ["intent_2", "intent_2", "intent_3", "intent_3"], "row": [8, 9, 12, 13]})
+    cfg = text_config(tmp_path / "x.csv", n_query=1).family
+    utterances.loc[3, "text"] = "  "
+    with pytest.raises(ValidationFailed) as e:
+        validate_text(utterances, classes, episodes, cfg)
+    message = str(e.value)
+    assert "class_splits" in message and "utterances" in message and "n_chars" in message
+    assert e.value.failures and not any(f.startswith("episodes") for f in e.value.failures)

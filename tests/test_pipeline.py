@@ -1,4 +1,6 @@
 """The whole pipeline under a temporary Prefect server and a temporary MLflow store."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -14,6 +16,7 @@ TINY = {
     "runtime": {"threads": 1},
 }
 METHODS = {"maml", "fomaml", "reptile", "metasgd", "scratch", "pretrain_finetune"}
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def write_config(project, **sections):
@@ -105,3 +108,51 @@ def test_omniglot_study_runs_end_to_end(prefect_harness, project):
     for run in children.values():
         assert 0 <= run.data.metrics["meta_test_accuracy"] <= 1
         assert "meta_test_accuracy_ci95" in run.data.metrics
+
+
+def intent_csv(tmp_path, n_intents=12, per_intent=12):
+    """A user's own intents as text,label CSV: the first n_intents CLINC150 intents."""
+    import json
+
+    import pandas as pd
+
+    data = json.loads((DATA / "clinc150" / "data_full.json").read_text())
+    rows = pd.DataFrame(data["train"], columns=["text", "label"])
+    keep = sorted(rows["label"].unique())[:n_intents]
+    rows = rows[rows["label"].isin(keep)].groupby("label").head(per_intent)
+    path = tmp_path / "intents.csv"
+    rows.to_csv(path, index=False)
+    return path
+
+
+def test_text_lora_study_runs_end_to_end_and_shares_the_prefix(prefect_harness, project):
+    """The text family: cached MiniLM prefix, LoRA meta-learners, the three text baselines, accuracy."""
+    from flows.pipeline import meta_pipeline
+
+    cfg = {
+        "name": "text-tiny",
+        "family": {"kind": "text", "dataset": "csv", "path": str(intent_csv(project)), "n_way": 3, "k_shot": 1,
+                   "n_query": 3, "n_val_episodes": 3, "n_test_episodes": 8, "fractions": [0.5, 0.25, 0.25],
+                   "max_length": 16},
+        "model": {"kind": "minilm", "adapted": "lora", "top_layers": 1, "lora_r": 2},
+        "meta_train": {"algorithms": ["maml", "reptile"], "fast_lr": 0.1, "meta_batch_size": 2, "iterations": 3,
+                       "val_every": 3, "checkpoint_every": 3},
+        "evaluate": {"steps": 2, "chunk": 4},
+        "embedding": {"n_similarity_tasks": 4},
+        "runtime": {"threads": 1},
+    }
+    path = project / "text.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    first = meta_pipeline(config_path=str(path))
+    assert misses(first) >= {"task_sets", "prefix", "embeddings", "meta_train", "evaluate", "baselines"}
+    _, parent, children = runs_of(project, first["run_id"])
+    assert set(children) == {"maml", "reptile", "prototypes", "linear_head", "lora_finetune"}
+    for run in children.values():
+        assert 0 <= run.data.metrics["meta_test_accuracy"] <= 1
+    assert parent.data.metrics["prefix_n_utterances"] == 12 * 12
+
+    cfg["family"]["k_shot"] = 2  # new episodes, same utterances: the prefix is reused
+    path.write_text(yaml.safe_dump(cfg))
+    second = meta_pipeline(config_path=str(path))
+    assert "prefix" not in misses(second) and "task_sets" in misses(second)
+    assert second["keys"]["prefix"] == first["keys"]["prefix"]

@@ -367,3 +367,57 @@ def test_cached_prefix_plus_top_equals_the_full_minilm(minilm):
         torch.testing.assert_close(mean_pool(last, mask), full, rtol=0, atol=1e-5)
     assert parameter_counts(top).adapted == 2 * 2 * (8 * 384 + 384 * 8) + 5 * 384 + 5  # 26,501
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# ---------------------------------------------------------------- cached prefix table, embedding head
+
+def test_prefix_table_round_trip_keeps_real_tokens_only():
+    hidden, mask = padded_inputs(n=5, length=6, hidden=8)
+    hidden = hidden * mask[..., None]  # encode_prefix leaves zeros at padding
+    table = text.prefix_table(hidden, mask)
+    assert len(table) == int(mask.sum()) and table.filter(like="h").dtypes.eq(np.float16).all()
+    back, back_mask = text.prefix_from_table(table, 5)
+    width = int(mask.sum(1).max())
+    assert torch.equal(back_mask, mask[:, :width])
+    torch.testing.assert_close(back.float(), hidden[:, :width].half().float())
+
+
+def test_prefix_from_table_names_utterances_without_tokens():
+    hidden, mask = padded_inputs(n=3, length=4, hidden=4)
+    table = text.prefix_table(hidden, mask)
+    with pytest.raises(ValueError, match="1 utterances have no tokens"):
+        text.prefix_from_table(table, 4)
+
+
+def test_cached_embedding_head_starts_uniform_and_learns_from_the_support_set():
+    from components.baselines import finetune
+    from components.tasksets import TaskBatch
+
+    emb = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    head = text.CachedEmbeddingHead(emb, 2)
+    rows = torch.arange(40).view(4, 10)
+    assert torch.allclose(head(rows[0]), torch.zeros(10, 2))
+    # support = query: a few steps of SGD fit the support labels better than chance
+    labels = (emb[rows] @ torch.ones(8) > 0).long()
+    tasks = TaskBatch(rows, labels, rows, labels)
+    acc = finetune(head, dict(head.named_parameters()), tasks, 5, 2.0, F.cross_entropy,
+                   score_fn=lambda z, y: (z.argmax(-1) == y).float().mean())
+    assert acc.shape == (6, 4) and acc[-1].mean() > 0.7
+
+
+def test_finetune_changes_only_the_adapted_parameters():
+    from components.baselines import finetune
+    from components.tasksets import TaskBatch
+
+    top = TopEncoder(tiny_bert(), TopEncoderConfig(n_layers=1, n_way=2, lora_r=2))
+    hidden, mask = padded_inputs(n=8, length=5, hidden=16)
+    cached = CachedTopEncoder(top, hidden, mask)
+    rows = torch.arange(8).view(2, 4)
+    tasks = TaskBatch(rows, torch.tensor([[0, 1, 0, 1]] * 2), rows, torch.tensor([[0, 1, 0, 1]] * 2))
+    params = dict(cached.named_parameters())
+    head_only = finetune(cached, params, tasks, 2, 0.5, F.cross_entropy, adapted=[n for n in params if "head" in n])
+    everything_lora = finetune(cached, params, tasks, 2, 0.5, F.cross_entropy, adapted=adapted_names(cached))
+    assert head_only.shape == everything_lora.shape == (3, 2)
+    assert np.allclose(head_only[0], everything_lora[0]) and not np.allclose(head_only[1:], everything_lora[1:])
+    with pytest.raises(ValueError, match="not parameters"):
+        finetune(cached, params, tasks, 1, 0.5, F.cross_entropy, adapted=["nope"])
