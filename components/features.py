@@ -155,3 +155,26 @@ def episode_features(x_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame:
         "ink_fraction": (flat > 0.5).double().mean((1, 2)).numpy(),
         "within_class_distance": within.numpy(), "between_class_distance": between.numpy(),
     }).rename_axis("episode")
+
+
+MODEL_FEATURES = ("start_loss", "start_accuracy", "grad_norm")
+
+
+def start_features(model: torch.nn.Module, params: dict[str, torch.Tensor], x_spt, y_spt: torch.Tensor
+                   ) -> pd.DataFrame:
+    """Model features of classification episodes at a starting point, from their support sets only.
+
+    x_spt (T, B, ...) inputs of `model` (images, or utterance rows), y_spt (T, B) labels. Per episode: the
+    cross-entropy and accuracy of model with `params` swapped in (other weights its own), and the L2 norm of
+    the support-loss gradient with respect to params (how far the first inner step moves). One episode at a
+    time: a batch norm over the support set makes the episode the unit. Returns (T, len(MODEL_FEATURES)).
+    """
+    params = {k: v.detach().requires_grad_() for k, v in params.items()}
+    rows = []
+    for x, y in zip(x_spt, y_spt):
+        logits = torch.func.functional_call(model, params, (x,))
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        norm = torch.sqrt(sum(g.square().sum() for g in grads if g is not None))
+        rows.append((loss.item(), (logits.argmax(-1) == y).double().mean().item(), float(norm)))
+    return pd.DataFrame(rows, columns=list(MODEL_FEATURES)).rename_axis("episode")

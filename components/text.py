@@ -304,6 +304,24 @@ def prefix_from_table(table: pd.DataFrame, n_utterances: int) -> tuple[torch.Ten
     return hidden, mask
 
 
+def encode_utterances(texts: Sequence[str], top_layers: int, max_length: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """What the text pipeline caches once per utterance, from the bundled MiniLM.
+
+    Returns the prefix (``prefix_table`` of the hidden states entering the first of the top_layers adapted
+    layers), the sentence embeddings (n, H) as columns e000.. (mean pooled final layer, L2-normalised, as
+    sentence-transformers' all-MiniLM-L6-v2 gives them), and counts for the log.
+    """
+    backbone, tokenizer = load_minilm()
+    first = len(backbone.encoder.layer) - top_layers
+    hidden, mask = encode_prefix(backbone, tokenizer, texts, first, max_length)
+    top = TopEncoder(backbone, TopEncoderConfig(n_layers=top_layers, lora_r=0))
+    sentences = F.normalize(sentence_embeddings(top, hidden, mask), dim=-1).numpy()
+    meta = {"n_utterances": len(texts), "n_tokens": int(mask.sum()), "prefix_width": int(mask.shape[1]),
+            "first_adapted_layer": first}
+    columns = [f"e{i:03d}" for i in range(sentences.shape[1])]
+    return prefix_table(hidden, mask), pd.DataFrame(sentences, columns=columns), meta
+
+
 # ---------------------------------------------------------------- the adapted top
 
 @dataclass(frozen=True)

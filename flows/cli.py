@@ -1,4 +1,4 @@
-"""`metapeft`: run the pipeline, list its stages and cache state, open the MLflow UI."""
+"""`metapeft`: run the pipeline, list its stages and cache state, open the MLflow UI, rewrite a report."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from flows.environment import configure
 
@@ -24,8 +25,18 @@ def _parser() -> argparse.ArgumentParser:
     stages = sub.add_parser("stages", help="print each stage, its cache key and whether it is cached")
     stages.add_argument("--config", default=DEFAULT_CONFIG)
     ui = sub.add_parser("ui", help="start the MLflow UI over the project's store")
-    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
     ui.add_argument("--port", default="5000")
+    serve = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml from this process "
+                                         "(needs a Prefect server: PREFECT_API_URL)")
+    serve.add_argument("names", nargs="*", metavar="NAME", help="deployments to serve (default: all)")
+    serve.add_argument("--prefect-file", default=None, metavar="PATH", help="default: deployments/prefect.yaml")
+    report = sub.add_parser("report", help="rewrite a run's HTML report from the cache (and log it to the run)")
+    report.add_argument("run_id", nargs="?", default=None, metavar="RUN_ID",
+                        help="the pipeline's MLflow parent run (default: the --config study, logged nowhere)")
+    report.add_argument("--config", dest="report_config", default=None, metavar="CONFIG",
+                        help=f"the study config (default: the run's own, or {DEFAULT_CONFIG})")
+    report.add_argument("--out", default=None, help="the HTML file (default: reports/RUN_ID/report.html)")
     return parser
 
 
@@ -47,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         return _stages(cfg, root)
     if args.command == "ui":
         return _ui(root, args.host, args.port)
+    if args.command == "report":
+        return _report(args, root)
+    if args.command == "serve":
+        return _serve(args)
     return _run(args)
 
 
@@ -65,22 +80,92 @@ def _stages(cfg, root) -> int:
         for label, key in keys.items():
             name = f"{stage}[{label}]" if label else stage
             state = "cached" if cache.is_complete(stage, key) else "missing"
-            print(f"{name:<24} {key}  {state}")
+            print(f"{name:<28} {key}  {state}")
     return 0
 
 
 def _ui(root, host: str, port: str) -> int:
     from flows.tracking import default_tracking_uri
 
+    uri = default_tracking_uri(root)
+    if uri.startswith(("http://", "https://")):  # MLFLOW_TRACKING_URI names a tracking server: it is the UI
+        print(f"MLflow UI: {uri} (MLFLOW_TRACKING_URI is a tracking server; nothing to start)")
+        return 0
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", default_tracking_uri(root),
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri(),
            "--host", host, "--port", port, "--workers", "1"]
     print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
     return subprocess.call(cmd, env=env)
 
 
+def _serve(args) -> int:
+    from flows.schedules import PREFECT_FILE, serve
+
+    try:
+        serve(args.names, Path(args.prefect_file) if args.prefect_file else PREFECT_FILE)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"metapeft: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(args, root) -> int:
+    from flows.cache import StageCache
+    from flows.config import ConfigError
+    from flows.report_page import study_report
+
+    try:
+        cfg, keys, algorithm_keys = _run_keys(root, args.run_id, args.report_config)
+    except (ConfigError, LookupError) as e:
+        print(f"metapeft: {e}", file=sys.stderr)
+        return 2
+    cache = StageCache(root / cfg.runtime.data_dir)
+    if not cache.is_complete("significance", keys["significance"]):
+        print(f"metapeft: no cached significance entry {keys['significance']} for study {cfg.name!r}; "
+              f"run the pipeline first", file=sys.stderr)
+        return 1
+    out = Path(args.out) if args.out else root / "reports" / (args.run_id or cfg.name) / "report.html"
+    study_report(cfg, cache, keys, algorithm_keys, out, args.run_id)
+    if args.run_id:
+        _client(root).log_artifact(args.run_id, str(out))
+    print(out)
+    return 0
+
+
+def _run_keys(root, run_id: str | None, config: str | None):
+    """(config, stage keys, algorithm keys) of an MLflow parent run (from its tags), or of a config file."""
+    from flows.config import load_config
+    from flows.plan import make_plan
+
+    if run_id is None:
+        plan = make_plan(cfg := load_config(config or DEFAULT_CONFIG))
+        return cfg, plan.keys, plan.algorithm_keys
+    client = _client(root)
+    try:
+        run = client.get_run(run_id)
+    except Exception as e:  # MlflowException: unknown run id
+        raise LookupError(f"MLflow run {run_id}: {e}") from None
+    tags = run.data.tags
+    if "metapeft.key.significance" not in tags:
+        raise LookupError(f"MLflow run {run_id} is not a metapeft pipeline run (no metapeft.key.* tags)")
+    keys = {k.removeprefix("metapeft.key."): v for k, v in tags.items() if k.startswith("metapeft.key.")}
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    algorithm_keys = {c.info.run_name: c.data.tags["metapeft.meta_train_key"] for c in children
+                      if "metapeft.meta_train_key" in c.data.tags}
+    return load_config(config or tags["metapeft.config"]), keys, algorithm_keys
+
+
+def _client(root):
+    from mlflow.tracking import MlflowClient
+
+    from flows.tracking import default_tracking_uri
+
+    return MlflowClient(tracking_uri=default_tracking_uri(root))
+
+
 def _run(args) -> int:
+    from flows.cache import CacheWriteError
     from flows.pipeline import MissingUpstream, meta_pipeline
     from flows.validation import ValidationFailed
 
@@ -88,7 +173,7 @@ def _run(args) -> int:
     try:
         out = meta_pipeline(config_path=args.config, stages=args.stage or None, force=args.force or None,
                             overrides=_overrides(args) or None)
-    except (MissingUpstream, ValidationFailed) as e:
+    except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         print(f"metapeft: {e}", file=sys.stderr)
         return 1
     hits = sum(out["hits"].values())

@@ -136,6 +136,11 @@ class MetaTrainSection(Section):
     budget_minutes: float | None = Field(None, gt=0)
     metasgd_lr_range: tuple[float, float] = (1e-4, 0.1)
     vectorize: bool = True
+    # conv4 only: run a chunk of tasks as one network with task-grouped convolutions (1.5x learn2learn on
+    # CPU, benchmarks/omniglot.py); task_chunk tasks per graph, query_chunk tasks per query graph (memory)
+    task_batched: bool = False
+    task_chunk: int = Field(0, ge=0)
+    query_chunk: int = Field(0, ge=0)
     overrides: dict[Literal["maml", "fomaml", "reptile", "metasgd"], AlgorithmOverride] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -181,11 +186,67 @@ class RuntimeSection(Section):
     threads: int | None = Field(None, ge=1)
     data_dir: str = "data"  # stage cache, relative to the project root
     experiment: str = "metapeft"
+    runner: Literal["sequential", "dask"] = "sequential"  # dask: meta-training and evaluation per algorithm x seed
+    dask_address: str | None = None  # an existing Dask scheduler (tcp://host:8786); None: a LocalCluster
+    dask_workers: int = Field(2, ge=1)  # LocalCluster worker processes, one thread each
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dask_address and self.runner != "dask":
+            raise ValueError("dask_address: set runner: dask to use a Dask cluster")
+        return self
+
+
+EMBEDDINGS = ("task2vec", "encoder", "features")
+Distance = Literal["normalized_cosine", "cosine", "euclidean", "manhattan"]
+
+
+class TransferSection(Section):
+    """Does task-embedding distance predict transfer? One meta-training per group of classes (an Omniglot
+    alphabet, a CLINC150 domain), scored on every group's held-out classes; rank correlation with distance."""
+
+    groups: tuple[str, ...] = ()  # alphabets (images_background) / domains by name; empty: the first n_groups
+    n_groups: int = Field(8, ge=3)  # used when groups is empty
+    test_fraction: float = Field(0.4, gt=0, lt=1)  # each group's classes kept for its test episodes, never trained on
+    algorithm: Literal["maml", "fomaml", "reptile", "metasgd"] = "maml"  # meta_train's rates and batching apply
+    iterations: int = Field(100, ge=1)  # meta-training per source group
+    budget_minutes: float | None = Field(None, gt=0)  # per source group, whichever of the two ends first
+    pooled_iterations: int = Field(200, ge=1)  # the meta-learned start over every group (also the image probe)
+    val_episodes: int = Field(10, ge=1)  # per group, from its training classes
+    test_episodes: int = Field(30, ge=2)  # fixed per target group: every source and method scores these
+    embed_episodes: int = Field(10, ge=2)  # support sets per group for the embeddings
+    embeddings: tuple[Literal["task2vec", "encoder", "features"], ...] = EMBEDDINGS
+    metrics: dict[Literal["task2vec", "encoder", "features"], tuple[Distance, ...]] = Field(default_factory=lambda: {
+        "task2vec": ("normalized_cosine", "cosine", "euclidean", "manhattan"),
+        "encoder": ("cosine", "euclidean", "manhattan"), "features": ("cosine", "euclidean", "manhattan")})
+    task2vec_labels: Literal["sampled", "expected", "empirical"] = "sampled"
+    task2vec_samples: int = Field(4, ge=1)  # labels drawn per example (sampled)
+    task2vec_chunk: int | None = Field(None, ge=1)  # examples per vmap call (text: bounds memory)
+    encoder_steps: int = Field(300, ge=1)  # TaskEmbeddingNetwork, InfoNCE over the groups' embedding episodes
+    encoder_hidden: int = Field(64, ge=1)
+    encoder_dim: int = Field(16, ge=1)
+    n_boot: int = Field(2000, ge=100)
+    resample: Literal["targets", "pairs"] = "targets"
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(set(self.groups)) != len(self.groups) or 0 < len(self.groups) < 3:
+            raise ValueError(f"groups: need at least 3 distinct names (or none), got {list(self.groups)}")
+        if not self.embeddings or len(set(self.embeddings)) != len(self.embeddings):
+            raise ValueError(f"embeddings: need a non-empty list without repeats, got {list(self.embeddings)}")
+        for name in self.embeddings:
+            if not self.metrics.get(name):
+                raise ValueError(f"metrics.{name}: no distance metric for this embedding")
+            if name != "task2vec" and "normalized_cosine" in self.metrics[name]:
+                raise ValueError(f"metrics.{name}: normalized_cosine needs non-negative vectors (Task2Vec only)")
+        return self
 
 
 class StudyConfig(Section):
     name: str = "study"
-    seed: int = 0
+    seed: int = 0  # task sets, baselines and evaluation episodes
+    seeds: tuple[int, ...] | None = None  # meta-training seeds (init, meta-batches); None: just `seed`
     family: Family = Field(default_factory=SinusoidSection)
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
     model: ModelSection = Field(default_factory=ModelSection)
@@ -194,15 +255,24 @@ class StudyConfig(Section):
     baselines: BaselinesSection = Field(default_factory=BaselinesSection)
     significance: SignificanceSection = Field(default_factory=SignificanceSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
+    transfer: TransferSection | None = None  # present: `metapeft run` runs the transfer study (flows/transfer.py)
 
     @model_validator(mode="after")
     def _model_fits_family(self):
+        if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
+            raise ValueError(f"seeds: need a non-empty list without repeats, got {list(self.seeds)}")
         expected = {"sinusoid": "mlp", "omniglot": "conv4", "text": "minilm"}[self.family.kind]
         if self.model.kind != expected:
             raise ValueError(f"model.kind: the {self.family.kind} family needs {expected!r}, got {self.model.kind!r}")
         if self.model.kind == "minilm" and self.model.adapted == "full":
             raise ValueError("model.adapted: the MiniLM backbone stays frozen; choose 'lora' or 'head'")
+        if self.transfer is not None and self.family.kind == "sinusoid":
+            raise ValueError("transfer: needs groups of classes, i.e. the omniglot or text family")
         return self
+
+    @property
+    def train_seeds(self) -> tuple[int, ...]:
+        return self.seeds or (self.seed,)
 
 
 class ConfigError(ValueError):

@@ -286,26 +286,20 @@ class TextTasks(Family):
 
     def build_prefix(self, out: Path) -> dict:
         """Hidden states entering the first adapted layer for every utterance, and the sentence embeddings."""
-        f, m = self.family, self.cfg.model
         utterances = self.utterances()
-        backbone, tokenizer = text.load_minilm()
-        first = len(backbone.encoder.layer) - m.top_layers
-        hidden, mask = text.encode_prefix(backbone, tokenizer, utterances["text"].tolist(), first, f.max_length)
-        top = text.TopEncoder(backbone, text.TopEncoderConfig(n_layers=m.top_layers, lora_r=0))
-        sentences = F.normalize(text.sentence_embeddings(top, hidden, mask), dim=-1)  # as sentence-transformers
-        write_table(text.prefix_table(hidden, mask), out, "prefix")
+        prefix, sentences, meta = text.encode_utterances(utterances["text"].tolist(), self.cfg.model.top_layers,
+                                                         self.family.max_length)
+        write_table(prefix, out, "prefix")
         write_table(pd.DataFrame({"text": utterances["text"]}), out, "texts")
-        write_table(pd.DataFrame(sentences.numpy(), columns=[f"e{i:03d}" for i in range(sentences.shape[1])]),
-                    out, "sentences")
-        return {"n_utterances": len(utterances), "n_tokens": int(mask.sum()), "prefix_width": int(mask.shape[1]),
-                "first_adapted_layer": first}
+        write_table(sentences, out, "sentences")
+        return meta
 
     def prefix(self) -> tuple[torch.Tensor, torch.Tensor]:
         return _load_prefix(self.entries["prefix"], self.entries["task_sets"])
 
     def sentences(self) -> torch.Tensor:
         table = pd.read_parquet(self.entries["prefix"] / "sentences.parquet")
-        return torch.from_numpy(table.to_numpy(np.float32))
+        return torch.tensor(table.to_numpy(np.float32))
 
     # ---- model and baselines
 

@@ -3,9 +3,14 @@
 Thin wiring: each task checks the stage cache, runs `flows.stages` on a miss, and logs to MLflow
 (one parent run per pipeline run, one nested run per algorithm and baseline). Tasks pass keys,
 never tensors: Prefect's hash of a tensor differs in every process and would never hit.
+Meta-training and evaluation run one task per (algorithm, seed) unit, in this process or, with
+`runtime.runner: dask`, on Dask workers that get a pickled copy of the Run: whatever they create
+must be handed back by value (cache hits) or exist before the fan-out (nested MLflow runs).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +25,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from components.significance import mean_ci  # noqa: E402
-from flows import report, stages  # noqa: E402
+from flows import report, report_page, stages  # noqa: E402
 from flows import stages as stages_module  # noqa: E402
-from flows.cache import StageCache  # noqa: E402
+from flows.cache import StageCache, content_key, write_table  # noqa: E402
 from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.families import family_for  # noqa: E402
-from flows.plan import Plan, make_plan, needed_stages  # noqa: E402
+from flows.plan import Plan, make_plan, needed_stages, unit_label  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 from flows.validation import ValidationFailed  # noqa: E402
 
@@ -51,6 +56,14 @@ class Run:
     method_runs: dict[str, str] = field(default_factory=dict)
     hits: dict[str, bool] = field(default_factory=dict)
 
+    def __getstate__(self) -> dict:
+        """To a Dask worker: the Tracker (an MLflow client) travels as its URI and is rebuilt there."""
+        return {**self.__dict__, "tracker": self.tracker.uri}
+
+    def __setstate__(self, state: dict) -> None:
+        state["tracker"] = _tracker(state["root"], state["cfg"].runtime.experiment, state["tracker"])
+        self.__dict__.update(state)
+
     @property
     def cache(self) -> StageCache:
         return StageCache(self.root / self.cfg.runtime.data_dir)
@@ -62,19 +75,23 @@ class Run:
         return self.method_runs[method]
 
     def stage(self, stage: str, key: str, compute: Callable[[Path], dict | None]) -> tuple[Path, dict]:
-        """The cached entry of (stage, key), computing it on a miss or when forced; returns (path, meta)."""
+        """The cached entry of (stage, key), computing it on a miss or when forced; returns (path, meta).
+
+        The entry's lock makes a concurrent run computing the same entry wait, then take it as a hit.
+        """
         cache, logger = self.cache, get_run_logger()
         forced = stage in self.force or stage in self.only
-        if not forced and cache.is_complete(stage, key):
-            logger.info("%s [%s]: cache hit", stage, key)
-            self.hits[f"{stage}/{key}"] = True
-            return cache.path(stage, key), cache.manifest(stage, key)["meta"]
-        logger.info("%s [%s]: computing", stage, key)
-        start, meta = time.perf_counter(), {}
-        with cache.writing(stage, key, meta) as out:
-            result = compute(out)
-            meta.update(result if isinstance(result, dict) else {})
-            meta["seconds"] = round(time.perf_counter() - start, 3)
+        with cache.lock(stage, key):
+            if not forced and cache.is_complete(stage, key):
+                logger.info("%s [%s]: cache hit", stage, key)
+                self.hits[f"{stage}/{key}"] = True
+                return cache.path(stage, key), cache.manifest(stage, key)["meta"]
+            logger.info("%s [%s]: computing", stage, key)
+            start, meta = time.perf_counter(), {}
+            with cache.writing(stage, key, meta) as out:
+                result = compute(out)
+                meta.update(result if isinstance(result, dict) else {})
+                meta["seconds"] = round(time.perf_counter() - start, 3)
         self.hits[f"{stage}/{key}"] = False
         return cache.path(stage, key), meta
 
@@ -108,9 +125,19 @@ def compute_embeddings(run: Run) -> str:
     return key
 
 
-@task(name="meta_train", task_run_name="meta_train[{algorithm}]", cache_policy=NO_CACHE)
-def meta_train_algorithm(run: Run, algorithm: str) -> str:
-    key, logger = run.plan.algorithm_keys[algorithm], get_run_logger()
+@functools.lru_cache(maxsize=4)
+def _tracker(root: Path, experiment: str, uri: str) -> Tracker:
+    return Tracker(root, experiment, uri)
+
+
+@task(name="meta_train", task_run_name="meta_train[{label}]", cache_policy=NO_CACHE)
+def meta_train_algorithm(run: Run, label: str) -> dict[str, bool]:
+    """Meta-train one (algorithm, seed) unit, log it to its nested run; returns its cache hit record.
+
+    May run on a Dask worker, on a copy of run: the nested run exists already, the hit goes back by value.
+    """
+    stages_module.set_threads(run.cfg)
+    (algorithm, seed), key, logger = run.plan.units[label], run.plan.algorithm_keys[label], get_run_logger()
     checkpoint = run.cache.root / "checkpoints" / key / "checkpoint.pt"
     if "meta_train" in run.force | run.only:
         checkpoint.unlink(missing_ok=True)
@@ -118,18 +145,18 @@ def meta_train_algorithm(run: Run, algorithm: str) -> str:
 
     def progress(iteration: int, metrics: dict[str, float]) -> None:
         if "val_loss" in metrics:
-            logger.info("%s: iteration %d/%d %s", algorithm, iteration, section["iterations"],
+            logger.info("%s: iteration %d/%d %s", label, iteration, section["iterations"],
                         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def compute(out: Path) -> dict:
-        result = stages.train_algorithm(run.cfg, algorithm, run.cache, run.plan.keys, out, checkpoint, progress)
+        result = stages.train_algorithm(run.cfg, algorithm, run.cache, run.plan.keys, out, checkpoint, progress, seed)
         return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
                 "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
 
     path, meta = run.stage("meta_train", key, compute)
-    child = run.method_run(algorithm, "meta_learner")
+    child = run.method_run(label, "meta_learner")
     run.tracker.log_params(child, {**section, **{f"model.{k}": v for k, v in run.cfg.model.model_dump().items()},
-                                   "seed": run.cfg.seed})
+                                   "seed": seed})
     run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"]})
     history = pd.read_parquet(path / "history.parquet")
     run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
@@ -138,12 +165,20 @@ def meta_train_algorithm(run: Run, algorithm: str) -> str:
                                     else meta["iterations_run"],
                                     "best_iteration": meta["best_iteration"]})
     run.tracker.log_artifact(child, path / "state.pt", "meta_train")
-    return key
+    return {f"meta_train/{key}": run.hits[f"meta_train/{key}"]}
 
 
 def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
-    """meta_test_<metric> (+ _ci95 half-width) at the last step and the curve over steps, per method."""
+    """meta_test_<metric> (+ _ci95 half-width) at the last step and the curve over steps, per method.
+
+    With several seeds each (method, seed) run gets its own mean, the method's run the across-seed figures.
+    """
     last, name = results["steps"].max(), f"meta_test_{family_for(run.cfg).metric}"
+    if run.cfg.seeds is not None and "seed" in results.columns:
+        for (method, seed), rows in results[results["steps"] == last].groupby(["method", "seed"]):
+            run.tracker.log_metrics(run.method_run(unit_label(method, int(seed), run.cfg), kind),
+                                    {name: rows["value"].mean()})
+    results = stages.across_seeds(results)
     for method, rows in results.groupby("method"):
         child = run.method_run(method, kind)
         mean, half = mean_ci(rows.loc[rows["steps"] == last, "value"], run.cfg.significance.confidence)
@@ -152,11 +187,34 @@ def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
         run.tracker.log_curves(child, ((f"{name}_by_step", s, v) for s, v in curve.items()))
 
 
+def _part_key(run: Run, label: str) -> str:
+    """A unit's share of the evaluate entry: cached on its own, so a crash mid-stage keeps finished units."""
+    return content_key({"evaluate": run.plan.keys["evaluate"], "unit": label})
+
+
+@task(name="evaluate_unit", task_run_name="evaluate[{label}]", cache_policy=NO_CACHE)
+def evaluate_unit(run: Run, label: str) -> str:
+    """Score one (algorithm, seed) unit on the meta-test tasks into its part entry; returns the part's key."""
+    stages_module.set_threads(run.cfg)
+    (algorithm, seed), key, cache = run.plan.units[label], _part_key(run, label), run.cache
+    with cache.lock("evaluate_parts", key):
+        if "evaluate" in run.force | run.only or not cache.is_complete("evaluate_parts", key):
+            with cache.writing("evaluate_parts", key) as out:
+                stages.evaluate_unit(run.cfg, cache, run.plan.keys, algorithm, seed, run.plan.algorithm_keys[label],
+                                     out)
+    return key
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(run: Run) -> str:
+    """The units' parts (computed by evaluate_unit) joined into one results table, in plan order."""
     key = run.plan.keys["evaluate"]
-    path, _ = run.stage("evaluate", key, lambda out: stages.evaluate_algorithms(
-        run.cfg, run.cache, run.plan.keys, run.plan.algorithm_keys, out))
+
+    def compute(out: Path) -> None:
+        parts = [run.cache.read_table("evaluate_parts", _part_key(run, label), "results") for label in run.plan.units]
+        write_table(pd.concat(parts, ignore_index=True), out, "results")
+
+    path, _ = run.stage("evaluate", key, compute)
     _log_results(run, pd.read_parquet(path / "results.parquet"), "meta_learner")
     return key
 
@@ -184,10 +242,59 @@ def significance(run: Run) -> str:
     family = family_for(run.cfg)
     text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha)
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
-    for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png"):
-        run.tracker.log_artifact(run.parent_id, path / name, "significance")
+    for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet"):
+        if (path / name).exists():  # seeds.parquet: only from evaluate tables with a seed column
+            run.tracker.log_artifact(run.parent_id, path / name, "significance")
     run.tracker.log_artifact(run.parent_id, run.root / "mlruns" / "results.txt", "significance")
+    page = report_page.study_report(run.cfg, cache, run.plan.keys, run.plan.algorithm_keys,
+                                    run.root / "reports" / run.parent_id / "report.html", run.parent_id)
+    run.tracker.log_artifact(run.parent_id, page)
     return text
+
+
+def _meta_train(run: Run, runner) -> None:
+    for label in run.plan.units:  # created here: a Dask worker's copy of run could not hand the id back
+        run.method_run(label, "meta_learner")
+    for hits in fan_out(runner, meta_train_algorithm, run, list(run.plan.units)):
+        run.hits.update(hits)
+
+
+def _evaluate(run: Run, runner) -> str:
+    key = run.plan.keys["evaluate"]
+    if "evaluate" in run.force | run.only or not run.cache.is_complete("evaluate", key):
+        fan_out(runner, evaluate_unit, run, list(run.plan.units))
+    return evaluate(run)
+
+
+def fan_out(runner, unit_task, run: Run, labels: list[str]) -> list:
+    """unit_task(run, label) per label: here, one after another (runner None), or at once on the Dask workers."""
+    if runner is None:
+        return [unit_task(run, label) for label in labels]
+    futures = [runner.submit(unit_task, {"run": run, "label": label}) for label in labels]
+    return [future.result() for future in futures]
+
+
+@contextlib.contextmanager
+def task_runner(cfg: StudyConfig, root: Path):
+    """None for `runner: sequential`; for `runner: dask` a started DaskTaskRunner, on the cluster at
+    `dask_address` or on a LocalCluster of `dask_workers` single-threaded processes bound to 127.0.0.1.
+
+    The workers get this process's Prefect API URL through the serialised settings, so with the temporary
+    server they report to it instead of each starting its own (a remote cluster needs a real server).
+    """
+    if cfg.runtime.runner != "dask":
+        yield None
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_dask import DaskTaskRunner
+
+    rt = cfg.runtime
+    runner = DaskTaskRunner(address=rt.dask_address) if rt.dask_address else DaskTaskRunner(cluster_kwargs={
+        "n_workers": rt.dask_workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        "dashboard_address": "127.0.0.1:0", "env": {"METAPEFT_HOME": str(root)}})  # None still binds :8787
+    with temporary_settings(updates={PREFECT_API_URL: str(get_client(sync_client=True).api_url)}), runner:
+        yield runner
 
 
 def _require_cached(run: Run, stage: str) -> None:
@@ -214,6 +321,8 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     todo = needed_stages(set(only), cfg)
     stages_module.set_threads(cfg)
     tracker = Tracker(root, cfg.runtime.experiment)
+    for stale in tracker.end_stale_runs():  # left RUNNING by a process that was killed (SIGKILL)
+        get_run_logger().warning("MLflow run %s: its process is gone; marked KILLED", stale)
     plan = make_plan(cfg)
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
@@ -224,21 +333,25 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
         for stage in todo:
             if only and stage not in only:
                 _require_cached(run, stage)
-        run_stage = {
-            "task_sets": lambda: prepare_task_sets(run),
-            "embeddings": lambda: compute_embeddings(run),
-            "meta_train": lambda: [meta_train_algorithm(run, a) for a in cfg.meta_train.algorithms],
-            "evaluate": lambda: evaluate(run),
-            "baselines": lambda: compare_baselines(run),
-            "significance": lambda: significance(run),
-        }
-        for stage in todo:
-            if not only or stage in only:
-                outcome = run_stage[stage]()
-                text = outcome if stage == "significance" else text
+        with task_runner(cfg, root) as runner:
+            run_stage = {
+                "task_sets": lambda: prepare_task_sets(run),
+                "embeddings": lambda: compute_embeddings(run),
+                "meta_train": lambda: _meta_train(run, runner),
+                "evaluate": lambda: _evaluate(run, runner),
+                "baselines": lambda: compare_baselines(run),
+                "significance": lambda: significance(run),
+            }
+            for stage in todo:
+                if not only or stage in only:
+                    outcome = run_stage[stage]()
+                    text = outcome if stage == "significance" else text
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except Exception as e:  # the reason, beside the FAILED status (GX failures also log their report)
+        tracker.set_tags(parent, {"metapeft.error": f"{type(e).__name__}: {e}"[:5000]})
         raise
     finally:
         tracker.set_tags(parent, {"metapeft.cache_hits": sum(run.hits.values()),

@@ -29,7 +29,7 @@ UPSTREAM = {
 }
 CODE = {
     "task_sets": (tasksets, omniglot, validation, families),
-    "prefix": (text, families),
+    "prefix": (text,),  # families.build_prefix only writes what text.encode_utterances returns
     "embeddings": (features, report, families),
     "meta_train": (metalearners, training, models, text, families),
     "evaluate": (evaluation, metalearners, models, text, families),
@@ -41,7 +41,13 @@ CODE = {
 @dataclass(frozen=True)
 class Plan:
     keys: dict[str, str]  # stage -> cache key (meta_train: a hash of its algorithms' keys)
-    algorithm_keys: dict[str, str]  # algorithm -> key of its meta_train entry
+    algorithm_keys: dict[str, str]  # unit label -> key of its meta_train entry
+    units: dict[str, tuple[str, int]]  # unit label ("maml", or "maml/seed1" with seeds) -> (algorithm, seed)
+
+
+def unit_label(algorithm: str, seed: int, cfg: StudyConfig) -> str:
+    """The algorithm's name alone without `seeds` (keys and run names as before seeds existed)."""
+    return algorithm if cfg.seeds is None else f"{algorithm}/seed{seed}"
 
 
 def make_plan(cfg: StudyConfig) -> Plan:
@@ -57,16 +63,17 @@ def make_plan(cfg: StudyConfig) -> Plan:
         keys["prefix"] = key("prefix", {**source, "top_layers": cfg.model.top_layers})  # not k_shot etc.
         data = ("task_sets", "prefix")
     keys["embeddings"] = key("embeddings", cfg.embedding.model_dump(), *data)
+    units = {unit_label(alg, seed, cfg): (alg, seed) for alg in cfg.meta_train.algorithms for seed in cfg.train_seeds}
     algorithm_keys = {
-        alg: key("meta_train", {"train": cfg.meta_train.for_algorithm(alg), "model": cfg.model.model_dump(),
-                                "seed": cfg.seed}, *data)
-        for alg in cfg.meta_train.algorithms}
+        label: key("meta_train", {"train": cfg.meta_train.for_algorithm(alg), "model": cfg.model.model_dump(),
+                                  "seed": seed}, *data)
+        for label, (alg, seed) in units.items()}
     keys["meta_train"] = content_key(algorithm_keys)
     keys["evaluate"] = key("evaluate", cfg.evaluate.model_dump(), *data, "meta_train")
     keys["baselines"] = key("baselines", {"baselines": cfg.baselines.model_dump(), "model": cfg.model.model_dump(),
                                           "evaluate": cfg.evaluate.model_dump(), "seed": cfg.seed}, *data)
     keys["significance"] = key("significance", cfg.significance.model_dump(), "evaluate", "baselines")
-    return Plan(keys, algorithm_keys)
+    return Plan(keys, algorithm_keys, units)
 
 
 def upstream(stage: str, cfg: StudyConfig | None = None) -> tuple[str, ...]:

@@ -64,48 +64,56 @@ def build_embeddings(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], 
     return {"n_features": features.shape[1] - 1, "n_tasks": features.shape[0]}
 
 
-def make_learner(cfg: StudyConfig, algorithm: str, dev: torch.device, tasks=None) -> MetaLearner:
-    """The algorithm's learner; every algorithm starts from the same seeded initialisation."""
+def make_learner(cfg: StudyConfig, algorithm: str, dev: torch.device, tasks=None,
+                 seed: int | None = None) -> MetaLearner:
+    """The algorithm's learner; every algorithm starts from the same initialisation of `seed` (default cfg.seed)."""
     tasks, section = tasks or family_for(cfg), cfg.meta_train.for_algorithm(algorithm)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed if seed is None else seed)
     model = tasks.model().to(dev)
     learner_cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=section["inner_steps"],
                                     fast_lr=section["fast_lr"], lr_range=section["metasgd_lr_range"],
-                                    vectorize=section["vectorize"])
+                                    vectorize=section["vectorize"], task_batched=section["task_batched"],
+                                    task_chunk=section["task_chunk"], query_chunk=section["query_chunk"])
     return MetaLearner(model, learner_cfg, tasks.loss_fn, adapted=tasks.adapted(model), frozen=tasks.frozen(model))
 
 
 def train_algorithm(cfg: StudyConfig, algorithm: str, cache: StageCache, keys: dict[str, str], out: Path,
-                    checkpoint: Path, log: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Meta-train one algorithm (resuming from `checkpoint` when present); write state.pt and history."""
+                    checkpoint: Path, log: Callable[[int, dict[str, float]], None] | None = None,
+                    seed: int | None = None) -> TrainResult:
+    """Meta-train one algorithm (resuming from `checkpoint` when present); write state.pt and history.
+
+    seed (default cfg.seed) fixes the initialisation and the meta-batches; the task sets stay cfg.seed's.
+    """
+    seed = cfg.seed if seed is None else seed
     dev, section, tasks = device(cfg), cfg.meta_train.for_algorithm(algorithm), family(cfg, cache, keys)
     data = tasks.open(tasks.entries["task_sets"], dev, ("meta_train", "meta_val"), section["meta_batch_size"])
     budget = section["budget_minutes"]
     train_cfg = TrainConfig(meta_lr=section["meta_lr"], iterations=section["iterations"],
                             meta_batch_size=section["meta_batch_size"], val_every=section["val_every"],
                             patience=section["patience"], checkpoint_every=section["checkpoint_every"],
-                            seed=cfg.seed, budget_seconds=None if budget is None else 60 * budget)
+                            seed=seed, budget_seconds=None if budget is None else 60 * budget)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    learner = make_learner(cfg, algorithm, dev, tasks)
+    learner = make_learner(cfg, algorithm, dev, tasks, seed)
     result = meta_train(learner, data.train, data.val, train_cfg, checkpoint, log)
     torch.save(result.state, out / "state.pt")
     write_table(result.history, out, "history")
     return result
 
 
-def evaluate_algorithms(cfg: StudyConfig, cache: StageCache, keys: dict[str, str],
-                        algorithm_keys: dict[str, str], out: Path) -> pd.DataFrame:
-    """Per-task query score after 0..steps test-time steps for every algorithm, on the same meta-test tasks."""
+def evaluate_unit(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algorithm: str, seed: int,
+                  train_key: str, out: Path) -> pd.DataFrame:
+    """Per-task query score after 0..steps test-time steps of one meta-trained (algorithm, seed), into out.
+
+    Every unit is scored on the same meta-test tasks (cfg.seed's); columns as results_table plus seed.
+    """
     dev, tasks = device(cfg), family(cfg, cache, keys)
-    data = tasks.open(tasks.entries["task_sets"], dev, ("meta_test",))
-    tables, scored = [], score_steps_every(cfg.evaluate.steps, cfg.evaluate.score_every)
-    for algorithm, key in algorithm_keys.items():
-        learner = make_learner(cfg, algorithm, dev, tasks)
-        learner.load_state_dict(torch.load(cache.path("meta_train", key) / "state.pt", weights_only=True,
-                                           map_location=dev))
-        scores = evaluate_init(learner, data.test, cfg.evaluate.steps, cfg.evaluate.chunk, tasks.score_fn, scored)
-        tables.append(results_table(scores, data.test_ids, algorithm, tasks.metric, scored))
-    results = pd.concat(tables, ignore_index=True)
+    data, scored = tasks.open(tasks.entries["task_sets"], dev, ("meta_test",)), score_steps_every(
+        cfg.evaluate.steps, cfg.evaluate.score_every)
+    learner = make_learner(cfg, algorithm, dev, tasks)
+    learner.load_state_dict(torch.load(cache.path("meta_train", train_key) / "state.pt", weights_only=True,
+                                       map_location=dev))
+    scores = evaluate_init(learner, data.test, cfg.evaluate.steps, cfg.evaluate.chunk, tasks.score_fn, scored)
+    results = results_table(scores, data.test_ids, algorithm, tasks.metric, scored).assign(seed=seed)
     write_table(results, out, "results")
     return results
 
@@ -127,6 +135,9 @@ def run_baselines(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], out
 def compare(cfg: StudyConfig, results: pd.DataFrame, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Paired tests between all methods at the final test-time step; tables and figures into out."""
     family, conf = family_for(cfg), cfg.significance.confidence
+    if "seed" in results.columns:
+        write_table(seed_spread(results), out, "seeds")
+    results = across_seeds(results)
     final = results[results["steps"] == results["steps"].max()]
     comparisons = compare_methods(final, family.metric, lower_is_better=family.lower_is_better, confidence=conf)
     summary = summarize(final, family.metric, conf, lower_is_better=family.lower_is_better)
@@ -135,3 +146,16 @@ def compare(cfg: StudyConfig, results: pd.DataFrame, out: Path) -> tuple[pd.Data
     report.plot_summary(summary, family.metric, out / "summary.png")
     report.plot_curves(results, family.metric, out / "curves.png", log_scale=family.lower_is_better)
     return summary, comparisons
+
+
+def across_seeds(results: pd.DataFrame) -> pd.DataFrame:
+    """Each method's score per (episode, steps) averaged over its meta-training seeds (one seed: unchanged)."""
+    if "seed" not in results.columns:
+        return results
+    return results.groupby(["episode", "method", "steps", "metric"], as_index=False, sort=False)["value"].mean()
+
+
+def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
+    """Per method and seed, the mean score over episodes at the last step: (method, seed, metric, value)."""
+    final = results[(results["steps"] == results["steps"].max()) & results["seed"].notna()]
+    return final.groupby(["method", "seed", "metric"], as_index=False)["value"].mean()

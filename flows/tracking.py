@@ -3,16 +3,31 @@
 MLflow's active run is thread- and process-local, so nothing here relies on it: the pipeline
 creates one parent run and passes its id to every stage, which opens nested runs under it.
 `mlflow` is imported lazily (about a second).
+
+A process killed with SIGKILL cannot end its runs, so every run records the host and process that
+own it (`metapeft.host`, `metapeft.pid`, `metapeft.pid_start`); `end_stale_runs`, called when a
+pipeline starts, marks this host's RUNNING runs whose process is gone as KILLED.
 """
 from __future__ import annotations
 
 import math
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from flows.cache import file_lock
+
 PARENT_TAG = "mlflow.parentRunId"
+
+
+def artifact_location(root: Path, uri: str) -> str | None:
+    """Where a new experiment's artifacts go: the tracking server's own store (None) when there is a server,
+    since other machines log there too; else mlruns/artifacts beside the SQLite file."""
+    if uri.startswith(("http://", "https://")):
+        return None
+    return (root / "mlruns" / "artifacts").resolve().as_uri()
 
 
 def default_tracking_uri(root: Path) -> str:
@@ -26,10 +41,11 @@ class Tracker:
 
         self.uri = tracking_uri or default_tracking_uri(root)
         (root / "mlruns").mkdir(parents=True, exist_ok=True)
-        self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(experiment, (root / "mlruns" / "artifacts").resolve().as_uri())
+        with file_lock(root / "mlruns" / ".tracking.lock"):  # two runs at once: one creates the SQLite schema
+            self.client = MlflowClient(tracking_uri=self.uri)  # (MLflow migrates the store here)
+            self.experiment_id = self._experiment(experiment, artifact_location(root, self.uri))
 
-    def _experiment(self, name: str, artifact_location: str) -> str:
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
@@ -42,13 +58,26 @@ class Tracker:
             return found.experiment_id
 
     def start_run(self, name: str, parent_id: str | None = None, tags: Mapping[str, str] | None = None) -> str:
-        all_tags = {"mlflow.runName": name, **(tags or {})}
+        all_tags = {"mlflow.runName": name, **process_tags(), **(tags or {})}
         if parent_id:
             all_tags[PARENT_TAG] = parent_id
         return self.client.create_run(self.experiment_id, tags=all_tags, run_name=name).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def end_stale_runs(self) -> list[str]:
+        """Mark KILLED this host's RUNNING runs whose owning process is gone (SIGKILL, power loss); their ids."""
+        host = socket.gethostname().replace("'", "")
+        runs = self.client.search_runs([self.experiment_id], max_results=1000, filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`metapeft.host` = '{host}'"))
+        stale = [r for r in runs
+                 if not _process_alive(r.data.tags.get("metapeft.pid"), r.data.tags.get("metapeft.pid_start"))]
+        for r in stale:
+            pid = r.data.tags["metapeft.pid"]
+            self.set_tags(r.info.run_id, {"metapeft.ended_by": f"stale-run check: process {pid} on {host} is gone"})
+            self.client.set_terminated(r.info.run_id, status="KILLED")
+        return [r.info.run_id for r in stale]
 
     def log_params(self, run_id: str, params: Mapping[str, object]) -> None:
         from mlflow.entities import Param
@@ -76,6 +105,36 @@ class Tracker:
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+
+def process_tags() -> dict[str, str]:
+    """Who owns a run: host, pid, and the pid's start time (a recycled pid then does not look alive)."""
+    stat = _proc_stat(os.getpid())
+    return {"metapeft.host": socket.gethostname(), "metapeft.pid": str(os.getpid()),
+            "metapeft.pid_start": stat[19] if stat else ""}
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat fields from the state on (state, ppid, ..., [19] start time in ticks); None if absent."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_alive(pid: str | None, start: str | None) -> bool:
+    if not pid:
+        return True  # not ours to judge: a run started by other code
+    if not Path("/proc/self/stat").exists():  # no procfs: only ask whether the pid exists
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    stat = _proc_stat(pid)
+    return stat is not None and stat[0] not in "ZX" and (not start or stat[19] == start)  # Z: killed, not reaped
 
 
 def flatten(d: Mapping, prefix: str = "") -> dict[str, object]:

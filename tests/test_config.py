@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from flows.config import ConfigError, StudyConfig, load_config
@@ -46,3 +48,14 @@ def test_overrides_apply_only_to_their_algorithm():
     cfg = StudyConfig.model_validate({"meta_train": {"fast_lr": 0.02, "overrides": {"metasgd": {"fast_lr": 0.05}}}})
     assert cfg.meta_train.for_algorithm("metasgd")["fast_lr"] == 0.05
     assert cfg.meta_train.for_algorithm("maml")["fast_lr"] == 0.02
+
+
+def test_omniglot_configs_meta_train_on_the_task_batched_fast_path():
+    import torch
+
+    from flows.stages import make_learner
+
+    root = Path(__file__).resolve().parents[1]
+    for name, chunk in (("omniglot-5w1s", 16), ("omniglot-20w1s", 4)):
+        learner = make_learner(load_config(root / "configs" / f"{name}.yaml"), "maml", torch.device("cpu"))
+        assert learner.cfg.task_batched and learner.cfg.task_chunk == chunk

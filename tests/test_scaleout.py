@@ -1,0 +1,83 @@
+"""Seeds, the Dask hand-off and the deployment file, without servers (the end-to-end checks: test_servers.py)."""
+import pickle
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config
+from flows.plan import make_plan
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(tmp_path, **sections):
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"meta_train": {"algorithms": ["maml", "reptile"]}, **sections}))
+    return load_config(path)
+
+
+def test_seeds_make_one_unit_per_algorithm_and_seed(tmp_path):
+    single, seeded = make_plan(config(tmp_path)), make_plan(config(tmp_path, seeds=[0, 1]))
+    assert single.units == {"maml": ("maml", 0), "reptile": ("reptile", 0)}
+    assert list(seeded.units) == ["maml/seed0", "maml/seed1", "reptile/seed0", "reptile/seed1"]
+    assert seeded.algorithm_keys["maml/seed0"] == single.algorithm_keys["maml"]  # seed 0 trains the same
+    assert seeded.algorithm_keys["maml/seed1"] != single.algorithm_keys["maml"]
+    assert seeded.keys["task_sets"] == single.keys["task_sets"] and seeded.keys["baselines"] == single.keys["baselines"]
+    assert seeded.keys["evaluate"] != single.keys["evaluate"]
+
+
+def test_runtime_section_leaves_the_keys_alone(tmp_path):
+    dask = config(tmp_path, runtime={"runner": "dask", "dask_workers": 3})
+    assert make_plan(dask).keys == make_plan(config(tmp_path)).keys
+
+
+@pytest.mark.parametrize("sections, field", [({"seeds": [1, 1]}, "seeds"), ({"seeds": []}, "seeds"),
+                                             ({"runtime": {"dask_address": "tcp://127.0.0.1:8786"}}, "dask_address"),
+                                             ({"runtime": {"runner": "ray"}}, "runtime.runner")])
+def test_bad_scaleout_settings_name_the_field(tmp_path, sections, field):
+    with pytest.raises(ConfigError, match=field):
+        config(tmp_path, **sections)
+
+
+def test_across_seeds_averages_each_episode_over_seeds():
+    from flows.stages import across_seeds, seed_spread
+
+    rows = pd.DataFrame({"episode": [0, 1, 0, 1, 0, 1], "method": ["maml"] * 4 + ["scratch"] * 2,
+                         "steps": 1, "metric": "mse", "value": [1.0, 2.0, 3.0, 6.0, 5.0, 7.0],
+                         "seed": [0, 0, 1, 1, None, None]})
+    mean = across_seeds(rows).set_index(["method", "episode"])["value"]
+    assert mean.to_dict() == {("maml", 0): 2.0, ("maml", 1): 4.0, ("scratch", 0): 5.0, ("scratch", 1): 7.0}
+    assert seed_spread(rows).set_index("seed")["value"].to_dict() == {0: 1.5, 1: 4.5}
+    single = rows.iloc[:2].drop(columns="seed")
+    pd.testing.assert_frame_equal(across_seeds(single), single)
+
+
+@pytest.mark.slow  # 10 s: imports the flow module and creates an MLflow SQLite store
+def test_run_crosses_to_a_worker_without_its_mlflow_client(project):
+    """A Dask worker gets the Run pickled: the Tracker goes as its URI and is rebuilt on the same experiment."""
+    from flows.pipeline import Run
+    from flows.tracking import Tracker
+
+    cfg = config(project)
+    tracker = Tracker(project, cfg.runtime.experiment)
+    run = Run(cfg, project, make_plan(cfg), tracker, "parent", method_runs={"maml": "child"})
+    copy = pickle.loads(pickle.dumps(run))
+    assert copy.tracker is not tracker and copy.tracker.uri == tracker.uri
+    assert copy.tracker.experiment_id == tracker.experiment_id
+    assert (copy.plan, copy.method_runs, copy.cfg) == (run.plan, run.method_runs, run.cfg)
+
+
+def test_every_study_config_has_a_scheduled_deployment():
+    from flows.schedules import deployments, to_deployments
+
+    found = deployments()
+    assert {Path(d["parameters"]["config_path"]).stem for d in found.values()} == {
+        p.stem for p in (REPO / "configs").glob("*.yaml")}
+    assert all((REPO / d["parameters"]["config_path"]).is_file() and d["schedules"][0]["cron"] for d in found.values())
+    assert all(d["work_pool"]["name"] == "metapeft" for d in found.values())
+    quick = to_deployments(["quick"])[0]
+    assert quick.parameters == {"config_path": "configs/quick.yaml"} and quick.schedules[0].schedule.cron == "0 2 * * *"
+    with pytest.raises(ValueError, match="no deployment named nope"):
+        to_deployments(["nope"])
