@@ -24,4 +24,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean-cache:
-	rm -rf data/task_sets data/embeddings data/meta_train data/evaluate data/evaluate_parts data/baselines data/significance data/checkpoints
+	rm -rf data/task_sets data/prefix data/embeddings data/meta_train data/evaluate data/evaluate_parts data/baselines data/significance data/checkpoints

@@ -99,6 +99,22 @@ def transfer_correlation(gains: pd.DataFrame, distances: pd.DataFrame, n_boot: i
     return pd.DataFrame(rows, columns=list(CORRELATION_COLUMNS))
 
 
+def within_target_correlation(gains: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFrame:
+    """Spearman's rho between distance(s, t) and gain(s, t) over the sources s != t of each target t.
+
+    Ranks sources for one target at a time, so a target's own level (its scratch score, its difficulty) cannot
+    drive the correlation as it can over pooled pairs: this asks "which source helps this target most?".
+    Returns (embedding, metric, target, rho, n_sources), one row per embedding x metric x target.
+    """
+    pairs = transfer_pairs(gains)
+    rows = []
+    for (name, metric), table in distances.groupby(["embedding", "metric"], sort=False):
+        d = _pair_distances(pairs, table, f"{name}/{metric}")
+        for target, idx in pairs.groupby("target", sort=True).indices.items():
+            rows.append((name, metric, target, spearman(d[idx], pairs["gain"].to_numpy()[idx]), len(idx)))
+    return pd.DataFrame(rows, columns=["embedding", "metric", "target", "rho", "n_sources"])
+
+
 def _replicates(pairs: pd.DataFrame, n_boot: int, resample: str, rng: np.random.Generator) -> list[np.ndarray]:
     """n_boot arrays of pair rows, one per bootstrap replicate."""
     if resample == "pairs":

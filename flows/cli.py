@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, _overrides(args)) if hasattr(args, "config") else None
+        if args.command == "run" and cfg.transfer is not None:  # a transfer study: flows/transfer.py
+            return _transfer(args)
         for name in getattr(args, "stage", []) + getattr(args, "force", []):
             if name not in STAGES:
                 raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
@@ -181,6 +183,24 @@ def _run(args) -> int:
           f"{time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}")
     if out["results"]:
         print(out["results"])
+    return 0
+
+
+def _transfer(args) -> int:
+    """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
+    from flows.config import ConfigError
+    from flows.transfer_stages import CODE
+
+    if args.stage:
+        raise ConfigError("--stage: a transfer study runs whole; use --force to recompute a stage")
+    if unknown := sorted(set(args.force) - set(CODE)):
+        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(CODE)}")
+    from flows.transfer import transfer_study
+
+    start = time.perf_counter()
+    out = transfer_study(config_path=args.config, force=args.force or None)
+    print(f"\ntransfer study {args.config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
+          f"cache, {time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}\n{out['results']}")
     return 0
 
 

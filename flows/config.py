@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from components.metalearners import ALGORITHMS
 
@@ -199,6 +200,8 @@ class RuntimeSection(Section):
 
 EMBEDDINGS = ("task2vec", "encoder", "features")
 Distance = Literal["normalized_cosine", "cosine", "euclidean", "manhattan"]
+DEFAULT_METRICS = {"task2vec": ("normalized_cosine", "cosine", "euclidean", "manhattan"),
+                   "encoder": ("cosine", "euclidean", "manhattan"), "features": ("cosine", "euclidean", "manhattan")}
 
 
 class TransferSection(Section):
@@ -210,15 +213,16 @@ class TransferSection(Section):
     test_fraction: float = Field(0.4, gt=0, lt=1)  # each group's classes kept for its test episodes, never trained on
     algorithm: Literal["maml", "fomaml", "reptile", "metasgd"] = "maml"  # meta_train's rates and batching apply
     iterations: int = Field(100, ge=1)  # meta-training per source group
-    budget_minutes: float | None = Field(None, gt=0)  # per source group, whichever of the two ends first
+    budget_minutes: float | None = Field(None, gt=0)  # per meta-training (each source, pooled): first to end wins
     pooled_iterations: int = Field(200, ge=1)  # the meta-learned start over every group (also the image probe)
     val_episodes: int = Field(10, ge=1)  # per group, from its training classes
     test_episodes: int = Field(30, ge=2)  # fixed per target group: every source and method scores these
-    embed_episodes: int = Field(10, ge=2)  # support sets per group for the embeddings
+    embed_episodes: int = Field(10, ge=2)  # labelled sets per group for the embeddings (n_way classes each)
+    embed_shots: int = Field(5, ge=1)  # examples per class in them: a group's embedding describes its dataset
     embeddings: tuple[Literal["task2vec", "encoder", "features"], ...] = EMBEDDINGS
-    metrics: dict[Literal["task2vec", "encoder", "features"], tuple[Distance, ...]] = Field(default_factory=lambda: {
-        "task2vec": ("normalized_cosine", "cosine", "euclidean", "manhattan"),
-        "encoder": ("cosine", "euclidean", "manhattan"), "features": ("cosine", "euclidean", "manhattan")})
+    # per embedding; one left out keeps its default (normalized_cosine needs non-negative vectors: Task2Vec only)
+    metrics: dict[Literal["task2vec", "encoder", "features"], tuple[Distance, ...]] = Field(
+        default_factory=lambda: dict(DEFAULT_METRICS))
     task2vec_labels: Literal["sampled", "expected", "empirical"] = "sampled"
     task2vec_samples: int = Field(4, ge=1)  # labels drawn per example (sampled)
     task2vec_chunk: int | None = Field(None, ge=1)  # examples per vmap call (text: bounds memory)
@@ -228,6 +232,11 @@ class TransferSection(Section):
     n_boot: int = Field(2000, ge=100)
     resample: Literal["targets", "pairs"] = "targets"
     confidence: float = Field(0.95, gt=0, lt=1)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _default_metrics(cls, value):
+        return {**DEFAULT_METRICS, **value} if isinstance(value, dict) else value
 
     @model_validator(mode="after")
     def _check(self):

@@ -146,3 +146,25 @@ def test_pairwise_rejects_unknown_metric_and_nan(features):
         pairwise_similarity(features, "chebyshev")
     with pytest.raises(ValueError, match="nan"):
         pairwise_similarity(features.assign(a=np.nan), "cosine")
+
+
+def test_start_features_match_a_hand_computation():
+    import torch
+    import torch.nn.functional as F
+
+    from components.features import MODEL_FEATURES, start_features
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2).double()
+    x, y = torch.randn(2, 4, 3, dtype=torch.double), torch.tensor([[0, 1, 0, 1], [1, 1, 0, 0]])
+    weight = torch.randn(2, 3, dtype=torch.double)
+    table = start_features(model, {"weight": weight}, x, y)
+    assert list(table.columns) == list(MODEL_FEATURES) and len(table) == 2
+    for t in range(2):
+        w = weight.clone().requires_grad_()
+        logits = x[t] @ w.T + model.bias.detach()
+        loss = F.cross_entropy(logits, y[t])
+        (g,) = torch.autograd.grad(loss, w)
+        assert table["start_loss"][t] == pytest.approx(loss.item())
+        assert table["start_accuracy"][t] == pytest.approx((logits.argmax(-1) == y[t]).double().mean().item())
+        assert table["grad_norm"][t] == pytest.approx(g.norm().item())  # only the swapped-in weight counts

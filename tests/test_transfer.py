@@ -92,3 +92,18 @@ def test_group_means():
     means = group_means(np.array([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]]), ["b", "b", "a"])
     assert list(means.index) == ["a", "b"]
     np.testing.assert_allclose(means.to_numpy(), [[10.0, 0.0], [2.0, 3.0]])
+
+
+def test_within_target_rho_ranks_sources_per_target():
+    from components.transfer import within_target_correlation
+
+    groups = ["a", "b", "c", "d"]
+    gains = pd.DataFrame([[0, 3, 1, 2], [1, 0, 3, 1], [2, 1, 0, 3], [3, 2, 2, 0]], index=groups, columns=groups,
+                         dtype=float)
+    rows = [(s, t, -gains.loc[s, t] + 10 * groups.index(t)) for s in groups for t in groups]  # target offsets
+    distances = pd.DataFrame(rows, columns=["source", "target", "distance"]).assign(embedding="e", metric="m")
+    table = within_target_correlation(gains, distances)
+    assert list(table["target"]) == groups and (table["n_sources"] == 3).all()
+    np.testing.assert_allclose(table["rho"], -1.0)  # within each target, nearer sources gain more
+    pooled = transfer_correlation(gains, distances, n_boot=100)["rho"].iloc[0]
+    assert pooled > -0.5  # over pooled pairs the targets' offsets swamp it
