@@ -1,0 +1,347 @@
+"""What Prefect, MLflow and Great Expectations cost the quick study, as a share of its cold wall time.
+
+Two ways to compute the same study, each in a fresh subprocess on an empty project (so every stage
+computes), run interleaved for --rounds rounds (the order alternates between rounds):
+
+    pipeline  `meta_pipeline(config)`: the temporary Prefect server, one task per stage and unit, GX
+              validation of the task sets, MLflow parent and nested runs, the HTML report.
+    bare      the same `flows.stages` calls in the same order on the same stage cache and plan keys,
+              the same report; no Prefect, no MLflow, GX validation replaced by a stub. The child
+              asserts that none of the three was imported.
+
+Wall time is measured around each subprocess (interpreter start to exit, so imports and the
+temporary server's start and stop count), and so is CPU time (the child and the processes it reaped,
+the temporary Prefect server included): on a shared machine the wall times of two runs minutes apart
+differ by more than the overhead, their CPU times much less. overhead = pipeline - bare and
+share = overhead / pipeline, for each clock, on the medians over rounds. Inside each child, callables
+are wrapped with timers to split the overhead: the Prefect server (import, start, stop; by CPU also
+its own process), GX validation, MLflow calls (Tracker methods, `import mlflow` and the store's
+creation included), imports; what is left is the Prefect engine (flow and task runs, their API calls
+and log shipping) plus noise. Both sides must produce identical meta-test and baseline tables
+(asserted). --iterations shortens meta-training (and is recorded); the share holds for that length.
+
+    python benchmarks/overhead.py [--config configs/quick.yaml] [--iterations N] [--rounds 2] [--out PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import functools
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("pipeline", "bare")
+TRACKER_METHODS = ("__init__", "start_run", "end_run", "end_stale_runs", "log_params", "log_metrics",
+                   "log_curves", "set_tags", "log_artifact")
+STAGE_FUNCTIONS = ("build_task_sets", "build_prefix", "build_embeddings", "train_algorithm", "evaluate_unit",
+                   "run_baselines", "compare")
+VALIDATORS = ("validate_tasksets", "validate_omniglot", "validate_text")
+FORBIDDEN_IN_BARE = ("prefect", "mlflow", "great_expectations")
+COMPARED_TABLES = (("evaluate", "results"), ("baselines", "results"), ("significance", "summary"))
+
+
+class Stopwatch:
+    """Wall and CPU seconds (this process, all threads) spent inside wrapped callables, per bucket; a call
+    made inside a call of the same bucket (Tracker.log_metrics -> log_curves) counts once."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.cpu_seconds: dict[str, float] = defaultdict(float)
+        self._depth: dict[str, int] = defaultdict(int)
+
+    @contextlib.contextmanager
+    def timing(self, bucket: str) -> Iterator[None]:
+        if self._depth[bucket]:
+            yield
+            return
+        self._depth[bucket] += 1
+        start, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.seconds[bucket] += time.perf_counter() - start
+            self.cpu_seconds[bucket] += time.process_time() - cpu
+            self._depth[bucket] -= 1
+
+    def wrap(self, bucket: str, fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def timed(*args, **kwargs):
+            with self.timing(bucket):
+                return fn(*args, **kwargs)
+        return timed
+
+    def patch(self, bucket: str, owner: object, *names: str) -> None:
+        """Replace owner.<name> by its timed wrapper, for each name owner has."""
+        for name in names:
+            if hasattr(owner, name):
+                setattr(owner, name, self.wrap(bucket, getattr(owner, name)))
+
+
+def summarize(rounds: list[dict[str, dict]], clock: str = "wall") -> dict:
+    """Medians over rounds of both sides' times and buckets; overhead = pipeline - bare and its share.
+
+    rounds: one {"pipeline": {"wall_s", "buckets", "cpu_s", "cpu_buckets"}, "bare": {...}} per round;
+    clock "wall" or "cpu" picks which pair is read. The overhead is split into the pipeline's measured
+    buckets (by CPU, the Prefect server process's own CPU time); `prefect_engine_and_rest` is the rest.
+    """
+    total, buckets = ("wall_s", "buckets") if clock == "wall" else ("cpu_s", "cpu_buckets")
+    med = {m: statistics.median(r[m][total] for r in rounds) for m in MODES}
+    bucket = lambda m, b: statistics.median(r[m][buckets].get(b, 0.0) for r in rounds)  # noqa: E731
+    overhead = med["pipeline"] - med["bare"]
+    server = ("import", "start", "stop") if clock == "wall" else ("import", "start", "stop", "process")
+    parts = {
+        "prefect_server": sum(bucket("pipeline", f"prefect_server_{b}") for b in server),
+        "prefect_import": bucket("pipeline", "import") - bucket("bare", "import"),
+        "gx_validation": bucket("pipeline", "gx_validation"),
+        "mlflow": bucket("pipeline", "mlflow"),
+    }
+    parts["prefect_engine_and_rest"] = overhead - sum(parts.values())
+    return {
+        "total_s": med, "overhead_s": overhead, "share": overhead / med["pipeline"],
+        "share_per_round": [(r["pipeline"][total] - r["bare"][total]) / r["pipeline"][total] for r in rounds],
+        "overhead_parts_s": parts,
+        "compute_s": {m: bucket(m, "compute") - bucket(m, "gx_validation") for m in MODES},
+    }
+
+
+# ---- children: one cold study each, timings to --report ----
+
+def child(mode: str, config: str, overrides: dict, report: Path) -> None:
+    watch, t0 = Stopwatch(), time.perf_counter()
+    record: dict = {"mode": mode}
+    atexit.register(lambda: report.write_text(json.dumps(
+        {**record, "buckets": dict(watch.seconds), "cpu_buckets": dict(watch.cpu_seconds)}, indent=1)))
+    (run_pipeline if mode == "pipeline" else run_bare)(watch, config, overrides, record)
+    record["in_process_s"] = time.perf_counter() - t0
+
+
+def _patch_common(watch: Stopwatch) -> None:
+    from flows import families, report_page, stages
+
+    watch.patch("compute", stages, *STAGE_FUNCTIONS)
+    watch.patch("report", report_page, "study_report")
+    watch.patch("gx_validation", families, *VALIDATORS)
+
+
+def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -> None:
+    with watch.timing("import"):
+        import flows.pipeline as pipeline
+        from flows import tracking
+    with watch.timing("prefect_server_import"):  # done by the client's first call anyway
+        from prefect.server.api.server import SubprocessASGIServer
+    watch.patch("prefect_server_start", SubprocessASGIServer, "start")
+    watch.patch("prefect_server_stop", SubprocessASGIServer, "stop")  # runs at exit (atexit, before the report)
+    stop = SubprocessASGIServer.stop
+
+    def stop_counting_server_cpu(server) -> None:
+        if server.server_process is not None:
+            watch.cpu_seconds["prefect_server_process"] += process_cpu_seconds(server.server_process.pid)
+        stop(server)
+
+    SubprocessASGIServer.stop = stop_counting_server_cpu
+    watch.patch("mlflow", tracking.Tracker, *TRACKER_METHODS)
+    _patch_common(watch)
+    start = time.perf_counter()
+    out = pipeline.meta_pipeline(config_path=config, overrides=overrides)
+    record["flow_s"] = time.perf_counter() - start
+    assert not any(out["hits"].values()), f"not a cold run, cache hits: {out['hits']}"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_bare(watch: Stopwatch, config: str, overrides: dict, record: dict) -> None:
+    with watch.timing("import"):
+        from flows import families, stages
+        from flows.cache import StageCache, content_key, write_table
+        from flows.config import load_config
+        from flows.environment import project_root
+        from flows.plan import make_plan
+    for name in VALIDATORS:  # GX off: the task sets are the same, only their checks are skipped
+        setattr(families, name, lambda *args, **kwargs: {"success": True, "skipped": "overhead benchmark"})
+    _patch_common(watch)
+    start = time.perf_counter()
+    cfg, root = load_config(config, overrides), project_root()
+    stages.set_threads(cfg)
+    plan, cache = make_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    bare_study(cfg, root, plan, cache, stages, content_key, write_table)
+    record["flow_s"] = time.perf_counter() - start
+    loaded = [m for m in FORBIDDEN_IN_BARE if m in sys.modules]
+    assert not loaded, f"the bare run imported {loaded}"
+
+
+def bare_study(cfg, root: Path, plan, cache, stages, content_key, write_table) -> None:
+    """The pipeline's stage calls in its order, on its cache layout (flows/pipeline.py without the tasks)."""
+    import pandas as pd
+
+    from flows import report, report_page
+    from flows.families import family_for
+
+    keys = plan.keys
+    entry = lambda stage, key, compute: _write_entry(cache, stage, key, compute)  # noqa: E731
+    entry("task_sets", keys["task_sets"], lambda out: stages.build_task_sets(cfg, out))
+    if "prefix" in keys:
+        entry("prefix", keys["prefix"], lambda out: stages.build_prefix(cfg, out))
+    entry("embeddings", keys["embeddings"], lambda out: stages.build_embeddings(cfg, cache, keys, out))
+    for label, (algorithm, seed) in plan.units.items():
+        key = plan.algorithm_keys[label]
+        checkpoint = cache.root / "checkpoints" / key / "checkpoint.pt"
+        entry("meta_train", key, lambda out: stages.train_algorithm(cfg, algorithm, cache, keys, out, checkpoint,
+                                                                     None, seed))
+    parts = []
+    for label, (algorithm, seed) in plan.units.items():
+        part = content_key({"evaluate": keys["evaluate"], "unit": label})
+        entry("evaluate_parts", part, lambda out: parts.append(stages.evaluate_unit(
+            cfg, cache, keys, algorithm, seed, plan.algorithm_keys[label], out)))
+    entry("evaluate", keys["evaluate"], lambda out: write_table(pd.concat(parts, ignore_index=True), out, "results"))
+    entry("baselines", keys["baselines"], lambda out: stages.run_baselines(cfg, cache, keys, out))
+    results = pd.concat([cache.read_table("evaluate", keys["evaluate"], "results"),
+                         cache.read_table("baselines", keys["baselines"], "results")])
+    entry("significance", keys["significance"], lambda out: stages.compare(cfg, results, out))
+    summary = cache.read_table("significance", keys["significance"], "summary").set_index("method")
+    comparisons = cache.read_table("significance", keys["significance"], "comparisons")
+    family = family_for(cfg)
+    text = report.results_text(summary, comparisons, family.metric, family.reference, cfg.significance.alpha)
+    (root / "results.txt").write_text(text + "\n")
+    report_page.study_report(cfg, cache, keys, plan.algorithm_keys, root / "reports" / "bare" / "report.html")
+
+
+def _write_entry(cache, stage: str, key: str, compute: Callable[[Path], object]) -> None:
+    with cache.writing(stage, key) as out:
+        compute(out)
+
+
+# ---- parent: rounds of both children, comparison, table, JSON ----
+
+def run_child(mode: str, config: str, overrides: dict, workdir: Path) -> dict:
+    project, report = workdir / mode, workdir / f"{mode}.json"
+    project.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--overrides", json.dumps(overrides),
+           "--report", str(report)]
+    load, start, cpu = os.getloadavg()[0], time.perf_counter(), children_cpu_seconds()
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - start, children_cpu_seconds() - cpu
+    if done.returncode:
+        raise RuntimeError(f"{mode} child failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
+    return {**json.loads(report.read_text()), "wall_s": wall, "cpu_s": cpu, "loadavg_1m_before": load,
+            "loadavg_1m_after": os.getloadavg()[0], "project": project}
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's finished children and their reaped descendants (the Prefect server)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def meta_test_tables(project: Path, config: str, overrides: dict) -> dict:
+    """The meta-test results (meta-learners, baselines) and the significance summary of one child's cache."""
+    from flows.cache import StageCache
+    from flows.config import load_config
+    from flows.plan import make_plan
+
+    cfg = load_config(config, overrides)
+    keys, cache = make_plan(cfg).keys, StageCache(project / cfg.runtime.data_dir)
+    return {f"{stage}/{name}": cache.read_table(stage, keys[stage], name) for stage, name in COMPARED_TABLES}
+
+
+def assert_same_results(a: dict, b: dict) -> None:
+    import pandas as pd
+
+    for name in a:
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    overrides = json.loads(args.overrides) if args.overrides else {}
+    if args.iterations is not None:
+        overrides.setdefault("meta_train", {})["iterations"] = args.iterations
+    if args.pretrain_iterations is not None:
+        overrides.setdefault("baselines", {})["pretrain_iterations"] = args.pretrain_iterations
+    config = str((REPO / args.config).resolve())
+    if args.child:
+        return child(args.child, config, overrides, Path(args.report))
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="metapeft-overhead-") as tmp:
+        for i in range(args.rounds):
+            round_ = {}
+            for mode in (MODES if i % 2 == 0 else MODES[::-1]):
+                workdir = Path(tmp) / f"round{i}"
+                workdir.mkdir(exist_ok=True)
+                side = round_[mode] = run_child(mode, config, overrides, workdir)
+                print(f"round {i} {mode:<8} wall {side['wall_s']:7.1f} s  CPU {side['cpu_s']:7.1f} s  "
+                      f"(load {side['loadavg_1m_before']:.2f})", flush=True)
+            tables = {m: meta_test_tables(round_[m].pop("project"), config, overrides) for m in MODES}
+            assert_same_results(tables["pipeline"], tables["bare"])
+            rounds.append(round_)
+            result = write_result(args, overrides, rounds, tables["pipeline"]["significance/summary"])
+    print(table(result))
+
+
+def write_result(args, overrides: dict, rounds: list[dict], summary) -> dict:
+    """The JSON of the rounds so far (rewritten after each round: a cut-short run keeps what it measured)."""
+    result = {"config": args.config, "overrides": overrides, "wall": summarize(rounds, "wall"),
+              "cpu": summarize(rounds, "cpu"), "same_meta_test_results": True,
+              "meta_test_summary": json.loads(summary.to_json(orient="records")), "machine": _machine(),
+              "rounds": rounds}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    return result
+
+
+def table(result: dict) -> str:
+    wall, cpu = result["wall"], result["cpu"]
+    row = lambda name, w, c: (f"{name:<30}{w:9.1f}{w / wall['total_s']['pipeline']:8.1%}"  # noqa: E731
+                              f"{c:9.1f}{c / cpu['total_s']['pipeline']:8.1%}")
+    lines = [f"{result['config']} overrides={result['overrides']}  rounds={len(result['rounds'])}  "
+             f"load avg (1, 5, 15 min) at the end {result['machine']['loadavg']}, "
+             f"{result['machine']['cpus']} CPUs; medians over rounds",
+             f"{'':<30}{'wall s':>9}{'share':>8}{'CPU s':>9}{'share':>8}",
+             row("pipeline (Prefect+MLflow+GX)", wall["total_s"]["pipeline"], cpu["total_s"]["pipeline"]),
+             row("bare stages", wall["total_s"]["bare"], cpu["total_s"]["bare"]),
+             row("overhead", wall["overhead_s"], cpu["overhead_s"])]
+    lines += [row("  " + name, s, cpu["overhead_parts_s"][name]) for name, s in wall["overhead_parts_s"].items()]
+    lines += [row(f"stage compute, {m}", wall["compute_s"][m], cpu["compute_s"][m]) for m in MODES]
+    lines += ["per-round share, wall: " + ", ".join(f"{s:.1%}" for s in wall["share_per_round"])
+              + "; CPU: " + ", ".join(f"{s:.1%}" for s in cpu["share_per_round"]),
+              "meta-test tables identical in both: yes (asserted)"]
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/quick.yaml")
+    p.add_argument("--iterations", type=int, default=None, help="meta_train.iterations (default: the config's)")
+    p.add_argument("--pretrain-iterations", type=int, default=None, help="baselines.pretrain_iterations")
+    p.add_argument("--overrides", default=None, help="JSON {section: {key: value}}, as meta_pipeline takes")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
+    p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+if __name__ == "__main__":
+    main()
