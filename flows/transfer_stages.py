@@ -1,0 +1,455 @@
+"""What each stage of the transfer study computes, and its cache keys. No Prefect and no MLflow here.
+
+Groups are sets of classes (Omniglot alphabets of images_background, CLINC150 domains). Each group's classes
+are split into training classes and held-out test classes. A source's checkpoint is meta-trained on episodes
+of its training classes only; every target is scored on fixed episodes of its test classes, so no checkpoint
+has seen a test class. Sources are the groups, "pooled" (meta-trained on every group's training classes:
+the meta-learned start, and the image Task2Vec probe) and "scratch" (the shared initialisation, untrained):
+
+    gain(s, t) = accuracy(s -> t) - accuracy(scratch -> t)        (same episodes, same test-time steps)
+
+Per-episode scores are a long table (source, target, episode, value); embeddings per episode are wide tables
+(group, episode, e000...); the flows/transfer.py tasks key, cache and log them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from components import (conv4, evaluation, features, metalearners, models, omniglot, significance, task2vec,
+                        task_encoder, text, training, transfer)
+from components.evaluation import evaluate_init
+from components.features import episode_features, start_features
+from components.significance import compare_methods, summarize
+from components.task2vec import Task2VecConfig, conv4_task2vec, module_probe
+from components.task_encoder import EncoderTrainConfig, TaskEmbeddingNetwork, TaskEncoderConfig, fit_contrastive
+from components.training import TrainConfig, meta_train
+from components.transfer import (distance_table, group_means, nearest_source, transfer_correlation,
+                                 within_target_correlation)
+from flows import families, report
+from flows.cache import StageCache, content_key, source_version, write_table
+from flows.config import StudyConfig
+from flows.families import iteration_seed
+from flows.plan import make_plan
+from flows.stages import device, make_learner
+
+POOLED, SCRATCH = "pooled", "scratch"
+ITEMS = {"omniglot": "images", "text": "utterances"}  # the items table's name (TextTasks reads "utterances")
+PURPOSES = ("val", "test", "embed")  # val / test: training / test classes; embed: every class, embed_shots, no query
+CODE = {
+    "transfer_sets": (omniglot, text),
+    "transfer_train": (metalearners, training, models, conv4, text, families),
+    "transfer_matrix": (evaluation, metalearners, models, conv4, text, families),
+    "transfer_embeddings": (task2vec, features, conv4, text, families),
+    "transfer_encoder": (task_encoder,),
+    "transfer_correlation": (transfer, task2vec, report),
+    "nearest_task": (transfer, significance),
+}
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    keys: dict[str, str]  # stage -> key (transfer_train: a hash of the per-source keys)
+    source_keys: dict[str, str]  # "source{i}" (the i-th group) or "pooled" -> its transfer_train key
+
+
+def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
+    """Keys hash the stage's config, its upstream keys and its code, as flows/plan.py does for the pipeline."""
+    t = cfg.transfer
+    own = Path(__file__)
+
+    def key(stage: str, section: object, *upstream: str) -> str:
+        return content_key({"stage": stage, "config": section, "upstream": [keys[u] for u in upstream],
+                            "code": [source_version(*CODE[stage]), _file_version(own)]})
+
+    keys: dict[str, str] = {}
+    keys["transfer_sets"] = key("transfer_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed, **t.model_dump(
+        include={"groups", "n_groups", "test_fraction", "val_episodes", "test_episodes", "embed_episodes",
+                 "embed_shots"})})
+    data = ("transfer_sets",)
+    if cfg.family.kind == "text":
+        keys["prefix"] = make_plan(cfg).keys["prefix"]  # the pipeline's own prefix entry, shared
+        data = ("transfer_sets", "prefix")
+    train = {"train": cfg.meta_train.for_algorithm(t.algorithm), "model": cfg.model.model_dump(), "seed": cfg.seed,
+             **t.model_dump(include={"algorithm", "iterations", "budget_minutes"})}
+    sources = [f"source{i}" for i in range(len(t.groups) or t.n_groups)]
+    source_keys = {s: key("transfer_train", {**train, "source": s}, *data) for s in sources}
+    source_keys[POOLED] = key("transfer_train", {**train, "iterations": t.pooled_iterations, "source": POOLED}, *data)
+    keys["transfer_train"] = content_key(source_keys)
+    keys["transfer_matrix"] = key("transfer_matrix", {"evaluate": cfg.evaluate.model_dump()}, *data, "transfer_train")
+    keys["transfer_embeddings"] = key("transfer_embeddings", t.model_dump(
+        include={"task2vec_labels", "task2vec_samples", "task2vec_chunk"}), *data, "transfer_train")
+    keys["transfer_encoder"] = key("transfer_encoder", t.model_dump(
+        include={"encoder_steps", "encoder_hidden", "encoder_dim"}), "transfer_embeddings")
+    keys["transfer_correlation"] = key("transfer_correlation", t.model_dump(
+        include={"embeddings", "metrics", "n_boot", "resample", "confidence"}),
+        "transfer_matrix", "transfer_embeddings", "transfer_encoder")
+    keys["nearest_task"] = key("nearest_task", {"significance": cfg.significance.model_dump(),
+                                                "embeddings": t.embeddings, "metrics": t.metrics},
+                               "transfer_matrix", "transfer_embeddings", "transfer_encoder")
+    return TransferPlan(keys, source_keys)
+
+
+def _file_version(path: Path) -> str:
+    return content_key(path.read_text())
+
+
+# ---------------------------------------------------------------- groups, classes and fixed episodes
+
+def build_sets(cfg: StudyConfig, out: Path) -> dict:
+    """Items (images or utterances), each group's training / test classes, and the fixed episodes."""
+    items, group_of = _load_items(cfg)
+    names = list(cfg.transfer.groups) or sorted(set(group_of.values()))[:cfg.transfer.n_groups]
+    if missing := sorted(set(names) - set(group_of.values())):
+        raise ValueError(f"transfer.groups: {missing} are not groups of {cfg.family.path}")
+    if len(names) < cfg.transfer.n_groups and not cfg.transfer.groups:
+        raise ValueError(f"transfer.n_groups: {cfg.family.path} has only {len(names)} groups")
+    classes = _split_classes(cfg, {g: sorted(c for c, h in group_of.items() if h == g) for g in names})
+    labels = items["label"].to_numpy()
+    episodes = pd.concat([_episode_table(cfg, labels, classes, g, i) for i, g in enumerate(names)], ignore_index=True)
+    write_table(items, out, ITEMS[cfg.family.kind])
+    write_table(classes, out, "classes")
+    write_table(episodes, out, "episodes")
+    return {"n_groups": len(names), "n_items": len(items), "n_classes": len(classes)}
+
+
+def _load_items(cfg: StudyConfig) -> tuple[pd.DataFrame, dict[str, str]]:
+    """(items with a `label` column, {class: group}). Omniglot: unrotated characters of images_background."""
+    f = cfg.family
+    if f.kind == "omniglot":
+        images = omniglot.load_omniglot(Path(f.path), f.image_size, cfg.transfer.groups or None)
+        images = images[images["background"]].sort_values(["character", "drawing"], ignore_index=True)
+        items = images.assign(label=images["character"])
+        return items, dict(zip(items["label"], items["alphabet"]))
+    utterances = families.TextTasks(cfg).utterances()
+    if "domain" not in utterances:
+        raise ValueError(f"transfer: {f.path} gives no domains to group intents by (set family.domain_col)")
+    return utterances, dict(zip(utterances["label"], utterances["domain"]))
+
+
+def _split_classes(cfg: StudyConfig, by_group: dict[str, list[str]]) -> pd.DataFrame:
+    """group, class_id, role (train / test): a seeded test_fraction of each group's classes is held out."""
+    n_way, rng, rows = cfg.family.n_way, np.random.default_rng(cfg.seed), []
+    for group, classes in by_group.items():
+        n_test = max(n_way, round(cfg.transfer.test_fraction * len(classes)))
+        if len(classes) - n_test < n_way:
+            raise ValueError(f"transfer.groups: {group!r} has {len(classes)} classes; {n_way}-way episodes need "
+                             f"{n_way} training and {n_way} test classes")
+        order = rng.permutation(len(classes))
+        rows += [(group, classes[i], "test" if rank < n_test else "train") for rank, i in enumerate(order)]
+    return pd.DataFrame(rows, columns=["group", "class_id", "role"]).sort_values(["group", "role", "class_id"],
+                                                                                 ignore_index=True)
+
+
+def _episode_table(cfg: StudyConfig, labels: np.ndarray, classes: pd.DataFrame, group: str, index: int
+                   ) -> pd.DataFrame:
+    """The group's fixed episodes, long: group, purpose, episode, way, slot (< K support), row (an item)."""
+    f, t = cfg.family, cfg.transfer
+    counts = {"val": t.val_episodes, "test": t.test_episodes, "embed": t.embed_episodes}
+    frames = []
+    for stream, purpose in enumerate(PURPOSES, start=10):
+        mine = classes[classes["group"] == group]
+        pool = mine["class_id"] if purpose == "embed" else mine.loc[mine["role"] == ("train" if purpose == "val"
+                                                                                     else "test"), "class_id"]
+        shots, queries = (t.embed_shots, 0) if purpose == "embed" else (f.k_shot, f.n_query)
+        rows, _ = text.sample_text_episodes(labels, pool.tolist(), f.n_way, shots, queries, counts[purpose],
+                                            iteration_seed(cfg.seed, index, stream))
+        e, w, k = np.meshgrid(*(np.arange(n) for n in rows.shape), indexing="ij")
+        frames.append(pd.DataFrame({"group": group, "purpose": purpose, "episode": e.ravel(), "way": w.ravel(),
+                                    "slot": k.ravel(), "row": rows.numpy().ravel()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+class GroupTasks:
+    """An opened transfer_sets entry: episodes as model inputs, and the family's model, loss and metric."""
+
+    def __init__(self, cfg: StudyConfig, cache: StageCache, keys: dict[str, str], dev: torch.device):
+        self.cfg, self.dev = cfg, dev
+        entry = cache.path("transfer_sets", keys["transfer_sets"])
+        entries = {"task_sets": entry} | ({"prefix": cache.path("prefix", keys["prefix"])} if "prefix" in keys else {})
+        self.family = families.family_for(cfg, entries)
+        items = pd.read_parquet(entry / f"{ITEMS[cfg.family.kind]}.parquet")
+        self.labels = items["label"].to_numpy()
+        self.images = (torch.from_numpy(omniglot.pixels_to_array(items)).unsqueeze(1).to(dev)
+                       if cfg.family.kind == "omniglot" else None)  # (n_items, 1, s, s); text: rows are inputs
+        self.classes = pd.read_parquet(entry / "classes.parquet")
+        self.episodes = pd.read_parquet(entry / "episodes.parquet")
+        self.groups = sorted(self.classes["group"].unique())
+
+    def batch(self, rows: torch.Tensor, k_shot: int | None = None):
+        """rows (T, N, K+Q) item ids -> an episode batch of model inputs (images, or the rows themselves)."""
+        b = text.episodes_from_rows(rows, k_shot or self.cfg.family.k_shot)
+        if self.images is not None:
+            b = type(b)(self.images[b.x_spt], b.y_spt, self.images[b.x_qry], b.y_qry)  # _replace trips on __len__
+        return b.to(self.dev)
+
+    def fixed(self, group: str, purpose: str):
+        table = self.episodes[(self.episodes["group"] == group) & (self.episodes["purpose"] == purpose)]
+        table = table.sort_values(["episode", "way", "slot"])
+        rows = table["row"].to_numpy().reshape(table["episode"].nunique(), self.cfg.family.n_way, -1)  # (T, N, K+Q)
+        return self.batch(torch.tensor(rows), self.cfg.transfer.embed_shots if purpose == "embed" else None)
+
+    def sampler(self, groups: list[str], seed: int, meta_batch_size: int) -> Callable[[int], object]:
+        """iteration -> a meta-batch of episodes over the training classes of `groups` (a function of it only)."""
+        classes = self.classes.loc[self.classes["group"].isin(groups) & (self.classes["role"] == "train"), "class_id"]
+        f, pool = self.cfg.family, classes.tolist()
+
+        def sample(iteration: int):
+            rows, _ = text.sample_text_episodes(self.labels, pool, f.n_way, f.k_shot, f.n_query, meta_batch_size,
+                                                iteration_seed(seed, iteration))
+            return self.batch(rows)
+
+        return sample
+
+    def learner(self, state_path: Path | None = None) -> metalearners.MetaLearner:
+        """The shared initialisation (cfg.seed), or the meta-parameters saved at state_path."""
+        learner = make_learner(self.cfg, self.cfg.transfer.algorithm, self.dev, self.family)
+        if state_path is not None:
+            learner.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.dev))
+        return learner
+
+
+def source_groups(tasks: GroupTasks, source: str) -> list[str]:
+    """The groups a source trains on: "source{i}" is the i-th group, "pooled" all of them."""
+    return tasks.groups if source == POOLED else [tasks.groups[int(source.removeprefix("source"))]]
+
+
+# ---------------------------------------------------------------- meta-training per source
+
+def train_source(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], source: str, out: Path,
+                 checkpoint: Path, log: Callable[[int, dict[str, float]], None] | None = None) -> dict:
+    """Meta-train from the shared initialisation on the source's training classes; state.pt and history."""
+    t, tasks = cfg.transfer, GroupTasks(cfg, cache, keys, device(cfg))
+    section, groups = cfg.meta_train.for_algorithm(t.algorithm), source_groups(tasks, source)
+    iterations = t.pooled_iterations if source == POOLED else t.iterations
+    val = _concat([tasks.fixed(g, "val") for g in groups])
+    train_cfg = TrainConfig(meta_lr=section["meta_lr"], iterations=iterations,
+                            meta_batch_size=section["meta_batch_size"], val_every=max(1, iterations // 4),
+                            checkpoint_every=max(1, iterations // 4), seed=cfg.seed,
+                            budget_seconds=None if t.budget_minutes is None else 60 * t.budget_minutes)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    result = meta_train(tasks.learner(), tasks.sampler(groups, cfg.seed, section["meta_batch_size"]), val,
+                        train_cfg, checkpoint, log)
+    torch.save(result.state, out / "state.pt")
+    write_table(result.history, out, "history")
+    return {"groups": ",".join(groups), "iterations_total": result.iterations_total,
+            "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
+
+
+def _concat(batches: list):
+    return type(batches[0])(*(torch.cat(parts) for parts in zip(*batches)))
+
+
+# ---------------------------------------------------------------- the transfer matrix
+
+def score_matrix(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], source_keys: dict[str, str],
+                 out: Path) -> pd.DataFrame:
+    """Accuracy after evaluate.steps steps of every source (+ scratch) on every target's test episodes.
+
+    Writes scores (source, target, episode, value) and gains (source x target, mean gain over scratch).
+    """
+    tasks = GroupTasks(cfg, cache, keys, device(cfg))
+    names = {s: s if s == POOLED else tasks.groups[int(s.removeprefix("source"))] for s in source_keys}
+    starts = {SCRATCH: None} | {names[s]: cache.path("transfer_train", k) / "state.pt" for s, k in source_keys.items()}
+    tests = {g: tasks.fixed(g, "test") for g in tasks.groups}
+    steps, frames, learner = cfg.evaluate.steps, [], tasks.learner()
+    init = learner.state_dict()
+    for source, state in starts.items():  # one model (MiniLM loads in seconds), each source's weights in turn
+        learner.load_state_dict(init if state is None else torch.load(state, weights_only=True, map_location=tasks.dev))
+        for target, test in tests.items():
+            acc = evaluate_init(learner, test, steps, cfg.evaluate.chunk, tasks.family.score_fn, [steps])[-1]
+            frames.append(pd.DataFrame({"source": source, "target": target, "episode": np.arange(len(acc)),
+                                        "value": acc}))
+    scores = pd.concat(frames, ignore_index=True)
+    write_table(scores, out, "scores")
+    write_table(gain_matrix(scores).reset_index(), out, "gains")
+    return scores
+
+
+def gain_matrix(scores: pd.DataFrame) -> pd.DataFrame:
+    """Mean gain over scratch, groups x groups (index source, columns target); pooled and scratch left out."""
+    mean = scores.groupby(["source", "target"])["value"].mean().unstack("target")
+    groups = list(mean.columns)
+    return (mean.loc[groups, groups] - mean.loc[SCRATCH, groups]).rename_axis(index="source", columns="target")
+
+
+def read_gains(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path / "gains.parquet").set_index("source").rename_axis(columns="target")
+
+
+# ---------------------------------------------------------------- embeddings per episode
+
+def embed_episodes(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], pooled_key: str, out: Path) -> dict:
+    """Task2Vec, dataset + model features, and the backbone features of every group's embedding episodes.
+
+    Probe: the pooled meta-learned conv4 (images) or the frozen MiniLM top layers (text). Writes task2vec and
+    features (group, episode, columns...), backbone.pt (T, N*K, D) with labels.pt (T, N*K), in table order.
+    """
+    t, tasks = cfg.transfer, GroupTasks(cfg, cache, keys, device(cfg))
+    learner = tasks.learner(cache.path("transfer_train", pooled_key) / "state.pt")
+    t2v_cfg = Task2VecConfig(labels=t.task2vec_labels, n_samples=t.task2vec_samples, chunk_size=t.task2vec_chunk,
+                             seed=cfg.seed)
+    vectors, feats, backbones, labels = [], [], [], []
+    for group in tasks.groups:
+        batch = tasks.fixed(group, "embed")
+        backbone, vector = _probe(cfg, tasks, learner, batch, t2v_cfg)
+        index = pd.MultiIndex.from_product([[group], range(len(batch.y_spt))], names=["group", "episode"])
+        vectors.append(pd.DataFrame(vector.double().cpu().numpy(), index=index).rename(columns=lambda i: f"e{i:04d}"))
+        start = start_features(learner.model, learner.params, batch.x_spt, batch.y_spt)
+        feats.append(pd.concat([episode_features(backbone, batch.y_spt), start], axis=1).set_index(index))
+        backbones.append(backbone.float().cpu())
+        labels.append(batch.y_spt.cpu())
+    write_table(pd.concat(vectors).reset_index(), out, "task2vec")
+    write_table(pd.concat(feats).reset_index(), out, "features")
+    torch.save(torch.cat(backbones), out / "backbone.pt")
+    torch.save(torch.cat(labels), out / "labels.pt")
+    return {"task2vec_dim": int(vectors[0].shape[1]), "feature_dim": int(backbones[0].shape[-1])}
+
+
+def _probe(cfg: StudyConfig, tasks: GroupTasks, learner, batch, t2v_cfg: Task2VecConfig
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(backbone features (T, N*K, D), Task2Vec (T, E)) of the batch's support sets."""
+    n_way = cfg.family.n_way
+    if cfg.family.kind == "omniglot":
+        model = tasks.family.model().to(tasks.dev)
+        model.load_state_dict(learner.state_dict()["params"], strict=False)
+        with torch.no_grad():
+            backbone = torch.stack([model.blocks(x).flatten(1) for x in batch.x_spt])  # batch norm per support set
+        return backbone, conv4_task2vec(model, batch.x_spt, batch.y_spt, n_way, t2v_cfg)
+    hidden, mask = tasks.family.prefix()
+    body = _Pooled(text.TopEncoder(text.load_minilm()[0], replace(tasks.family.top_config(), lora_r=0)))
+    probe = module_probe(body, tuple(n for n, _ in body.named_parameters() if ".head." not in f".{n}"))
+    backbone = tasks.family.sentences().to(tasks.dev)[batch.x_spt]  # the frozen encoder's sentence embeddings
+    vectors = [task2vec.task2vec(probe, (hidden[x].float(), mask[x]), y, n_way, replace(t2v_cfg, seed=t2v_cfg.seed + i))
+               for i, (x, y) in enumerate(zip(batch.x_spt, batch.y_spt))]
+    return backbone, torch.stack(vectors)
+
+
+class _Pooled(nn.Module):
+    """The MiniLM top as a Task2Vec probe body: forward(hidden (B, L, H), mask (B, L)) -> (B, H)."""
+
+    def __init__(self, top: text.TopEncoder):
+        super().__init__()
+        self.top = top
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.top.embed(hidden, mask)
+
+
+# ---------------------------------------------------------------- the learned task encoder
+
+def train_encoder(cfg: StudyConfig, embeddings: Path, out: Path) -> dict:
+    """TaskEmbeddingNetwork by InfoNCE (episodes of one group are positives) on the backbone features;
+    encoder.pt (state dict, weights_only-loadable), its z per embedding episode, and the loss curve."""
+    t = cfg.transfer
+    table = pd.read_parquet(embeddings / "features.parquet", columns=["group", "episode"])
+    backbone = torch.load(embeddings / "backbone.pt", weights_only=True).double()
+    labels = torch.load(embeddings / "labels.pt", weights_only=True)
+    enc_cfg = TaskEncoderConfig(feature_dim=backbone.shape[-1], n_way=cfg.family.n_way, hidden=t.encoder_hidden,
+                                embed_dim=t.encoder_dim, seed=cfg.seed)
+    state, losses = fit_contrastive(enc_cfg, backbone, labels, table["group"].to_numpy(),
+                                    EncoderTrainConfig(steps=t.encoder_steps, seed=cfg.seed))
+    torch.save(state, out / "encoder.pt")
+    net = TaskEmbeddingNetwork(enc_cfg).double()
+    net.load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
+    with torch.no_grad():
+        z = net(backbone, labels).numpy()
+    write_table(table.join(pd.DataFrame(z).rename(columns=lambda i: f"e{i:04d}")), out, "encoder")
+    write_table(pd.DataFrame({"step": np.arange(1, len(losses) + 1), "loss": losses}), out, "history")
+    return {"encoder_final_loss": losses[-1]}
+
+
+# ---------------------------------------------------------------- correlation and nearest-task initialisation
+
+def group_embeddings(cfg: StudyConfig, embeddings: Path, encoder: Path) -> dict[str, pd.DataFrame]:
+    """Each embedding's group means (n_groups, E); features z-scored per column across groups first."""
+    paths = {"task2vec": embeddings / "task2vec.parquet", "features": embeddings / "features.parquet",
+             "encoder": encoder / "encoder.parquet"}
+    out = {}
+    for name in cfg.transfer.embeddings:
+        table = pd.read_parquet(paths[name])
+        means = group_means(table.drop(columns=["group", "episode"]).to_numpy(dtype=float), table["group"].tolist())
+        if name == "features":
+            std = means.std(ddof=0).replace(0.0, 1.0)  # constant columns (n_way, k_shot) become 0
+            means = (means - means.mean()) / std
+        out[name] = means
+    return out
+
+
+def correlate(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path, out: Path) -> pd.DataFrame:
+    """Distances per embedding x metric, Spearman's rho with distance and its bootstrap CI, and the figures."""
+    t, gains = cfg.transfer, read_gains(matrix)
+    distances = distance_table(group_embeddings(cfg, embeddings, encoder), {e: t.metrics[e] for e in t.embeddings})
+    rho = transfer_correlation(gains, distances, t.n_boot, t.confidence, t.resample, cfg.seed)
+    within = within_target_correlation(gains, distances)
+    rho = rho.merge(within.groupby(["embedding", "metric"], sort=False, as_index=False)["rho"].mean().rename(
+        columns={"rho": "rho_within_target"}), how="left")  # mean over targets of the per-target rho
+    write_table(within, out, "rho_by_target")
+    write_table(distances, out, "distances")
+    write_table(rho, out, "rho")
+    for (name, metric), table in distances.groupby(["embedding", "metric"], sort=False):
+        report.plot_heatmap(table.pivot(index="source", columns="target", values="distance"),
+                            f"{name}: {metric} distance", out / f"distance_{name}_{metric}.png")
+    report.plot_heatmap(gains, "transfer gain over scratch (source x target)", out / "transfer_matrix.png")
+    plot_rho(rho, out / "rho.png")
+    return rho
+
+
+def plot_rho(rho: pd.DataFrame, path: Path) -> Path:
+    """Spearman's rho per embedding x metric with its bootstrap CI as error bars; 0 marked."""
+    plt = report._pyplot()
+    labels = rho["embedding"] + " / " + rho["metric"]
+    fig, ax = plt.subplots(figsize=(6, 0.4 * len(rho) + 1.2))
+    err = np.vstack([rho["rho"] - rho["ci_low"], rho["ci_high"] - rho["rho"]]).clip(0)
+    ax.errorbar(rho["rho"], np.arange(len(rho)), xerr=err, fmt="o", capsize=3)
+    ax.axvline(0.0, color="grey", lw=1)
+    ax.set_yticks(np.arange(len(rho)), labels)
+    ax.set_xlabel("Spearman rho(distance, transfer gain), 95% CI")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def nearest_task(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path, out: Path) -> pd.DataFrame:
+    """Per target, the nearest other group by Task2Vec normalized cosine (else the first embedding and metric);
+    its checkpoint's scores against the meta-learned start (pooled) and scratch, paired over every target's
+    episodes (significance: paired t and Wilcoxon, Holm). Writes nearest, comparisons, summary."""
+    t = cfg.transfer
+    name = "task2vec" if "task2vec" in t.embeddings else t.embeddings[0]
+    metric = "normalized_cosine" if "normalized_cosine" in t.metrics[name] else t.metrics[name][0]
+    emb = group_embeddings(cfg, embeddings, encoder)[name]
+    picks = pd.DataFrame([(g, nearest_source(emb.drop(index=g), emb.loc[g].to_numpy(), metric)) for g in emb.index],
+                         columns=["target", "source"]).assign(embedding=name, metric=metric)
+    scores = pd.read_parquet(matrix / "scores.parquet")
+    chosen = scores.merge(picks[["source", "target"]]).assign(method="nearest_task")
+    others = scores[scores["source"].isin([POOLED, SCRATCH])].assign(
+        method=lambda d: d["source"].map({POOLED: "meta_learned", SCRATCH: SCRATCH}))
+    results = pd.concat([chosen, others], ignore_index=True).assign(
+        episode=lambda d: d["target"] + ":" + d["episode"].astype(str), metric="accuracy")
+    conf = cfg.significance.confidence
+    comparisons = compare_methods(results, "accuracy", lower_is_better=False, confidence=conf)
+    summary = summarize(results, "accuracy", conf)
+    write_table(picks, out, "nearest")
+    write_table(results, out, "results")
+    write_table(comparisons, out, "comparisons")
+    write_table(summary.reset_index(), out, "summary")
+    return comparisons
+
+
+def rho_text(rho: pd.DataFrame, confidence: float = 0.95) -> str:
+    """A fixed-width table: one line per embedding x metric, rho over pairs and its CI (`*`: excludes 0), and
+    the mean over targets of the within-target rho."""
+    level = f"{confidence:.0%}"
+    lines = [f"{'embedding':<10} {'metric':<18} {'rho':>7}  {level + ' CI':<18} {'pairs':>5}  {'within-target':>13}"]
+    for r in rho.itertuples():
+        mark = "*" if r.ci_high < 0 or r.ci_low > 0 else " "
+        lines.append(f"{r.embedding:<10} {r.metric:<18} {r.rho:>7.3f}  [{r.ci_low:>6.3f}, {r.ci_high:>6.3f}]{mark} "
+                     f"{r.n_pairs:>5}  {r.rho_within_target:>13.3f}")
+    return "\n".join(lines)
