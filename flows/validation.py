@@ -25,10 +25,11 @@ class ValidationFailed(RuntimeError):
 def per_task_summary(points: pd.DataFrame) -> pd.DataFrame:
     """One row per task_id: n_splits, n_support, n_query, amplitude, phase."""
     grouped = points.groupby("task_id")
+    roles = points.assign(support=points["role"] == "support", query=points["role"] == "query").groupby("task_id")
     return pd.DataFrame({
         "n_splits": grouped["split"].nunique(),
-        "n_support": grouped["role"].agg(lambda r: int((r == "support").sum())),
-        "n_query": grouped["role"].agg(lambda r: int((r == "query").sum())),
+        "n_support": roles["support"].sum().astype(int),  # vectorised: a lambda per task cost ~10 s on 20k tasks
+        "n_query": roles["query"].sum().astype(int),
         "amplitude": grouped["amplitude"].first(),
         "phase": grouped["phase"].first(),
     }).reset_index()
