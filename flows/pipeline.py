@@ -297,6 +297,28 @@ def task_runner(cfg: StudyConfig, root: Path):
         yield runner
 
 
+@contextlib.contextmanager
+def ending(run: Run):
+    """End the run's parent and nested MLflow runs: FINISHED, KILLED on Ctrl-C, else FAILED with the reason."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as e:  # the reason, beside the FAILED status (GX failures also log their report)
+        run.tracker.set_tags(run.parent_id, {"metapeft.error": f"{type(e).__name__}: {e}"[:5000]})
+        raise
+    finally:
+        hits = sum(run.hits.values())
+        run.tracker.set_tags(run.parent_id, {"metapeft.cache_hits": hits,
+                                             "metapeft.cache_misses": len(run.hits) - hits})
+        for child in run.method_runs.values():
+            run.tracker.end_run(child, status)
+        run.tracker.end_run(run.parent_id, status)
+
+
 def _require_cached(run: Run, stage: str) -> None:
     keys = [(stage, run.plan.keys[stage])]
     if stage == "meta_train":
@@ -327,8 +349,8 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()))
-    status, text = "FAILED", ""
-    try:
+    text = ""
+    with ending(run):
         tracker.log_params(parent, flatten(cfg.model_dump()))
         for stage in todo:
             if only and stage not in only:
@@ -346,17 +368,4 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
                 if not only or stage in only:
                     outcome = run_stage[stage]()
                     text = outcome if stage == "significance" else text
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except Exception as e:  # the reason, beside the FAILED status (GX failures also log their report)
-        tracker.set_tags(parent, {"metapeft.error": f"{type(e).__name__}: {e}"[:5000]})
-        raise
-    finally:
-        tracker.set_tags(parent, {"metapeft.cache_hits": sum(run.hits.values()),
-                                  "metapeft.cache_misses": len(run.hits) - sum(run.hits.values())})
-        for child in run.method_runs.values():
-            tracker.end_run(child, status)
-        tracker.end_run(parent, status)
     return {"run_id": parent, "keys": plan.keys, "hits": run.hits, "results": text}

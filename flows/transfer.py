@@ -25,7 +25,7 @@ from flows import stages as stages_module  # noqa: E402
 from flows import transfer_stages as ts  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.pipeline import Run  # noqa: E402
+from flows.pipeline import Run, ending  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 
 
@@ -149,8 +149,8 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
     tracker, plan = Tracker(root, cfg.runtime.experiment), ts.make_transfer_plan(cfg)
     parent = tracker.start_run(f"{cfg.name}", tags={"metapeft.kind": "transfer", "metapeft.config": str(config_path),
                                                     **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
-    run, status = Run(cfg, root, plan, tracker, parent, force=frozenset(force or ())), "FAILED"
-    try:
+    run = Run(cfg, root, plan, tracker, parent, force=frozenset(force or ()))
+    with ending(run):
         tracker.log_params(parent, flatten(cfg.model_dump()))
         transfer_sets(run)
         for source in plan.source_keys:
@@ -163,17 +163,4 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         (root / "mlruns").mkdir(exist_ok=True)
         (root / "mlruns" / "transfer.txt").write_text(text + "\n")
         tracker.log_artifact(parent, root / "mlruns" / "transfer.txt", "transfer")
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except Exception as e:
-        tracker.set_tags(parent, {"metapeft.error": f"{type(e).__name__}: {e}"[:5000]})
-        raise
-    finally:
-        tracker.set_tags(parent, {"metapeft.cache_hits": sum(run.hits.values()),
-                                  "metapeft.cache_misses": len(run.hits) - sum(run.hits.values())})
-        for child in run.method_runs.values():
-            tracker.end_run(child, status)
-        tracker.end_run(parent, status)
     return {"run_id": parent, "keys": plan.keys, "source_keys": plan.source_keys, "hits": run.hits, "results": text}
