@@ -58,8 +58,9 @@ def accuracy(args) -> dict:
     for name in args.configs:
         path = ROOT / "configs" / f"{name}.yaml"
         start = time.perf_counter()
-        out = meta_pipeline(config_path=str(path))
-        cfg = load_config(path)
+        overrides = {"runtime": {"threads": args.threads}} if args.threads else None
+        out = meta_pipeline(config_path=str(path), overrides=overrides)
+        cfg = load_config(path, overrides)
         plan, cache = make_plan(cfg), StageCache(project_root() / cfg.runtime.data_dir)
         summary = cache.read_table("significance", plan.keys["significance"], "summary").set_index("method")
         comparisons = cache.read_table("significance", plan.keys["significance"], "comparisons")
@@ -218,7 +219,8 @@ def parse_args(argv=None):
     p.add_argument("--iterations", type=int, default=5, help="--speed: meta-iterations per timing")
     p.add_argument("--repeats", type=int, default=3, help="--speed: timings per subprocess")
     p.add_argument("--rounds", type=int, default=2, help="--speed: subprocess rounds, implementations alternating")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (accuracy: overrides the configs' runtime.threads; --speed default 2)")
     p.add_argument("--utterances", type=int, default=3000, help="--speed: CLINC150 utterances episodes draw from")
     p.add_argument("--max-length", type=int, default=24)
     p.add_argument("--clinc", type=Path, default=ROOT.parent / "shared" / "data" / "clinc150")
@@ -227,6 +229,8 @@ def parse_args(argv=None):
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.configs = [c for c in args.configs.split(",") if c]
+    if args.speed and args.threads is None:
+        args.threads = 2
     return args
 
 
