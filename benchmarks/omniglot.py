@@ -42,7 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from components.conv4 import Conv4, Conv4Config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_json_atomic, write_parquet_atomic  # noqa: E402
+from components.conv4 import Conv4, Conv4Config  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig
 from components.omniglot import (OMNIGLOT_VERSION, EpisodeBatch, build_class_pool, load_omniglot,
                                  read_vinyals_split, sample_episodes)
@@ -77,15 +80,7 @@ def cached_table(data: Path) -> pd.DataFrame:
     if path.exists():
         return pd.read_parquet(path)
     table = load_omniglot(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    try:
-        table.to_parquet(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_parquet_atomic(table, path)
     return table
 
 
@@ -359,21 +354,6 @@ def run_worker(args, worker: str, extra: list[str] = ()) -> dict:
         cmd = [sys.executable, __file__, *args.passthrough, "--worker", worker, "--worker-out", str(out), *extra]
         subprocess.run(cmd, env=worker_env(args), check=True, cwd=ROOT)
         return json.loads(out.read_text())
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
-
-
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
-        tmp = f.name
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def machine_info(args) -> dict:

@@ -42,6 +42,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import write_json_atomic  # noqa: E402
 MODES = ("pipeline", "bare")
 TRACKER_METHODS = ("__init__", "start_run", "end_run", "end_stale_runs", "log_params", "log_metrics",
                    "log_curves", "set_tags", "log_artifact")
@@ -301,8 +304,7 @@ def write_result(args, overrides: dict, rounds: list[dict], summary) -> dict:
               "cpu": summarize(rounds, "cpu"), "same_meta_test_results": True,
               "meta_test_summary": json.loads(summary.to_json(orient="records")), "machine": _machine(),
               "rounds": rounds}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    write_json_atomic(result, Path(args.out))
     return result
 
 

@@ -14,11 +14,10 @@ Every number is the median of --repeats timings after one untimed warm-up call; 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from components.conv4 import Conv4, Conv4Config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_json_atomic  # noqa: E402
+from components.conv4 import Conv4, Conv4Config  # noqa: E402
 from components.task2vec import (Task2VecConfig, conv4_probe, fisher_diagonal, fisher_labels, fit_head, predictive,
                                  task2vec)
 
@@ -80,14 +82,6 @@ def machine_info(threads: int) -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
             "cpu_count": os.cpu_count(), "loadavg_start": os.getloadavg()}
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def main() -> None:

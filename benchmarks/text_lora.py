@@ -36,6 +36,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_json_atomic  # noqa: E402
 from components import text  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig  # noqa: E402
 
@@ -199,13 +200,6 @@ def machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
-def write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="study configs under configs/")
@@ -237,16 +231,16 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        write_json(speed_worker(args), args.worker_out)
+        write_json_atomic(speed_worker(args), args.worker_out)
         return
     if args.speed:
         out = {"speed": speed(args), "machine": machine(), "settings": {k: str(v) for k, v in vars(args).items()},
                "command": "python benchmarks/text_lora.py " + " ".join(sys.argv[1:])}
-        write_json(out, args.out or ROOT / "benchmarks" / "results" / f"text-lora-speed-top{args.top_layers}.json")
+        write_json_atomic(out, args.out or ROOT / "benchmarks" / "results" / f"text-lora-speed-top{args.top_layers}.json")
         return
     out = {"accuracy": accuracy(args), "machine": machine(),
            "command": "python benchmarks/text_lora.py " + " ".join(sys.argv[1:])}
-    write_json(out, args.out or ROOT / "benchmarks" / "results" / "text-lora.json")
+    write_json_atomic(out, args.out or ROOT / "benchmarks" / "results" / "text-lora.json")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import write_json_atomic  # noqa: E402
 from components.metalearners import ALGORITHMS, MetaLearner, MetaLearnerConfig
 from components.models import MLP
 from components.tasksets import SinusoidFamily, TaskBatch, sample_sinusoid_tasks, to_batch
@@ -166,14 +168,6 @@ def machine_info(threads: int) -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "threads": threads,
             "cpu_count": os.cpu_count(), "ld_preload": os.environ.get("LD_PRELOAD", ""),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""), "loadavg_start": os.getloadavg()}
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(obj, f, indent=2)
-        tmp = f.name
-    os.replace(tmp, path)
 
 
 def main() -> None:
