@@ -144,10 +144,13 @@ class MetaLearner:
 
     adapted: names the inner loop adapts (default: every meta-parameter); `lrs` holds one rate
     per adapted name only. frozen: names held constant (neither adapted nor meta-learned).
+    zero_init: adapted names whose start is zero on every task and never meta-learned (the "zeroing
+    trick" for a classification head, Kao et al. 2022: labels are permuted per episode, so a learned
+    head start only carries the last episodes' label order; first-order methods suffer most).
     """
 
     def __init__(self, model: nn.Module, cfg: MetaLearnerConfig, loss_fn: LossFn,
-                 adapted: Sequence[str] | None = None, frozen: Sequence[str] = ()):
+                 adapted: Sequence[str] | None = None, frozen: Sequence[str] = (), zero_init: Sequence[str] = ()):
         self.model, self.cfg, self.loss_fn = model, cfg, loss_fn
         named = dict(model.named_parameters())
         _check_names("frozen", frozen, named)
@@ -158,6 +161,12 @@ class MetaLearner:
         self.lrs: Params = {k: torch.full_like(self.params[k], cfg.fast_lr, requires_grad=cfg.algorithm == "metasgd")
                             for k in adapted}
         self.n_adapted = sum(self.params[k].numel() for k in adapted)  # weights the inner loop changes
+        if stray := sorted(set(zero_init) - set(self.lrs)):
+            raise ValueError(f"zero_init: {stray[:5]} are not adapted by the inner loop (a zero start would stay zero)")
+        self.zero_init = tuple(zero_init)
+        with torch.no_grad():
+            for k in self.zero_init:
+                self.params[k].zero_()
 
     def parameters(self) -> list[torch.Tensor]:
         extra = list(self.lrs.values()) if self.cfg.algorithm == "metasgd" else []
@@ -209,14 +218,17 @@ class MetaLearner:
         cfg.query_chunk at a time) and the gradients summed, so only one chunk's graph is alive.
         """
         if self.cfg.algorithm == "reptile":
-            return self._reptile_backward(batch)
-        first_order = self.cfg.algorithm == "fomaml"
-        if self.cfg.task_batched:
-            grads, total = self._task_batched_grads(batch, first_order)
+            total = self._reptile_backward(batch)
         else:
-            grads, total = self._chunked_grads(batch, first_order)
-        for p, g in zip(self.parameters(), grads):
-            p.grad = g
+            first_order = self.cfg.algorithm == "fomaml"
+            if self.cfg.task_batched:
+                grads, total = self._task_batched_grads(batch, first_order)
+            else:
+                grads, total = self._chunked_grads(batch, first_order)
+            for p, g in zip(self.parameters(), grads):
+                p.grad = g
+        for k in self.zero_init:  # no gradient: the optimizer leaves them at zero
+            self.params[k].grad = None
         return total
 
     def _chunked_grads(self, batch: TaskBatch, first_order: bool) -> tuple[list[torch.Tensor], float]:

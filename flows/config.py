@@ -122,6 +122,7 @@ class AlgorithmOverride(Section):
     inner_steps: int | None = Field(None, ge=1)
     fast_lr: float | None = Field(None, gt=0)
     meta_lr: float | None = Field(None, gt=0)
+    zero_head: bool | None = None
 
 
 class MetaTrainSection(Section):
@@ -142,6 +143,9 @@ class MetaTrainSection(Section):
     task_batched: bool = False
     task_chunk: int = Field(0, ge=0)
     query_chunk: int = Field(0, ge=0)
+    # classification: the head starts every task at zero and is not meta-learned (the "zeroing trick",
+    # Kao et al. 2022); per-episode label order makes a learned head start noise for FOMAML and Reptile
+    zero_head: bool = False
     overrides: dict[Literal["maml", "fomaml", "reptile", "metasgd"], AlgorithmOverride] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -159,6 +163,8 @@ class MetaTrainSection(Section):
         override = self.overrides.get(algorithm)
         if override is not None:
             base.update({k: v for k, v in override.model_dump().items() if v is not None})
+        if not base["zero_head"]:
+            del base["zero_head"]  # off: the keys of entries cached before the option existed stay valid
         return {"algorithm": algorithm, **base}
 
 
@@ -277,6 +283,9 @@ class StudyConfig(Section):
             raise ValueError("model.adapted: the MiniLM backbone stays frozen; choose 'lora' or 'head'")
         if self.transfer is not None and self.family.kind == "sinusoid":
             raise ValueError("transfer: needs groups of classes, i.e. the omniglot or text family")
+        zero_head = self.meta_train.zero_head or any(o.zero_head for o in self.meta_train.overrides.values())
+        if zero_head and self.family.kind == "sinusoid":
+            raise ValueError("meta_train.zero_head: the sinusoid family is regression; it has no classification head")
         return self
 
     @property

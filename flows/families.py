@@ -60,6 +60,13 @@ class Family:
     def frozen(self, model: nn.Module) -> tuple[str, ...]:
         return ()
 
+    def head(self, model: nn.Module) -> tuple[str, ...]:
+        """The classification head's weights (`meta_train.zero_head` starts them at zero on every task)."""
+        names = tuple(k for k, _ in model.named_parameters() if k.split(".")[-2:-1] == ["head"])
+        if not names:
+            raise ValueError(f"meta_train.zero_head: the {self.family.kind} family's model has no head")
+        return names
+
     def baseline_curves(self, test: TaskBatch, model: nn.Module, steps: int,
                         score_steps: list[int]) -> dict[str, np.ndarray]:
         """scratch (a fresh init per task) and pretrain_finetune, scored after score_steps of 0..steps SGD steps."""

@@ -74,7 +74,9 @@ def make_learner(cfg: StudyConfig, algorithm: str, dev: torch.device, tasks=None
                                     fast_lr=section["fast_lr"], lr_range=section["metasgd_lr_range"],
                                     vectorize=section["vectorize"], task_batched=section["task_batched"],
                                     task_chunk=section["task_chunk"], query_chunk=section["query_chunk"])
-    return MetaLearner(model, learner_cfg, tasks.loss_fn, adapted=tasks.adapted(model), frozen=tasks.frozen(model))
+    zero_init = tasks.head(model) if section.get("zero_head") else ()
+    return MetaLearner(model, learner_cfg, tasks.loss_fn, adapted=tasks.adapted(model), frozen=tasks.frozen(model),
+                       zero_init=zero_init)
 
 
 def train_algorithm(cfg: StudyConfig, algorithm: str, cache: StageCache, keys: dict[str, str], out: Path,

@@ -27,6 +27,7 @@ def test_quick_config_loads():
     ("evaluate: {steps: -1}", "evaluate.steps"),
     ("runtime: {device: tpu}", "runtime.device"),
     ("colour: blue", "colour"),
+    ("meta_train: {zero_head: true}", "meta_train.zero_head"),  # sinusoid: regression, no head
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)
@@ -59,3 +60,22 @@ def test_omniglot_configs_meta_train_on_the_task_batched_fast_path():
     for name, chunk in (("omniglot-5w1s", 16), ("omniglot-20w1s", 4)):
         learner = make_learner(load_config(root / "configs" / f"{name}.yaml"), "maml", torch.device("cpu"))
         assert learner.cfg.task_batched and learner.cfg.task_chunk == chunk
+
+
+def test_zero_head_changes_only_its_algorithms_key_and_zeroes_the_head():
+    import torch
+
+    from flows.plan import make_plan
+    from flows.stages import make_learner
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "omniglot-5w1s.yaml")
+    data = cfg.model_dump()
+    data["meta_train"]["overrides"] = {"fomaml": {"zero_head": True}}
+    on = StudyConfig.model_validate(data)
+    assert "zero_head" not in cfg.meta_train.for_algorithm("fomaml")  # off: keys as before the option
+    before, after = make_plan(cfg).algorithm_keys, make_plan(on).algorithm_keys
+    assert before["maml"] == after["maml"] and before["fomaml"] != after["fomaml"]
+    learner = make_learner(on, "fomaml", torch.device("cpu"))
+    assert learner.zero_init == ("head.weight", "head.bias")
+    assert not learner.params["head.weight"].any() and not learner.params["head.bias"].any()
+    assert make_learner(on, "maml", torch.device("cpu")).zero_init == ()

@@ -115,3 +115,18 @@ def test_text_validation_names_a_class_in_two_splits_and_empty_text(tmp_path):
     message = str(e.value)
     assert "class_splits" in message and "utterances" in message and "n_chars" in message
     assert e.value.failures and not any(f.startswith("episodes") for f in e.value.failures)
+
+
+def test_head_names_the_classification_head_at_any_depth():
+    from torch import nn
+
+    from flows.families import Family
+
+    family = Family(text_config("intents.csv"))
+    top = nn.Module()
+    top.head, top.heads = nn.Linear(4, 2), nn.Linear(4, 2)  # "heads" is not the head
+    model = nn.Sequential()
+    model.top, model.body = top, nn.Linear(4, 4)
+    assert family.head(model) == ("top.head.weight", "top.head.bias")
+    with pytest.raises(ValueError, match="zero_head"):
+        family.head(nn.Linear(4, 2))

@@ -210,11 +210,11 @@ def test_config_errors_name_the_field(kwargs, field):
 HEAD = ("net.4.weight", "net.4.bias")
 
 
-def make_subset_learner(algorithm: str, adapted=HEAD, frozen=(), **cfg) -> MetaLearner:
+def make_subset_learner(algorithm: str, adapted=HEAD, frozen=(), zero_init=(), **cfg) -> MetaLearner:
     torch.manual_seed(0)
     model = MLP(SIZES).double()
     cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=STEPS, fast_lr=FAST_LR, **cfg)
-    return MetaLearner(model, cfg, F.mse_loss, adapted=adapted, frozen=frozen)
+    return MetaLearner(model, cfg, F.mse_loss, adapted=adapted, frozen=frozen, zero_init=zero_init)
 
 
 def reference_subset_loss(weights, adapted_idx, batch: TaskBatch, steps: int) -> torch.Tensor:
@@ -300,3 +300,42 @@ def test_task_chunks_sum_to_the_whole_batch_gradient(batch, algorithm):
 def test_query_chunk_needs_task_batched():
     with pytest.raises(ValueError, match="query_chunk"):
         MetaLearnerConfig(query_chunk=2)
+
+
+# --- zero_init (the "zeroing trick"): a head adapted from zero on every task, never meta-learned ---
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+def test_zero_init_head_starts_at_zero_and_gets_no_meta_gradient(batch, algorithm):
+    torch.manual_seed(0)
+    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=STEPS, fast_lr=FAST_LR)
+    learner = MetaLearner(MLP(SIZES).double(), cfg, F.mse_loss, zero_init=HEAD)
+    reference = make_learner(algorithm)  # same init, head zeroed by hand, meta-learned as usual
+    with torch.no_grad():
+        for k in HEAD:
+            reference.params[k].zero_()
+    for k, v in learner.params.items():
+        assert torch.equal(v, reference.params[k]) and (k not in HEAD or not v.any()), k
+    assert learner.lrs.keys() == reference.lrs.keys()  # still adapted in the inner loop
+    loss = learner.meta_backward(batch)
+    assert loss == pytest.approx(reference.meta_backward(batch), rel=1e-12)
+    for k, v in learner.params.items():
+        if k in HEAD:
+            assert v.grad is None and reference.params[k].grad.abs().max() > 0, k
+        else:
+            torch.testing.assert_close(v.grad, reference.params[k].grad, rtol=1e-10, atol=1e-12)
+    if algorithm == "metasgd":  # the head's learned rates are still meta-learned
+        assert all(r.grad is not None and r.grad.abs().max() > 0 for k, r in learner.lrs.items() if k in HEAD)
+    opt = torch.optim.Adam(learner.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        learner.meta_backward(batch)
+        opt.step()
+    assert all(not learner.params[k].any() for k in HEAD)
+    assert not torch.equal(learner.params["net.0.weight"], reference.params["net.0.weight"])
+    fast = learner.adapt_batch(batch.x_spt, batch.y_spt, 1)
+    assert all(fast[k].abs().max() > 0 for k in HEAD)  # each task's head moves off zero
+
+
+def test_zero_init_names_must_be_adapted():
+    with pytest.raises(ValueError, match="zero_init"):
+        make_subset_learner("maml", adapted=("net.0.weight",), zero_init=HEAD)
