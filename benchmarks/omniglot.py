@@ -47,8 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import write_json_atomic, write_parquet_atomic  # noqa: E402
 from components.conv4 import Conv4, Conv4Config  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig
-from components.omniglot import (OMNIGLOT_VERSION, EpisodeBatch, build_class_pool, load_omniglot,
+from components.omniglot import (EpisodeBatch, build_class_pool, load_omniglot,  # noqa: E402
                                  read_vinyals_split, sample_episodes)
+from flows.versions import code_version  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "l2l_maml")
@@ -67,8 +68,8 @@ CHUNKS = {5: (16, 2), 20: (4, 1)}
 # ---------------------------------------------------------------- data
 
 def table_path(data: Path) -> Path:
-    """data/omniglot/table-<key>.parquet, key = hash of both archives, the loader version and the image size."""
-    digest = hashlib.sha256(OMNIGLOT_VERSION.encode())
+    """data/omniglot/table-<key>.parquet, key = hash of both archives, the loader's code and the image size."""
+    digest = hashlib.sha256(code_version(["components.omniglot"]).encode())  # the loader's code
     for stem in ("images_background", "images_evaluation"):
         digest.update((data / f"{stem}.zip").read_bytes())
     return ROOT / "data" / "omniglot" / f"table-{digest.hexdigest()[:16]}-28.parquet"

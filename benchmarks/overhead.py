@@ -48,8 +48,8 @@ from benchmarks.common import write_json_atomic  # noqa: E402
 MODES = ("pipeline", "bare")
 TRACKER_METHODS = ("__init__", "start_run", "end_run", "end_stale_runs", "log_params", "log_metrics",
                    "log_curves", "set_tags", "log_artifact")
-STAGE_FUNCTIONS = ("build_task_sets", "build_prefix", "build_embeddings", "train_algorithm", "evaluate_unit",
-                   "run_baselines", "compare")
+STAGE_FUNCTIONS = ("build_task_sets", "build_prefix", "build_embeddings", "train_unit", "score_unit",
+                   "run_baselines", "compare")  # as flows.pipeline names them
 VALIDATORS = ("validate_tasksets", "validate_omniglot", "validate_text")
 FORBIDDEN_IN_BARE = ("prefect", "mlflow", "great_expectations")
 COMPARED_TABLES = (("evaluate", "results"), ("baselines", "results"), ("significance", "summary"))
@@ -130,12 +130,13 @@ def child(mode: str, config: str, overrides: dict, report: Path) -> None:
     record["in_process_s"] = time.perf_counter() - t0
 
 
-def _patch_common(watch: Stopwatch) -> None:
-    from flows import families, report_page, stages
+def _patch_common(watch: Stopwatch, callers) -> None:
+    """Time the stage functions as `callers` (a module holding them by STAGE_FUNCTIONS' names) calls them."""
+    from flows import report_page, validation
 
-    watch.patch("compute", stages, *STAGE_FUNCTIONS)
+    watch.patch("compute", callers, *STAGE_FUNCTIONS)
     watch.patch("report", report_page, "study_report")
-    watch.patch("gx_validation", families, *VALIDATORS)
+    watch.patch("gx_validation", validation, *VALIDATORS)
 
 
 def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -> None:
@@ -155,7 +156,7 @@ def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -
 
     SubprocessASGIServer.stop = stop_counting_server_cpu
     watch.patch("mlflow", tracking.Tracker, *TRACKER_METHODS)
-    _patch_common(watch)
+    _patch_common(watch, pipeline)
     start = time.perf_counter()
     out = pipeline.meta_pipeline(config_path=config, overrides=overrides)
     record["flow_s"] = time.perf_counter() - start
@@ -170,55 +171,73 @@ def process_cpu_seconds(pid: int) -> float:
 
 def run_bare(watch: Stopwatch, config: str, overrides: dict, record: dict) -> None:
     with watch.timing("import"):
-        from flows import families, stages
-        from flows.cache import StageCache, content_key, write_table
+        import types
+
+        import torch
+
+        from flows import validation
+        from flows.cache import StageCache, write_table
         from flows.config import load_config
         from flows.environment import project_root
         from flows.plan import make_plan
+        from flows.stages.baselines import run_baselines
+        from flows.stages.embeddings import build_embeddings
+        from flows.stages.evaluate import evaluate_unit
+        from flows.stages.meta_train import train_unit
+        from flows.stages.prefix import build_prefix
+        from flows.stages.significance import compare
+        from flows.stages.task_sets import build_task_sets
+    stages = types.SimpleNamespace(build_task_sets=build_task_sets, build_prefix=build_prefix,
+                                   build_embeddings=build_embeddings, train_unit=train_unit, score_unit=evaluate_unit,
+                                   run_baselines=run_baselines, compare=compare)
     for name in VALIDATORS:  # GX off: the task sets are the same, only their checks are skipped
-        setattr(families, name, lambda *args, **kwargs: {"success": True, "skipped": "overhead benchmark"})
-    _patch_common(watch)
+        setattr(validation, name, lambda *args, **kwargs: {"success": True, "skipped": "overhead benchmark"})
+    _patch_common(watch, stages)
     start = time.perf_counter()
     cfg, root = load_config(config, overrides), project_root()
-    stages.set_threads(cfg)
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
     plan, cache = make_plan(cfg), StageCache(root / cfg.runtime.data_dir)
-    bare_study(cfg, root, plan, cache, stages, content_key, write_table)
+    bare_study(cfg, root, plan, cache, stages, write_table)
     record["flow_s"] = time.perf_counter() - start
     loaded = [m for m in FORBIDDEN_IN_BARE if m in sys.modules]
     assert not loaded, f"the bare run imported {loaded}"
 
 
-def bare_study(cfg, root: Path, plan, cache, stages, content_key, write_table) -> None:
+def bare_study(cfg, root: Path, plan, cache, stages, write_table) -> None:
     """The pipeline's stage calls in its order, on its cache layout (flows/pipeline.py without the tasks)."""
     import pandas as pd
+    import torch
 
     from flows import report, report_page
-    from flows.families import family_for
 
-    keys = plan.keys
+    keys, family, ev, dev = plan.keys, plan.family, cfg.evaluate, torch.device("cpu")
     entry = lambda stage, key, compute: _write_entry(cache, stage, key, compute)  # noqa: E731
-    entry("task_sets", keys["task_sets"], lambda out: stages.build_task_sets(cfg, out))
+    entry("task_sets", keys["task_sets"], lambda out: stages.build_task_sets(family, cfg.seed, out))
     if "prefix" in keys:
-        entry("prefix", keys["prefix"], lambda out: stages.build_prefix(cfg, out))
-    entry("embeddings", keys["embeddings"], lambda out: stages.build_embeddings(cfg, cache, keys, out))
-    for label, (algorithm, seed) in plan.units.items():
+        entry("prefix", keys["prefix"], lambda out: stages.build_prefix(family, out))
+    tables = cache.tables(*plan.data)
+    entry("embeddings", keys["embeddings"], lambda out: stages.build_embeddings(
+        family, tables, tuple(cfg.embedding.metrics), cfg.embedding.n_similarity_tasks, out))
+    for label in plan.units:
         key = plan.algorithm_keys[label]
-        checkpoint = cache.root / "checkpoints" / key / "checkpoint.pt"
-        entry("meta_train", key, lambda out: stages.train_algorithm(cfg, algorithm, cache, keys, out, checkpoint,
-                                                                     None, seed))
+        checkpoint = cache.root / "checkpoints" / plan.checkpoint_keys[label] / "checkpoint.pt"
+        entry("meta_train", key, lambda out: stages.train_unit(family, tables, plan.settings[label], dev, out,
+                                                               checkpoint))
     parts = []
-    for label, (algorithm, seed) in plan.units.items():
-        part = content_key({"evaluate": keys["evaluate"], "unit": label})
-        entry("evaluate_parts", part, lambda out: parts.append(stages.evaluate_unit(
-            cfg, cache, keys, algorithm, seed, plan.algorithm_keys[label], out)))
+    for label, (algorithm, _) in plan.units.items():
+        state = cache.path("meta_train", plan.algorithm_keys[label]) / "state.pt"
+        entry("evaluate_parts", plan.part_key(label), lambda out: parts.append(stages.score_unit(
+            family, tables, plan.settings[label], state, ev.steps, ev.score_every, ev.chunk, algorithm, dev, out)))
     entry("evaluate", keys["evaluate"], lambda out: write_table(pd.concat(parts, ignore_index=True), out, "results"))
-    entry("baselines", keys["baselines"], lambda out: stages.run_baselines(cfg, cache, keys, out))
+    entry("baselines", keys["baselines"], lambda out: stages.run_baselines(
+        family, tables, ev.steps, ev.score_every, ev.chunk, cfg.seed, dev, out))
     results = pd.concat([cache.read_table("evaluate", keys["evaluate"], "results"),
                          cache.read_table("baselines", keys["baselines"], "results")])
-    entry("significance", keys["significance"], lambda out: stages.compare(cfg, results, out))
+    entry("significance", keys["significance"], lambda out: stages.compare(
+        results, family.metric, family.lower_is_better, cfg.significance.confidence, out))
     summary = cache.read_table("significance", keys["significance"], "summary").set_index("method")
     comparisons = cache.read_table("significance", keys["significance"], "comparisons")
-    family = family_for(cfg)
     text = report.results_text(summary, comparisons, family.metric, family.reference, cfg.significance.alpha)
     (root / "results.txt").write_text(text + "\n")
     report_page.study_report(cfg, cache, keys, plan.algorithm_keys, root / "reports" / "bare" / "report.html")

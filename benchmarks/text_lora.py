@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import write_json_atomic  # noqa: E402
 from components import text  # noqa: E402
+from components.episodes import class_members, episodes_from_rows, sample_rows  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig  # noqa: E402
 
 DEFAULT_CONFIGS = ("clinc150-lora", "banking77-lora")
@@ -141,12 +141,12 @@ def speed_worker(args) -> dict:
     learner = MetaLearner(model, MetaLearnerConfig(algorithm="maml", inner_steps=1, fast_lr=0.5, vectorize=True),
                           F.cross_entropy, adapted=text.adapted_names(model), frozen=frozen)
     opt = torch.optim.Adam(learner.parameters(), lr=1e-3)
-    classes = sorted(set(labels))
+    members = class_members(labels, sorted(set(labels)))
 
     def iteration(i: int) -> None:
-        rows, _ = text.sample_text_episodes(labels, classes, args.ways, args.shots, args.queries, args.meta_batch, i)
+        rows, _ = sample_rows(members, args.ways, args.shots, args.queries, args.meta_batch, i)
         opt.zero_grad(set_to_none=True)
-        learner.meta_backward(text.episodes_from_rows(rows, args.shots))
+        learner.meta_backward(episodes_from_rows(rows, args.shots))
         opt.step()
 
     for i in range(2):  # warm-up

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -16,7 +17,6 @@ from components.evaluation import evaluate_params
 from components.metalearners import LossFn, Params
 from components.tasksets import TaskBatch
 
-BASELINES_VERSION = "1"
 
 
 def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int, lr: float, seed: int,
@@ -106,3 +106,13 @@ def pretrain_classifier(model: nn.Module, images: torch.Tensor, iterations: int,
         loss_fn(model(images[c, d]), c.to(images.device)).backward()
         opt.step()
     return {k: p.detach().clone() for k, p in model.named_parameters()}
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    scratch_lr: float = 0.01  # test-time SGD rate from a fresh init
+    finetune_lr: float = 0.01  # test-time SGD rate from the pretrained init (text: LoRA + head fine-tuning)
+    pretrain_iterations: int = 2000  # Adam steps of the pooled pre-training
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 25
+    head_lr: float = 0.5  # text: a linear head on the frozen sentence embedding, from zeros

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 ADAPT_MODES = ("full", "head", "lora")
-CONV4_VERSION = "1"
 STRIDE, PADDING = 2, 1
 
 
@@ -51,6 +50,20 @@ class Conv4Config:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.lora_rank < 0:
             raise ValueError(f"lora_rank: must be >= 0, got {self.lora_rank}")
+
+
+@dataclass(frozen=True)
+class Conv4Model:
+    """A family's conv4 choice; the head's ways, the input channels and the image size come from its data."""
+
+    hidden: int = 64  # filters per convolution
+    adapted: str = "full"  # the weights the inner loop adapts: one of ADAPT_MODES
+    lora_rank: int = 4  # used when adapted == "lora"
+    lora_alpha: float = 8.0
+
+    def config(self, n_way: int, in_channels: int, image_size: int) -> Conv4Config:
+        return Conv4Config(n_way=n_way, in_channels=in_channels, hidden=self.hidden, image_size=image_size,
+                           lora_rank=self.lora_rank if self.adapted == "lora" else 0, lora_alpha=self.lora_alpha)
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

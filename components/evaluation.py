@@ -12,7 +12,6 @@ from torch.func import functional_call, vmap
 from components.metalearners import LossFn, MetaLearner, Params, adapt
 from components.tasksets import TaskBatch
 
-EVALUATION_VERSION = "1"
 
 
 def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int = 200,

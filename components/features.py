@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 from scipy.spatial.distance import cdist
 
-FEATURES_VERSION = "1"
 ROLES = ("support", "query")
 FEATURE_COLUMNS = (
     "n_support", "n_query", "x_mean", "x_std", "y_mean", "y_std", "y_min", "y_max", "y_range",

@@ -16,17 +16,18 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
 
+from components.episodes import EpisodeBatch, class_split, sample_rows
+
 PARTS = {"images_background": True, "images_evaluation": False}  # archive stem -> `background` flag
 VINYALS_SPLITS = ("train", "val", "test")
 ROTATIONS = (0, 90, 180, 270)  # degrees, counter-clockwise
-OMNIGLOT_VERSION = "1"
 
 _SOURCE = "github brendenlake/omniglot, python/ folder"
 _CLASS_ID = re.compile(r"^(?P<character>.+)/rot(?P<degrees>\d{3})$")
@@ -40,7 +41,7 @@ def load_omniglot(root: Path, size: int = 28, alphabets: Sequence[str] | None = 
     Returns one row per drawing (32,460 for the full set), background part first, then by name.
     """
     root = Path(root)
-    sources = {stem: _find_source(root, stem) for stem in PARTS}  # fail on a missing part before decoding
+    sources = {stem: find_source(root, stem) for stem in PARTS}  # fail on a missing part before decoding
     wanted = None if alphabets is None else set(alphabets)
     rows = [row for stem, src in sources.items() for row in _read_part(src, stem, size, wanted)]
     table = pd.DataFrame(rows, columns=["background", "alphabet", "character", "drawing", "pixels"])
@@ -51,7 +52,7 @@ def load_omniglot(root: Path, size: int = 28, alphabets: Sequence[str] | None = 
     return table
 
 
-def _find_source(root: Path, stem: str) -> Path:
+def find_source(root: Path, stem: str) -> Path:
     for path in (root / f"{stem}.zip", root / stem):
         if path.exists():
             return path
@@ -135,16 +136,12 @@ def random_class_split(characters: Sequence[str], fractions: dict[str, float], s
                        rotations: Sequence[int] = ROTATIONS) -> dict[str, list[str]]:
     """Split characters at random by ``fractions`` (split -> share, summing to 1), each with all its rotations.
 
-    Rotations of one character never straddle splits. Class ids are sorted within each split.
+    Rotations of one character never straddle splits (`episodes.class_split` over character groups).
+    Class ids are sorted within each split.
     """
-    shares = np.array(list(fractions.values()), dtype=float)
-    if len(shares) == 0 or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
-        raise ValueError(f"fractions: need non-negative shares summing to 1, got {fractions}")
     chars = sorted(set(characters))
-    order = np.random.default_rng(seed).permutation(len(chars))
-    bounds = np.concatenate([[0], np.rint(np.cumsum(shares) * len(chars)).astype(int)])
-    return {split: [f"{chars[i]}/rot{r:03d}" for i in sorted(order[lo:hi]) for r in rotations]
-            for split, lo, hi in zip(fractions, bounds[:-1], bounds[1:])}
+    ids = [f"{c}/rot{r:03d}" for c in chars for r in rotations]
+    return class_split(ids, fractions, seed, groups=[i.rsplit("/", 1)[0] for i in ids])
 
 
 def rotate(images: np.ndarray, degrees: int) -> np.ndarray:
@@ -186,47 +183,18 @@ def build_class_pool(table: pd.DataFrame, class_ids: Sequence[str]) -> ClassPool
     return ClassPool(torch.from_numpy(images).unsqueeze(2), tuple(class_ids))
 
 
-class EpisodeBatch(NamedTuple):
-    """T episodes of N ways: x_spt (T, N*K, 1, s, s), y_spt (T, N*K) int64, x_qry (T, N*Q, 1, s, s), y_qry (T, N*Q).
-
-    Examples are grouped by label: y_spt[t] = [0]*K + [1]*K + ... + [N-1]*K, likewise y_qry.
-    """
-
-    x_spt: torch.Tensor
-    y_spt: torch.Tensor
-    x_qry: torch.Tensor
-    y_qry: torch.Tensor
-
-    def index(self, idx) -> "EpisodeBatch":
-        return EpisodeBatch(*(t[idx] for t in self))
-
-    def to(self, device) -> "EpisodeBatch":
-        return EpisodeBatch(*(t.to(device) for t in self))
-
-    def __len__(self) -> int:  # number of episodes
-        return self.x_spt.shape[0]
-
-
 def sample_episode_indices(n_classes: int, n_drawings: int, n_way: int, k_shot: int, n_query: int,
                            n_episodes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Which classes and drawings make each episode.
+    """Which classes and drawings make each episode (`episodes.sample_rows` over a full class x drawing grid).
 
     Returns classes (T, N), distinct per episode and in random order, so label j is classes[:, j];
     and drawings (T, N, K+Q), distinct per class: the first K are support, the last Q query.
     """
-    for name, value, lo in (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("n_query", n_query, 0),
-                            ("n_episodes", n_episodes, 0)):
-        if not isinstance(value, (int, np.integer)) or value < lo:
-            raise ValueError(f"{name}: need an integer >= {lo}, got {value!r}")
-    if n_way > n_classes:
-        raise ValueError(f"n_way: {n_way} exceeds the pool's {n_classes} classes")
+    members = np.arange(n_classes * n_drawings, dtype=np.int64).reshape(n_classes, n_drawings)
     if k_shot + n_query > n_drawings:
         raise ValueError(f"k_shot + n_query: {k_shot + n_query} exceeds the {n_drawings} drawings per class")
-    rng = np.random.default_rng(seed)
-    classes = np.array([rng.choice(n_classes, n_way, replace=False) for _ in range(n_episodes)],
-                       dtype=np.int64).reshape(n_episodes, n_way)
-    drawings = rng.random((n_episodes, n_way, n_drawings)).argsort(-1)[..., :k_shot + n_query]
-    return classes, drawings
+    rows, classes = sample_rows(members, n_way, k_shot, n_query, n_episodes, seed)
+    return classes, rows % max(n_drawings, 1)
 
 
 def sample_episodes(pool: ClassPool, n_way: int, k_shot: int, n_query: int, n_episodes: int,

@@ -11,6 +11,7 @@ import itertools
 import numpy as np
 import pandas as pd
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 RESULT_COLUMNS = ("episode", "method", "metric", "value")
 PAIR_FIELDS = ("n", "mean_diff", "ci_low", "ci_high", "t_stat", "p_ttest",
@@ -21,30 +22,27 @@ def mean_ci(values, confidence: float = 0.95) -> tuple[float, float]:
     """Mean and half-width of a two-sided Student-t confidence interval.
 
     values: (n,) scores. Half-width = t_{(1+confidence)/2, n-1} * sd(ddof=1) / sqrt(n);
-    it is nan for n = 1, where the spread is unknown.
+    it is nan for n = 1, where the spread is unknown, and 0 for constant values (see _constant).
     """
     x = _as_vector(values, "values")
     if x.size < 2:
         return float(x[0]), float("nan")
-    t = stats.t.ppf((1 + confidence) / 2, df=x.size - 1)
-    return float(x.mean()), float(t * x.std(ddof=1) / np.sqrt(x.size))
+    if _constant(x):
+        return float(x.mean()), 0.0
+    ci = stats.ttest_1samp(x, 0.0).confidence_interval(confidence_level=confidence)
+    return float(x.mean()), float((ci.high - ci.low) / 2)
 
 
 def holm(pvalues) -> np.ndarray:
     """Holm-Bonferroni adjusted p-values, (m,) -> (m,), in the input order.
 
-    The i-th smallest p gets max_{j<=i} min(1, (m - j + 1) p_(j)). nan p-values (tests that
-    could not be run) stay nan and do not count towards m.
+    The i-th smallest p gets max_{j<=i} min(1, (m - j + 1) p_(j)) (statsmodels' "holm"). nan
+    p-values (tests that could not be run) stay nan and do not count towards m.
     """
     p = np.asarray(pvalues, dtype=float).ravel()
     finite = ~np.isnan(p)
-    order = np.argsort(p[finite], kind="stable")
-    m = order.size
-    stepped = np.maximum.accumulate((m - np.arange(m)) * p[finite][order])
-    adjusted = np.empty(m)
-    adjusted[order] = np.minimum(stepped, 1.0)
     out = np.full(p.shape, np.nan)
-    out[finite] = adjusted
+    out[finite] = multipletests(p[finite], method="holm")[1]
     return out
 
 
@@ -55,17 +53,17 @@ def paired_comparison(a, b, confidence: float = 0.95) -> dict:
     Returns n, mean_diff, the t-interval ci_low/ci_high of mean(d), t_stat/p_ttest,
     wilcoxon_stat/p_wilcoxon and Cohen's d_z = mean(d) / sd(d, ddof=1). When every d is zero
     both tests give statistic 0 and p = 1 and d_z is 0 (scipy would give nan or raise); a
-    constant non-zero d gives t and d_z = +-inf, p_ttest = 0; n = 1 gives nan t, CI and d_z.
+    constant non-zero d gives t and d_z = +-inf, p_ttest = 0; any constant d gives the
+    zero-width CI [mean(d), mean(d)]; n = 1 gives nan t, CI and d_z.
     """
     a, b = _as_vector(a, "a"), _as_vector(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a and b must be aligned per episode; got shapes {a.shape} and {b.shape}")
     d = a - b
-    mean_diff, half = mean_ci(d, confidence)
-    t_stat, p_t = _ttest(a, b, d)
+    t_stat, p_t, ci_low, ci_high = _ttest(a, b, d, confidence)
     w_stat, p_w = _wilcoxon(d)
-    return {"n": int(d.size), "mean_diff": mean_diff, "ci_low": mean_diff - half,
-            "ci_high": mean_diff + half, "t_stat": t_stat, "p_ttest": p_t,
+    return {"n": int(d.size), "mean_diff": float(d.mean()), "ci_low": ci_low,
+            "ci_high": ci_high, "t_stat": t_stat, "p_ttest": p_t,
             "wilcoxon_stat": w_stat, "p_wilcoxon": p_w, "cohens_dz": _cohens_dz(d)}
 
 
@@ -113,14 +111,25 @@ def _as_vector(values, name: str) -> np.ndarray:
     return x
 
 
-def _ttest(a: np.ndarray, b: np.ndarray, d: np.ndarray) -> tuple[float, float]:
-    """scipy's ttest_rel, with its warning-prone corners made explicit."""
+def _constant(x: np.ndarray) -> bool:
+    """All equal up to float rounding: 0.3 - 0.2 and 0.1 differ by 3e-17, so sd(ddof=1) == 0 misses
+    them, and scipy's t-tests warn of precision loss and return noise (t ~ 1e15) there."""
+    return bool(np.all(np.abs(x - x[0]) <= 1e-12 * np.abs(x[0])))
+
+
+def _ttest(a: np.ndarray, b: np.ndarray, d: np.ndarray,
+           confidence: float) -> tuple[float, float, float, float]:
+    """scipy's ttest_rel and its t-interval of mean(d) -> (t, p, ci_low, ci_high), with its
+    warning-prone corners made explicit."""
     if d.size < 2:
-        return float("nan"), float("nan")  # no spread to test against
-    if d.std(ddof=1) == 0:  # constant differences: t is 0 or +-inf
-        return (0.0, 1.0) if d[0] == 0 else (float(np.copysign(np.inf, d[0])), 0.0)
+        return (float("nan"),) * 4  # no spread to test against
+    if _constant(d):  # t is 0 or +-inf, the CI has zero width
+        mean = float(d.mean())
+        t, p = (0.0, 1.0) if d[0] == 0 else (float(np.copysign(np.inf, d[0])), 0.0)
+        return t, p, mean, mean
     res = stats.ttest_rel(a, b)
-    return float(res.statistic), float(res.pvalue)
+    ci = res.confidence_interval(confidence_level=confidence)
+    return float(res.statistic), float(res.pvalue), float(ci.low), float(ci.high)
 
 
 def _wilcoxon(d: np.ndarray) -> tuple[float, float]:
@@ -132,10 +141,11 @@ def _wilcoxon(d: np.ndarray) -> tuple[float, float]:
 
 def _cohens_dz(d: np.ndarray) -> float:
     mean = d.mean()
-    sd = d.std(ddof=1) if d.size > 1 else float("nan")
-    if sd == 0:
+    if d.size < 2:
+        return float("nan")
+    if _constant(d):
         return 0.0 if mean == 0 else float(np.copysign(np.inf, mean))
-    return float(mean / sd)
+    return float(mean / d.std(ddof=1))
 
 
 def _metric_rows(results: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -173,3 +183,16 @@ def _significantly_better(table: pd.DataFrame, lower_is_better: bool, alpha: flo
     favours_a = table["mean_diff"] < 0 if lower_is_better else table["mean_diff"] > 0
     return (favours_a & (table["p_ttest_holm"] < alpha)
             & (table["p_wilcoxon_holm"] < alpha)).astype(bool)
+
+
+def across_seeds(results: pd.DataFrame) -> pd.DataFrame:
+    """Each method's score per (episode, steps) averaged over its meta-training seeds (no seed column: unchanged)."""
+    if "seed" not in results.columns:
+        return results
+    return results.groupby(["episode", "method", "steps", "metric"], as_index=False, sort=False)["value"].mean()
+
+
+def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
+    """Per method and seed, the mean score over episodes at the last step: (method, seed, metric, value)."""
+    final = results[(results["steps"] == results["steps"].max()) & results["seed"].notna()]
+    return final.groupby(["method", "seed", "metric"], as_index=False)["value"].mean()

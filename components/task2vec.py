@@ -30,7 +30,6 @@ from torch.func import functional_call, vjp, vmap
 
 from components.conv4 import PADDING, STRIDE, BatchNorm, Conv4
 
-TASK2VEC_VERSION = "1"
 LABEL_MODES = ("sampled", "expected", "empirical")
 DISTANCES = ("normalized_cosine", "cosine", "euclidean", "manhattan")
 Params = dict[str, torch.Tensor]

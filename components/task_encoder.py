@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TASK_ENCODER_VERSION = "1"
 LABEL_INPUTS = ("class_mean", "onehot")
 
 

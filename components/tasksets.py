@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 
-SPLITS = ("meta_train", "meta_val", "meta_test")
-TASKSETS_VERSION = "1"
+from components.episodes import SPLITS, EpisodeBatch
 
 
 @dataclass(frozen=True)
@@ -29,22 +27,7 @@ class SinusoidFamily:
     n_query: int = 10  # query points per task, drawn from the same sine
 
 
-class TaskBatch(NamedTuple):
-    """A meta-batch of T tasks: x_spt (T, K, 1), y_spt (T, K, 1), x_qry (T, Q, 1), y_qry (T, Q, 1)."""
-
-    x_spt: torch.Tensor
-    y_spt: torch.Tensor
-    x_qry: torch.Tensor
-    y_qry: torch.Tensor
-
-    def index(self, idx) -> "TaskBatch":
-        return TaskBatch(*(t[idx] for t in self))
-
-    def to(self, device) -> "TaskBatch":
-        return TaskBatch(*(t.to(device) for t in self))
-
-    def __len__(self) -> int:  # number of tasks
-        return self.x_spt.shape[0]
+TaskBatch = EpisodeBatch  # the sinusoid family's tasks: x, y (T, K, 1) points
 
 
 def sample_sinusoid_tasks(family: SinusoidFamily, n_tasks: dict[str, int], seed: int) -> pd.DataFrame:

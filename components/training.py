@@ -189,9 +189,18 @@ def _save(path: Path, run: dict, learner: MetaLearner, opt: torch.optim.Optimize
         raise
 
 
+def checkpoint_iteration(path: Path) -> int:
+    """The iteration a checkpoint file holds, 0 when there is none."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    return int(torch.load(path, weights_only=True, map_location="cpu")["iteration"])
+
+
 def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
     """Load a checkpoint into learner and opt; return the loop state it holds."""
-    ckpt = torch.load(path, weights_only=True)
+    device = next(iter(learner.parameters())).device
+    ckpt = torch.load(path, weights_only=True, map_location=device)  # written on another device: loads here
     if ckpt.get("version") != TRAINING_VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r}, expected {TRAINING_VERSION!r}")
     expected = _run_config(learner, cfg)

@@ -17,7 +17,6 @@ from scipy import stats
 
 from components.task2vec import DISTANCES, pairwise_distances
 
-TRANSFER_VERSION = "1"
 RESAMPLE = ("targets", "pairs")
 DISTANCE_COLUMNS = ("embedding", "metric", "source", "target", "distance")
 CORRELATION_COLUMNS = ("embedding", "metric", "rho", "ci_low", "ci_high", "n_pairs", "resample")
@@ -66,11 +65,10 @@ def transfer_pairs(gains: pd.DataFrame) -> pd.DataFrame:
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman's rho of x, y (n,): Pearson's r of their average ranks; nan when either is constant."""
-    rx, ry = stats.rankdata(x), stats.rankdata(y)
-    if rx.std() == 0 or ry.std() == 0:
+    """Spearman's rho of x, y (n,) (scipy's spearmanr); nan when either is constant (scipy would warn)."""
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def transfer_correlation(gains: pd.DataFrame, distances: pd.DataFrame, n_boot: int = 2000,
@@ -143,3 +141,24 @@ def nearest_source(sources: pd.DataFrame, target, metric: str = "normalized_cosi
     target = torch.tensor(np.asarray(target, dtype=float))[None]
     d = pairwise_distances(torch.tensor(sources.to_numpy(dtype=float)), target, metric)[:, 0]
     return sources.index[int(torch.argmin(d))]
+
+
+def gain_matrix(scores: pd.DataFrame, reference: str = "scratch") -> pd.DataFrame:
+    """Mean gain over `reference`, groups x groups (index source, columns target).
+
+    scores: long (source, target, episode, value); sources that are not targets (pooled, the reference) are
+    left out of the rows."""
+    mean = scores.groupby(["source", "target"])["value"].mean().unstack("target")
+    groups = list(mean.columns)
+    return (mean.loc[groups, groups] - mean.loc[reference, groups]).rename_axis(index="source", columns="target")
+
+
+def zscore_columns(table: pd.DataFrame) -> pd.DataFrame:
+    """Each column minus its mean over rows, over its population std; constant columns become 0."""
+    return (table - table.mean()) / table.std(ddof=0).replace(0.0, 1.0)
+
+
+def nearest_sources(embeddings: pd.DataFrame, metric: str = "normalized_cosine") -> pd.DataFrame:
+    """For every group (row of embeddings, groups x E), the nearest *other* group: (target, source)."""
+    return pd.DataFrame([(g, nearest_source(embeddings.drop(index=g), embeddings.loc[g].to_numpy(), metric))
+                         for g in embeddings.index], columns=["target", "source"])

@@ -5,23 +5,31 @@ anything else (a crash mid-write, a truncated or edited file) counts as missing 
 Entries are written into a temporary sibling folder and renamed into place, so readers never see
 half an entry and a failed stage loses nothing already cached. `lock` serialises the computation of
 one entry across processes (two pipeline runs on one project): the second waits, then finds it cached.
+
+An entry also records the manifest digests of the entries it was computed from (`inputs`): when one of
+those is rewritten (a meta-training continued under a larger budget), the entry is stale and recomputed,
+although its key is unchanged. This module alone knows the file names inside an entry.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import pandas as pd
+from filelock import UnixFileLock
+
+from flows.versions import file_sha256
 
 MANIFEST = "manifest.json"
+STATE, HISTORY, RESULTS, VALIDATION = "state.pt", "history", "results", "validation.json"  # inside entries
+CHECKPOINT = "checkpoint.pt"  # inside <root>/checkpoints/<trajectory key>/
 # errors that mean "this folder cannot take the entry" rather than a bug in the stage
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
@@ -37,22 +45,6 @@ def content_key(payload: Any) -> str:
     """16 hex digits of the sha256 of a JSON-able payload (dict order does not matter)."""
     text = json.dumps(payload, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def source_version(*modules) -> str:
-    """Hash of the modules' source files: editing a stage's code changes its cache key."""
-    digest = hashlib.sha256()
-    for module in modules:
-        digest.update(Path(module.__file__).read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class StageCache:
@@ -77,6 +69,25 @@ class StageCache:
         return all((entry / name).is_file() and file_sha256(entry / name) == sha
                    for name, sha in manifest["files"].items())
 
+    def digest(self, stage: str, key: str) -> str | None:
+        """A hash of the entry's files (from its manifest): changes whenever its content does."""
+        return _manifest_digest(self.path(stage, key))
+
+    def tables(self, *entries: tuple[str, str]) -> "EntryTables":
+        """The tables of the entries (pairs (stage, key)), by name."""
+        return EntryTables([self.path(stage, key) for stage, key in entries])
+
+    def input_digests(self, reads) -> dict[str, str | None]:
+        """{"stage/key": digest} of the entries in reads (pairs (stage, key)) as they are now."""
+        return {f"{stage}/{key}": self.digest(stage, key) for stage, key in reads}
+
+    def status(self, stage: str, key: str, reads=()) -> str:
+        """"cached", "missing" or "stale": complete but computed from other versions of the entries it reads."""
+        if not self.is_complete(stage, key):
+            return "missing"
+        recorded = (self.manifest(stage, key) or {}).get("inputs", {})
+        return "cached" if recorded == self.input_digests(reads) else "stale"
+
     @contextlib.contextmanager
     def lock(self, stage: str, key: str) -> Iterator[None]:
         """Hold an exclusive lock on (stage, key) across processes; the OS drops it if the holder dies.
@@ -93,12 +104,13 @@ class StageCache:
             yield
 
     @contextlib.contextmanager
-    def writing(self, stage: str, key: str, meta: dict | None = None) -> Iterator[Path]:
-        """Yield a temporary folder to fill; on success it replaces the entry atomically.
+    def writing(self, stage: str, key: str, meta: dict | None = None, reads=()) -> Iterator[Path]:
+        """Yield a temporary folder to fill; on success it replaces the entry atomically, recording the
+        digests of the entries it read (reads: pairs (stage, key)), taken before the work started.
 
         A folder that cannot be written (permissions, full disk) raises CacheWriteError naming it.
         """
-        final = self.path(stage, key)
+        final, inputs = self.path(stage, key), self.input_digests(reads)
         with _writable(stage, final.parent):
             final.parent.mkdir(parents=True, exist_ok=True)
             tmp = final.parent / f".{key}.tmp-{uuid.uuid4().hex[:8]}"
@@ -107,7 +119,7 @@ class StageCache:
             with _writable(stage, final.parent):
                 yield tmp
                 files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-                manifest = {"stage": stage, "key": key, "files": files, "meta": meta or {}}
+                manifest = {"stage": stage, "key": key, "files": files, "meta": meta or {}, "inputs": inputs}
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
                 self._swap_in(tmp, final)
         finally:
@@ -125,15 +137,13 @@ class StageCache:
         return pd.read_parquet(self.path(stage, key) / f"{name}.parquet")
 
 
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on path (created if missing), blocking; released on exit or when the process dies."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the flock
+def file_lock(path: Path) -> UnixFileLock:
+    """An exclusive flock on path (created if missing), blocking; released on exit or when the process dies.
+
+    No soft fallback on a filesystem without flock: a soft lock outlives a killed holder and would block
+    every later run, so such a filesystem raises instead.
+    """
+    return UnixFileLock(path, fallback_to_soft=False)
 
 
 @contextlib.contextmanager
@@ -151,6 +161,46 @@ def _writable(stage: str, folder: Path) -> Iterator[None]:
         where = e.filename or folder
         raise CacheWriteError(e.errno, f"stage {stage}: cannot write {where} ({os.strerror(e.errno)}); "
                                        f"the cache entries already in {folder.parent} are untouched") from e
+
+
+def _manifest_digest(entry: Path) -> str | None:
+    """Hash of the entry's files (their sha256s, not the log meta): equal for a byte-identical recompute."""
+    try:
+        files = json.loads((entry / MANIFEST).read_text())["files"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return None
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EntryTables(Mapping):
+    """Tables of cache entries by name, read lazily from `<entry>/<name>.parquet` (the first entry holding it)
+    and kept; what a family reads instead of paths. token: the entries' manifest digests (a decoded copy's key)."""
+
+    def __init__(self, entries: list[Path]):
+        self.entries, self._read = list(entries), {}
+        self.token = tuple(_manifest_digest(p) for p in self.entries)  # changes whenever an entry is rewritten
+
+    def _file(self, name: str) -> Path | None:
+        return next((p / f"{name}.parquet" for p in self.entries if (p / f"{name}.parquet").is_file()), None)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        if name not in self._read:
+            file = self._file(name)
+            if file is None:
+                raise KeyError(f"no table {name!r} in the cache entries {[str(p) for p in self.entries]}")
+            self._read[name] = pd.read_parquet(file)
+        return self._read[name]
+
+    def __iter__(self):
+        return iter(sorted({p.stem for e in self.entries for p in e.glob("*.parquet")}))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], folder: Path) -> None:
+    for name, table in tables.items():
+        write_table(table, folder, name)
 
 
 def write_table(df: pd.DataFrame, folder: Path, name: str) -> Path:

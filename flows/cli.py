@@ -73,17 +73,38 @@ def _overrides(args) -> dict:
 
 
 def _stages(cfg, root) -> int:
+    """Each entry's key and state: cached, missing, stale (an entry it reads changed since), or for the
+    task sets, stale because an input file changed since an entry of the same settings was built."""
     from flows.cache import StageCache
     from flows.plan import STAGES, make_plan
 
-    plan, cache = make_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    data_dir = root / cfg.runtime.data_dir
+    plan, cache = make_plan(cfg, data_dir / "inputs.json"), StageCache(data_dir)
     for stage in [s for s in ("task_sets", "prefix") if s in plan.keys] + list(STAGES[1:]):
         keys = plan.algorithm_keys if stage == "meta_train" else {"": plan.keys[stage]}
         for label, key in keys.items():
             name = f"{stage}[{label}]" if label else stage
-            state = "cached" if cache.is_complete(stage, key) else "missing"
+            state = cache.status(stage, key, plan.reads(stage, label or None))
+            if state == "missing" and stage in ("task_sets", "prefix"):
+                state = _changed_inputs(cache, stage, key, plan) or state
+            elif state == "cached" and stage == "meta_train" and \
+                    cache.manifest(stage, key)["meta"].get("stop_reason") == "budget":
+                meta = cache.manifest(stage, key)["meta"]
+                state = f"cached, unfinished (budget at iteration {meta.get('iterations_total')}; a rerun continues)"
             print(f"{name:<28} {key}  {state}")
     return 0
+
+
+def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
+    """'stale (...)' naming the input files that differ from an entry of the same stage built with the same
+    settings, if there is one."""
+    for manifest in (cache.manifest(stage, p.name) for p in sorted((cache.root / stage).glob("[!.]*"))):
+        inputs = (manifest or {}).get("meta", {}).get("inputs")
+        if manifest and manifest["meta"].get("settings") == plan.settings_key(stage) and inputs:
+            changed = sorted(Path(p).name for p, sha in plan.inputs.items() if inputs.get(p) != sha)
+            if changed:
+                return f"stale (input changed since entry {manifest['key']}: {', '.join(changed)})"
+    return None
 
 
 def _ui(root, host: str, port: str) -> int:
@@ -189,12 +210,12 @@ def _run(args) -> int:
 def _transfer(args) -> int:
     """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
     from flows.config import ConfigError
-    from flows.transfer_stages import CODE
+    from flows.transfer_stages import STAGES
 
     if args.stage:
         raise ConfigError("--stage: a transfer study runs whole; use --force to recompute a stage")
-    if unknown := sorted(set(args.force) - set(CODE)):
-        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(CODE)}")
+    if unknown := sorted(set(args.force) - set(STAGES)):
+        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
     from flows.transfer import transfer_study
 
     start = time.perf_counter()

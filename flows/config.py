@@ -14,7 +14,7 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from components.metalearners import ALGORITHMS
+from components.metalearners import ALGORITHMS, MetaLearnerConfig
 
 
 class Section(BaseModel):
@@ -64,6 +64,8 @@ class OmniglotSection(Section):
         return self
 
 
+
+
 class TextSection(Section):
     """Few-shot intent classification: N-way K-shot episodes of utterances, classes disjoint across splits."""
 
@@ -88,7 +90,10 @@ class TextSection(Section):
             raise ValueError(f"fractions: need three positive shares summing to 1, got {self.fractions}")
         if self.split_by == "domain" and self.dataset == "banking77":
             raise ValueError("split_by: BANKING77 has no domains; use 'class'")
+        if self.split_by == "domain" and self.dataset == "csv" and not self.domain_col:
+            raise ValueError("split_by: 'domain' needs domain_col, the column naming each utterance's domain")
         return self
+
 
 
 def _family_kind(value) -> str:
@@ -116,6 +121,50 @@ class ModelSection(Section):
     top_layers: int = Field(2, ge=1, le=6)  # minilm: top layers run per episode (LoRA there); below is cached
     target_modules: tuple[str, ...] = ("query", "value")  # minilm: peft target modules in each top layer
     lora_b_std: float = Field(1e-3, ge=0)  # minilm: lora_B ~ N(0, std), not peft's zeros (dL/dA would start at 0)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.kind == "mlp" and self.adapted != "full":
+            raise ValueError(f"adapted: the mlp model adapts all its weights; only 'full', got {self.adapted!r}")
+        for name in self._written():
+            if self.kind not in MODEL_FIELDS.get(name, (self.kind,)):
+                raise ValueError(f"{name}: read only by model.kind {' or '.join(MODEL_FIELDS[name])}; "
+                                 f"this is {self.kind!r}")
+            if name in LORA_FIELDS and self.adapted != "lora":
+                raise ValueError(f"{name}: a LoRA setting, read only with adapted: lora; adapted is {self.adapted!r}")
+        if self.kind == "mlp" and (len(self.sizes) < 2 or self.sizes[0] != 1 or self.sizes[-1] != 1
+                                   or min(self.sizes) < 1):
+            raise ValueError(f"sizes: the mlp maps a sinusoid's x to its y (one value each): need [1, ..., 1] with "
+                             f"positive widths, got {list(self.sizes)}")
+        if self.kind == "minilm" and self.adapted == "lora":
+            _check_target_modules(self.target_modules)
+        return self
+
+    def _written(self) -> list[str]:
+        """Fields the input set to a value other than the default; a dumped config (defaults and all) re-validates."""
+        fields = type(self).model_fields
+        return [n for n in fields if n in self.model_fields_set and getattr(self, n) != fields[n].default]
+
+
+MODEL_FIELDS = {"sizes": ("mlp",), "hidden": ("conv4",), "lora_r": ("conv4", "minilm"),
+                "lora_alpha": ("conv4", "minilm"), "top_layers": ("minilm",), "target_modules": ("minilm",),
+                "lora_b_std": ("minilm",)}  # the model kinds that read each field; unlisted: every kind
+LORA_FIELDS = ("lora_r", "lora_alpha", "target_modules", "lora_b_std")
+
+
+def _check_target_modules(targets: tuple[str, ...]) -> None:
+    """peft wraps the modules whose name is a target or ends with '.' + target; only linear ones are supported."""
+    from components.text import layer_module_names
+
+    if not targets:
+        raise ValueError("target_modules: LoRA needs at least one module name, e.g. [query, value]")
+    try:
+        names = layer_module_names()
+    except ImportError as e:
+        raise ValueError(f"target_modules: cannot be checked against MiniLM's layers: {e}") from None
+    if wrong := [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]:
+        raise ValueError(f"target_modules: no module {', '.join(map(repr, wrong))} in MiniLM's layers; names there: "
+                         f"{', '.join(names)} (or their endings, e.g. 'query')")
 
 
 class AlgorithmOverride(Section):
@@ -155,6 +204,9 @@ class MetaTrainSection(Section):
         lo, hi = self.metasgd_lr_range
         if not 0 < lo <= hi:
             raise ValueError(f"metasgd_lr_range: need 0 < low <= high, got [{lo}, {hi}]")
+        if self.query_chunk and not self.task_batched:
+            raise ValueError("query_chunk: only task_batched learners split the query apart from the support; "
+                             "set task_batched: true or drop query_chunk")
         return self
 
     def for_algorithm(self, algorithm: str) -> dict:
@@ -286,7 +338,39 @@ class StudyConfig(Section):
         zero_head = self.meta_train.zero_head or any(o.zero_head for o in self.meta_train.overrides.values())
         if zero_head and self.family.kind == "sinusoid":
             raise ValueError("meta_train.zero_head: the sinusoid family is regression; it has no classification head")
+        if self.meta_train.task_batched and self.model.kind != "conv4":
+            raise ValueError(f"meta_train.task_batched: only the conv4 model runs a chunk of tasks as one network; "
+                             f"model.kind is {self.model.kind!r}")
+        if self.family.kind == "sinusoid" and self.meta_train.meta_batch_size > self.family.n_tasks["meta_train"]:
+            raise ValueError(f"meta_train.meta_batch_size: {self.meta_train.meta_batch_size} exceeds the "
+                             f"{self.family.n_tasks['meta_train']} tasks of family.n_tasks.meta_train")
+        self._check_rates()
+        if self.transfer is not None:
+            self._check_transfer_groups()
         return self
+
+    def _check_rates(self) -> None:
+        """Each learner's fast_lr against metasgd_lr_range, by the learners' own rule (MetaLearnerConfig: Meta-SGD
+        starts its learned rates at fast_lr and clips them to the range); the range itself is checked by its section."""
+        mt = self.meta_train
+        for algorithm in dict.fromkeys(mt.algorithms + ((self.transfer.algorithm,) if self.transfer else ())):
+            rate = mt.for_algorithm(algorithm)["fast_lr"]
+            try:
+                MetaLearnerConfig(algorithm=algorithm, fast_lr=rate, lr_range=mt.metasgd_lr_range)
+            except ValueError:
+                override = mt.overrides.get(algorithm)
+                field = "fast_lr" if override is None or override.fast_lr is None else f"overrides.{algorithm}.fast_lr"
+                raise ValueError(f"meta_train.{field}: {rate} is outside meta_train.metasgd_lr_range "
+                                 f"{list(mt.metasgd_lr_range)}, where {algorithm} starts its inner rates (Meta-SGD "
+                                 "then learns them, clipped to the range)") from None
+
+    def _check_transfer_groups(self) -> None:
+        f = self.family
+        if f.kind == "text" and f.dataset == "banking77":
+            raise ValueError("transfer: groups are domains of intents, and BANKING77 has none; use clinc150 or a "
+                             "csv with family.domain_col")
+        if f.kind == "text" and f.dataset == "csv" and not f.domain_col:
+            raise ValueError("transfer: groups are domains of intents; set family.domain_col")
 
     @property
     def train_seeds(self) -> tuple[int, ...]:
@@ -313,5 +397,14 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '<top>'}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{path}: {problems}") from None
+        raise ConfigError(f"{path}: {'; '.join(map(_problem, e.errors()))}") from None
+
+
+def _problem(err) -> str:
+    """One pydantic error as `key: message`; our validators' messages start with the key, relative to err's loc."""
+    loc = [str(part) for part in err["loc"]]
+    if loc[:1] == ["family"] and len(loc) > 1:
+        del loc[1]  # the family's kind tag
+    if err["type"] == "value_error":
+        return ".".join([*loc, err["msg"].removeprefix("Value error, ")])
+    return f"{'.'.join(loc) or '<top>'}: {err['msg']}"

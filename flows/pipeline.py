@@ -24,14 +24,21 @@ import pandas as pd  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from components.significance import mean_ci  # noqa: E402
-from flows import report, report_page, stages  # noqa: E402
-from flows import stages as stages_module  # noqa: E402
-from flows.cache import StageCache, content_key, write_table  # noqa: E402
+import torch  # noqa: E402
+
+from components.significance import across_seeds, mean_ci  # noqa: E402
+from flows import report, report_page  # noqa: E402
+from flows.cache import CHECKPOINT, HISTORY, RESULTS, STATE, VALIDATION, StageCache, write_table  # noqa: E402
 from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.families import family_for  # noqa: E402
 from flows.plan import Plan, make_plan, needed_stages, unit_label  # noqa: E402
+from flows.stages.baselines import run_baselines  # noqa: E402
+from flows.stages.embeddings import build_embeddings  # noqa: E402
+from flows.stages.evaluate import evaluate_unit as score_unit  # noqa: E402
+from flows.stages.meta_train import train_unit  # noqa: E402
+from flows.stages.prefix import build_prefix  # noqa: E402
+from flows.stages.significance import compare  # noqa: E402
+from flows.stages.task_sets import build_task_sets  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 from flows.validation import ValidationFailed  # noqa: E402
 
@@ -68,27 +75,44 @@ class Run:
     def cache(self) -> StageCache:
         return StageCache(self.root / self.cfg.runtime.data_dir)
 
+    @property
+    def family(self):
+        return self.plan.family
+
+    def tables(self):
+        """The family's tables: its task sets and (text) the cached prefix."""
+        return self.cache.tables(*self.plan.data)
+
+    def device(self) -> torch.device:
+        if self.cfg.runtime.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.cfg.runtime.device)
+
     def method_run(self, method: str, kind: str) -> str:
         """The nested MLflow run of an algorithm or baseline, created on first use."""
         if method not in self.method_runs:
             self.method_runs[method] = self.tracker.start_run(method, self.parent_id, {"metapeft.kind": kind})
         return self.method_runs[method]
 
-    def stage(self, stage: str, key: str, compute: Callable[[Path], dict | None]) -> tuple[Path, dict]:
-        """The cached entry of (stage, key), computing it on a miss or when forced; returns (path, meta).
+    def stage(self, stage: str, key: str, compute: Callable[[Path], dict | None], reads=(),
+              redo: Callable[[dict], bool] | None = None) -> tuple[Path, dict]:
+        """The cached entry of (stage, key), computing it on a miss, when stale (an entry it reads has changed
+        since), when forced, or when redo(meta) says so (an unfinished meta-training); returns (path, meta).
 
         The entry's lock makes a concurrent run computing the same entry wait, then take it as a hit.
         """
         cache, logger = self.cache, get_run_logger()
         forced = stage in self.force or stage in self.only
         with cache.lock(stage, key):
-            if not forced and cache.is_complete(stage, key):
+            status = cache.status(stage, key, reads)
+            meta = cache.manifest(stage, key)["meta"] if status != "missing" else {}
+            if not forced and status == "cached" and not (redo and redo(meta)):
                 logger.info("%s [%s]: cache hit", stage, key)
                 self.hits[f"{stage}/{key}"] = True
-                return cache.path(stage, key), cache.manifest(stage, key)["meta"]
-            logger.info("%s [%s]: computing", stage, key)
+                return cache.path(stage, key), meta
+            logger.info("%s [%s]: computing%s", stage, key, " (its inputs changed)" if status == "stale" else "")
             start, meta = time.perf_counter(), {}
-            with cache.writing(stage, key, meta) as out:
+            with cache.writing(stage, key, meta, reads) as out:
                 result = compute(out)
                 meta.update(result if isinstance(result, dict) else {})
                 meta["seconds"] = round(time.perf_counter() - start, 3)
@@ -100,26 +124,37 @@ class Run:
 def prepare_task_sets(run: Run) -> str:
     key = run.plan.keys["task_sets"]
     try:
-        path, meta = run.stage("task_sets", key, lambda out: stages.build_task_sets(run.cfg, out))
+        path, meta = run.stage("task_sets", key, lambda out: build_task_sets(run.family, run.cfg.seed, out)
+                               | provenance(run, "task_sets"))
     except ValidationFailed as e:
         failed = run.root / "mlruns" / "validation_failed.json"
         failed.write_text(pd.Series(e.report).to_json())
         run.tracker.log_artifact(run.parent_id, failed, "task_sets")
         raise
-    run.tracker.log_artifact(run.parent_id, path / "validation.json", "task_sets")
-    run.tracker.log_metrics(run.parent_id, meta)
+    run.tracker.log_artifact(run.parent_id, path / VALIDATION, "task_sets")
+    run.tracker.log_metrics(run.parent_id, numeric(meta))
     return key
+
+
+def provenance(run: Run, stage: str) -> dict:
+    """What a data entry records of its making: its settings' key and its input files' digests
+    (`metapeft stages` names the files that changed since)."""
+    return {"settings": run.plan.settings_key(stage), "inputs": run.plan.inputs}
+
+
+def numeric(meta: dict) -> dict:
+    return {k: v for k, v in meta.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 @task(name="compute_embeddings", cache_policy=NO_CACHE)
 def compute_embeddings(run: Run) -> str:
     if "prefix" in run.plan.keys:  # text: the frozen layers' hidden states, which later stages read
-        _, meta = run.stage("prefix", run.plan.keys["prefix"], lambda out: stages.build_prefix(run.cfg, out))
-        run.tracker.log_metrics(run.parent_id, {f"prefix_{k}": v for k, v in meta.items() if k != "seconds"}
-                                | {"prefix_seconds": meta["seconds"]})
-    key = run.plan.keys["embeddings"]
-    path, _ = run.stage("embeddings", key, lambda out: stages.build_embeddings(
-        run.cfg, run.cache, run.plan.keys, out))
+        _, meta = run.stage("prefix", run.plan.keys["prefix"], lambda out: build_prefix(run.family, out)
+                            | provenance(run, "prefix"))
+        run.tracker.log_metrics(run.parent_id, {f"prefix_{k}": v for k, v in numeric(meta).items()})
+    key, e = run.plan.keys["embeddings"], run.cfg.embedding
+    path, _ = run.stage("embeddings", key, lambda out: build_embeddings(
+        run.family, run.tables(), tuple(e.metrics), e.n_similarity_tasks, out), run.plan.reads("embeddings"))
     for png in sorted(path.glob("*.png")):
         run.tracker.log_artifact(run.parent_id, png, "embeddings")
     return key
@@ -130,42 +165,57 @@ def _tracker(root: Path, experiment: str, uri: str) -> Tracker:
     return Tracker(root, experiment, uri)
 
 
+def checkpoint_path(run: Run, label: str) -> Path:
+    """The unit's checkpoint: keyed by its trajectory (not iterations or budget), so a rerun goes on from it."""
+    return run.cache.root / "checkpoints" / run.plan.checkpoint_keys[label] / CHECKPOINT
+
+
+def unfinished(meta: dict) -> bool:
+    """A meta-training entry stopped by its wall-clock budget: the next run continues it from the checkpoint."""
+    return meta.get("stop_reason") == "budget"
+
+
 @task(name="meta_train", task_run_name="meta_train[{label}]", cache_policy=NO_CACHE)
 def meta_train_algorithm(run: Run, label: str) -> dict[str, bool]:
     """Meta-train one (algorithm, seed) unit, log it to its nested run; returns its cache hit record.
 
     May run on a Dask worker, on a copy of run: the nested run exists already, the hit goes back by value.
     """
-    stages_module.set_threads(run.cfg)
-    (algorithm, seed), key, logger = run.plan.units[label], run.plan.algorithm_keys[label], get_run_logger()
-    checkpoint = run.cache.root / "checkpoints" / key / "checkpoint.pt"
+    set_threads(run.cfg)
+    key, logger, settings = run.plan.algorithm_keys[label], get_run_logger(), run.plan.settings[label]
+    checkpoint = checkpoint_path(run, label)
     if "meta_train" in run.force | run.only:
         checkpoint.unlink(missing_ok=True)
-    section = run.cfg.meta_train.for_algorithm(algorithm)
+    section = run.cfg.meta_train.for_algorithm(run.plan.units[label][0])
 
     def progress(iteration: int, metrics: dict[str, float]) -> None:
         if "val_loss" in metrics:
-            logger.info("%s: iteration %d/%d %s", label, iteration, section["iterations"],
+            logger.info("%s: iteration %d/%d %s", label, iteration, settings.train.iterations,
                         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def compute(out: Path) -> dict:
-        result = stages.train_algorithm(run.cfg, algorithm, run.cache, run.plan.keys, out, checkpoint, progress, seed)
+        result = train_unit(run.family, run.tables(), settings, run.device(), out, checkpoint, progress)
         return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
                 "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
 
-    path, meta = run.stage("meta_train", key, compute)
+    path, meta = run.stage("meta_train", key, compute, run.plan.reads("meta_train", label), redo=unfinished)
     child = run.method_run(label, "meta_learner")
     run.tracker.log_params(child, {**section, **{f"model.{k}": v for k, v in run.cfg.model.model_dump().items()},
-                                   "seed": seed})
+                                   "seed": run.plan.units[label][1]})
     run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"]})
-    history = pd.read_parquet(path / "history.parquet")
+    history = pd.read_parquet(path / f"{HISTORY}.parquet")
     run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
     run.tracker.log_metrics(child, {"meta_train_iterations": meta["iterations_total"],
                                     "meta_train_iterations_this_run": 0 if run.hits[f"meta_train/{key}"]
                                     else meta["iterations_run"],
                                     "best_iteration": meta["best_iteration"]})
-    run.tracker.log_artifact(child, path / "state.pt", "meta_train")
+    run.tracker.log_artifact(child, path / STATE, "meta_train")
     return {f"meta_train/{key}": run.hits[f"meta_train/{key}"]}
+
+
+def set_threads(cfg: StudyConfig) -> None:
+    if cfg.runtime.threads:
+        torch.set_num_threads(cfg.runtime.threads)
 
 
 def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
@@ -173,12 +223,12 @@ def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
 
     With several seeds each (method, seed) run gets its own mean, the method's run the across-seed figures.
     """
-    last, name = results["steps"].max(), f"meta_test_{family_for(run.cfg).metric}"
+    last, name = results["steps"].max(), f"meta_test_{run.family.metric}"
     if run.cfg.seeds is not None and "seed" in results.columns:
         for (method, seed), rows in results[results["steps"] == last].groupby(["method", "seed"]):
             run.tracker.log_metrics(run.method_run(unit_label(method, int(seed), run.cfg), kind),
                                     {name: rows["value"].mean()})
-    results = stages.across_seeds(results)
+    results = across_seeds(results)
     for method, rows in results.groupby("method"):
         child = run.method_run(method, kind)
         mean, half = mean_ci(rows.loc[rows["steps"] == last, "value"], run.cfg.significance.confidence)
@@ -187,21 +237,18 @@ def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
         run.tracker.log_curves(child, ((f"{name}_by_step", s, v) for s, v in curve.items()))
 
 
-def _part_key(run: Run, label: str) -> str:
-    """A unit's share of the evaluate entry: cached on its own, so a crash mid-stage keeps finished units."""
-    return content_key({"evaluate": run.plan.keys["evaluate"], "unit": label})
-
-
 @task(name="evaluate_unit", task_run_name="evaluate[{label}]", cache_policy=NO_CACHE)
 def evaluate_unit(run: Run, label: str) -> str:
     """Score one (algorithm, seed) unit on the meta-test tasks into its part entry; returns the part's key."""
-    stages_module.set_threads(run.cfg)
-    (algorithm, seed), key, cache = run.plan.units[label], _part_key(run, label), run.cache
+    set_threads(run.cfg)
+    key, cache, ev = run.plan.part_key(label), run.cache, run.cfg.evaluate
+    reads = run.plan.reads("evaluate_parts", label)
+    state = cache.path("meta_train", run.plan.algorithm_keys[label]) / STATE
     with cache.lock("evaluate_parts", key):
-        if "evaluate" in run.force | run.only or not cache.is_complete("evaluate_parts", key):
-            with cache.writing("evaluate_parts", key) as out:
-                stages.evaluate_unit(run.cfg, cache, run.plan.keys, algorithm, seed, run.plan.algorithm_keys[label],
-                                     out)
+        if "evaluate" in run.force | run.only or cache.status("evaluate_parts", key, reads) != "cached":
+            with cache.writing("evaluate_parts", key, reads=reads) as out:
+                score_unit(run.family, run.tables(), run.plan.settings[label], state, ev.steps, ev.score_every,
+                           ev.chunk, run.plan.units[label][0], run.device(), out)
     return key
 
 
@@ -211,35 +258,36 @@ def evaluate(run: Run) -> str:
     key = run.plan.keys["evaluate"]
 
     def compute(out: Path) -> None:
-        parts = [run.cache.read_table("evaluate_parts", _part_key(run, label), "results") for label in run.plan.units]
-        write_table(pd.concat(parts, ignore_index=True), out, "results")
+        parts = [run.cache.read_table("evaluate_parts", run.plan.part_key(label), RESULTS) for label in run.plan.units]
+        write_table(pd.concat(parts, ignore_index=True), out, RESULTS)
 
-    path, _ = run.stage("evaluate", key, compute)
-    _log_results(run, pd.read_parquet(path / "results.parquet"), "meta_learner")
+    path, _ = run.stage("evaluate", key, compute, run.plan.reads("evaluate"))
+    _log_results(run, pd.read_parquet(path / f"{RESULTS}.parquet"), "meta_learner")
     return key
 
 
 @task(name="compare_baselines", cache_policy=NO_CACHE)
 def compare_baselines(run: Run) -> str:
-    key = run.plan.keys["baselines"]
-    path, _ = run.stage("baselines", key, lambda out: stages.run_baselines(run.cfg, run.cache, run.plan.keys, out))
-    _log_results(run, pd.read_parquet(path / "results.parquet"), "baseline")
+    key, ev = run.plan.keys["baselines"], run.cfg.evaluate
+    path, _ = run.stage("baselines", key, lambda out: run_baselines(
+        run.family, run.tables(), ev.steps, ev.score_every, ev.chunk, run.cfg.seed, run.device(), out),
+        run.plan.reads("baselines"))
+    _log_results(run, pd.read_parquet(path / f"{RESULTS}.parquet"), "baseline")
     return key
 
 
 @task(name="significance", cache_policy=NO_CACHE)
 def significance(run: Run) -> str:
-    key, cache = run.plan.keys["significance"], run.cache
+    key, cache, family = run.plan.keys["significance"], run.cache, run.family
 
     def compute(out: Path) -> None:
-        results = pd.concat([cache.read_table("evaluate", run.plan.keys["evaluate"], "results"),
-                             cache.read_table("baselines", run.plan.keys["baselines"], "results")])
-        stages.compare(run.cfg, results, out)
+        results = pd.concat([cache.read_table("evaluate", run.plan.keys["evaluate"], RESULTS),
+                             cache.read_table("baselines", run.plan.keys["baselines"], RESULTS)])
+        compare(results, family.metric, family.lower_is_better, run.cfg.significance.confidence, out)
 
-    path, _ = run.stage("significance", key, compute)
+    path, _ = run.stage("significance", key, compute, run.plan.reads("significance"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
-    family = family_for(run.cfg)
     text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha)
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet"):
@@ -326,9 +374,15 @@ def _require_cached(run: Run, stage: str) -> None:
     if stage == "embeddings" and "prefix" in run.plan.keys:
         keys.append(("prefix", run.plan.keys["prefix"]))
     for entry, key in keys:
-        if not run.cache.is_complete(entry, key):
-            raise MissingUpstream(f"stage {stage!r} has no cached output for this config ({entry} key {key}); "
+        status = run.cache.status(entry, key, run.plan.reads(entry, _label(run, key)))
+        if status != "cached":
+            why = "its inputs changed since it was computed" if status == "stale" else "no cached output"
+            raise MissingUpstream(f"stage {stage!r}: {why} for this config ({entry} key {key}); "
                                   f"run it first: metapeft run --stage {stage}")
+
+
+def _label(run: Run, key: str) -> str | None:
+    return next((label for label, k in run.plan.algorithm_keys.items() if k == key), None)
 
 
 @flow(name="meta_pipeline")
@@ -341,11 +395,11 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     cfg, root = load_config(config_path, overrides), project_root()
     only = frozenset(stages or ())
     todo = needed_stages(set(only), cfg)
-    stages_module.set_threads(cfg)
+    set_threads(cfg)
     tracker = Tracker(root, cfg.runtime.experiment)
     for stale in tracker.end_stale_runs():  # left RUNNING by a process that was killed (SIGKILL)
         get_run_logger().warning("MLflow run %s: its process is gone; marked KILLED", stale)
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()))

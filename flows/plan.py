@@ -1,24 +1,32 @@
 """Stage graph and cache keys, computed from the config alone (no Prefect, no MLflow).
 
-A stage's key hashes its config section, its upstream stages' keys and its code version (the
-source of the component modules it runs), so editing one section recomputes that stage and what
-follows it, nothing before.
+A stage's key hashes exactly the values the stage is called with (the family's settings and the plain
+settings `flows/families.py` builds), its upstream entries' keys, and its code: the source of the stage's
+module and of the family's module with everything they import from the project (`flows.versions`).
+The task sets' key also hashes the content of every input file the family reads. What a stage needs
+that a key cannot know (an upstream entry rewritten under the same key, e.g. a meta-training continued
+under a larger budget) is caught by the entries' recorded input digests (`flows.cache`).
+
+Keys leave out what does not change a result: the wall-clock budget (a larger one continues from the
+checkpoint), and for the checkpoint folder also the number of iterations.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
-from components import (baselines, evaluation, features, metalearners, models, omniglot, significance, tasksets,
-                        text, training)
-from flows import families, report, validation
-from flows.cache import content_key, source_version
+from components.families import TaskFamily
+from flows.cache import content_key
 from flows.config import StudyConfig
+from flows.families import AlgorithmSettings, algorithm_settings, family_for
+from flows.versions import code_version, input_digests
 
 STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
+MODULES = {stage: f"flows.stages.{stage}" for stage in (*STAGES, "prefix")}  # the code each stage runs
 # Text families also cache a "prefix" entry (the frozen lower encoder layers' hidden states per utterance),
-# computed by the embeddings stage and read by meta_train, evaluate and baselines: for them the embeddings
-# stage is upstream too, but only the prefix key enters their keys (similarity settings do not retrain).
-TEXT_UPSTREAM = ("meta_train", "evaluate", "baselines")
+# computed by the embeddings stage and read by meta_train, evaluate and baselines.
+DATA = ("task_sets", "prefix")
 UPSTREAM = {
     "task_sets": (),
     "embeddings": ("task_sets",),
@@ -27,53 +35,98 @@ UPSTREAM = {
     "baselines": ("task_sets",),
     "significance": ("evaluate", "baselines"),
 }
-CODE = {
-    "task_sets": (tasksets, omniglot, validation, families),
-    "prefix": (text,),  # families.build_prefix only writes what text.encode_utterances returns
-    "embeddings": (features, report, families),
-    "meta_train": (metalearners, training, models, text, families),
-    "evaluate": (evaluation, metalearners, models, text, families),
-    "baselines": (baselines, evaluation, models, text, families),
-    "significance": (significance, report),
-}
+TEXT_UPSTREAM = ("meta_train", "evaluate", "baselines")  # they read the prefix the embeddings stage caches
+
+Entry = tuple[str, str]  # (stage, key): one cache entry
 
 
 @dataclass(frozen=True)
 class Plan:
-    keys: dict[str, str]  # stage -> cache key (meta_train: a hash of its algorithms' keys)
+    family: TaskFamily
+    keys: dict[str, str]  # stage -> cache key (meta_train: a hash of its units' keys)
     algorithm_keys: dict[str, str]  # unit label -> key of its meta_train entry
+    checkpoint_keys: dict[str, str]  # unit label -> its checkpoint folder (the trajectory: no iterations, budget)
     units: dict[str, tuple[str, int]]  # unit label ("maml", or "maml/seed1" with seeds) -> (algorithm, seed)
+    settings: dict[str, AlgorithmSettings]  # unit label -> what it trains with
+    inputs: dict[str, str]  # input file -> sha256
+    data: tuple[Entry, ...]  # the entries the family's tables come from
+    settings_keys: dict[str, str]  # data stage -> its key without the input files' content
+
+    def settings_key(self, stage: str) -> str:
+        return self.settings_keys[stage]
+
+    def part_key(self, label: str) -> str:
+        """A unit's share of the evaluate entry (its own entry, so a crash mid-stage keeps finished units)."""
+        return content_key({"evaluate": self.keys["evaluate"], "unit": label})
+
+    def reads(self, stage: str, label: str | None = None) -> tuple[Entry, ...]:
+        """The entries a stage's entry (a unit's, given label) is computed from."""
+        if stage in DATA:
+            return ()
+        if stage in ("embeddings", "baselines") or (stage == "meta_train" and label):
+            return self.data
+        if stage == "meta_train":
+            return tuple(("meta_train", k) for k in self.algorithm_keys.values())
+        if stage == "evaluate_parts":
+            return (*self.data, ("meta_train", self.algorithm_keys[label]))
+        if stage == "evaluate":
+            return tuple(("evaluate_parts", self.part_key(u)) for u in self.units)
+        return (("evaluate", self.keys["evaluate"]), ("baselines", self.keys["baselines"]))
 
 
 def unit_label(algorithm: str, seed: int, cfg: StudyConfig) -> str:
-    """The algorithm's name alone without `seeds` (keys and run names as before seeds existed)."""
+    """The algorithm's name alone without `seeds`; "maml/seed1" with them."""
     return algorithm if cfg.seeds is None else f"{algorithm}/seed{seed}"
 
 
-def make_plan(cfg: StudyConfig) -> Plan:
-    def key(stage: str, section: object, *upstream: str) -> str:
-        return content_key({"stage": stage, "config": section, "upstream": [keys[u] for u in upstream],
-                            "code": source_version(*CODE[stage])})
+def plain(value) -> object:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def make_plan(cfg: StudyConfig, memo: Path | None = None) -> Plan:
+    """Every key of the study; memo: the digest memo of input files (default: none, every file is hashed)."""
+    family = family_for(cfg)
+    inputs = input_digests(family.input_files(), memo)
+    content = sorted((Path(p).name, sha) for p, sha in inputs.items())  # not the path: a moved project keeps keys
+
+    def key(stage: str, config: object, *upstream: str) -> str:
+        code = code_version([MODULES[stage], type(family).__module__])
+        return content_key({"stage": stage, "config": config, "upstream": [keys[u] for u in upstream], "code": code})
 
     keys: dict[str, str] = {}
-    keys["task_sets"] = key("task_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed})
-    data = ("task_sets",)
-    if cfg.family.kind == "text":
-        source = cfg.family.model_dump(include={"dataset", "path", "text_col", "label_col", "domain_col", "max_length"})
-        keys["prefix"] = key("prefix", {**source, "top_layers": cfg.model.top_layers})  # not k_shot etc.
+    settings = {"task_sets": {"data": plain(family.data), "seed": cfg.seed}}
+    data: tuple[str, ...] = ("task_sets",)
+    if hasattr(family, "build_prefix"):  # not k_shot etc.: 1-shot and 5-shot studies share it
+        settings["prefix"] = {"source": plain(family.data.source), "top_layers": family.model_settings.top_layers}
         data = ("task_sets", "prefix")
-    keys["embeddings"] = key("embeddings", cfg.embedding.model_dump(), *data)
-    units = {unit_label(alg, seed, cfg): (alg, seed) for alg in cfg.meta_train.algorithms for seed in cfg.train_seeds}
-    algorithm_keys = {
-        label: key("meta_train", {"train": cfg.meta_train.for_algorithm(alg), "model": cfg.model.model_dump(),
-                                  "seed": seed}, *data)
-        for label, (alg, seed) in units.items()}
+    for stage in data:
+        keys[stage] = key(stage, {**settings[stage], "inputs": content})
+    settings_keys = {stage: key(stage, settings[stage]) for stage in data}
+    e = cfg.embedding
+    keys["embeddings"] = key("embeddings", {"metrics": list(e.metrics), "n_similarity_tasks": e.n_similarity_tasks},
+                             *data)
+    units = {unit_label(a, s, cfg): (a, s) for a in cfg.meta_train.algorithms for s in cfg.train_seeds}
+    trains = {label: algorithm_settings(cfg, a, s) for label, (a, s) in units.items()}
+
+    def unit(label: str, trajectory: bool) -> str:
+        s = trains[label]
+        train = {k: v for k, v in plain(s.train).items()
+                 if k != "budget_seconds" and not (trajectory and k in ("iterations", "checkpoint_every"))}
+        config = {"learner": plain(s.learner), "train": train, "zero_head": s.zero_head,
+                  "model": plain(family.model_settings)}
+        return key("meta_train", config | ({"trajectory": True} if trajectory else {}), *data)
+
+    algorithm_keys = {label: unit(label, False) for label in units}
+    checkpoint_keys = {label: unit(label, True) for label in units}
     keys["meta_train"] = content_key(algorithm_keys)
-    keys["evaluate"] = key("evaluate", cfg.evaluate.model_dump(), *data, "meta_train")
-    keys["baselines"] = key("baselines", {"baselines": cfg.baselines.model_dump(), "model": cfg.model.model_dump(),
-                                          "evaluate": cfg.evaluate.model_dump(), "seed": cfg.seed}, *data)
-    keys["significance"] = key("significance", cfg.significance.model_dump(), "evaluate", "baselines")
-    return Plan(keys, algorithm_keys, units)
+    ev = cfg.evaluate.model_dump()
+    keys["evaluate"] = key("evaluate", ev, *data, "meta_train")
+    keys["baselines"] = key("baselines", {"baselines": plain(family.baselines), "model": plain(family.model_settings),
+                                          "evaluate": ev, "seed": cfg.seed}, *data)
+    keys["significance"] = key("significance", {"confidence": cfg.significance.confidence, "metric": family.metric,
+                                                "lower_is_better": family.lower_is_better}, "evaluate", "baselines")
+    return Plan(family, keys, algorithm_keys, checkpoint_keys, units, trains, inputs,
+                tuple((s, keys[s]) for s in data), settings_keys)
 
 
 def upstream(stage: str, cfg: StudyConfig | None = None) -> tuple[str, ...]:

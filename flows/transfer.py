@@ -21,11 +21,12 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from components.transfer import transfer_pairs  # noqa: E402
-from flows import stages as stages_module  # noqa: E402
+from flows.families import family_for  # noqa: E402
+from flows.stages.prefix import build_prefix  # noqa: E402
 from flows import transfer_stages as ts  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.pipeline import Run, ending  # noqa: E402
+from flows.pipeline import Run, ending, set_threads  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 
 
@@ -37,7 +38,7 @@ def _path(run: Run, stage: str) -> Path:
 def transfer_sets(run: Run) -> str:
     """The groups' classes and fixed episodes; for text also the pipeline's cached MiniLM prefix."""
     if "prefix" in run.plan.keys:
-        run.stage("prefix", run.plan.keys["prefix"], lambda out: stages_module.build_prefix(run.cfg, out))
+        run.stage("prefix", run.plan.keys["prefix"], lambda out: build_prefix(family_for(run.cfg), out))
     _, meta = run.stage("transfer_sets", run.plan.keys["transfer_sets"], lambda out: ts.build_sets(run.cfg, out))
     run.tracker.log_metrics(run.parent_id, {f"transfer_{k}": v for k, v in meta.items()})
     return run.plan.keys["transfer_sets"]
@@ -46,7 +47,7 @@ def transfer_sets(run: Run) -> str:
 @task(name="transfer_train", task_run_name="transfer_train[{source}]", cache_policy=NO_CACHE)
 def train_source(run: Run, source: str) -> str:
     """Meta-train one source (a group, or pooled) from the shared initialisation; a nested MLflow run."""
-    stages_module.set_threads(run.cfg)
+    set_threads(run.cfg)
     key, logger = run.plan.source_keys[source], get_run_logger()
     checkpoint = run.cache.root / "checkpoints" / key / "checkpoint.pt"
 
@@ -141,11 +142,11 @@ def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
 @flow(name="transfer_study")
 def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
     """Run the transfer study of `config_path` (which must have a `transfer:` section); `force` recomputes
-    those stages (names of flows.transfer_stages.CODE). Returns run_id, keys, hits and the printed text."""
+    those stages (names of flows.transfer_stages.STAGES). Returns run_id, keys, hits and the printed text."""
     cfg, root = load_config(config_path), project_root()
     if cfg.transfer is None:
         raise ValueError(f"{config_path}: no transfer section; run it with meta_pipeline")
-    stages_module.set_threads(cfg)
+    set_threads(cfg)
     tracker, plan = Tracker(root, cfg.runtime.experiment), ts.make_transfer_plan(cfg)
     parent = tracker.start_run(f"{cfg.name}", tags={"metapeft.kind": "transfer", "metapeft.config": str(config_path),
                                                     **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})

@@ -20,37 +20,35 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from components import (conv4, evaluation, features, metalearners, models, omniglot, significance, task2vec,
-                        task_encoder, text, training, transfer)
+from components import metalearners, omniglot, task2vec, text
+from components.episodes import class_members, derive_seed, episodes_from_rows, gather, sample_rows
 from components.evaluation import evaluate_init
 from components.features import episode_features, start_features
 from components.significance import compare_methods, summarize
 from components.task2vec import Task2VecConfig, conv4_task2vec, module_probe
 from components.task_encoder import EncoderTrainConfig, TaskEmbeddingNetwork, TaskEncoderConfig, fit_contrastive
 from components.training import TrainConfig, meta_train
-from components.transfer import (distance_table, group_means, nearest_source, transfer_correlation,
-                                 within_target_correlation)
-from flows import families, report
-from flows.cache import StageCache, content_key, source_version, write_table
+from components.transfer import (distance_table, gain_matrix, group_means, nearest_sources, transfer_correlation,
+                                 within_target_correlation, zscore_columns)
+from flows import report
+from flows.cache import StageCache, content_key, write_table
 from flows.config import StudyConfig
-from flows.families import iteration_seed
+from flows.families import algorithm_settings, family_for
 from flows.plan import make_plan
-from flows.stages import device, make_learner
+from flows.versions import code_version
+
+
+def device(cfg: StudyConfig) -> torch.device:
+    if cfg.runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.runtime.device)
 
 POOLED, SCRATCH = "pooled", "scratch"
 ITEMS = {"omniglot": "images", "text": "utterances"}  # the items table's name (TextTasks reads "utterances")
 PURPOSES = ("val", "test", "embed")  # val / test: training / test classes; embed: every class, embed_shots, no query
-CODE = {
-    "transfer_sets": (omniglot, text),
-    "transfer_train": (metalearners, training, models, conv4, text, families),
-    "transfer_matrix": (evaluation, metalearners, models, conv4, text, families),
-    "transfer_embeddings": (task2vec, features, conv4, text, families),
-    "transfer_encoder": (task_encoder,),
-    "transfer_correlation": (transfer, task2vec, report),
-    "nearest_task": (transfer, significance),
-}
+STAGES = ("transfer_sets", "transfer_train", "transfer_matrix", "transfer_embeddings", "transfer_encoder",
+          "transfer_correlation", "nearest_task")
 
 
 @dataclass(frozen=True)
@@ -60,21 +58,24 @@ class TransferPlan:
 
 
 def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
-    """Keys hash the stage's config, its upstream keys and its code, as flows/plan.py does for the pipeline."""
-    t = cfg.transfer
-    own = Path(__file__)
+    """Keys hash the stage's config, its upstream keys and its code (this module, the family's and what they
+    import), as flows/plan.py does for the pipeline; the transfer sets also the family's input files."""
+    t, pipeline = cfg.transfer, make_plan(cfg)
+    code = code_version([__name__, type(pipeline.family).__module__])
 
     def key(stage: str, section: object, *upstream: str) -> str:
         return content_key({"stage": stage, "config": section, "upstream": [keys[u] for u in upstream],
-                            "code": [source_version(*CODE[stage]), _file_version(own)]})
+                            "code": code})
 
     keys: dict[str, str] = {}
-    keys["transfer_sets"] = key("transfer_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed, **t.model_dump(
+    inputs = sorted((Path(p).name, sha) for p, sha in pipeline.inputs.items())
+    keys["transfer_sets"] = key("transfer_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed, "inputs": inputs,
+                                                  **t.model_dump(
         include={"groups", "n_groups", "test_fraction", "val_episodes", "test_episodes", "embed_episodes",
                  "embed_shots"})})
     data = ("transfer_sets",)
     if cfg.family.kind == "text":
-        keys["prefix"] = make_plan(cfg).keys["prefix"]  # the pipeline's own prefix entry, shared
+        keys["prefix"] = pipeline.keys["prefix"]  # the pipeline's own prefix entry, shared
         data = ("transfer_sets", "prefix")
     train = {"train": cfg.meta_train.for_algorithm(t.algorithm), "model": cfg.model.model_dump(), "seed": cfg.seed,
              **t.model_dump(include={"algorithm", "iterations", "budget_minutes"})}
@@ -94,10 +95,6 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
                                                 "embeddings": t.embeddings, "metrics": t.metrics},
                                "transfer_matrix", "transfer_embeddings", "transfer_encoder")
     return TransferPlan(keys, source_keys)
-
-
-def _file_version(path: Path) -> str:
-    return content_key(path.read_text())
 
 
 # ---------------------------------------------------------------- groups, classes and fixed episodes
@@ -127,7 +124,7 @@ def _load_items(cfg: StudyConfig) -> tuple[pd.DataFrame, dict[str, str]]:
         images = images[images["background"]].sort_values(["character", "drawing"], ignore_index=True)
         items = images.assign(label=images["character"])
         return items, dict(zip(items["label"], items["alphabet"]))
-    utterances = families.TextTasks(cfg).utterances()
+    utterances = family_for(cfg).utterances()
     if "domain" not in utterances:
         raise ValueError(f"transfer: {f.path} gives no domains to group intents by (set family.domain_col)")
     return utterances, dict(zip(utterances["label"], utterances["domain"]))
@@ -158,11 +155,11 @@ def _episode_table(cfg: StudyConfig, labels: np.ndarray, classes: pd.DataFrame, 
         pool = mine["class_id"] if purpose == "embed" else mine.loc[mine["role"] == ("train" if purpose == "val"
                                                                                      else "test"), "class_id"]
         shots, queries = (t.embed_shots, 0) if purpose == "embed" else (f.k_shot, f.n_query)
-        rows, _ = text.sample_text_episodes(labels, pool.tolist(), f.n_way, shots, queries, counts[purpose],
-                                            iteration_seed(cfg.seed, index, stream))
+        rows, _ = sample_rows(class_members(labels, pool.tolist()), f.n_way, shots, queries, counts[purpose],
+                              derive_seed(cfg.seed, index, stream), pool.tolist())
         e, w, k = np.meshgrid(*(np.arange(n) for n in rows.shape), indexing="ij")
         frames.append(pd.DataFrame({"group": group, "purpose": purpose, "episode": e.ravel(), "way": w.ravel(),
-                                    "slot": k.ravel(), "row": rows.numpy().ravel()}))
+                                    "slot": k.ravel(), "row": rows.ravel()}))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -171,23 +168,21 @@ class GroupTasks:
 
     def __init__(self, cfg: StudyConfig, cache: StageCache, keys: dict[str, str], dev: torch.device):
         self.cfg, self.dev = cfg, dev
-        entry = cache.path("transfer_sets", keys["transfer_sets"])
-        entries = {"task_sets": entry} | ({"prefix": cache.path("prefix", keys["prefix"])} if "prefix" in keys else {})
-        self.family = families.family_for(cfg, entries)
-        items = pd.read_parquet(entry / f"{ITEMS[cfg.family.kind]}.parquet")
+        self.tables = cache.tables(("transfer_sets", keys["transfer_sets"]),
+                                   *([("prefix", keys["prefix"])] if "prefix" in keys else []))
+        self.family = family_for(cfg)
+        items = self.tables[ITEMS[cfg.family.kind]]
         self.labels = items["label"].to_numpy()
         self.images = (torch.from_numpy(omniglot.pixels_to_array(items)).unsqueeze(1).to(dev)
                        if cfg.family.kind == "omniglot" else None)  # (n_items, 1, s, s); text: rows are inputs
-        self.classes = pd.read_parquet(entry / "classes.parquet")
-        self.episodes = pd.read_parquet(entry / "episodes.parquet")
+        self.classes = self.tables["classes"]
+        self.episodes = self.tables["episodes"]
         self.groups = sorted(self.classes["group"].unique())
 
     def batch(self, rows: torch.Tensor, k_shot: int | None = None):
         """rows (T, N, K+Q) item ids -> an episode batch of model inputs (images, or the rows themselves)."""
-        b = text.episodes_from_rows(rows, k_shot or self.cfg.family.k_shot)
-        if self.images is not None:
-            b = type(b)(self.images[b.x_spt], b.y_spt, self.images[b.x_qry], b.y_qry)  # _replace trips on __len__
-        return b.to(self.dev)
+        b = episodes_from_rows(rows, k_shot or self.cfg.family.k_shot)
+        return (gather(b.to(self.dev), self.images) if self.images is not None else b).to(self.dev)
 
     def fixed(self, group: str, purpose: str):
         table = self.episodes[(self.episodes["group"] == group) & (self.episodes["purpose"] == purpose)]
@@ -199,17 +194,19 @@ class GroupTasks:
         """iteration -> a meta-batch of episodes over the training classes of `groups` (a function of it only)."""
         classes = self.classes.loc[self.classes["group"].isin(groups) & (self.classes["role"] == "train"), "class_id"]
         f, pool = self.cfg.family, classes.tolist()
+        members = class_members(self.labels, pool)
 
         def sample(iteration: int):
-            rows, _ = text.sample_text_episodes(self.labels, pool, f.n_way, f.k_shot, f.n_query, meta_batch_size,
-                                                iteration_seed(seed, iteration))
-            return self.batch(rows)
+            rows, _ = sample_rows(members, f.n_way, f.k_shot, f.n_query, meta_batch_size, derive_seed(seed, iteration),
+                                  pool)
+            return self.batch(torch.from_numpy(rows))
 
         return sample
 
     def learner(self, state_path: Path | None = None) -> metalearners.MetaLearner:
         """The shared initialisation (cfg.seed), or the meta-parameters saved at state_path."""
-        learner = make_learner(self.cfg, self.cfg.transfer.algorithm, self.dev, self.family)
+        s = algorithm_settings(self.cfg, self.cfg.transfer.algorithm, self.cfg.seed)
+        learner = self.family.learner(self.tables, s.learner, self.dev, self.cfg.seed, s.zero_head)
         if state_path is not None:
             learner.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.dev))
         return learner
@@ -268,15 +265,8 @@ def score_matrix(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], sour
                                         "value": acc}))
     scores = pd.concat(frames, ignore_index=True)
     write_table(scores, out, "scores")
-    write_table(gain_matrix(scores).reset_index(), out, "gains")
+    write_table(gain_matrix(scores, SCRATCH).reset_index(), out, "gains")
     return scores
-
-
-def gain_matrix(scores: pd.DataFrame) -> pd.DataFrame:
-    """Mean gain over scratch, groups x groups (index source, columns target); pooled and scratch left out."""
-    mean = scores.groupby(["source", "target"])["value"].mean().unstack("target")
-    groups = list(mean.columns)
-    return (mean.loc[groups, groups] - mean.loc[SCRATCH, groups]).rename_axis(index="source", columns="target")
 
 
 def read_gains(path: Path) -> pd.DataFrame:
@@ -317,29 +307,18 @@ def _probe(cfg: StudyConfig, tasks: GroupTasks, learner, batch, t2v_cfg: Task2Ve
     """(backbone features (T, N*K, D), Task2Vec (T, E)) of the batch's support sets."""
     n_way = cfg.family.n_way
     if cfg.family.kind == "omniglot":
-        model = tasks.family.model().to(tasks.dev)
+        model = tasks.family.model(tasks.tables).to(tasks.dev)
         model.load_state_dict(learner.state_dict()["params"], strict=False)
         with torch.no_grad():
             backbone = torch.stack([model.blocks(x).flatten(1) for x in batch.x_spt])  # batch norm per support set
         return backbone, conv4_task2vec(model, batch.x_spt, batch.y_spt, n_way, t2v_cfg)
-    hidden, mask = tasks.family.prefix()
-    body = _Pooled(text.TopEncoder(text.load_minilm()[0], replace(tasks.family.top_config(), lora_r=0)))
+    hidden, mask = tasks.family.prefix(tasks.tables)
+    body = text.PooledTop(text.TopEncoder(text.load_minilm()[0], replace(tasks.family.top_config(cfg.seed), lora_r=0)))
     probe = module_probe(body, tuple(n for n, _ in body.named_parameters() if ".head." not in f".{n}"))
-    backbone = tasks.family.sentences().to(tasks.dev)[batch.x_spt]  # the frozen encoder's sentence embeddings
+    backbone = tasks.family.sentences(tasks.tables).to(tasks.dev)[batch.x_spt]  # the frozen encoder's sentence embeddings
     vectors = [task2vec.task2vec(probe, (hidden[x].float(), mask[x]), y, n_way, replace(t2v_cfg, seed=t2v_cfg.seed + i))
                for i, (x, y) in enumerate(zip(batch.x_spt, batch.y_spt))]
     return backbone, torch.stack(vectors)
-
-
-class _Pooled(nn.Module):
-    """The MiniLM top as a Task2Vec probe body: forward(hidden (B, L, H), mask (B, L)) -> (B, H)."""
-
-    def __init__(self, top: text.TopEncoder):
-        super().__init__()
-        self.top = top
-
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.top.embed(hidden, mask)
 
 
 # ---------------------------------------------------------------- the learned task encoder
@@ -375,10 +354,7 @@ def group_embeddings(cfg: StudyConfig, embeddings: Path, encoder: Path) -> dict[
     for name in cfg.transfer.embeddings:
         table = pd.read_parquet(paths[name])
         means = group_means(table.drop(columns=["group", "episode"]).to_numpy(dtype=float), table["group"].tolist())
-        if name == "features":
-            std = means.std(ddof=0).replace(0.0, 1.0)  # constant columns (n_way, k_shot) become 0
-            means = (means - means.mean()) / std
-        out[name] = means
+        out[name] = zscore_columns(means) if name == "features" else means  # n_way, k_shot columns become 0
     return out
 
 
@@ -425,8 +401,7 @@ def nearest_task(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path
     name = "task2vec" if "task2vec" in t.embeddings else t.embeddings[0]
     metric = "normalized_cosine" if "normalized_cosine" in t.metrics[name] else t.metrics[name][0]
     emb = group_embeddings(cfg, embeddings, encoder)[name]
-    picks = pd.DataFrame([(g, nearest_source(emb.drop(index=g), emb.loc[g].to_numpy(), metric)) for g in emb.index],
-                         columns=["target", "source"]).assign(embedding=name, metric=metric)
+    picks = nearest_sources(emb, metric).assign(embedding=name, metric=metric)
     scores = pd.read_parquet(matrix / "scores.parquet")
     chosen = scores.merge(picks[["source", "target"]]).assign(method="nearest_task")
     others = scores[scores["source"].isin([POOLED, SCRATCH])].assign(

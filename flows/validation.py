@@ -1,6 +1,8 @@
 """Great Expectations checks of the task sets; a failure stops the pipeline before training.
 
-`great_expectations` takes seconds to import, so it is imported inside `validate`.
+One suite per task family (`SUITES`, by the family's class name, so this module imports no family);
+each reads the family's data settings (n_way, k_shot, ...). `great_expectations` takes seconds to
+import, so it is imported inside `validate`.
 """
 from __future__ import annotations
 
@@ -8,10 +10,9 @@ from typing import Callable
 
 import pandas as pd
 
-from flows.config import OmniglotSection, SinusoidSection, TextSection
-
 POINT_COLUMNS = ["task_id", "split", "role", "point", "x", "y", "amplitude", "phase"]
 SPLITS = ["meta_train", "meta_val", "meta_test"]
+DRAWINGS = 20  # Omniglot drawings per character: episode rows are class position * 20 + drawing
 
 
 class ValidationFailed(RuntimeError):
@@ -35,7 +36,7 @@ def per_task_summary(points: pd.DataFrame) -> pd.DataFrame:
     }).reset_index()
 
 
-def _point_expectations(gx, family: SinusoidSection) -> list:
+def _point_expectations(gx, family) -> list:
     e = gx.expectations
     amp_max = family.amplitude[1]
     return [
@@ -51,7 +52,7 @@ def _point_expectations(gx, family: SinusoidSection) -> list:
     ]
 
 
-def _task_expectations(gx, family: SinusoidSection) -> list:
+def _task_expectations(gx, family) -> list:
     e = gx.expectations
     return [
         e.ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1),  # no task in two splits
@@ -61,7 +62,7 @@ def _task_expectations(gx, family: SinusoidSection) -> list:
     ]
 
 
-def validate_tasksets(points: pd.DataFrame, family: SinusoidSection, name: str = "tasksets") -> dict:
+def validate_tasksets(points: pd.DataFrame, family, name: str = "tasksets") -> dict:
     """Validate the sinusoid point table and its per-task summary; return the report or raise ValidationFailed."""
     missing = sorted(set(POINT_COLUMNS) - set(points.columns))
     tables = {"points": (points, lambda gx: _point_expectations(gx, family))}
@@ -95,10 +96,9 @@ def validate(name: str, tables: dict[str, tuple[pd.DataFrame, Callable]], failur
     return report
 
 
-def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame,
-                      family: OmniglotSection) -> dict:
-    """Image shape and range, 20 drawings per character, no class or character in two splits,
-    every episode N x (K + Q) examples (episodes: rows of `components.omniglot.episode_table`)."""
+def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
+    """Image shape and range, 20 drawings per character, no class or character in two splits, and every
+    episode N classes x (K + Q) distinct drawings of its own classes (episodes: `episodes.episode_table` rows)."""
     n_pixels = family.image_size ** 2
     per_image = pd.DataFrame({
         "n_pixels": images["pixels"].map(len),
@@ -107,8 +107,12 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     per_character = images.groupby("character").size().rename("n_drawings").reset_index()
     per_class = classes.assign(character=classes["class_id"].str.rsplit("/", n=1).str[0])
     per_char_split = per_class.groupby("character")["split"].nunique().rename("n_splits").reset_index()
-    expected = {"support": family.k_shot, "query": family.n_query}
-    per_episode = episodes.groupby(["split", "episode"]).agg(n_way=("way", "nunique"), n_rows=("count", "sum"))
+    class_lists = {s: g["class_id"].to_numpy() for s, g in classes.groupby("split")}
+    row_label = pd.Series(index=episodes.index, dtype=object)
+    for split, rows in episodes.groupby("split"):
+        names = class_lists.get(split, [])
+        position = rows["row"].to_numpy() // DRAWINGS
+        row_label[rows.index] = [names[p] if 0 <= p < len(names) else None for p in position]
 
     def e(gx):
         return gx.expectations
@@ -118,24 +122,45 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
             e(gx).ExpectColumnValuesToBeBetween(column="n_pixels", min_value=n_pixels, max_value=n_pixels),
             e(gx).ExpectColumnValuesToBeBetween(column="max_intensity", min_value=1, max_value=255)]),  # not blank
         "characters": (per_character, lambda gx: [
-            e(gx).ExpectColumnValuesToBeBetween(column="n_drawings", min_value=20, max_value=20)]),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_drawings", min_value=DRAWINGS, max_value=DRAWINGS)]),
         "classes": (per_class, lambda gx: [
             e(gx).ExpectColumnValuesToBeUnique(column="class_id"),
             e(gx).ExpectColumnValuesToBeInSet(column="split", value_set=SPLITS)]),
         "character_splits": (per_char_split, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
-        "episode_examples": (episodes.assign(expected=episodes["role"].map(expected)), lambda gx: [
-            e(gx).ExpectColumnPairValuesToBeEqual(column_A="count", column_B="expected")]),
-        "episodes": (per_episode.reset_index(), lambda gx: [
-            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
-            e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=family.n_way * (family.k_shot + family.n_query),
-                                                max_value=family.n_way * (family.k_shot + family.n_query))]),
+        **_episode_suites(episodes.assign(row_label=row_label), family),
     }
     return validate("omniglot", tables)
 
 
+def _episode_suites(rows: pd.DataFrame, family) -> dict:
+    """Every episode: N distinct classes, K support and Q query examples of each, distinct examples, and each
+    example of the class its label names (rows: split, episode, way, slot, label, row, row_label)."""
+    k, n_rows = family.k_shot, family.n_way * (family.k_shot + family.n_query)
+    per_way = rows.assign(support=rows["slot"] < k).groupby(["split", "episode", "way"]).agg(
+        n_support=("support", "sum"), n_examples=("row", "size")).reset_index()
+    per_episode = rows.groupby(["split", "episode"]).agg(n_way=("label", "nunique"), n_rows=("row", "nunique"),
+                                                         n_examples=("row", "size")).reset_index()
+
+    def e(gx):
+        return gx.expectations
+
+    return {
+        "episode_rows": (rows, lambda gx: [
+            e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_label", column_B="label")]),
+        "episode_ways": (per_way, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_support", min_value=k, max_value=k),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=k + family.n_query,
+                                                max_value=k + family.n_query)]),
+        "episodes": (per_episode, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=n_rows, max_value=n_rows),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=n_rows, max_value=n_rows)]),
+    }
+
+
 def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame,
-                  family: TextSection) -> dict:
+                  family) -> dict:
     """No empty text or label, no class (or domain, when split by domain) in two splits, enough utterances
     per class for an episode, every episode N distinct classes x (K + Q) distinct utterances of its split.
 
@@ -146,9 +171,6 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     split_of = classes.drop_duplicates("label").set_index("label")["split"]  # duplicates: class_splits fails
     rows = episodes.assign(row_label=utterances["label"].to_numpy()[episodes["row"].to_numpy()],
                            row_split=lambda t: t["row_label"].map(split_of))
-    per_episode = rows.groupby(["split", "episode"]).agg(n_way=("label", "nunique"), n_rows=("row", "nunique"),
-                                                         n_examples=("row", "size")).reset_index()
-    n_rows = family.n_way * (family.k_shot + family.n_query)
 
     def e(gx):
         return gx.expectations
@@ -162,13 +184,9 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
             e(gx).ExpectColumnValuesToBeBetween(column="n_utterances", min_value=family.k_shot + family.n_query)]),
         "class_splits": (class_splits, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
-        "episode_rows": (rows, lambda gx: [
-            e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_label", column_B="label"),
+        "episode_splits": (rows, lambda gx: [
             e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_split", column_B="split")]),
-        "episodes": (per_episode, lambda gx: [
-            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
-            e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=n_rows, max_value=n_rows),
-            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=n_rows, max_value=n_rows)]),
+        **_episode_suites(rows, family),
     }
     if "domain" in utterances and family.split_by == "domain":
         domains = utterances.assign(split=utterances["label"].map(split_of)).groupby("domain")["split"].nunique()
@@ -184,3 +202,22 @@ def _describe(table: str, result) -> str:
     examples = detail.get("partial_unexpected_list") or detail.get("details") or ""
     return (f"{table}: {cfg.type}({column}) unexpected_count={detail.get('unexpected_count')} "
             f"examples={str(examples)[:200]}")
+
+
+def validate_family(family, tables) -> dict:
+    """The family's suite over its task-set tables (name -> DataFrame); raises ValidationFailed."""
+    kind = type(family).__name__
+    if kind not in SUITES:
+        raise ValueError(f"no Great Expectations suite for the task family {kind}; add one to SUITES")
+    return SUITES[kind](family, tables)
+
+
+def _episodes(tables) -> pd.DataFrame:
+    return pd.concat([tables[f"episodes_{s}"] for s in ("meta_val", "meta_test")], ignore_index=True)
+
+
+SUITES = {
+    "SinusoidTasks": lambda f, t: validate_tasksets(pd.concat([t[s] for s in SPLITS]), f.data.tasks),
+    "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data),
+    "TextTasks": lambda f, t: validate_text(t["utterances"], t["classes"], _episodes(t), f.data),
+}

@@ -54,19 +54,23 @@ def test_overrides_apply_only_to_their_algorithm():
 def test_omniglot_configs_meta_train_on_the_task_batched_fast_path():
     import torch
 
-    from flows.stages import make_learner
-
     root = Path(__file__).resolve().parents[1]
     for name, chunk in (("omniglot-5w1s", 16), ("omniglot-20w1s", 4)):
         learner = make_learner(load_config(root / "configs" / f"{name}.yaml"), "maml", torch.device("cpu"))
         assert learner.cfg.task_batched and learner.cfg.task_chunk == chunk
 
 
+def make_learner(cfg, algorithm, device):
+    from flows.families import algorithm_settings, family_for
+
+    s = algorithm_settings(cfg, algorithm, cfg.seed)
+    return family_for(cfg).learner({}, s.learner, device, cfg.seed, s.zero_head)
+
+
 def test_zero_head_changes_only_its_algorithms_key_and_zeroes_the_head():
     import torch
 
     from flows.plan import make_plan
-    from flows.stages import make_learner
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "omniglot-5w1s.yaml")
     data = cfg.model_dump()
@@ -79,3 +83,119 @@ def test_zero_head_changes_only_its_algorithms_key_and_zeroes_the_head():
     assert learner.zero_init == ("head.weight", "head.bias")
     assert not learner.params["head.weight"].any() and not learner.params["head.bias"].any()
     assert make_learner(on, "maml", torch.device("cpu")).zero_init == ()
+
+
+# ---------------------------------------------------------------- cross-field checks at load time
+
+ROOT = Path(__file__).resolve().parents[1]
+OMNIGLOT = "family: {kind: omniglot}\n"
+CONV4 = OMNIGLOT + "model: {kind: conv4, %s}\n"
+TEXT = "family: {kind: text, %s}\nmodel: {kind: minilm, adapted: head}\n"
+
+
+def load_error(tmp_path, text) -> str:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ")
+    return str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_its_dump_validates_again(path):
+    cfg = load_config(path)
+    assert StudyConfig.model_validate(cfg.model_dump()) == cfg
+
+
+def test_wrong_target_modules_name_the_key_the_file_and_the_names_there(tmp_path):
+    from components.text import layer_module_names
+
+    names = layer_module_names()
+    assert {"attention.self.query", "attention.self.value", "attention.output.dense"} <= set(names)
+    assert "attention.output.LayerNorm" not in names  # peft's LoRA wraps linear modules only
+    clinc = (ROOT / "configs" / "clinc150-lora.yaml").read_text()
+    message = load_error(tmp_path, clinc.replace("[query, value]", "[q_proj, value, v_proj]"))
+    assert message.startswith(f"{tmp_path / 'study.yaml'}: model.target_modules: no module 'q_proj', 'v_proj' in ")
+    assert "'value'" not in message and all(name in message for name in names)
+    assert "model.target_modules" in load_error(tmp_path, clinc.replace("[query, value]", "[LayerNorm]"))
+    assert "at least one" in load_error(tmp_path, clinc.replace("[query, value]", "[]"))
+    load_config(write(tmp_path, clinc.replace("[query, value]", "[self.query, dense]")))  # peft matches name endings
+
+
+@pytest.mark.parametrize("text, key", [
+    ("model: {adapted: head}", "model.adapted"),  # the sinusoid mlp adapts everything
+    ("model: {lora_r: 8}", "model.lora_r"),
+    ("model: {hidden: 32}", "model.hidden"),
+    ("model: {sizes: [2, 40, 1]}", "model.sizes"),  # x and y are one value each
+    (CONV4 % "lora_r: 8", "model.lora_r"),  # adapted: full
+    (CONV4 % "adapted: head, lora_alpha: 16", "model.lora_alpha"),
+    (CONV4 % "adapted: lora, target_modules: [conv]", "model.target_modules"),
+    (CONV4 % "top_layers: 3", "model.top_layers"),
+    (CONV4 % "sizes: [1, 8, 1]", "model.sizes"),
+    (TEXT % "n_way: 5" + "model: {kind: minilm, adapted: head, lora_b_std: 0.01}", "model.lora_b_std"),
+    (TEXT % "n_way: 5" + "model: {kind: minilm, adapted: head, hidden: 32}", "model.hidden"),
+], ids=["mlp-adapted", "mlp-lora_r", "mlp-hidden", "mlp-sizes", "conv4-full-lora_r", "conv4-head-lora_alpha",
+        "conv4-target_modules", "conv4-top_layers", "conv4-sizes", "minilm-head-lora_b_std", "minilm-hidden"])
+def test_model_fields_only_where_the_model_reads_them(tmp_path, text, key):
+    assert f": {key}: " in load_error(tmp_path, text)
+
+
+def test_model_fields_left_at_their_defaults_are_accepted(tmp_path):
+    load_config(write(tmp_path, CONV4 % "adapted: full, hidden: 32, lora_r: 4"))  # lora_r written as its default
+    load_config(write(tmp_path, CONV4 % "adapted: lora, lora_r: 8, lora_alpha: 16"))
+    load_config(write(tmp_path, "model: {kind: mlp, adapted: full, sizes: [1, 20, 1]}"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("meta_train: {fast_lr: 0.5}", "meta_train.fast_lr"),  # the default range is [1e-4, 0.1]
+    ("meta_train: {overrides: {metasgd: {fast_lr: 0.5}}}", "meta_train.overrides.metasgd.fast_lr"),
+    ("meta_train: {algorithms: [maml, metasgd], fast_lr: 0.05, metasgd_lr_range: [0.1, 1.0]}", "meta_train.fast_lr"),
+    (OMNIGLOT + "model: {kind: conv4}\nmeta_train: {algorithms: [maml], fast_lr: 0.5}\ntransfer: {algorithm: metasgd}",
+     "meta_train.fast_lr"),
+])
+def test_metasgd_rate_outside_its_range_names_the_fields(tmp_path, text, key):
+    message = load_error(tmp_path, text)
+    assert f": {key}: " in message and "meta_train.metasgd_lr_range" in message
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+@pytest.mark.parametrize("fast_lr", [0.05, 0.5])
+def test_rate_check_is_the_learners_own_rule(tmp_path, algorithm, fast_lr):
+    """A config loads exactly when its learner can be built: only Meta-SGD reads metasgd_lr_range today."""
+    from components.metalearners import MetaLearnerConfig
+
+    try:
+        MetaLearnerConfig(algorithm=algorithm, fast_lr=fast_lr, lr_range=(1e-4, 0.1))
+        learner_ok = True
+    except ValueError:
+        learner_ok = False
+    for text in (f"meta_train: {{algorithms: [{algorithm}], fast_lr: {fast_lr}}}",
+                 f"meta_train: {{algorithms: [{algorithm}], overrides: {{{algorithm}: {{fast_lr: {fast_lr}}}}}}}"):
+        path = write(tmp_path, text)
+        try:
+            load_config(path)
+            config_ok = True
+        except ConfigError:
+            config_ok = False
+        assert config_ok == learner_ok, text
+
+
+@pytest.mark.parametrize("text, key", [
+    ("meta_train: {task_batched: true}", "meta_train.task_batched"),  # conv4 only
+    (OMNIGLOT + "model: {kind: conv4}\nmeta_train: {query_chunk: 2}", "meta_train.query_chunk"),
+    ("family: {n_tasks: {meta_train: 10, meta_val: 5, meta_test: 5}}\nmeta_train: {meta_batch_size: 11}",
+     "meta_train.meta_batch_size"),
+    (TEXT % "dataset: csv, split_by: domain", "family.split_by"),  # no domain_col
+    (TEXT % "dataset: banking77" + "transfer: {}", "transfer"),  # no domains to group by
+    (TEXT % "dataset: csv" + "transfer: {}", "transfer"),
+], ids=["task_batched-mlp", "query_chunk-unbatched", "meta_batch-over-tasks", "csv-domain-no-column",
+        "transfer-banking77", "transfer-csv-no-domain"])
+def test_settings_that_cannot_work_stop_at_load(tmp_path, text, key):
+    assert f": {key}: " in load_error(tmp_path, text)
+
+
+def test_sizes_that_depend_on_the_data_are_not_guessed_at_load(tmp_path):
+    """Another dataset in CLINC150's layout may have more intents: the config alone cannot bound n_way."""
+    load_config(write(tmp_path, TEXT % "n_way: 40, k_shot: 100, n_query: 60"))
+    load_config(write(tmp_path, TEXT % "dataset: csv, n_way: 40, k_shot: 100, n_query: 60"))
+    load_config(write(tmp_path, TEXT % "n_way: 5" + "transfer: {n_groups: 12}"))

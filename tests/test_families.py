@@ -6,10 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
+from components.families import TaskFamily, accuracy
 from components.features import episode_features
 from flows.config import StudyConfig
-from flows.families import OmniglotTasks, _episode_rows, accuracy
-from flows.validation import ValidationFailed, validate_omniglot
+from flows.families import family_for
+from flows.stages.task_sets import summary
+from flows.validation import ValidationFailed, validate_family, validate_omniglot
 
 OMNIGLOT = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
 
@@ -22,35 +24,37 @@ def omniglot_cfg(**family):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """The 5-way 1-shot task sets built once from the full archives (about 15 s)."""
-    out = tmp_path_factory.mktemp("omniglot")
     cfg = omniglot_cfg(n_val_episodes=10, n_test_episodes=20)
-    return cfg, out, OmniglotTasks(cfg).build(out)
+    family = family_for(cfg)
+    tables = family.build(seed=0)
+    validate_family(family, tables)
+    return family, tables
 
 
 def test_build_uses_the_vinyals_split_and_fixed_episodes(built):
-    cfg, out, meta = built
-    assert meta == {"n_classes_meta_train": 4112, "n_classes_meta_val": 688, "n_classes_meta_test": 1692}
-    data = OmniglotTasks(cfg).open(out, torch.device("cpu"), ("meta_train", "meta_test"), meta_batch_size=4)
+    family, tables = built
+    assert summary(tables) == {"n_classes_meta_train": 4112, "n_classes_meta_val": 688, "n_classes_meta_test": 1692}
+    data = family.open(tables, torch.device("cpu"), ("meta_train", "meta_test"), meta_batch_size=4)
     assert data.test.x_spt.shape == (20, 5, 1, 28, 28) and data.test.x_qry.shape == (20, 75, 1, 28, 28)
-    again = OmniglotTasks(cfg).open(out, torch.device("cpu"), ("meta_test",))
+    again = family.open(tables, torch.device("cpu"), ("meta_test",))
     assert torch.equal(data.test.x_qry, again.test.x_qry)  # the same episodes for every method
     assert torch.equal(data.train(7).x_spt, data.train(7).x_spt)  # meta-batches depend on the iteration only
     assert not torch.equal(data.train(7).x_spt, data.train(8).x_spt)
+    other_seed = family.open(tables, torch.device("cpu"), ("meta_train",), meta_batch_size=4, seed=1)
+    assert not torch.equal(data.train(7).x_spt, other_seed.train(7).x_spt)  # the unit's seed draws its episodes
 
 
 def test_validation_rejects_a_class_in_two_splits_and_short_episodes(built):
-    cfg, out, _ = built
-    images = pd.read_parquet(out / "images.parquet")
-    classes = pd.read_parquet(out / "classes.parquet")
-    episodes = _episode_rows(pd.read_parquet(out / "episodes_meta_test.parquet"), "meta_test", 1)
+    family, tables = built
+    classes, episodes = tables["classes"], tables["episodes_meta_test"]
     leaked = pd.concat([classes, classes.iloc[[0]].assign(split="meta_test")])
-    short = episodes.assign(count=np.where(episodes.index == 0, 0, episodes["count"]))
+    short = episodes[episodes.index != 0]  # one support example of one way missing
     with pytest.raises(ValidationFailed) as err:
-        validate_omniglot(images.iloc[20:], leaked, short, cfg.family)
+        validate_omniglot(tables["images"].iloc[20:], leaked, short, family.data)
     text = str(err.value)
     assert "classes: expect_column_values_to_be_unique(class_id)" in text
     assert "character_splits" in text
-    assert "episode_examples" in text
+    assert "episode_ways" in text and "episodes:" in text
 
 
 def test_accuracy_and_episode_features():
@@ -80,24 +84,22 @@ def text_config(path, **family):
 
 
 def test_text_build_writes_class_disjoint_validated_episodes(tmp_path):
-    from flows.families import TextTasks
-
     intent_table().to_csv(tmp_path / "intents.csv", index=False)
-    tasks = TextTasks(text_config(tmp_path / "intents.csv"))
-    out = tmp_path / "entry"
-    out.mkdir()
-    meta = tasks.build(out)
-    assert meta["n_utterances"] == 72 and sum(meta[f"n_classes_{s}"] for s in ("meta_train", "meta_val", "meta_test")) == 9
-    classes = pd.read_parquet(out / "classes.parquet")
+    tasks = family_for(text_config(tmp_path / "intents.csv"))
+    tables = tasks.build(seed=0)
+    validate_family(tasks, tables)
+    meta = summary(tables)
+    assert len(tables["utterances"]) == 72 and sum(meta[f"n_classes_{s}"] for s in ("meta_train", "meta_val", "meta_test")) == 9
+    classes = tables["classes"]
     assert classes["label"].is_unique
-    test = tasks.open(out, torch.device("cpu"), ("meta_test",)).test
+    test = tasks.open(tables, torch.device("cpu"), ("meta_test",)).test
     assert test.x_spt.shape == (5, 2) and test.x_qry.shape == (5, 6)
-    utterances = pd.read_parquet(out / "utterances.parquet")
+    utterances = tables["utterances"]
     test_classes = set(classes.loc[classes["split"] == "meta_test", "label"])
     assert set(utterances["label"].to_numpy()[test.x_qry.flatten().numpy()]) <= test_classes
-    batch = tasks.open(out, torch.device("cpu"), ("meta_train",), meta_batch_size=3).train(7)
-    assert batch.x_spt.shape == (3, 2) and torch.equal(batch.x_spt, tasks.open(out, torch.device("cpu"),
-                                                                             ("meta_train",), 3).train(7).x_spt)
+    batch = tasks.open(tables, torch.device("cpu"), ("meta_train",), meta_batch_size=3).train(7)
+    assert batch.x_spt.shape == (3, 2) and torch.equal(batch.x_spt, tasks.open(tables, torch.device("cpu"),
+                                                                               ("meta_train",), 3).train(7).x_spt)
 
 
 def test_text_validation_names_a_class_in_two_splits_and_empty_text(tmp_path):
@@ -120,9 +122,8 @@ def test_text_validation_names_a_class_in_two_splits_and_empty_text(tmp_path):
 def test_head_names_the_classification_head_at_any_depth():
     from torch import nn
 
-    from flows.families import Family
-
-    family = Family(text_config("intents.csv"))
+    family = family_for(text_config("intents.csv"))
+    assert isinstance(family, TaskFamily)
     top = nn.Module()
     top.head, top.heads = nn.Linear(4, 2), nn.Linear(4, 2)  # "heads" is not the head
     model = nn.Sequential()

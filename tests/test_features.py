@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
 
-from components.features import (FEATURE_COLUMNS, FEATURES_VERSION, TaskFeatureExtractor,
+from components.features import (FEATURE_COLUMNS, TaskFeatureExtractor,
                                  pairwise_similarity)
 from components.tasksets import SinusoidFamily, sample_sinusoid_tasks
 
@@ -92,7 +92,6 @@ def test_columns_select_and_order_features():
         TaskFeatureExtractor(columns=("slope", "wiggle"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         extractor.columns = ("x_mean",)
-    assert FEATURES_VERSION == "1"
 
 
 def test_bad_tables_raise():

@@ -195,8 +195,8 @@ def test_vectorized_and_looped_agree(batch, algorithm):
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(algorithm="anil"), "algorithm"),
-    (dict(fast_lr=2.0), "fast_lr"),
-    (dict(fast_lr=1e-6), "fast_lr"),
+    (dict(algorithm="metasgd", fast_lr=2.0), "fast_lr"),  # Meta-SGD's rates live in lr_range
+    (dict(algorithm="metasgd", fast_lr=1e-6), "fast_lr"),
     (dict(inner_steps=-1), "inner_steps"),
     (dict(lr_range=(0.0, 1.0)), "lr_range"),
 ])
@@ -339,3 +339,8 @@ def test_zero_init_head_starts_at_zero_and_gets_no_meta_gradient(batch, algorith
 def test_zero_init_names_must_be_adapted():
     with pytest.raises(ValueError, match="zero_init"):
         make_subset_learner("maml", adapted=("net.0.weight",), zero_init=HEAD)
+
+
+def test_lr_range_binds_only_metasgd():
+    """MAML and the others never read the range: a fast_lr outside it is theirs to choose."""
+    assert MetaLearnerConfig(algorithm="maml", fast_lr=2.0, lr_range=(1e-4, 1.0)).fast_lr == 2.0

@@ -42,7 +42,7 @@ def test_bad_scaleout_settings_name_the_field(tmp_path, sections, field):
 
 
 def test_across_seeds_averages_each_episode_over_seeds():
-    from flows.stages import across_seeds, seed_spread
+    from components.significance import across_seeds, seed_spread
 
     rows = pd.DataFrame({"episode": [0, 1, 0, 1, 0, 1], "method": ["maml"] * 4 + ["scratch"] * 2,
                          "steps": 1, "metric": "mse", "value": [1.0, 2.0, 3.0, 6.0, 5.0, 7.0],

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -104,6 +106,17 @@ def test_paired_comparison_degenerate_cases_are_explicit():
     single = paired_comparison([1.0], [0.5])
     assert single["n"] == 1 and single["mean_diff"] == 0.5
     assert np.isnan(single["p_ttest"]) and np.isnan(single["ci_low"]) and np.isnan(single["cohens_dz"])
+
+
+def test_differences_equal_up_to_rounding_count_as_constant():
+    """0.3 - 0.2, 0.7 - 0.6, 0.4 - 0.3 are 0.1 up to 6e-17: sd(ddof=1) is not 0 and scipy warns."""
+    a, b = [0.3, 0.7, 0.4], [0.2, 0.6, 0.3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = paired_comparison(a, b)
+        assert mean_ci(np.subtract(a, b))[1] == 0.0
+    assert res["t_stat"] == np.inf and res["p_ttest"] == 0.0 and res["cohens_dz"] == np.inf
+    assert res["ci_low"] == res["ci_high"] == res["mean_diff"] == pytest.approx(0.1)
 
 
 def test_paired_comparison_no_effect_is_not_significant():

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from components import text
-from components.text import (CachedTopEncoder, TopEncoder, TopEncoderConfig, adapted_names, class_split,
-                             encode_prefix, episodes_from_rows, frozen_names, load_banking77, load_clinc150,
-                             load_text_csv, mean_pool, parameter_counts, prototype_predict, sample_text_episodes)
+from components.episodes import class_members, class_split, episodes_from_rows, sample_rows
+from components.text import (CachedTopEncoder, TopEncoder, TopEncoderConfig, adapted_names,
+                             encode_prefix, frozen_names, load_banking77, load_clinc150,
+                             load_text_csv, mean_pool, parameter_counts, prototype_predict)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 transformers = pytest.importorskip("transformers")
@@ -151,6 +152,12 @@ def test_class_split_errors():
         class_split(["a", "b"], {"x": 0.9, "y": 0.1}, 0, groups=["g", "h"])
 
 
+def sample_text_episodes(labels, classes, n_way, k_shot, n_query, n_episodes, seed):
+    """The one sampler (components.episodes) over utterance labels, as tensors."""
+    rows, ways = sample_rows(class_members(labels, classes), n_way, k_shot, n_query, n_episodes, seed, classes)
+    return torch.from_numpy(rows), torch.from_numpy(ways)
+
+
 def test_episodes_shapes_label_remap_and_disjoint_support_query():
     rng = np.random.default_rng(0)
     labels = rng.choice([f"c{i}" for i in range(12)], 400)
@@ -172,9 +179,9 @@ def test_episodes_shapes_label_remap_and_disjoint_support_query():
 
 def test_episodes_refuse_small_classes():
     labels = ["a"] * 5 + ["b"] * 2
-    with pytest.raises(ValueError, match=r"exceeds the utterances of 1 classes, e.g. \['b'\]"):
+    with pytest.raises(ValueError, match=r"exceeds the examples of 1 classes, e.g. \['b'\]"):
         sample_text_episodes(labels, ["a", "b"], 2, 1, 2, 3, seed=0)
-    with pytest.raises(ValueError, match="no utterance"):
+    with pytest.raises(ValueError, match="no example"):
         sample_text_episodes(labels, ["a", "z"], 2, 1, 0, 3, seed=0)
 
 

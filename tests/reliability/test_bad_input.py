@@ -98,7 +98,7 @@ def text_config(project, csv: Path, **family) -> str:
 
 
 def label_in(split: str) -> str:
-    from components.text import class_split
+    from components.episodes import class_split
 
     labels = intents()["label"]
     return class_split(labels, dict(zip(("meta_train", "meta_val", "meta_test"), SPLIT_FRACTIONS)), seed=0)[split][0]

@@ -1,0 +1,123 @@
+"""What a task family provides to the pipeline, as one interface (`TaskFamily`).
+
+A family is a frozen dataclass of plain settings, in three parts that cache keys hash separately: `data`
+(what its task sets depend on), `model` (its network and adapted set) and `baselines`. It never sees the
+study config or the cache's paths: the pipeline hands it its tables as a mapping name -> DataFrame (read
+lazily from the cache entries of its task sets and, for text, the frozen encoder's prefix) and writes
+back the tables it builds. Validation (Great Expectations) and caching stay in `flows/`.
+
+Adding a family: one module here with one `TaskFamily` subclass, one config section and converter in
+`flows/config.py` / `flows/families.py`, and one GX suite in `flows/validation.py` (README: "Adding a task family").
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from components.episodes import SPLITS, EpisodeBatch
+from components.metalearners import MetaLearner, MetaLearnerConfig
+
+Tables = Mapping[str, pd.DataFrame]  # a cache entry's tables by name (lazily read Parquet)
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TaskData:
+    """A family's opened task sets: meta-training as a pool or a sampler, fixed meta-val / meta-test episodes."""
+
+    train: EpisodeBatch | Callable[[int], EpisodeBatch] | None  # a pool, or iteration -> meta-batch
+    val: EpisodeBatch | None
+    test: EpisodeBatch | None
+    test_ids: np.ndarray | None  # (T_test,) episode ids, in the order of `test`
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Fraction of correct argmax predictions: logits (..., B, N), y (..., B) -> scalar."""
+    return (logits.argmax(-1) == y).float().mean()
+
+
+class TaskFamily(ABC):
+    """The interface every family implements; see the module docstring for the division of labour."""
+
+    metric: ClassVar[str]  # the score's name ("mse", "accuracy")
+    lower_is_better: ClassVar[bool]
+    reference: ClassVar[str] = "scratch"  # the baseline the report compares every method with
+    loss_fn: ClassVar[LossFn]  # the inner/outer loss, (prediction, target) -> scalar
+    score_fn: ClassVar[LossFn]  # the reported per-task score
+    data: Any  # frozen dataclass: everything the task sets depend on
+    model_settings: Any  # frozen dataclass: the network and its adapted set
+    baselines: Any  # frozen dataclass: the baselines' settings
+
+    # ---- data
+
+    def input_files(self) -> tuple[Path, ...]:
+        """Every file the family's `build` reads; their content enters the task sets' cache key."""
+        return ()
+
+    @abstractmethod
+    def build(self, seed: int) -> dict[str, pd.DataFrame]:
+        """The task-set tables (name -> table): items, class split and fixed meta-val / meta-test episodes.
+
+        Deterministic in (data settings, input files, seed). Raises ValueError naming the file or field
+        on bad input. The pipeline validates them (flows.validation) and caches them."""
+
+    @abstractmethod
+    def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS,
+             meta_batch_size: int = 1, seed: int = 0) -> TaskData:
+        """The splits' episodes as tensors on device; meta-training batches are drawn from `seed`'s stream."""
+
+    def features(self, tables: Tables) -> pd.DataFrame:
+        """Task features of the meta-test episodes (index task_id, one column per feature, plus `split`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no task features")
+
+    # ---- model
+
+    @abstractmethod
+    def model(self, tables: Tables, seed: int = 0) -> nn.Module:
+        """A freshly initialised network; `learner` seeds torch's global RNG with seed before calling."""
+
+    def adapted(self, model: nn.Module) -> tuple[str, ...] | None:
+        """Names of the weights the inner loop adapts; None = all."""
+        return None
+
+    def frozen(self, model: nn.Module) -> tuple[str, ...]:
+        """Names of the weights held constant (a pretrained backbone)."""
+        return ()
+
+    def head(self, model: nn.Module) -> tuple[str, ...]:
+        """The classification head's weights (`zero_head` starts them at zero on every task)."""
+        names = tuple(k for k, _ in model.named_parameters() if k.split(".")[-2:-1] == ["head"])
+        if not names:
+            raise ValueError(f"zero_head: the {type(self).__name__} model has no head")
+        return names
+
+    def learner(self, tables: Tables, cfg: MetaLearnerConfig, device: torch.device, seed: int,
+                zero_head: bool = False) -> MetaLearner:
+        """The algorithm's learner over a fresh network initialised from seed (every algorithm of a seed
+        starts from the same weights); zero_head starts the head at zero on every task (Kao et al. 2022)."""
+        torch.manual_seed(seed)
+        model = self.model(tables, seed).to(device)
+        return MetaLearner(model, cfg, self.loss_fn, adapted=self.adapted(model), frozen=self.frozen(model),
+                           zero_init=self.head(model) if zero_head else ())
+
+    # ---- baselines
+
+    @abstractmethod
+    def baseline_curves(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
+                        score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
+        """Each baseline's query score on the test episodes after `score_steps` of 0..steps SGD steps:
+        name -> (len(score_steps), T). model: a fresh network of this family (seeded by the caller)."""
+
+
+def head_swap(init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A pretrained classifier's weights as an N-way start: every tensor whose shape matches is copied,
+    the others (the wide head) start at zero. init, trained: name -> tensor; returns detached tensors."""
+    return {k: (trained[k] if trained[k].shape == v.shape else torch.zeros_like(v)).detach()
+            for k, v in init.items()}

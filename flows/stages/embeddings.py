@@ -1,0 +1,21 @@
+"""embeddings: dataset-statistics features of every task and similarity matrices over some meta-test tasks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from components.families import TaskFamily, Tables
+from components.features import pairwise_similarity
+from flows import report
+from flows.cache import write_table
+
+
+def build_embeddings(family: TaskFamily, tables: Tables, metrics: tuple[str, ...], n_similarity_tasks: int,
+                     out: Path) -> dict:
+    features = family.features(tables)
+    write_table(features.reset_index(), out, "features")
+    test = features[features["split"] == "meta_test"].drop(columns="split").head(n_similarity_tasks)
+    for metric in metrics:
+        matrix = pairwise_similarity(test, metric)
+        write_table(matrix.rename(columns=str).reset_index(names="task_id"), out, f"similarity_{metric}")
+        report.plot_heatmap(matrix, f"meta-test tasks: {metric}", out / f"similarity_{metric}.png")
+    return {"n_features": features.shape[1] - 1, "n_tasks": features.shape[0]}

@@ -1,0 +1,142 @@
+"""What a cache key knows about code and data: the project modules a stage imports, and input file contents.
+
+Code: a stage's version hashes the source of every module of this project (packages `components` and
+`flows`) that its entry modules import, transitively, read from the files with `ast` so imports inside
+functions count too. Nothing is listed by hand, so a module that gains an import gains a key dependency.
+
+Data: an input file enters a key by its sha256. Each digest is remembered per (path, size, mtime_ns) in
+a small JSON file, so a 14 MB archive is hashed once, not on every run; an edit that changes the size
+or the modification time is hashed again.
+"""
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+PACKAGES = ("components", "flows")
+ROOT = Path(__file__).resolve().parent.parent  # the folder holding components/ and flows/
+
+
+def module_file(name: str, root: Path = ROOT) -> Path | None:
+    """The source file of a project module `a.b.c` (a module file or a package's __init__), or None."""
+    base = root.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(name: str, root: Path = ROOT) -> set[str]:
+    """Project modules that module `name` imports anywhere in its source (function bodies included).
+
+    `from pkg import x` counts `pkg.x` when x is a module, else `pkg`; importing `a.b.c` also imports the
+    packages `a` and `a.b` (their __init__ runs). Relative imports are resolved against `name`.
+    """
+    path = module_file(name, root)
+    if path is None:
+        raise ModuleNotFoundError(f"no project module {name!r} under {root}")
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([base] if base else [])])
+            for alias in node.names:
+                child = f"{base}.{alias.name}"
+                found.add(child if module_file(child, root) else base)
+    project = set()
+    for module in found:
+        parts = module.split(".")
+        if parts[0] in PACKAGES:
+            project.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {m for m in project if module_file(m, root) is not None}
+
+
+def module_closure(names: Iterable[str], root: Path = ROOT) -> tuple[str, ...]:
+    """`names` and every project module they import, transitively; sorted."""
+    names = list(names)
+    seen, todo = set(), [".".join(n.split(".")[:i]) for n in names for i in range(1, len(n.split(".")) + 1)]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(imported_modules(name, root) - seen)
+    return tuple(sorted(seen))
+
+
+def code_version(names: Iterable[str], root: Path = ROOT) -> str:
+    """16 hex digits hashing the source of `names` and everything they import from the project."""
+    return _code_version(tuple(sorted(set(names))), str(root))
+
+
+@lru_cache(maxsize=256)
+def _code_version(names: tuple[str, ...], root: str) -> str:
+    digest = hashlib.sha256()
+    for name in module_closure(names, Path(root)):
+        digest.update(f"{name}\0".encode())
+        digest.update(module_file(name, Path(root)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- input files by content
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_digests(paths: Iterable[Path], memo: Path | None = None) -> dict[str, str]:
+    """{path: sha256} of the input files, hashing only those whose (size, mtime_ns) the memo file has not seen.
+
+    A missing file raises FileNotFoundError naming it. memo (a JSON file) is rewritten atomically when it grows.
+    """
+    known = _read_memo(memo)
+    digests, changed = {}, False
+    for path in paths:
+        path = Path(path).resolve()
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"input file not found: {path}") from None
+        stamp = [stat.st_size, stat.st_mtime_ns]
+        entry = known.get(str(path))
+        if entry is None or entry["stamp"] != stamp:
+            known[str(path)], changed = {"stamp": stamp, "sha256": file_sha256(path)}, True
+        digests[str(path)] = known[str(path)]["sha256"]
+    if changed and memo is not None:
+        _write_memo(memo, known)
+    return digests
+
+
+def _read_memo(memo: Path | None) -> dict:
+    if memo is None:
+        return {}
+    try:
+        return json.loads(Path(memo).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _write_memo(memo: Path, known: dict) -> None:
+    memo = Path(memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only cache folder: digests are recomputed next time, keys stay right
