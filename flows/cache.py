@@ -163,13 +163,18 @@ def _writable(stage: str, folder: Path) -> Iterator[None]:
                                        f"the cache entries already in {folder.parent} are untouched") from e
 
 
+DATA_SUFFIXES = (".parquet", ".pt")  # what later stages read; reports and figures (GX times, PNGs) are not
+
+
 def _manifest_digest(entry: Path) -> str | None:
-    """Hash of the entry's files (their sha256s, not the log meta): equal for a byte-identical recompute."""
+    """Hash of the entry's data files (their sha256s; not the log meta, reports or figures): equal for a
+    byte-identical recompute, so a repaired entry does not make everything after it stale."""
     try:
         files = json.loads((entry / MANIFEST).read_text())["files"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return None
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    data = {name: sha for name, sha in files.items() if name.endswith(DATA_SUFFIXES)}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class EntryTables(Mapping):

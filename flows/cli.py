@@ -84,7 +84,7 @@ def _stages(cfg, root) -> int:
         keys = plan.algorithm_keys if stage == "meta_train" else {"": plan.keys[stage]}
         for label, key in keys.items():
             name = f"{stage}[{label}]" if label else stage
-            state = cache.status(stage, key, plan.reads(stage, label or None))
+            state = plan.status(cache, stage, key)
             if state == "missing" and stage in ("task_sets", "prefix"):
                 state = _changed_inputs(cache, stage, key, plan) or state
             elif state == "cached" and stage == "meta_train" and \

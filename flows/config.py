@@ -64,6 +64,32 @@ class OmniglotSection(Section):
         return self
 
 
+class ImageFolderSection(Section):
+    """A user's own images, <path>/<class>/<image>, any size and format Pillow reads; classes disjoint across
+    splits. Whether every split has n_way classes of k_shot + n_query images is known only from the folder."""
+
+    kind: Literal["image_folder"]
+    path: str  # the root; split: files reads classes.train.txt, classes.val.txt, classes.test.txt from it too
+    channels: Literal[1, 3] = 1  # 1: grayscale, 3: RGB
+    image_size: int = Field(28, ge=8)  # every image is resized (stretched) to this square once
+    split: Literal["random", "files"] = "random"  # random: seeded, by fractions; files: the class lists
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
+    n_way: int = Field(5, ge=2)
+    k_shot: int = Field(1, ge=1)
+    n_query: int = Field(15, ge=1)  # queries per class
+    n_val_episodes: int = Field(100, ge=1)
+    n_test_episodes: int = Field(600, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.path:
+            raise ValueError("path: the image folder's root, <path>/<class>/<image>")
+        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
+            raise ValueError(f"fractions: need three positive shares summing to 1, got {self.fractions}")
+        default = type(self).model_fields["fractions"].default
+        if self.split == "files" and "fractions" in self.model_fields_set and self.fractions != default:
+            raise ValueError("fractions: read only with split: random; split: files takes the class lists")
+        return self
 
 
 class TextSection(Section):
@@ -101,8 +127,9 @@ def _family_kind(value) -> str:
 
 
 Family = Annotated[Union[Annotated[SinusoidSection, Tag("sinusoid")], Annotated[OmniglotSection, Tag("omniglot")],
-                         Annotated[TextSection, Tag("text")]],
+                         Annotated[ImageFolderSection, Tag("image_folder")], Annotated[TextSection, Tag("text")]],
                    Discriminator(_family_kind)]
+FAMILY_MODELS = {"sinusoid": "mlp", "omniglot": "conv4", "image_folder": "conv4", "text": "minilm"}  # kind -> model
 
 
 class EmbeddingSection(Section):
@@ -328,13 +355,14 @@ class StudyConfig(Section):
     def _model_fits_family(self):
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds: need a non-empty list without repeats, got {list(self.seeds)}")
-        expected = {"sinusoid": "mlp", "omniglot": "conv4", "text": "minilm"}[self.family.kind]
+        expected = FAMILY_MODELS[self.family.kind]
         if self.model.kind != expected:
             raise ValueError(f"model.kind: the {self.family.kind} family needs {expected!r}, got {self.model.kind!r}")
         if self.model.kind == "minilm" and self.model.adapted == "full":
             raise ValueError("model.adapted: the MiniLM backbone stays frozen; choose 'lora' or 'head'")
-        if self.transfer is not None and self.family.kind == "sinusoid":
-            raise ValueError("transfer: needs groups of classes, i.e. the omniglot or text family")
+        if self.transfer is not None and self.family.kind not in ("omniglot", "text"):
+            raise ValueError(f"transfer: needs groups of classes (Omniglot alphabets, text domains), i.e. the "
+                             f"omniglot or text family; this is {self.family.kind!r}")
         zero_head = self.meta_train.zero_head or any(o.zero_head for o in self.meta_train.overrides.values())
         if zero_head and self.family.kind == "sinusoid":
             raise ValueError("meta_train.zero_head: the sinusoid family is regression; it has no classification head")

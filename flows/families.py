@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from components.baselines import BaselineConfig
 from components.conv4 import Conv4Model
 from components.families import TaskFamily
+from components.families.image_folder import ImageFolderData, ImageFolderTasks
 from components.families.omniglot import OmniglotData, OmniglotTasks
 from components.families.sinusoid import SinusoidData, SinusoidTasks
 from components.families.text import TextData, TextSource, TextTasks, TopModel
@@ -30,13 +31,25 @@ def _sinusoid(cfg: StudyConfig) -> SinusoidTasks:
     return SinusoidTasks(SinusoidData(tasks, dict(f.n_tasks)), tuple(cfg.model.sizes), _baselines(cfg))
 
 
+def _conv4(cfg: StudyConfig) -> Conv4Model:
+    m = cfg.model
+    return Conv4Model(hidden=m.hidden, adapted=m.adapted, lora_rank=m.lora_r, lora_alpha=m.lora_alpha)
+
+
 def _omniglot(cfg: StudyConfig) -> OmniglotTasks:
-    f, m = cfg.family, cfg.model
+    f = cfg.family
     data = OmniglotData(path=f.path, split=f.split, random_fractions=tuple(f.random_fractions),
                         image_size=f.image_size, n_way=f.n_way, k_shot=f.k_shot, n_query=f.n_query,
                         n_val_episodes=f.n_val_episodes, n_test_episodes=f.n_test_episodes)
-    model = Conv4Model(hidden=m.hidden, adapted=m.adapted, lora_rank=m.lora_r, lora_alpha=m.lora_alpha)
-    return OmniglotTasks(data, model, _baselines(cfg))
+    return OmniglotTasks(data, _conv4(cfg), _baselines(cfg))
+
+
+def _image_folder(cfg: StudyConfig) -> ImageFolderTasks:
+    f = cfg.family
+    data = ImageFolderData(path=f.path, channels=f.channels, image_size=f.image_size, split=f.split,
+                           fractions=tuple(f.fractions), n_way=f.n_way, k_shot=f.k_shot, n_query=f.n_query,
+                           n_val_episodes=f.n_val_episodes, n_test_episodes=f.n_test_episodes)
+    return ImageFolderTasks(data, _conv4(cfg), _baselines(cfg))
 
 
 def _text(cfg: StudyConfig) -> TextTasks:
@@ -51,7 +64,7 @@ def _text(cfg: StudyConfig) -> TextTasks:
     return TextTasks(data, model, _baselines(cfg))
 
 
-FAMILIES = {"sinusoid": _sinusoid, "omniglot": _omniglot, "text": _text}
+FAMILIES = {"sinusoid": _sinusoid, "omniglot": _omniglot, "image_folder": _image_folder, "text": _text}
 
 
 def family_for(cfg: StudyConfig) -> TaskFamily:

@@ -184,7 +184,7 @@ def meta_train_algorithm(run: Run, label: str) -> dict[str, bool]:
     set_threads(run.cfg)
     key, logger, settings = run.plan.algorithm_keys[label], get_run_logger(), run.plan.settings[label]
     checkpoint = checkpoint_path(run, label)
-    if "meta_train" in run.force | run.only:
+    if "meta_train" in run.force:  # from scratch; `--stage meta_train` goes on from the checkpoint
         checkpoint.unlink(missing_ok=True)
     section = run.cfg.meta_train.for_algorithm(run.plan.units[label][0])
 
@@ -309,7 +309,7 @@ def _meta_train(run: Run, runner) -> None:
 
 def _evaluate(run: Run, runner) -> str:
     key = run.plan.keys["evaluate"]
-    if "evaluate" in run.force | run.only or not run.cache.is_complete("evaluate", key):
+    if "evaluate" in run.force | run.only or run.plan.status(run.cache, "evaluate", key) != "cached":
         fan_out(runner, evaluate_unit, run, list(run.plan.units))
     return evaluate(run)
 
@@ -374,15 +374,12 @@ def _require_cached(run: Run, stage: str) -> None:
     if stage == "embeddings" and "prefix" in run.plan.keys:
         keys.append(("prefix", run.plan.keys["prefix"]))
     for entry, key in keys:
-        status = run.cache.status(entry, key, run.plan.reads(entry, _label(run, key)))
+        status = run.plan.status(run.cache, entry, key)
         if status != "cached":
             why = "its inputs changed since it was computed" if status == "stale" else "no cached output"
             raise MissingUpstream(f"stage {stage!r}: {why} for this config ({entry} key {key}); "
                                   f"run it first: metapeft run --stage {stage}")
 
-
-def _label(run: Run, key: str) -> str | None:
-    return next((label for label, k in run.plan.algorithm_keys.items() if k == key), None)
 
 
 @flow(name="meta_pipeline")

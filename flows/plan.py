@@ -20,7 +20,7 @@ from components.families import TaskFamily
 from flows.cache import content_key
 from flows.config import StudyConfig
 from flows.families import AlgorithmSettings, algorithm_settings, family_for
-from flows.versions import code_version, input_digests
+from flows.versions import ROOT, code_version, input_digests
 
 STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
 MODULES = {stage: f"flows.stages.{stage}" for stage in (*STAGES, "prefix")}  # the code each stage runs
@@ -74,6 +74,30 @@ class Plan:
         return (("evaluate", self.keys["evaluate"]), ("baselines", self.keys["baselines"]))
 
 
+    def graph(self) -> dict[Entry, tuple[Entry, ...]]:
+        """Every entry of the study and the entries it is computed from."""
+        g: dict[Entry, tuple[Entry, ...]] = {entry: () for entry in self.data}
+        for stage in ("embeddings", "baselines", "evaluate", "significance"):
+            g[(stage, self.keys[stage])] = self.reads(stage)
+        for label, key in self.algorithm_keys.items():
+            g[("meta_train", key)] = self.reads("meta_train", label)
+            g[("evaluate_parts", self.part_key(label))] = self.reads("evaluate_parts", label)
+        return g
+
+    def status(self, cache, stage: str, key: str) -> str:
+        """"cached", "missing" or "stale" (its own inputs, or theirs, changed since it was computed)."""
+        graph, memo = self.graph(), {}
+
+        def status(entry: Entry) -> str:
+            if entry not in memo:
+                own = cache.status(*entry, graph.get(entry, ()))
+                memo[entry] = own if own != "cached" or all(status(r) == "cached" for r in graph.get(entry, ())) \
+                    else "stale"
+            return memo[entry]
+
+        return status((stage, key))
+
+
 def unit_label(algorithm: str, seed: int, cfg: StudyConfig) -> str:
     """The algorithm's name alone without `seeds`; "maml/seed1" with them."""
     return algorithm if cfg.seeds is None else f"{algorithm}/seed{seed}"
@@ -83,14 +107,15 @@ def plain(value) -> object:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def make_plan(cfg: StudyConfig, memo: Path | None = None) -> Plan:
-    """Every key of the study; memo: the digest memo of input files (default: none, every file is hashed)."""
+def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT) -> Plan:
+    """Every key of the study; memo: the digest memo of input files (default: none, every file is hashed);
+    code_root: the folder holding components/ and flows/ whose source the keys hash."""
     family = family_for(cfg)
     inputs = input_digests(family.input_files(), memo)
     content = sorted((Path(p).name, sha) for p, sha in inputs.items())  # not the path: a moved project keeps keys
 
     def key(stage: str, config: object, *upstream: str) -> str:
-        code = code_version([MODULES[stage], type(family).__module__])
+        code = code_version([MODULES[stage], type(family).__module__], code_root)
         return content_key({"stage": stage, "config": config, "upstream": [keys[u] for u in upstream], "code": code})
 
     keys: dict[str, str] = {}

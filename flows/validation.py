@@ -133,6 +133,43 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     return validate("omniglot", tables)
 
 
+def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
+    """Every image channels x size x size bytes, no class in two splits, every split's class a folder with
+    enough images for K + Q, and every episode N classes x (K + Q) distinct images of its own split's classes.
+
+    images: class_id, file, pixels, channels, size; classes: split, class_id; episodes: `episodes.episode_table`
+    rows, row = a row of images."""
+    n_bytes = family.channels * family.image_size ** 2
+    per_image = images[["file", "channels", "size"]].assign(n_bytes=images["pixels"].map(len))
+    n_images = images.groupby("class_id").size()
+    per_class = classes.assign(n_images=classes["class_id"].map(n_images).fillna(0).astype(int))
+    class_splits = classes.groupby("class_id")["split"].nunique().rename("n_splits").reset_index()
+    split_of = classes.drop_duplicates("class_id").set_index("class_id")["split"]  # duplicates: class_splits fails
+    label_of_row = pd.Series(images["class_id"].to_numpy())  # positional: a row past the table is NaN
+    rows = episodes.assign(row_label=label_of_row.reindex(episodes["row"].to_numpy()).to_numpy(),
+                           row_split=lambda t: t["row_label"].map(split_of))
+
+    def e(gx):
+        return gx.expectations
+
+    tables = {
+        "images": (per_image, lambda gx: [
+            e(gx).ExpectColumnValuesToBeInSet(column="channels", value_set=[family.channels]),
+            e(gx).ExpectColumnValuesToBeInSet(column="size", value_set=[family.image_size]),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_bytes", min_value=n_bytes, max_value=n_bytes),
+            e(gx).ExpectColumnValuesToBeUnique(column="file")]),
+        "classes": (per_class, lambda gx: [
+            e(gx).ExpectColumnValuesToBeInSet(column="split", value_set=SPLITS),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_images", min_value=family.k_shot + family.n_query)]),
+        "class_splits": (class_splits, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
+        "episode_splits": (rows, lambda gx: [
+            e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_split", column_B="split")]),
+        **_episode_suites(rows, family),
+    }
+    return validate("image_folder", tables)
+
+
 def _episode_suites(rows: pd.DataFrame, family) -> dict:
     """Every episode: N distinct classes, K support and Q query examples of each, distinct examples, and each
     example of the class its label names (rows: split, episode, way, slot, label, row, row_label)."""
@@ -219,5 +256,6 @@ def _episodes(tables) -> pd.DataFrame:
 SUITES = {
     "SinusoidTasks": lambda f, t: validate_tasksets(pd.concat([t[s] for s in SPLITS]), f.data.tasks),
     "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data),
+    "ImageFolderTasks": lambda f, t: validate_image_folder(t["images"], t["classes"], _episodes(t), f.data),
     "TextTasks": lambda f, t: validate_text(t["utterances"], t["classes"], _episodes(t), f.data),
 }

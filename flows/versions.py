@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
@@ -41,6 +40,17 @@ def imported_modules(name: str, root: Path = ROOT) -> set[str]:
     path = module_file(name, root)
     if path is None:
         raise ModuleNotFoundError(f"no project module {name!r} under {root}")
+    stat = path.stat()
+    stamp = (name, str(path), stat.st_mtime_ns, stat.st_size)
+    if stamp not in _IMPORTS:
+        _IMPORTS[stamp] = _parse_imports(name, path, root)
+    return _IMPORTS[stamp]
+
+
+_IMPORTS: dict[tuple, set[str]] = {}  # (module, file, mtime_ns, size) -> its project imports: parse once per version
+
+
+def _parse_imports(name: str, path: Path, root: Path) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -75,16 +85,13 @@ def module_closure(names: Iterable[str], root: Path = ROOT) -> tuple[str, ...]:
 
 
 def code_version(names: Iterable[str], root: Path = ROOT) -> str:
-    """16 hex digits hashing the source of `names` and everything they import from the project."""
-    return _code_version(tuple(sorted(set(names))), str(root))
+    """16 hex digits hashing the source of `names` and everything they import from the project.
 
-
-@lru_cache(maxsize=256)
-def _code_version(names: tuple[str, ...], root: str) -> str:
+    Read from the files every time (a few ms): an edit between two plans in one process is seen."""
     digest = hashlib.sha256()
-    for name in module_closure(names, Path(root)):
+    for name in module_closure(names, root):
         digest.update(f"{name}\0".encode())
-        digest.update(module_file(name, Path(root)).read_bytes())
+        digest.update(module_file(name, root).read_bytes())
     return digest.hexdigest()[:16]
 
 

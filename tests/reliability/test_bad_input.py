@@ -62,12 +62,12 @@ def task_in_two_splits(points: pd.DataFrame) -> pd.DataFrame:
 ])
 def test_malformed_task_sets_fail_validation_before_training(
         monkeypatch, project, cached_entry, tiny_config, store, corrupt, expectation):
-    from flows import families
+    from components.families import sinusoid
     from flows.pipeline import meta_pipeline
     from flows.validation import ValidationFailed
 
-    sample = families.sample_sinusoid_tasks
-    monkeypatch.setattr(families, "sample_sinusoid_tasks", lambda *a, **k: corrupt(sample(*a, **k)))
+    sample = sinusoid.sample_sinusoid_tasks
+    monkeypatch.setattr(sinusoid, "sample_sinusoid_tasks", lambda *a, **k: corrupt(sample(*a, **k)))
     with pytest.raises(ValidationFailed, match=r"expectation\(s\) failed") as err:
         meta_pipeline(config_path=tiny_config(project))
     assert expectation in str(err.value)
@@ -117,7 +117,7 @@ def one_utterance_class(split: str):
     (lambda d: d.assign(label=d["label"].where(d.index != 4, "")), "ValueError", "rows with no label"),
     (one_utterance_class("meta_train"), "ValidationFailed",
      "classes: expect_column_values_to_be_between(n_utterances)"),
-    (one_utterance_class("meta_test"), "ValueError", "k_shot + n_query: 4 exceeds the utterances of 1"),
+    (one_utterance_class("meta_test"), "ValueError", "k_shot + n_query: 4 exceeds the examples of 1"),
 ], ids=["missing-label-column", "empty-text", "missing-label", "empty-train-class", "empty-test-class"])
 def test_malformed_text_csv_stops_before_training(project, cached_entry, store, corrupt, error, message):
     from flows.pipeline import meta_pipeline
