@@ -15,6 +15,7 @@ Without chromium it stops after the REST check, printing the URLs. The UI server
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -32,15 +33,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = {
-    "name": "tiny",
-    "family": {"n_tasks": {"meta_train": 200, "meta_val": 20, "meta_test": 40}},
-    "meta_train": {"iterations": 20, "val_every": 10, "checkpoint_every": 10, "meta_batch_size": 5},
-    "evaluate": {"steps": 3},
-    "baselines": {"pretrain_iterations": 20},
-    "embedding": {"n_similarity_tasks": 5},
-    "runtime": {"threads": 1},
-}  # tests/test_pipeline.py's TINY, over configs/quick.yaml's defaults
+
+
+def tiny_study() -> dict:
+    """tests/test_pipeline.py's TINY study (over configs/quick.yaml's defaults), read from there: one copy."""
+    spec = importlib.util.spec_from_file_location("test_pipeline", REPO / "tests" / "test_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TINY
+
+
 SERVER_VARIABLES = ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")  # the project's own stores
 BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1600,1000",
                 "--virtual-time-budget=15000"]  # the UI is a JS app: let it fetch and render before the shot
@@ -48,7 +50,7 @@ BROWSER_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbar
 
 def run_tiny_study(project: Path, env: dict) -> None:
     config = project / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
+    config.write_text(yaml.safe_dump(tiny_study()))
     subprocess.run([BIN / "metapeft", "run", "--config", str(config)], cwd=REPO, env=env, check=True)
 
 

@@ -6,8 +6,6 @@ from a checkpoint ends exactly where an uninterrupted run with the same seed end
 """
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ import pandas as pd
 import torch
 
 from components.metalearners import MetaLearner
+from components.storage import load_tensors, write_atomic
 from components.tasksets import TaskBatch
 
 TRAINING_VERSION = "1"
@@ -177,16 +176,9 @@ def _fresh_run(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _save(path: Path, run: dict, learner: MetaLearner, opt: torch.optim.Optimizer) -> None:
-    """Write run + learner + optimizer state atomically: temp file in the same directory, then os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({**run, "learner": learner.state_dict(), "optimizer": opt.state_dict()}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write run + learner + optimizer state atomically (a kill mid-write keeps the previous checkpoint)."""
+    state = {**run, "learner": learner.state_dict(), "optimizer": opt.state_dict()}
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def checkpoint_iteration(path: Path) -> int:
@@ -194,13 +186,13 @@ def checkpoint_iteration(path: Path) -> int:
     path = Path(path)
     if not path.exists():
         return 0
-    return int(torch.load(path, weights_only=True, map_location="cpu")["iteration"])
+    return int(load_tensors(path)["iteration"])
 
 
 def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
     """Load a checkpoint into learner and opt; return the loop state it holds."""
     device = next(iter(learner.parameters())).device
-    ckpt = torch.load(path, weights_only=True, map_location=device)  # written on another device: loads here
+    ckpt = load_tensors(path, device)  # written on another device: loads here
     if ckpt.get("version") != TRAINING_VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')!r}, expected {TRAINING_VERSION!r}")
     expected = _run_config(learner, cfg)

@@ -24,6 +24,7 @@ import torch
 from components import metalearners, omniglot, task2vec, text
 from components.episodes import class_members, derive_seed, episodes_from_rows, gather, sample_rows
 from components.evaluation import evaluate_init
+from components.storage import load_tensors
 from components.features import episode_features, start_features
 from components.significance import compare_methods, summarize
 from components.task2vec import Task2VecConfig, conv4_task2vec, module_probe
@@ -208,7 +209,7 @@ class GroupTasks:
         s = algorithm_settings(self.cfg, self.cfg.transfer.algorithm, self.cfg.seed)
         learner = self.family.learner(self.tables, s.learner, self.dev, self.cfg.seed, s.zero_head)
         if state_path is not None:
-            learner.load_state_dict(torch.load(state_path, weights_only=True, map_location=self.dev))
+            learner.load_state_dict(load_tensors(state_path, self.dev))
         return learner
 
 
@@ -258,7 +259,7 @@ def score_matrix(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], sour
     steps, frames, learner = cfg.evaluate.steps, [], tasks.learner()
     init = learner.state_dict()
     for source, state in starts.items():  # one model (MiniLM loads in seconds), each source's weights in turn
-        learner.load_state_dict(init if state is None else torch.load(state, weights_only=True, map_location=tasks.dev))
+        learner.load_state_dict(init if state is None else load_tensors(state, tasks.dev))
         for target, test in tests.items():
             acc = evaluate_init(learner, test, steps, cfg.evaluate.chunk, tasks.family.score_fn, [steps])[-1]
             frames.append(pd.DataFrame({"source": source, "target": target, "episode": np.arange(len(acc)),
@@ -328,15 +329,15 @@ def train_encoder(cfg: StudyConfig, embeddings: Path, out: Path) -> dict:
     encoder.pt (state dict, weights_only-loadable), its z per embedding episode, and the loss curve."""
     t = cfg.transfer
     table = pd.read_parquet(embeddings / "features.parquet", columns=["group", "episode"])
-    backbone = torch.load(embeddings / "backbone.pt", weights_only=True).double()
-    labels = torch.load(embeddings / "labels.pt", weights_only=True)
+    backbone = load_tensors(embeddings / "backbone.pt").double()
+    labels = load_tensors(embeddings / "labels.pt")
     enc_cfg = TaskEncoderConfig(feature_dim=backbone.shape[-1], n_way=cfg.family.n_way, hidden=t.encoder_hidden,
                                 embed_dim=t.encoder_dim, seed=cfg.seed)
     state, losses = fit_contrastive(enc_cfg, backbone, labels, table["group"].to_numpy(),
                                     EncoderTrainConfig(steps=t.encoder_steps, seed=cfg.seed))
     torch.save(state, out / "encoder.pt")
     net = TaskEmbeddingNetwork(enc_cfg).double()
-    net.load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
+    net.load_state_dict(load_tensors(out / "encoder.pt"))
     with torch.no_grad():
         z = net(backbone, labels).numpy()
     write_table(table.join(pd.DataFrame(z).rename(columns=lambda i: f"e{i:04d}")), out, "encoder")

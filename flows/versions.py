@@ -13,10 +13,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
+
+from components.storage import write_atomic
 
 PACKAGES = ("components", "flows")
 ROOT = Path(__file__).resolve().parent.parent  # the folder holding components/ and flows/
@@ -138,12 +138,7 @@ def _read_memo(memo: Path | None) -> dict:
 
 
 def _write_memo(memo: Path, known: dict) -> None:
-    memo = Path(memo)
     try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=memo.name, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(known, f)
-        os.replace(tmp, memo)
+        write_atomic(Path(memo), lambda tmp: tmp.write_text(json.dumps(known)))
     except OSError:
         pass  # a read-only cache folder: digests are recomputed next time, keys stay right

@@ -181,3 +181,32 @@ def test_a_budget_stop_between_validations_still_scores_the_last_state(pools):
     vals = result.history[result.history["metric"] == "val_loss"]
     assert vals["iteration"].tolist() == [0, result.iterations_total]
     assert result.best_iteration == result.iterations_total  # training improved on the start
+
+
+def test_a_checkpoint_written_on_cuda_resumes_on_cpu(tmp_path, monkeypatch, pools):
+    """Storages tagged cuda:0 (as a GPU machine writes them) load here: no GPU needed to write such a file."""
+    import torch.serialization
+
+    from components.storage import load_tensors
+
+    train, val = pools
+    path = tmp_path / "checkpoint.pt"
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        meta_train(make_learner(), train, val, cfg_for(iterations=6), path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # what a plain load does on a CPU-only machine
+    assert load_tensors(path)["iteration"] == 6
+    resumed = meta_train(make_learner(), train, val, cfg_for(), path)
+    assert resumed.iterations_run == 14 - 6
+    assert_same_run(resumed, meta_train(make_learner(), train, val, cfg_for(), tmp_path / "straight.pt"))
+
+
+def test_every_tensor_file_is_loaded_through_load_tensors():
+    """One loader (components/storage.py) maps every saved tensor file to the run's device."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders = [str(p.relative_to(root)) for p in [*root.glob("components/**/*.py"), *root.glob("flows/**/*.py")]
+                 if "torch.load(" in p.read_text() and p.name != "storage.py"]
+    assert offenders == []

@@ -19,9 +19,11 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from components.episodes import SPLITS, EpisodeBatch
+from components.episodes import (SPLITS, EpisodeBatch, class_members, derive_seed, episode_table, episodes_from_rows,
+                                 gather, sample_rows, table_rows)
 from components.metalearners import MetaLearner, MetaLearnerConfig
 
 Tables = Mapping[str, pd.DataFrame]  # a cache entry's tables by name (lazily read Parquet)
@@ -114,6 +116,77 @@ class TaskFamily(ABC):
                         score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
         """Each baseline's query score on the test episodes after `score_steps` of 0..steps SGD steps:
         name -> (len(score_steps), T). model: a fresh network of this family (seeded by the caller)."""
+
+
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """N-way K-shot episodes with Q queries per class; how many fixed meta-val / meta-test episodes."""
+
+    n_way: int = 5
+    k_shot: int = 1
+    n_query: int = 15  # per class
+    n_val_episodes: int = 100
+    n_test_episodes: int = 600
+
+
+class ClassificationTasks(TaskFamily):
+    """A family of N-way K-shot classification episodes over rows of an example table (an image, an
+    utterance): labels per row, a class split, fixed meta-val / meta-test episodes, a sampler per seed.
+
+    Subclasses give `examples` (the rows' labels and inputs of a split) and a `data` with EpisodeSettings'
+    fields; episode rows are positions in what `examples` returns for that split."""
+
+    metric, lower_is_better = "accuracy", False
+    loss_fn = staticmethod(F.cross_entropy)
+    score_fn = staticmethod(accuracy)
+    class_column: ClassVar[str] = "class_id"  # the classes table's column naming a class (beside `split`)
+
+    def classes(self, tables: Tables, split: str) -> list[str]:
+        classes = tables["classes"]
+        return classes.loc[classes["split"] == split, self.class_column].tolist()
+
+    @abstractmethod
+    def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(labels (R,) of the split's example rows, their model inputs (R, ...) on device or None when the
+        row ids themselves are the inputs)."""
+
+    def episode_tables(self, labels: dict[str, np.ndarray], split: dict[str, list[str]], seed: int,
+                       where: str = "") -> dict[str, pd.DataFrame]:
+        """The fixed meta-val / meta-test episodes (`episode_table` rows); meta-train's classes are checked for
+        K + Q examples too. labels: split -> labels of its rows; split: split -> its classes. Errors name where."""
+        d, tables = self.data, {}
+        counts = {"meta_train": 0, "meta_val": d.n_val_episodes, "meta_test": d.n_test_episodes}
+        for stream, s in enumerate(SPLITS):  # streams 1, 2: meta-val, meta-test (0 draws meta-training batches)
+            try:
+                rows, ways = sample_rows(class_members(labels[s], split[s]), d.n_way, d.k_shot, d.n_query, counts[s],
+                                         derive_seed(seed, 0, stream), split[s])
+            except ValueError as e:
+                raise ValueError(f"{where}{s}: {e}") from None
+            if counts[s]:
+                tables[f"episodes_{s}"] = episode_table(rows, ways, split[s], s)
+        return tables
+
+    def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS,
+             meta_batch_size: int = 4, seed: int = 0) -> TaskData:
+        """Fixed meta-val / meta-test episodes, and a sampler iteration -> meta-batch over meta-train classes
+        drawn from seed's stream (a function of (seed, iteration) only, so a resumed run replays it)."""
+        d, examples = self.data, {s: self.examples(tables, s, device) for s in splits}
+
+        def inputs(split: str, rows) -> EpisodeBatch:
+            ids = episodes_from_rows(rows, d.k_shot).to(device)
+            items = examples[split][1]
+            return ids if items is None else gather(ids, items)
+
+        fixed = {s: inputs(s, table_rows(tables[f"episodes_{s}"], d.n_way)) for s in ("meta_val", "meta_test")
+                 if s in splits}
+        test = fixed.get("meta_test")
+        sample = None
+        if "meta_train" in splits:
+            train = self.classes(tables, "meta_train")
+            members = class_members(examples["meta_train"][0], train)
+            sample = lambda it: inputs("meta_train", sample_rows(  # noqa: E731
+                members, d.n_way, d.k_shot, d.n_query, meta_batch_size, derive_seed(seed, it), train)[0])
+        return TaskData(sample, fixed.get("meta_val"), test, None if test is None else np.arange(len(test)))
 
 
 def head_swap(init: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -8,20 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components import omniglot
 from components.baselines import BaselineConfig, finetune, pretrain_classifier, scratch
 from components.conv4 import Conv4, Conv4Model, adapted_names
-from components.episodes import SPLITS, EpisodeBatch, derive_seed, episode_table, episodes_from_rows, gather, \
-    sample_rows, table_rows
-from components.families import TaskData, TaskFamily, Tables, accuracy, head_swap
+from components.episodes import SPLITS, EpisodeBatch
+from components.families import ClassificationTasks, EpisodeSettings, Tables, head_swap
 from components.features import episode_features
 
 VINYALS_FILES = {"meta_train": "train", "meta_val": "val", "meta_test": "test"}
@@ -29,27 +26,18 @@ DRAWINGS = 20  # per character
 
 
 @dataclass(frozen=True)
-class OmniglotData:
+class OmniglotData(EpisodeSettings):
     path: str = "../shared/data/omniglot"  # images_background.zip, images_evaluation.zip, splits_vinyals/
     split: str = "vinyals"  # or "random": seeded over whole characters by random_fractions
     random_fractions: tuple[float, float, float] = (0.64, 0.10, 0.26)
     image_size: int = 28
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 15  # per class
-    n_val_episodes: int = 100
-    n_test_episodes: int = 600
 
 
 @dataclass(frozen=True)
-class OmniglotTasks(TaskFamily):
+class OmniglotTasks(ClassificationTasks):
     data: OmniglotData = OmniglotData()
     model_settings: Conv4Model = Conv4Model()
     baselines: BaselineConfig = BaselineConfig()
-
-    metric, lower_is_better = "accuracy", False
-    loss_fn = staticmethod(F.cross_entropy)
-    score_fn = staticmethod(accuracy)
 
     def input_files(self) -> tuple[Path, ...]:
         root = Path(self.data.path)
@@ -60,17 +48,11 @@ class OmniglotTasks(TaskFamily):
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """images (resized once), classes (split, class_id) and the fixed meta-val / meta-test episode tables."""
-        d = self.data
-        images = omniglot.load_omniglot(Path(d.path), d.image_size)
+        images = omniglot.load_omniglot(Path(self.data.path), self.data.image_size)
         split = self._class_split(images, seed)
-        tables = {"images": images,
-                  "classes": pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "class_id"])}
-        for stream, s in enumerate(("meta_val", "meta_test"), start=1):
-            n = d.n_val_episodes if s == "meta_val" else d.n_test_episodes
-            rows, ways = sample_rows(_grid(len(split[s])), d.n_way, d.k_shot, d.n_query, n,
-                                     derive_seed(seed, 0, stream), split[s])
-            tables[f"episodes_{s}"] = episode_table(rows, ways, split[s], s)
-        return tables
+        classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "class_id"])
+        labels = {s: np.repeat(split[s], DRAWINGS) for s in SPLITS}  # the class x drawing grid of each split
+        return {"images": images, "classes": classes, **self.episode_tables(labels, split, seed)}
 
     def _class_split(self, images: pd.DataFrame, seed: int) -> dict[str, list[str]]:
         if self.data.split == "vinyals":
@@ -79,27 +61,11 @@ class OmniglotTasks(TaskFamily):
         characters = sorted(images["character"].unique())
         return omniglot.random_class_split(characters, dict(zip(SPLITS, self.data.random_fractions)), seed)
 
-    def items(self, tables: Tables, split: str) -> torch.Tensor:
-        """The split's images, one row per (class, drawing): (C * 20, 1, s, s) float32."""
-        classes = tables["classes"]
-        pool = omniglot.build_class_pool(tables["images"], classes.loc[classes["split"] == split, "class_id"].tolist())
-        return pool.images.flatten(0, 1)
-
-    def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS,
-             meta_batch_size: int = 32, seed: int = 0) -> TaskData:
-        d, items = self.data, {s: self.items(tables, s).to(device) for s in splits}
-
-        def sample(iteration: int) -> EpisodeBatch:
-            n_classes = len(items["meta_train"]) // DRAWINGS
-            rows, _ = sample_rows(_grid(n_classes), d.n_way, d.k_shot, d.n_query, meta_batch_size,
-                                  derive_seed(seed, iteration))
-            return gather(episodes_from_rows(torch.from_numpy(rows).to(device), d.k_shot), items["meta_train"])
-
-        fixed = {s: gather(episodes_from_rows(table_rows(tables[f"episodes_{s}"], d.n_way), d.k_shot).to(device),
-                           items[s]) for s in ("meta_val", "meta_test") if s in splits}
-        test = fixed.get("meta_test")
-        return TaskData(sample if "meta_train" in splits else None, fixed.get("meta_val"), test,
-                        None if test is None else np.arange(len(test)))
+    def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+        """The split's drawings, one row per (class, drawing): labels (C * 20,), images (C * 20, 1, s, s)."""
+        classes = self.classes(tables, split)
+        pool = omniglot.build_class_pool(tables["images"], classes)
+        return np.repeat(classes, DRAWINGS), pool.images.flatten(0, 1).to(device)
 
     def model(self, tables: Tables | None = None, seed: int = 0, n_out: int | None = None) -> nn.Module:
         return Conv4(self.model_settings.config(n_out or self.data.n_way, 1, self.data.image_size))
@@ -116,7 +82,7 @@ class OmniglotTasks(TaskFamily):
         """scratch, and pretrain_finetune: a conv4 classifier over every meta-train class, its body with a
         zero N-way head, fine-tuned per episode."""
         b, dev = self.baselines, next(model.parameters()).device
-        images = self.items(tables, "meta_train").to(dev)
+        images = self.examples(tables, "meta_train", dev)[1]
         images = images.view(-1, DRAWINGS, *images.shape[1:])  # (C, 20, 1, s, s)
         wide = self.model(n_out=images.shape[0]).to(dev)
         trained = pretrain_classifier(wide, images, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr,
@@ -125,8 +91,3 @@ class OmniglotTasks(TaskFamily):
         kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
         return {"scratch": scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
                 "pretrain_finetune": finetune(model, pretrained, test, steps, b.finetune_lr, **kw)}
-
-
-def _grid(n_classes: int) -> np.ndarray:
-    """(C, 20) rows of a split's class x drawing grid."""
-    return np.arange(n_classes * DRAWINGS, dtype=np.int64).reshape(n_classes, DRAWINGS)

@@ -7,19 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from components import text
 from components.baselines import BaselineConfig, finetune
-from components.episodes import (SPLITS, EpisodeBatch, class_members, class_split, derive_seed, episode_table,
-                                 episodes_from_rows, sample_rows, table_rows)
-from components.families import TaskData, TaskFamily, Tables, accuracy
+from components.episodes import SPLITS, EpisodeBatch, class_split
+from components.families import ClassificationTasks, EpisodeSettings, Tables
 from components.features import episode_features
 
 DATASETS = ("clinc150", "banking77", "csv")
@@ -38,15 +35,10 @@ class TextSource:
 
 
 @dataclass(frozen=True)
-class TextData:
+class TextData(EpisodeSettings):
     source: TextSource = TextSource()
     split_by: str = "class"  # or "domain": whole domains per split
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
-    n_way: int = 5
-    k_shot: int = 1
-    n_query: int = 15  # per class
-    n_val_episodes: int = 100
-    n_test_episodes: int = 600
 
 
 @dataclass(frozen=True)
@@ -60,15 +52,13 @@ class TopModel:
 
 
 @dataclass(frozen=True)
-class TextTasks(TaskFamily):
+class TextTasks(ClassificationTasks):
     data: TextData = TextData()
     model_settings: TopModel = TopModel()
     baselines: BaselineConfig = BaselineConfig()
 
-    metric, lower_is_better = "accuracy", False
-    loss_fn = staticmethod(F.cross_entropy)
-    score_fn = staticmethod(accuracy)
     reference = "prototypes"
+    class_column = "label"
 
     # ---- data
 
@@ -99,14 +89,10 @@ class TextTasks(TaskFamily):
             raise ValueError(f"family.split_by: 'domain', but {d.source.path} gives no domains")
         groups = utterances["domain"] if d.split_by == "domain" else None
         split = class_split(utterances["label"], dict(zip(SPLITS, d.fractions)), seed, groups)
-        tables = {"utterances": utterances,
-                  "classes": pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "label"])}
-        for stream, s in enumerate(("meta_val", "meta_test"), start=1):
-            n = d.n_val_episodes if s == "meta_val" else d.n_test_episodes
-            rows, ways = sample_rows(class_members(utterances["label"], split[s]), d.n_way, d.k_shot, d.n_query, n,
-                                     derive_seed(seed, 0, stream), split[s])
-            tables[f"episodes_{s}"] = episode_table(rows, ways, split[s], s)
-        return tables
+        classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "label"])
+        labels = dict.fromkeys(SPLITS, utterances["label"].to_numpy())
+        return {"utterances": utterances, "classes": classes,
+                **self.episode_tables(labels, split, seed, f"{d.source.path}: ")}
 
     def build_prefix(self) -> tuple[dict[str, pd.DataFrame], dict]:
         """The hidden states entering the first adapted layer for every utterance, their texts and the
@@ -116,23 +102,9 @@ class TextTasks(TaskFamily):
                                                          self.data.source.max_length)
         return {"prefix": prefix, "texts": pd.DataFrame({"text": utterances["text"]}), "sentences": sentences}, meta
 
-    def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS,
-             meta_batch_size: int = 4, seed: int = 0) -> TaskData:
-        d = self.data
-        classes = tables["classes"]
-        train = classes.loc[classes["split"] == "meta_train", "label"].tolist()
-        members = class_members(tables["utterances"]["label"].to_numpy(), train) if "meta_train" in splits else None
-
-        def sample(iteration: int) -> EpisodeBatch:
-            rows, _ = sample_rows(members, d.n_way, d.k_shot, d.n_query, meta_batch_size, derive_seed(seed, iteration),
-                                  train)
-            return episodes_from_rows(rows, d.k_shot).to(device)
-
-        fixed = {s: episodes_from_rows(table_rows(tables[f"episodes_{s}"], d.n_way), d.k_shot).to(device)
-                 for s in ("meta_val", "meta_test") if s in splits}
-        test = fixed.get("meta_test")
-        return TaskData(sample if "meta_train" in splits else None, fixed.get("meta_val"), test,
-                        None if test is None else np.arange(len(test)))
+    def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, None]:
+        """Every utterance's label; the row ids are the inputs (the model looks their prefix up)."""
+        return tables["utterances"]["label"].to_numpy(), None
 
     # ---- the cached prefix
 

@@ -8,6 +8,7 @@ import torch
 
 from components.evaluation import evaluate_init, results_table, score_steps_every
 from components.families import TaskFamily, Tables
+from components.storage import load_tensors
 from flows.cache import RESULTS, write_table
 
 
@@ -17,7 +18,7 @@ def evaluate_unit(family: TaskFamily, tables: Tables, settings, state: Path, ste
     steps test-time steps, scored every score_every; columns as results_table plus seed."""
     data, scored = family.open(tables, device, ("meta_test",)), score_steps_every(steps, score_every)
     learner = family.learner(tables, settings.learner, device, settings.train.seed, settings.zero_head)
-    learner.load_state_dict(torch.load(state, weights_only=True, map_location=device))
+    learner.load_state_dict(load_tensors(state, device))
     scores = evaluate_init(learner, data.test, steps, chunk, family.score_fn, scored)
     results = results_table(scores, data.test_ids, method, family.metric, scored).assign(seed=settings.train.seed)
     write_table(results, out, RESULTS)
