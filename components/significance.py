@@ -68,13 +68,14 @@ def paired_comparison(a, b, confidence: float = 0.95) -> dict:
 
 
 def compare_methods(results: pd.DataFrame, metric: str, lower_is_better: bool,
-                    confidence: float = 0.95) -> pd.DataFrame:
+                    confidence: float = 0.95, alpha: float | None = None) -> pd.DataFrame:
     """All pairwise paired comparisons of the methods in `results` on one metric.
 
     results: tidy table (episode, method, metric, value), one row per episode x method x metric.
     Returns one row per unordered pair, (M choose 2) rows: method_a is the one with the better
     mean, then PAIR_FIELDS for a - b, p_ttest_holm and p_wilcoxon_holm (Holm over all pairs
-    of this table) and a_better: both Holm-adjusted p < 1 - confidence and mean_diff favours a.
+    of this table) and a_better: both Holm-adjusted p < alpha (default 1 - confidence) and mean_diff favours a.
+    confidence sets the intervals' level, alpha the tests' significance level.
     """
     scores = _paired_scores(results, metric)
     ranked = _rank(scores.mean(), lower_is_better)
@@ -83,7 +84,7 @@ def compare_methods(results: pd.DataFrame, metric: str, lower_is_better: bool,
     table = pd.DataFrame(rows, columns=["method_a", "method_b", *PAIR_FIELDS])
     table["p_ttest_holm"] = holm(table["p_ttest"])
     table["p_wilcoxon_holm"] = holm(table["p_wilcoxon"])
-    table["a_better"] = _significantly_better(table, lower_is_better, 1 - confidence)
+    table["a_better"] = _significantly_better(table, lower_is_better, 1 - confidence if alpha is None else alpha)
     return table
 
 

@@ -58,7 +58,7 @@ class TrainResult:
     iterations_run: int  # iterations executed in this call (0 when a finished checkpoint was resumed)
     iterations_total: int  # iterations the meta-parameters have seen, across resumes
     stop_reason: str  # one of STOP_REASONS
-    best_iteration: int  # iteration whose meta-parameters are `state`
+    best_iteration: int  # iteration whose meta-parameters are `state`: the best validated, the last state included
     seconds: float  # wall-clock seconds of this call
 
 
@@ -86,14 +86,16 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
         _iterate(learner, opt, train, val, run, cfg, log)
         if path is not None and cfg.checkpoint_every and run["iteration"] % cfg.checkpoint_every == 0:
             _save(path, run, learner, opt)
-    if stop == "budget" and _last_validation(run) < run["iteration"]:
-        _validate(learner, val, run, log)  # a budget stops between validations: score the last state too
     if path is not None:
-        _save(path, run, learner, opt)
+        _save(path, run, learner, opt)  # the trajectory as an uninterrupted run has it: a resume goes on exactly
+    final = run
+    if _last_validation(run) < run["iteration"]:  # stopped between validations: the last state competes too
+        final = {**run, "history": {k: list(v) for k, v in run["history"].items()}}
+        _validate(learner, val, final, log)
     return TrainResult(
-        state=run["best_state"], final_state=learner.state_dict(), history=pd.DataFrame(run["history"]),
+        state=final["best_state"], final_state=learner.state_dict(), history=pd.DataFrame(final["history"]),
         iterations_run=run["iteration"] - first, iterations_total=run["iteration"], stop_reason=stop,
-        best_iteration=run["best_iteration"], seconds=time.perf_counter() - start)
+        best_iteration=final["best_iteration"], seconds=time.perf_counter() - start)
 
 
 def meta_batch_indices(n_tasks: int, meta_batch_size: int, seed: int, iteration: int) -> torch.Tensor:

@@ -196,13 +196,16 @@ def meta_train_algorithm(run: Run, label: str) -> dict[str, bool]:
     def compute(out: Path) -> dict:
         result = train_unit(run.family, run.tables(), settings, run.device(), out, checkpoint, progress)
         return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
-                "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
+                "stop_reason": result.stop_reason, "best_iteration": result.best_iteration,
+                "kept_state": f"iteration {result.best_iteration} of {result.iterations_total}: the lowest meta-val "
+                              f"loss of the validated states (the last one included)"}
 
     path, meta = run.stage("meta_train", key, compute, run.plan.reads("meta_train", label), redo=unfinished)
     child = run.method_run(label, "meta_learner")
     run.tracker.log_params(child, {**section, **{f"model.{k}": v for k, v in run.cfg.model.model_dump().items()},
                                    "seed": run.plan.units[label][1]})
-    run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"]})
+    run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"],
+                                 "metapeft.kept_state": meta.get("kept_state", "")})
     history = pd.read_parquet(path / f"{HISTORY}.parquet")
     run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
     run.tracker.log_metrics(child, {"meta_train_iterations": meta["iterations_total"],
@@ -219,7 +222,7 @@ def set_threads(cfg: StudyConfig) -> None:
 
 
 def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
-    """meta_test_<metric> (+ _ci95 half-width) at the last step and the curve over steps, per method.
+    """meta_test_<metric> (+ _ci<level> half-width, e.g. _ci95) at the last step and the curve over steps, per method.
 
     With several seeds each (method, seed) run gets its own mean, the method's run the across-seed figures.
     """
@@ -233,7 +236,7 @@ def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
         child = run.method_run(method, kind)
         mean, half = mean_ci(rows.loc[rows["steps"] == last, "value"], run.cfg.significance.confidence)
         curve = rows.groupby("steps")["value"].mean()
-        run.tracker.log_metrics(child, {name: mean, f"{name}_ci95": half})
+        run.tracker.log_metrics(child, {name: mean, f"{name}_ci{run.cfg.significance.confidence * 100:g}": half})
         run.tracker.log_curves(child, ((f"{name}_by_step", s, v) for s, v in curve.items()))
 
 
@@ -283,12 +286,14 @@ def significance(run: Run) -> str:
     def compute(out: Path) -> None:
         results = pd.concat([cache.read_table("evaluate", run.plan.keys["evaluate"], RESULTS),
                              cache.read_table("baselines", run.plan.keys["baselines"], RESULTS)])
-        compare(results, family.metric, family.lower_is_better, run.cfg.significance.confidence, out)
+        sig = run.cfg.significance
+        compare(results, family.metric, family.lower_is_better, sig.confidence, sig.alpha, out)
 
     path, _ = run.stage("significance", key, compute, run.plan.reads("significance"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
-    text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha)
+    text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha,
+                               run.cfg.significance.confidence)
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet"):
         if (path / name).exists():  # seeds.parquet: only from evaluate tables with a seed column
@@ -394,6 +399,8 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     todo = needed_stages(set(only), cfg)
     set_threads(cfg)
     tracker = Tracker(root, cfg.runtime.experiment)
+    if tracker.restored:
+        get_run_logger().warning(tracker.restored)
     for stale in tracker.end_stale_runs():  # left RUNNING by a process that was killed (SIGKILL)
         get_run_logger().warning("MLflow run %s: its process is gone; marked KILLED", stale)
     plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")

@@ -148,7 +148,8 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
     keys["evaluate"] = key("evaluate", ev, *data, "meta_train")
     keys["baselines"] = key("baselines", {"baselines": plain(family.baselines), "model": plain(family.model_settings),
                                           "evaluate": ev, "seed": cfg.seed}, *data)
-    keys["significance"] = key("significance", {"confidence": cfg.significance.confidence, "metric": family.metric,
+    keys["significance"] = key("significance", {"confidence": cfg.significance.confidence,
+                                                "alpha": cfg.significance.alpha, "metric": family.metric,
                                                 "lower_is_better": family.lower_is_better}, "evaluate", "baselines")
     return Plan(family, keys, algorithm_keys, checkpoint_keys, units, trains, inputs,
                 tuple((s, keys[s]) for s in data), settings_keys)

@@ -16,13 +16,13 @@ def _pyplot():
     return plt
 
 
-def plot_summary(summary: pd.DataFrame, metric: str, path: Path) -> Path:
+def plot_summary(summary: pd.DataFrame, metric: str, path: Path, confidence: float = 0.95) -> Path:
     """Horizontal bars of each method's mean with its confidence interval. summary: index method."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 0.5 * len(summary) + 1.2))
     order = summary.iloc[::-1]
     ax.barh(order.index, order["mean"], xerr=order["ci_half"], color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_xlabel(f"meta-test {metric} (mean, 95% CI)")
+    ax.set_xlabel(f"meta-test {metric} (mean, {confidence:.0%} CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -63,12 +63,12 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
 
 
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
-                 alpha: float = 0.01) -> str:
+                 alpha: float = 0.01, confidence: float = 0.95) -> str:
     """A short fixed-width table: each method's mean +- CI and its Holm-corrected p against `reference`.
 
     `*` marks a difference to the reference with Holm-corrected paired t-test p < alpha.
     """
-    lines = [f"{'method':<20} {metric + ' (95% CI)':>24} {'p_holm vs ' + reference:>22}"]
+    lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"]
     for method, row in summary.iterrows():
         p = _pair_p(comparisons, method, reference)
         p_text = "-" if np.isnan(p) else f"{p:.2e}{'*' if p < alpha else ' '}"

@@ -39,14 +39,20 @@ class Tracker:
     def __init__(self, root: Path, experiment: str, tracking_uri: str | None = None):
         from mlflow.tracking import MlflowClient
 
-        self.uri = tracking_uri or default_tracking_uri(root)
+        self.uri, self.restored = tracking_uri or default_tracking_uri(root), None
         (root / "mlruns").mkdir(parents=True, exist_ok=True)
         with file_lock(root / "mlruns" / ".tracking.lock"):  # two runs at once: one creates the SQLite schema
             self.client = MlflowClient(tracking_uri=self.uri)  # (MLflow migrates the store here)
             self.experiment_id = self._experiment(experiment, artifact_location(root, self.uri))
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
+        """The experiment's id, created if missing; one deleted in the UI (kept in MLflow's trash) is restored,
+        and `restored` names it so the pipeline can say so."""
         found = self.client.get_experiment_by_name(name)
+        if found is not None and found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+            self.restored = (f"MLflow experiment {name!r} (runtime.experiment) had been deleted; restored it with its "
+                             f"runs. To start afresh instead, set runtime.experiment to a new name")
         if found is not None:
             return found.experiment_id
         try:

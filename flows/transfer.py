@@ -128,11 +128,11 @@ def nearest_task(run: Run) -> str:
     run.tracker.log_metrics(run.parent_id, {f"nearest_{m}_accuracy": v for m, v in summary["mean"].items()})
     for name in ("nearest.parquet", "comparisons.parquet", "summary.parquet"):
         run.tracker.log_artifact(run.parent_id, path / name, "transfer")
-    return nearest_text(summary, comparisons)
+    return nearest_text(summary, comparisons, run.cfg.significance.confidence)
 
 
-def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame) -> str:
-    lines = [f"{'start':<14} {'accuracy (95% CI)':>24}"]
+def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame, confidence: float = 0.95) -> str:
+    lines = [f"{'start':<14} {f'accuracy ({confidence:.0%} CI)':>24}"]
     lines += [f"{m:<14} {r['mean']:>12.4f} +- {r['ci_half']:<8.4f}" for m, r in summary.iterrows()]
     lines += [f"{r.method_a} - {r.method_b}: {r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], "
               f"p_holm t {r.p_ttest_holm:.2e}, Wilcoxon {r.p_wilcoxon_holm:.2e}" for r in comparisons.itertuples()]
@@ -148,6 +148,8 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         raise ValueError(f"{config_path}: no transfer section; run it with meta_pipeline")
     set_threads(cfg)
     tracker, plan = Tracker(root, cfg.runtime.experiment), ts.make_transfer_plan(cfg)
+    if tracker.restored:
+        get_run_logger().warning(tracker.restored)
     parent = tracker.start_run(f"{cfg.name}", tags={"metapeft.kind": "transfer", "metapeft.config": str(config_path),
                                                     **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, force=frozenset(force or ()))

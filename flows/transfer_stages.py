@@ -374,11 +374,11 @@ def correlate(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path, o
         report.plot_heatmap(table.pivot(index="source", columns="target", values="distance"),
                             f"{name}: {metric} distance", out / f"distance_{name}_{metric}.png")
     report.plot_heatmap(gains, "transfer gain over scratch (source x target)", out / "transfer_matrix.png")
-    plot_rho(rho, out / "rho.png")
+    plot_rho(rho, out / "rho.png", t.confidence)
     return rho
 
 
-def plot_rho(rho: pd.DataFrame, path: Path) -> Path:
+def plot_rho(rho: pd.DataFrame, path: Path, confidence: float = 0.95) -> Path:
     """Spearman's rho per embedding x metric with its bootstrap CI as error bars; 0 marked."""
     plt = report._pyplot()
     labels = rho["embedding"] + " / " + rho["metric"]
@@ -387,7 +387,7 @@ def plot_rho(rho: pd.DataFrame, path: Path) -> Path:
     ax.errorbar(rho["rho"], np.arange(len(rho)), xerr=err, fmt="o", capsize=3)
     ax.axvline(0.0, color="grey", lw=1)
     ax.set_yticks(np.arange(len(rho)), labels)
-    ax.set_xlabel("Spearman rho(distance, transfer gain), 95% CI")
+    ax.set_xlabel(f"Spearman rho(distance, transfer gain), {confidence:.0%} CI")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -410,7 +410,8 @@ def nearest_task(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path
     results = pd.concat([chosen, others], ignore_index=True).assign(
         episode=lambda d: d["target"] + ":" + d["episode"].astype(str), metric="accuracy")
     conf = cfg.significance.confidence
-    comparisons = compare_methods(results, "accuracy", lower_is_better=False, confidence=conf)
+    comparisons = compare_methods(results, "accuracy", lower_is_better=False, confidence=conf,
+                                  alpha=cfg.significance.alpha)
     summary = summarize(results, "accuracy", conf)
     write_table(picks, out, "nearest")
     write_table(results, out, "results")

@@ -210,3 +210,21 @@ def test_summarize_matches_mean_ci_and_sorts(three_methods):
     assert table.loc["good", "ci_high"] == pytest.approx(mean + half)
     assert list(summarize(three_methods, "loss", lower_is_better=True).index) == ["good", "mid", "bad"]
     assert list(summarize(three_methods, "loss").index) == ["bad", "mid", "good"]
+
+
+def test_a_better_follows_the_configured_alpha_not_the_confidence():
+    """p_holm about 0.04 on both tests: a_better at alpha 0.05, not at alpha 0.01, whatever the confidence."""
+    rng = np.random.default_rng(3)
+    n = 40
+    base = rng.normal(0, 1, n)
+    for shift in np.linspace(0.2, 0.6, 81):  # find a shift whose Holm p lies between 0.01 and 0.05
+        table = pd.DataFrame({"episode": np.tile(np.arange(n), 2), "method": ["a"] * n + ["b"] * n,
+                              "metric": "acc", "value": np.concatenate([base + shift, base + rng.normal(0, 1.2, n)])})
+        loose = compare_methods(table, "acc", lower_is_better=False, confidence=0.95, alpha=0.05)
+        p = loose.loc[0, ["p_ttest_holm", "p_wilcoxon_holm"]].max()
+        if 0.01 < p < 0.05:
+            break
+    assert 0.01 < p < 0.05
+    strict = compare_methods(table, "acc", lower_is_better=False, confidence=0.95, alpha=0.01)
+    assert bool(loose.loc[0, "a_better"]) and not bool(strict.loc[0, "a_better"])
+    assert bool(compare_methods(table, "acc", lower_is_better=False, confidence=0.99, alpha=0.05).loc[0, "a_better"])

@@ -210,3 +210,12 @@ def test_every_tensor_file_is_loaded_through_load_tensors():
     offenders = [str(p.relative_to(root)) for p in [*root.glob("components/**/*.py"), *root.glob("flows/**/*.py")]
                  if "torch.load(" in p.read_text() and p.name != "storage.py"]
     assert offenders == []
+
+
+def test_the_last_state_is_validated_whatever_ends_training(pools):
+    """iterations 14 with val_every 3: iteration 14 is validated, so the last 2 iterations are not thrown away."""
+    train, val = pools
+    result = meta_train(make_learner(), train, val, cfg_for())
+    validated = result.history.loc[result.history["metric"] == "val_loss", "iteration"].tolist()
+    assert validated == [0, 3, 6, 9, 12, 14] and result.stop_reason == "iterations"
+    assert result.best_iteration in validated

@@ -10,17 +10,17 @@ from flows import report
 from flows.cache import write_table
 
 
-def compare(results: pd.DataFrame, metric: str, lower_is_better: bool, confidence: float, out: Path
+def compare(results: pd.DataFrame, metric: str, lower_is_better: bool, confidence: float, alpha: float, out: Path
             ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """results: the evaluate and baselines tables together (a seed column: per-seed spread, then seed means)."""
     if "seed" in results.columns:
         write_table(seed_spread(results), out, "seeds")
     results = across_seeds(results)
     final = results[results["steps"] == results["steps"].max()]
-    comparisons = compare_methods(final, metric, lower_is_better=lower_is_better, confidence=confidence)
+    comparisons = compare_methods(final, metric, lower_is_better=lower_is_better, confidence=confidence, alpha=alpha)
     summary = summarize(final, metric, confidence, lower_is_better=lower_is_better)
     write_table(comparisons, out, "comparisons")
     write_table(summary.reset_index(), out, "summary")
-    report.plot_summary(summary, metric, out / "summary.png")
+    report.plot_summary(summary, metric, out / "summary.png", confidence)
     report.plot_curves(results, metric, out / "curves.png", log_scale=lower_is_better)
     return summary, comparisons
