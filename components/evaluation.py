@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from components.metalearners import LossFn, MetaLearner, Params, adapt
+from components.metalearners import Diverged, LossFn, MetaLearner, Params, adapt, rates_in_force
 from components.tasksets import TaskBatch
 
 
@@ -49,7 +49,13 @@ def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatc
         part = {k: v[lo:lo + chunk] for k, v in init.items()} if per_task else init
         parts.append(_loss_curve(model, part, lrs, tasks.index(slice(lo, lo + chunk)), score_steps, loss_fn,
                                  per_task, score_fn or loss_fn))
-    return np.concatenate(parts, axis=1)
+    curve = np.concatenate(parts, axis=1)
+    if not np.isfinite(curve).all():  # raised here: a non-finite score never reaches a results table
+        row = int(np.flatnonzero(~np.isfinite(curve).all(1))[0])
+        bad = int((~np.isfinite(curve[row])).sum())
+        raise Diverged(f"the query score is non-finite on {bad} of {curve.shape[1]} episodes", step=score_steps[row],
+                       rates=rates_in_force(lrs))
+    return curve
 
 
 def score_steps_every(steps: int, every: int) -> list[int]:

@@ -31,6 +31,34 @@ Rates = dict[str, "torch.Tensor | float"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class Diverged(ArithmeticError):
+    """A loss, score or weight went non-finite: where (meta-training iteration or test-time step), what, and
+    the learning rates in force. Raised where it arises, so nothing non-finite is kept as a result."""
+
+    def __init__(self, what: str, *, iteration: int | None = None, step: int | None = None,
+                 rates: dict[str, float] | None = None):
+        self.what, self.iteration, self.step, self.rates = what, iteration, step, dict(rates or {})
+        where = (f"at meta-training iteration {iteration}" if iteration is not None
+                 else f"at test-time step {step}" if step is not None else "")
+        rates_text = ", ".join(f"{k} {v:g}" for k, v in self.rates.items())
+        super().__init__(" ".join(p for p in (what, where, f"({rates_text})" if rates_text else "") if p))
+
+    def record(self) -> dict:
+        """Plain fields for a table row or a cache entry's meta."""
+        return {"reason": str(self), "iteration": self.iteration, "step": self.step,
+                **{f"rate_{k}": v for k, v in self.rates.items()}}
+
+
+def rates_in_force(lrs: "Rates") -> dict[str, float]:
+    """The inner rates in force, for Diverged reports: {fast_lr} when one rate, else its min and max (Meta-SGD)."""
+    values = torch.cat([torch.as_tensor(v, dtype=torch.float64).detach().flatten().cpu() for v in lrs.values()]) \
+        if lrs else torch.zeros(0)
+    if values.numel() == 0:
+        return {}
+    lo, hi = float(values.min()), float(values.max())
+    return {"fast_lr": lo} if lo == hi else {"fast_lr_min": lo, "fast_lr_max": hi}
+
+
 @dataclass(frozen=True)
 class MetaLearnerConfig:
     algorithm: str = "maml"

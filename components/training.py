@@ -6,6 +6,7 @@ from a checkpoint ends exactly where an uninterrupted run with the same seed end
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from components.metalearners import MetaLearner
+from components.metalearners import Diverged, MetaLearner, rates_in_force
 from components.storage import load_tensors, write_atomic
 from components.tasksets import TaskBatch
 
@@ -120,8 +121,13 @@ def _iterate(learner, opt, train, val, run, cfg, log) -> None:
         batch = train.index(meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it))
     opt.zero_grad(set_to_none=True)
     metrics = {"train_loss": learner.meta_backward(batch)}
+    rates = {"meta_lr": cfg.meta_lr, **rates_in_force(learner.lrs)}
+    if not math.isfinite(metrics["train_loss"]):
+        raise Diverged(f"train_loss is {metrics['train_loss']}", iteration=it, rates=rates)
     opt.step()
     learner.clip_()
+    if not all(torch.isfinite(p).all() for p in learner.parameters()):
+        raise Diverged("a meta-parameter became non-finite after the outer step", iteration=it, rates=rates)
     run["iteration"] = it
     _record(run, it, metrics)
     if it % cfg.val_every == 0:
@@ -133,6 +139,8 @@ def _iterate(learner, opt, train, val, run, cfg, log) -> None:
 def _validate(learner, val, run, log) -> float:
     """Record the meta-val loss of the current iteration; update the best state and the patience counter."""
     loss = val_loss(learner, val)
+    if not math.isfinite(loss):
+        raise Diverged(f"val_loss is {loss}", iteration=run["iteration"], rates=rates_in_force(learner.lrs))
     _record(run, run["iteration"], {"val_loss": loss})
     if loss < run["best_val"]:
         run.update(best_val=loss, best_iteration=run["iteration"], best_state=learner.state_dict(), bad_validations=0)

@@ -29,6 +29,7 @@ from flows.versions import file_sha256
 
 MANIFEST = "manifest.json"
 STATE, HISTORY, RESULTS, VALIDATION = "state.pt", "history", "results", "validation.json"  # inside entries
+DIVERGED = "diverged"  # methods whose numbers went non-finite: where, why, the rates in force
 CHECKPOINT = "checkpoint.pt"  # inside <root>/checkpoints/<trajectory key>/
 # errors that mean "this folder cannot take the entry" rather than a bug in the stage
 WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}

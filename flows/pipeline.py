@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 from components.significance import across_seeds, mean_ci  # noqa: E402
 from flows import report, report_page  # noqa: E402
-from flows.cache import CHECKPOINT, HISTORY, RESULTS, STATE, VALIDATION, StageCache, write_table  # noqa: E402
+from flows.cache import (CHECKPOINT, DIVERGED, HISTORY, RESULTS, STATE, VALIDATION, StageCache,  # noqa: E402
+                         write_table)
 from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.plan import Plan, make_plan, needed_stages, unit_label  # noqa: E402
@@ -194,25 +195,25 @@ def meta_train_algorithm(run: Run, label: str) -> dict[str, bool]:
                         " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
     def compute(out: Path) -> dict:
-        result = train_unit(run.family, run.tables(), settings, run.device(), out, checkpoint, progress)
-        return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
-                "stop_reason": result.stop_reason, "best_iteration": result.best_iteration,
-                "kept_state": f"iteration {result.best_iteration} of {result.iterations_total}: the lowest meta-val "
-                              f"loss of the validated states (the last one included)"}
+        return train_unit(run.family, run.tables(), settings, run.device(), out, checkpoint, progress)
 
     path, meta = run.stage("meta_train", key, compute, run.plan.reads("meta_train", label), redo=unfinished)
     child = run.method_run(label, "meta_learner")
     run.tracker.log_params(child, {**section, **{f"model.{k}": v for k, v in run.cfg.model.model_dump().items()},
                                    "seed": run.plan.units[label][1]})
     run.tracker.set_tags(child, {"metapeft.meta_train_key": key, "metapeft.stop_reason": meta["stop_reason"],
-                                 "metapeft.kept_state": meta.get("kept_state", "")})
-    history = pd.read_parquet(path / f"{HISTORY}.parquet")
-    run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
+                                 "metapeft.kept_state": meta.get("kept_state", ""),
+                                 **({"metapeft.diverged": meta["diverged"]} if "diverged" in meta else {})})
+    if "diverged" in meta:
+        logger.warning("%s diverged: %s", label, meta["diverged"])
+    else:
+        history = pd.read_parquet(path / f"{HISTORY}.parquet")
+        run.tracker.log_curves(child, zip(history["metric"], history["iteration"], history["value"]))
+        run.tracker.log_artifact(child, path / STATE, "meta_train")
     run.tracker.log_metrics(child, {"meta_train_iterations": meta["iterations_total"],
                                     "meta_train_iterations_this_run": 0 if run.hits[f"meta_train/{key}"]
                                     else meta["iterations_run"],
                                     "best_iteration": meta["best_iteration"]})
-    run.tracker.log_artifact(child, path / STATE, "meta_train")
     return {f"meta_train/{key}": run.hits[f"meta_train/{key}"]}
 
 
@@ -221,11 +222,20 @@ def set_threads(cfg: StudyConfig) -> None:
         torch.set_num_threads(cfg.runtime.threads)
 
 
-def _log_results(run: Run, results: pd.DataFrame, kind: str) -> None:
-    """meta_test_<metric> (+ _ci<level> half-width, e.g. _ci95) at the last step and the curve over steps, per method.
+def _log_results(run: Run, entry: Path, kind: str) -> None:
+    """meta_test_<metric> (+ _ci<level> half-width, e.g. _ci95) at the last step and the curve over steps, per method;
+    a diverged method's run gets the tag metapeft.diverged (where, why, the rates) and no score.
 
     With several seeds each (method, seed) run gets its own mean, the method's run the across-seed figures.
     """
+    results, diverged = (pd.read_parquet(entry / f"{t}.parquet") for t in (RESULTS, DIVERGED))
+    for row in diverged.to_dict("records"):
+        label = unit_label(row["method"], int(row["seed"]), run.cfg) if "seed" in row and pd.notna(row.get("seed")) \
+            else row["method"]
+        run.tracker.set_tags(run.method_run(label, kind), {"metapeft.diverged": row["reason"],
+                                                          "metapeft.stop_reason": "diverged"})
+    if results.empty:
+        return
     last, name = results["steps"].max(), f"meta_test_{run.family.metric}"
     if run.cfg.seeds is not None and "seed" in results.columns:
         for (method, seed), rows in results[results["steps"] == last].groupby(["method", "seed"]):
@@ -246,11 +256,11 @@ def evaluate_unit(run: Run, label: str) -> str:
     set_threads(run.cfg)
     key, cache, ev = run.plan.part_key(label), run.cache, run.cfg.evaluate
     reads = run.plan.reads("evaluate_parts", label)
-    state = cache.path("meta_train", run.plan.algorithm_keys[label]) / STATE
+    trained = cache.path("meta_train", run.plan.algorithm_keys[label])
     with cache.lock("evaluate_parts", key):
         if "evaluate" in run.force | run.only or cache.status("evaluate_parts", key, reads) != "cached":
             with cache.writing("evaluate_parts", key, reads=reads) as out:
-                score_unit(run.family, run.tables(), run.plan.settings[label], state, ev.steps, ev.score_every,
+                score_unit(run.family, run.tables(), run.plan.settings[label], trained, ev.steps, ev.score_every,
                            ev.chunk, run.plan.units[label][0], run.device(), out)
     return key
 
@@ -261,11 +271,12 @@ def evaluate(run: Run) -> str:
     key = run.plan.keys["evaluate"]
 
     def compute(out: Path) -> None:
-        parts = [run.cache.read_table("evaluate_parts", run.plan.part_key(label), RESULTS) for label in run.plan.units]
-        write_table(pd.concat(parts, ignore_index=True), out, RESULTS)
+        for table in (RESULTS, DIVERGED):
+            parts = [run.cache.read_table("evaluate_parts", run.plan.part_key(label), table) for label in run.plan.units]
+            write_table(pd.concat(parts, ignore_index=True), out, table)
 
     path, _ = run.stage("evaluate", key, compute, run.plan.reads("evaluate"))
-    _log_results(run, pd.read_parquet(path / f"{RESULTS}.parquet"), "meta_learner")
+    _log_results(run, path, "meta_learner")
     return key
 
 
@@ -275,7 +286,7 @@ def compare_baselines(run: Run) -> str:
     path, _ = run.stage("baselines", key, lambda out: run_baselines(
         run.family, run.tables(), ev.steps, ev.score_every, ev.chunk, run.cfg.seed, run.device(), out),
         run.plan.reads("baselines"))
-    _log_results(run, pd.read_parquet(path / f"{RESULTS}.parquet"), "baseline")
+    _log_results(run, path, "baseline")
     return key
 
 
@@ -284,18 +295,20 @@ def significance(run: Run) -> str:
     key, cache, family = run.plan.keys["significance"], run.cache, run.family
 
     def compute(out: Path) -> None:
-        results = pd.concat([cache.read_table("evaluate", run.plan.keys["evaluate"], RESULTS),
-                             cache.read_table("baselines", run.plan.keys["baselines"], RESULTS)])
+        tables = {t: pd.concat([cache.read_table(s, run.plan.keys[s], t) for s in ("evaluate", "baselines")],
+                               ignore_index=True) for t in (RESULTS, DIVERGED)}
         sig = run.cfg.significance
-        compare(results, family.metric, family.lower_is_better, sig.confidence, sig.alpha, out)
+        compare(tables[RESULTS], tables[DIVERGED], family.metric, family.lower_is_better, sig.confidence, sig.alpha,
+                out)
 
     path, _ = run.stage("significance", key, compute, run.plan.reads("significance"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
     text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha,
-                               run.cfg.significance.confidence)
+                               run.cfg.significance.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"))
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
-    for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet"):
+    for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet",
+                 f"{DIVERGED}.parquet"):
         if (path / name).exists():  # seeds.parquet: only from evaluate tables with a seed column
             run.tracker.log_artifact(run.parent_id, path / name, "significance")
     run.tracker.log_artifact(run.parent_id, run.root / "mlruns" / "results.txt", "significance")

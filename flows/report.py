@@ -63,16 +63,19 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
 
 
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
-                 alpha: float = 0.01, confidence: float = 0.95) -> str:
+                 alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None) -> str:
     """A short fixed-width table: each method's mean +- CI and its Holm-corrected p against `reference`.
 
-    `*` marks a difference to the reference with Holm-corrected paired t-test p < alpha.
+    `*` marks a difference to the reference with Holm-corrected paired t-test p < alpha. Methods that
+    diverged (diverged: method, stage, reason) follow, each with where and why, instead of a score.
     """
     lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"]
     for method, row in summary.iterrows():
         p = _pair_p(comparisons, method, reference)
         p_text = "-" if np.isnan(p) else f"{p:.2e}{'*' if p < alpha else ' '}"
         lines.append(f"{method:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}")
+    for row in ([] if diverged is None else diverged.to_dict("records")):
+        lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
     return "\n".join(lines)
 
 

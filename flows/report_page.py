@@ -38,7 +38,9 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
     summary = pd.read_parquet(sig / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(sig / "comparisons.parquet")
     histories = {a: pd.read_parquet(cache.path("meta_train", k) / "history.parquet")
-                 for a, k in algorithm_keys.items() if cache.is_complete("meta_train", k)}
+                 for a, k in algorithm_keys.items()
+                 if cache.is_complete("meta_train", k) and (cache.path("meta_train", k) / "history.parquet").exists()}
+    diverged = pd.read_parquet(sig / "diverged.parquet") if (sig / "diverged.parquet").exists() else pd.DataFrame()
     heatmaps = sorted(cache.path("embeddings", keys["embeddings"]).glob("similarity_*.png")) \
         if "embeddings" in keys and cache.is_complete("embeddings", keys["embeddings"]) else []
     parts = [
@@ -48,6 +50,9 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
         f"<h2>Results: meta-test {_e(family.metric)}</h2>",
         results_table(summary, comparisons, family.metric, family.reference, cfg.significance.alpha,
                       cfg.significance.confidence),
+        *(["<p><b>Diverged</b> (no score, left out of the comparison): "
+           + "; ".join(f"{_e(r['method'])} in {_e(r['stage'])}: {_e(r['reason'])}" for r in diverged.to_dict("records"))
+           + "</p>"] if len(diverged) else []),
         _img(sig / "summary.png", "means with confidence intervals"),
         "<h2>Learning curves</h2>",
         _img(sig / "curves.png", "meta-test score against test-time steps"),

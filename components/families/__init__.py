@@ -112,10 +112,11 @@ class TaskFamily(ABC):
     # ---- baselines
 
     @abstractmethod
-    def baseline_curves(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
-                        score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
-        """Each baseline's query score on the test episodes after `score_steps` of 0..steps SGD steps:
-        name -> (len(score_steps), T). model: a fresh network of this family (seeded by the caller)."""
+    def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
+                      score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
+        """The family's baselines, each a call giving its query score on the test episodes after `score_steps`
+        of 0..steps SGD steps, (len(score_steps), T); one that diverges raises Diverged and the others still
+        run. model: a fresh network of this family (seeded by the caller)."""
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ grid: row = class position * drawings + drawing.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -77,17 +78,21 @@ class OmniglotTasks(ClassificationTasks):
         test = self.open(tables, torch.device("cpu"), ["meta_test"]).test
         return episode_features(test.x_spt, test.y_spt).assign(split="meta_test").rename_axis("task_id")
 
-    def baseline_curves(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
-                        score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
+    def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
+                      score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
         """scratch, and pretrain_finetune: a conv4 classifier over every meta-train class, its body with a
         zero N-way head, fine-tuned per episode."""
         b, dev = self.baselines, next(model.parameters()).device
-        images = self.examples(tables, "meta_train", dev)[1]
-        images = images.view(-1, DRAWINGS, *images.shape[1:])  # (C, 20, 1, s, s)
-        wide = self.model(n_out=images.shape[0]).to(dev)
-        trained = pretrain_classifier(wide, images, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr,
-                                      seed, self.loss_fn)
-        pretrained = head_swap(dict(model.named_parameters()), trained)
         kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
-        return {"scratch": scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
-                "pretrain_finetune": finetune(model, pretrained, test, steps, b.finetune_lr, **kw)}
+
+        def pretrain_finetune() -> np.ndarray:
+            images = self.examples(tables, "meta_train", dev)[1]
+            images = images.view(-1, DRAWINGS, *images.shape[1:])  # (C, 20, 1, s, s)
+            wide = self.model(n_out=images.shape[0]).to(dev)
+            trained = pretrain_classifier(wide, images, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr,
+                                          seed, self.loss_fn)
+            return finetune(model, head_swap(dict(model.named_parameters()), trained), test, steps, b.finetune_lr,
+                            **kw)
+
+        return {"scratch": lambda: scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
+                "pretrain_finetune": pretrain_finetune}

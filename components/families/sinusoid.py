@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -58,13 +58,17 @@ class SinusoidTasks(TaskFamily):
     def head(self, model: nn.Module) -> tuple[str, ...]:
         raise ValueError("zero_head: the sinusoid family is regression; it has no classification head")
 
-    def baseline_curves(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
-                        score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
+    def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
+                      score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
         """scratch (a fresh init per task) and pretrain_finetune (one MLP on every meta-train point pooled)."""
         b, dev = self.baselines, next(model.parameters()).device
-        train = self.open(tables, dev, ["meta_train"]).train
-        pretrained = pretrain(model, train, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr, seed,
-                              self.loss_fn)
         kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
-        return {"scratch": scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
-                "pretrain_finetune": finetune(model, pretrained, test, steps, b.finetune_lr, **kw)}
+
+        def pretrain_finetune() -> np.ndarray:
+            train = self.open(tables, dev, ["meta_train"]).train
+            pretrained = pretrain(model, train, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr, seed,
+                                  self.loss_fn)
+            return finetune(model, pretrained, test, steps, b.finetune_lr, **kw)
+
+        return {"scratch": lambda: scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
+                "pretrain_finetune": pretrain_finetune}

@@ -6,6 +6,7 @@ Episodes hold utterance ids (rows of the task set's utterance table); the model 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
@@ -148,20 +149,28 @@ class TextTasks(ClassificationTasks):
         emb = self.sentences(tables)
         return episode_features(emb[test.x_spt], test.y_spt).assign(split="meta_test").rename_axis("task_id")
 
-    def baseline_curves(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
-                        score_steps: list[int], chunk: int, seed: int) -> dict[str, np.ndarray]:
+    def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
+                      score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
         """prototypes (nearest class mean of the frozen sentence embeddings, no steps: a flat curve), a linear
         head on them from zeros, and LoRA + head fine-tuned per episode from peft's usual init (B = 0)."""
         b, n_way = self.baselines, self.data.n_way
         emb = self.sentences(tables).to(test.x_spt.device)
-        correct = text.prototype_accuracy(emb[test.x_spt], test.y_spt, emb[test.x_qry], test.y_qry, n_way)
         kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
-        head = text.CachedEmbeddingHead(emb, n_way).to(emb.device)
-        usual = self.model(tables, seed, lora_b_std=0.0).to(emb.device)
-        return {"prototypes": np.tile(correct, (len(score_steps), 1)),
-                "linear_head": finetune(head, dict(head.named_parameters()), test, steps, b.head_lr, **kw),
-                "lora_finetune": finetune(usual, dict(usual.named_parameters()), test, steps, b.finetune_lr,
-                                          adapted=self.adapted(usual), **kw)}
+
+        def prototypes() -> np.ndarray:
+            correct = text.prototype_accuracy(emb[test.x_spt], test.y_spt, emb[test.x_qry], test.y_qry, n_way)
+            return np.tile(correct, (len(score_steps), 1))
+
+        def linear_head() -> np.ndarray:
+            head = text.CachedEmbeddingHead(emb, n_way).to(emb.device)
+            return finetune(head, dict(head.named_parameters()), test, steps, b.head_lr, **kw)
+
+        def lora_finetune() -> np.ndarray:
+            usual = self.model(tables, seed, lora_b_std=0.0).to(emb.device)
+            return finetune(usual, dict(usual.named_parameters()), test, steps, b.finetune_lr,
+                            adapted=self.adapted(usual), **kw)
+
+        return {"prototypes": prototypes, "linear_head": linear_head, "lora_finetune": lora_finetune}
 
 
 _PREFIX: dict = {}  # tables.token -> (hidden, mask): the decoded prefix, kept per process

@@ -7,12 +7,17 @@ import pandas as pd
 
 from components.significance import across_seeds, compare_methods, seed_spread, summarize
 from flows import report
-from flows.cache import write_table
+from flows.cache import DIVERGED, write_table
 
 
-def compare(results: pd.DataFrame, metric: str, lower_is_better: bool, confidence: float, alpha: float, out: Path
-            ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """results: the evaluate and baselines tables together (a seed column: per-seed spread, then seed means)."""
+def compare(results: pd.DataFrame, diverged: pd.DataFrame, metric: str, lower_is_better: bool, confidence: float,
+            alpha: float, out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """results: the evaluate and baselines tables together (a seed column: per-seed spread, then seed means);
+    diverged: their methods that diverged (no scores; listed, not compared). With seeds, a method with a
+    diverged seed is left out of the comparison: averaging the other seeds would hide it."""
+    write_table(diverged, out, DIVERGED)
+    if len(diverged):
+        results = results[~results["method"].isin(set(diverged["method"]))]
     if "seed" in results.columns:
         write_table(seed_spread(results), out, "seeds")
     results = across_seeds(results)
