@@ -88,22 +88,28 @@ def _constant_lrs(model: nn.Module, lr: float) -> Params:
 
 
 def pretrain_classifier(model: nn.Module, images: torch.Tensor, iterations: int, batch_size: int, lr: float,
-                        seed: int, loss_fn: LossFn) -> Params:
+                        seed: int, loss_fn: LossFn, members: torch.Tensor | None = None) -> Params:
     """Train a copy of model (one output per class) with Adam on every image of a class pool.
 
     images (C, D, *shape): D drawings of each of C classes; label = class index. Each iteration
-    takes batch_size random (class, drawing) pairs from a generator seeded with seed. Returns the
+    takes batch_size random (class, drawing) pairs from a generator seeded with seed. Classes of
+    unequal size: images (R, *shape) and members (C, M) int64 rows of each class, -1 padded
+    (`episodes.class_members`); a pick is then a class, then one of its rows, both uniform. Returns the
     trained weights; the standard transfer baseline then swaps in a fresh N-way head.
     """
     model = copy.deepcopy(model)
-    n_classes, n_drawings = images.shape[:2]
+    n_classes = len(images) if members is None else len(members)
+    counts = None if members is None else (members >= 0).sum(1).double()  # (C,)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(iterations):
         c = torch.randint(n_classes, (batch_size,), generator=g)
-        d = torch.randint(n_drawings, (batch_size,), generator=g)
+        if members is None:
+            x = images[c, torch.randint(images.shape[1], (batch_size,), generator=g)]
+        else:  # float64: rand * count stays below count
+            x = images[members[c, (torch.rand(batch_size, generator=g, dtype=torch.float64) * counts[c]).long()]]
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(images[c, d]), c.to(images.device)).backward()
+        loss_fn(model(x), c.to(images.device)).backward()
         opt.step()
     return {k: p.detach().clone() for k, p in model.named_parameters()}
 

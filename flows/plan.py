@@ -13,6 +13,7 @@ checkpoint), and for the checkpoint folder also the number of iterations.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,15 @@ class Plan:
         return status((stage, key))
 
 
+def input_content(inputs: dict[str, str]) -> list[tuple[str, str]]:
+    """(path relative to the inputs' common folder, sha256), sorted: what the data keys hash. Relative, so a moved
+    project keeps its keys; with the folders, so an image moved to another class folder changes them."""
+    if not inputs:
+        return []
+    base = Path(os.path.commonpath([str(Path(p).parent) for p in inputs]))
+    return sorted((Path(p).relative_to(base).as_posix(), sha) for p, sha in inputs.items())
+
+
 def unit_label(algorithm: str, seed: int, cfg: StudyConfig) -> str:
     """The algorithm's name alone without `seeds`; "maml/seed1" with them."""
     return algorithm if cfg.seeds is None else f"{algorithm}/seed{seed}"
@@ -112,7 +122,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
     code_root: the folder holding components/ and flows/ whose source the keys hash."""
     family = family_for(cfg)
     inputs = input_digests(family.input_files(), memo)
-    content = sorted((Path(p).name, sha) for p, sha in inputs.items())  # not the path: a moved project keeps keys
+    content = input_content(inputs)
 
     def key(stage: str, config: object, *upstream: str) -> str:
         code = code_version([MODULES[stage], type(family).__module__], code_root)

@@ -36,7 +36,7 @@ from flows import report
 from flows.cache import StageCache, content_key, write_table
 from flows.config import StudyConfig
 from flows.families import algorithm_settings, family_for
-from flows.plan import make_plan
+from flows.plan import input_content, make_plan
 from flows.versions import code_version
 
 
@@ -69,7 +69,7 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
                             "code": code})
 
     keys: dict[str, str] = {}
-    inputs = sorted((Path(p).name, sha) for p, sha in pipeline.inputs.items())
+    inputs = input_content(pipeline.inputs)
     keys["transfer_sets"] = key("transfer_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed, "inputs": inputs,
                                                   **t.model_dump(
         include={"groups", "n_groups", "test_fraction", "val_episodes", "test_episodes", "embed_episodes",

@@ -131,3 +131,45 @@ def test_head_names_the_classification_head_at_any_depth():
     assert family.head(model) == ("top.head.weight", "top.head.bias")
     with pytest.raises(ValueError, match="zero_head"):
         family.head(nn.Linear(4, 2))
+
+
+# ---------------------------------------------------------------- a unit's seed drives its start and its episodes
+
+def trained_state(family, tables, seed: int) -> dict:
+    from components.metalearners import MetaLearnerConfig
+    from components.training import TrainConfig, meta_train
+
+    cpu = torch.device("cpu")
+    data = family.open(tables, cpu, ("meta_train", "meta_val"), meta_batch_size=2, seed=seed)
+    learner = family.learner(tables, MetaLearnerConfig(algorithm="fomaml", fast_lr=0.1), cpu, seed)
+    meta_train(learner, data.train, data.val, TrainConfig(iterations=2, meta_batch_size=2, val_every=1, seed=seed))
+    return learner.state_dict()["params"]
+
+
+def assert_seed_drives_training(family, tables) -> None:
+    a, again, b = (trained_state(family, tables, s) for s in (0, 0, 1))
+    assert all(torch.equal(a[k], again[k]) for k in a)  # the same seed: bit-identical
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another seed: another start and other episodes
+
+
+def test_seed_drives_the_start_and_the_episodes_sinusoid():
+    family = family_for(StudyConfig.model_validate({"family": {"n_tasks": {"meta_train": 20, "meta_val": 4,
+                                                                           "meta_test": 4}},
+                                                    "meta_train": {"meta_batch_size": 2}}))
+    assert_seed_drives_training(family, family.build(seed=0))
+
+
+def test_seed_drives_the_start_and_the_episodes_omniglot(built):
+    family, tables = built
+    assert_seed_drives_training(family, tables)
+
+
+@pytest.mark.slow  # loads MiniLM and encodes 72 utterances (about 10 s)
+def test_seed_drives_the_start_and_the_episodes_text(tmp_path):
+    intent_table().to_csv(tmp_path / "intents.csv", index=False)
+    family = family_for(text_config(tmp_path / "intents.csv", n_query=2))
+    tables = family.build(seed=0)
+    tables |= family.build_prefix()[0]
+    a, b = (family.open(tables, torch.device("cpu"), ("meta_train",), 3, seed=s).train(1) for s in (0, 1))
+    assert not torch.equal(a.x_spt, b.x_spt)  # the unit's seed, not the study's, draws the episodes
+    assert_seed_drives_training(family, tables)

@@ -1,0 +1,169 @@
+"""A user's own images as a few-shot task family: ``<root>/<class>/<image>``, one folder per class.
+
+Any file Pillow reads counts as an image, of any size and mode. Each is read once, turned upright by its
+EXIF orientation, converted to grayscale ('L') or RGB (alpha dropped), and resized to size x size with
+LANCZOS, the filter ``components.omniglot`` uses; the aspect ratio is not kept (a non-square image is
+stretched). Pixels are not inverted (Omniglot's strokes-are-1 convention is Omniglot's own).
+
+The image table has one row per image: ``class_id, file, pixels, channels, size``. ``class_id`` is the
+class folder's name, ``file`` the path below root (``"<class>/<name>"``, '/'-separated), ``pixels``
+channels * size * size uint8 bytes in (C, H, W) order, as Omniglot's table stores its drawings (uint8, since
+Pillow resizes 8-bit images to 8 bits: float32 would hold no more and take 4x the space); ``images_to_array``
+scales them to float32 in [0, 1].
+
+Meta-splits come either from ``components.episodes.class_split`` (seeded, by fractions) or from class lists
+``classes.train.txt``, ``classes.val.txt``, ``classes.test.txt`` (one class per line).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from components.episodes import class_split
+
+MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
+CLASS_LIST_FILES = {"meta_train": "classes.train.txt", "meta_val": "classes.val.txt", "meta_test": "classes.test.txt"}
+_LAYOUT = "<root>/<class>/<image>"
+
+
+def scan_image_folder(root: Path) -> pd.DataFrame:
+    """Every image of every class folder: columns ``class_id, file`` (file relative to root), sorted.
+
+    Hidden files and folders (name starting with '.') are skipped, and so are plain files directly in root
+    (the class lists live there). Raises naming the path: root missing, no class folder, a class folder
+    holding no image or a nested folder, a file Pillow cannot identify.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found (need {_LAYOUT})")
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
+    if not classes:
+        raise ValueError(f"{root}: no class folders (need {_LAYOUT})")
+    rows = [(folder.name, f"{folder.name}/{path.name}") for folder in classes for path in _class_images(folder)]
+    return pd.DataFrame(rows, columns=["class_id", "file"])
+
+
+def _hidden(path: Path) -> bool:
+    return path.name.startswith(".")
+
+
+def _class_images(folder: Path) -> list[Path]:
+    entries = sorted(p for p in folder.iterdir() if not _hidden(p))
+    if nested := [p for p in entries if p.is_dir()]:
+        raise ValueError(f"{nested[0]}: nested folders are not read; put the images directly in {folder}/")
+    if not entries:
+        raise ValueError(f"{folder}: class folder holds no images")
+    for path in entries:
+        try:
+            with Image.open(path):  # reads the header only
+                pass
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            raise ValueError(f"{path}: not an image Pillow can read ({e})") from e
+    return entries
+
+
+def load_image_folder(root: Path, image_size: int, channels: int) -> pd.DataFrame:
+    """Read every image of ``scan_image_folder(root)`` once: the image table (module docstring), in scan order.
+
+    channels: 1 (grayscale, Pillow's 'L') or 3 ('RGB'); image_size: side of the square every image is
+    resized to (LANCZOS).
+    """
+    if channels not in MODES:
+        raise ValueError(f"channels: need one of {sorted(MODES)}, got {channels!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size: must be >= 1, got {image_size}")
+    table = scan_image_folder(root)
+    pixels = [_decode(Path(root) / f, image_size, MODES[channels]) for f in table["file"]]
+    return table.assign(pixels=pixels, channels=channels, size=image_size)
+
+
+def _decode(path: Path, size: int, mode: str) -> bytes:
+    """(C, size, size) uint8 bytes of one image file."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I;16"):  # 16-bit gray: convert('L') would clip at 255, not scale
+                image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
+            elif image.mode in ("I", "F"):
+                raise ValueError(f"mode {image.mode!r} (32-bit) has no fixed range; save it as 8 or 16 bits")
+            resized = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: image failed to decode ({e})") from e
+    hwc = np.asarray(resized, dtype=np.uint8).reshape(size, size, -1)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1)).tobytes()
+
+
+def images_to_array(table: pd.DataFrame) -> np.ndarray:
+    """The ``pixels`` column as floats in [0, 1]: (R, C, size, size) float32, rows in table order."""
+    shapes = table[["channels", "size"]].drop_duplicates()
+    if len(shapes) != 1:
+        raise ValueError(f"table: need one (channels, size) in every row, got {sorted(map(tuple, shapes.values))}")
+    c, s = (int(v) for v in shapes.iloc[0])
+    if (bad := table["pixels"].map(len) != c * s * s).any():
+        raise ValueError(f"pixels: {int(bad.sum())} rows are not {c} x {s} x {s} bytes, e.g. {table['file'][bad].iloc[0]}")
+    flat = np.frombuffer(b"".join(table["pixels"]), dtype=np.uint8)
+    return flat.reshape(len(table), c, s, s).astype(np.float32) / 255
+
+
+def duplicate_images(table: pd.DataFrame) -> pd.Series:
+    """True for each row whose pixels equal an earlier row's (any class), aligned with table's index.
+
+    Compares the stored bytes after conversion and resizing, so two files that differ only below that
+    resolution count as identical; ``channels`` and ``size`` are part of the key.
+    """
+    return table[["pixels", "channels", "size"]].duplicated(keep="first").rename("duplicate")
+
+
+def split_classes(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
+    """Seeded class-disjoint split of the table's classes: split -> sorted class ids (``episodes.class_split``)."""
+    return class_split(table["class_id"], fractions, seed)
+
+
+def read_class_lists(folder: Path) -> dict[str, list[str]]:
+    """meta_train / meta_val / meta_test -> class ids in file order, from ``CLASS_LIST_FILES`` in folder.
+
+    One class per line; surrounding whitespace and blank lines ignored; an empty list is allowed. Raises
+    naming the file (and line): a missing file, a class listed twice, a class in two lists.
+    """
+    paths = {split: Path(folder) / name for split, name in CLASS_LIST_FILES.items()}
+    numbered = {split: _numbered_lines(path) for split, path in paths.items()}  # every file missing fails first
+    seen: dict[str, str] = {}  # class -> "file:line" where first listed
+    lists = {}
+    for split, path in paths.items():
+        lists[split] = []
+        for i, cls in numbered[split]:
+            if cls in seen:
+                again = "twice" if seen[cls].startswith(f"{path}:") else "in two lists"
+                raise ValueError(f"{path}:{i}: class {cls!r} listed {again}, first at {seen[cls]}")
+            seen[cls] = f"{path}:{i}"
+            lists[split].append(cls)
+    return lists
+
+
+def check_class_lists(lists: dict[str, list[str]], classes: Iterable[str], folder: Path | None = None) -> None:
+    """Raise unless every listed class is one of ``classes`` (e.g. ``scan_image_folder(root)["class_id"]``).
+
+    folder: where the lists were read from, to name the file and line of the first unknown class.
+    Classes in no list are allowed (held out).
+    """
+    known = set(classes)
+    for split, listed in lists.items():
+        if unknown := [c for c in listed if c not in known]:
+            name = CLASS_LIST_FILES.get(split, split)
+            where = name
+            if folder is not None:
+                lines = {cls: i for i, cls in _numbered_lines(Path(folder) / name)}
+                where = f"{Path(folder) / name}:{lines.get(unknown[0], '?')}"
+            raise ValueError(f"{where}: class {unknown[0]!r} is not a class folder "
+                             f"({len(unknown)} unknown in {name}, {len(known)} class folders)")
+
+
+def _numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of the non-blank lines of a class list."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: class list not found (one class folder name per line)")
+    return [(i, s) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if (s := line.strip())]
