@@ -43,28 +43,37 @@ class SinusoidSection(Section):
         return self
 
 
-class OmniglotSection(Section):
-    kind: Literal["omniglot"]
-    path: str = "../shared/data/omniglot"  # images_background.zip, images_evaluation.zip, splits_vinyals/
-    split: Literal["vinyals", "random"] = "vinyals"  # random: seeded 1028/172/423-style fractions below
-    random_fractions: tuple[float, float, float] = (0.64, 0.10, 0.26)
-    image_size: int = Field(28, ge=8)
+class EpisodeSection(Section):
+    """A classification family's N-way K-shot episodes and how many fixed meta-val / meta-test ones."""
+
     n_way: int = Field(5, ge=2)
     k_shot: int = Field(1, ge=1)
     n_query: int = Field(15, ge=1)  # queries per class
     n_val_episodes: int = Field(100, ge=1)
     n_test_episodes: int = Field(600, ge=1)
 
+
+def check_fractions(fractions: tuple[float, ...], name: str = "fractions") -> None:
+    if abs(sum(fractions) - 1) > 1e-6 or min(fractions) <= 0:
+        raise ValueError(f"{name}: need three positive shares summing to 1, got {list(fractions)}")
+
+
+class OmniglotSection(EpisodeSection):
+    kind: Literal["omniglot"]
+    path: str = "../shared/data/omniglot"  # images_background.zip, images_evaluation.zip, splits_vinyals/
+    split: Literal["vinyals", "random"] = "vinyals"  # random: seeded 1028/172/423-style fractions below
+    random_fractions: tuple[float, float, float] = (0.64, 0.10, 0.26)
+    image_size: int = Field(28, ge=8)
+
     @model_validator(mode="after")
     def _check(self):
         if self.k_shot + self.n_query > 20:
             raise ValueError(f"k_shot + n_query: Omniglot has 20 drawings per class, got {self.k_shot + self.n_query}")
-        if abs(sum(self.random_fractions) - 1) > 1e-6:
-            raise ValueError(f"random_fractions: must sum to 1, got {self.random_fractions}")
+        check_fractions(self.random_fractions, "random_fractions")
         return self
 
 
-class ImageFolderSection(Section):
+class ImageFolderSection(EpisodeSection):
     """A user's own images, <path>/<class>/<image>, any size and format Pillow reads; classes disjoint across
     splits. Whether every split has n_way classes of k_shot + n_query images is known only from the folder."""
 
@@ -74,25 +83,19 @@ class ImageFolderSection(Section):
     image_size: int = Field(28, ge=8)  # every image is resized (stretched) to this square once
     split: Literal["random", "files"] = "random"  # random: seeded, by fractions; files: the class lists
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
-    n_way: int = Field(5, ge=2)
-    k_shot: int = Field(1, ge=1)
-    n_query: int = Field(15, ge=1)  # queries per class
-    n_val_episodes: int = Field(100, ge=1)
-    n_test_episodes: int = Field(600, ge=1)
 
     @model_validator(mode="after")
     def _check(self):
         if not self.path:
             raise ValueError("path: the image folder's root, <path>/<class>/<image>")
-        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
-            raise ValueError(f"fractions: need three positive shares summing to 1, got {self.fractions}")
+        check_fractions(self.fractions)
         default = type(self).model_fields["fractions"].default
         if self.split == "files" and "fractions" in self.model_fields_set and self.fractions != default:
             raise ValueError("fractions: read only with split: random; split: files takes the class lists")
         return self
 
 
-class TextSection(Section):
+class TextSection(EpisodeSection):
     """Few-shot intent classification: N-way K-shot episodes of utterances, classes disjoint across splits."""
 
     kind: Literal["text"]
@@ -103,23 +106,16 @@ class TextSection(Section):
     domain_col: str | None = None
     split_by: Literal["class", "domain"] = "class"  # domain: whole domains per split (CLINC150 has 10)
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
-    n_way: int = Field(5, ge=2)
-    k_shot: int = Field(1, ge=1)
-    n_query: int = Field(15, ge=1)  # queries per class
-    n_val_episodes: int = Field(100, ge=1)
-    n_test_episodes: int = Field(600, ge=1)
     max_length: int = Field(32, ge=4)  # tokens per utterance (longer ones are truncated)
 
     @model_validator(mode="after")
     def _check(self):
-        if abs(sum(self.fractions) - 1) > 1e-6 or min(self.fractions) <= 0:
-            raise ValueError(f"fractions: need three positive shares summing to 1, got {self.fractions}")
+        check_fractions(self.fractions)
         if self.split_by == "domain" and self.dataset == "banking77":
             raise ValueError("split_by: BANKING77 has no domains; use 'class'")
         if self.split_by == "domain" and self.dataset == "csv" and not self.domain_col:
             raise ValueError("split_by: 'domain' needs domain_col, the column naming each utterance's domain")
         return self
-
 
 
 def _family_kind(value) -> str:

@@ -20,14 +20,9 @@ def make_model(lora_rank: int = 0, seed: int = 0) -> Conv4:
 
 
 @pytest.fixture(scope="module")
-def episodes() -> EpisodeBatch:
+def episodes(random_episodes) -> EpisodeBatch:
     """3 tasks, 5-way 1-shot, 2 queries per class, random 28 x 28 images in [0, 1], float64."""
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(N_WAY)
-    return EpisodeBatch(torch.rand(N_TASKS, N_WAY, 1, 28, 28, generator=g, dtype=torch.float64),
-                        labels.expand(N_TASKS, N_WAY),
-                        torch.rand(N_TASKS, N_WAY * N_QUERY, 1, 28, 28, generator=g, dtype=torch.float64),
-                        labels.repeat_interleave(N_QUERY).expand(N_TASKS, -1))
+    return random_episodes(N_TASKS, N_WAY, N_QUERY)
 
 
 def reference_forward(w: dict[str, torch.Tensor], x: torch.Tensor, scaling: float = 0.0) -> torch.Tensor:

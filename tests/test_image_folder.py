@@ -267,14 +267,9 @@ def test_conv4_default_stays_one_channel_and_three_channels_run_on_folder_images
 
 
 @pytest.fixture(scope="module")
-def colour_episodes() -> EpisodeBatch:
+def colour_episodes(random_episodes) -> EpisodeBatch:
     """3 tasks, 5-way 1-shot, 2 queries per class, random 3 x 28 x 28 images in [0, 1], float64."""
-    g = torch.Generator().manual_seed(1)
-    labels = torch.arange(N_WAY)
-    return EpisodeBatch(torch.rand(N_TASKS, N_WAY, 3, 28, 28, generator=g, dtype=torch.float64),
-                        labels.expand(N_TASKS, N_WAY),
-                        torch.rand(N_TASKS, N_WAY * N_QUERY, 3, 28, 28, generator=g, dtype=torch.float64),
-                        labels.repeat_interleave(N_QUERY).expand(N_TASKS, -1))
+    return random_episodes(N_TASKS, N_WAY, N_QUERY, channels=3)
 
 
 def meta_grads(episodes: EpisodeBatch, mode: str, steps: int, **path) -> tuple[float, list[torch.Tensor]]:
@@ -594,18 +589,12 @@ def test_image_folder_study_runs_end_to_end_then_hits_the_cache(prefect_harness,
 
     from flows.pipeline import meta_pipeline
 
-    cfg = {
-        "name": "folder-tiny",
-        "family": {"kind": "image_folder", "path": str(twelve), "image_size": 16, "n_way": 3, "k_shot": 1,
-                   "n_query": 2, "fractions": [0.5, 0.25, 0.25], "n_val_episodes": 3, "n_test_episodes": 6},
-        "model": {"kind": "conv4", "hidden": 8},
-        "meta_train": {"algorithms": ["maml", "reptile"], "fast_lr": 0.4, "meta_batch_size": 2, "iterations": 10,
-                       "val_every": 5, "checkpoint_every": 5, "vectorize": False},
-        "evaluate": {"steps": 2, "chunk": 6},
-        "baselines": {"scratch_lr": 0.4, "finetune_lr": 0.4, "pretrain_iterations": 3, "pretrain_batch_size": 8},
-        "embedding": {"n_similarity_tasks": 4},
-        "runtime": {"threads": 1},
-    }
+    from conftest import tiny_conv4_study
+
+    cfg = tiny_conv4_study(
+        "folder-tiny", {"kind": "image_folder", "path": str(twelve), "image_size": 16, "n_way": 3, "k_shot": 1,
+                        "n_query": 2, "fractions": [0.5, 0.25, 0.25], "n_val_episodes": 3, "n_test_episodes": 6},
+        ["maml", "reptile"], iterations=10, val_every=5, checkpoint_every=5)
     path = project / "folder.yaml"
     path.write_text(yaml.safe_dump(cfg))
     first = meta_pipeline(config_path=str(path))

@@ -87,18 +87,13 @@ def test_omniglot_study_runs_end_to_end(prefect_harness, project):
     from flows.pipeline import meta_pipeline
 
     omniglot = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
-    cfg = {
-        "name": "omni-tiny",
-        "family": {"kind": "omniglot", "path": str(omniglot), "n_way": 3, "k_shot": 1, "n_query": 2,
-                   "n_val_episodes": 4, "n_test_episodes": 12},
-        "model": {"kind": "conv4", "hidden": 8, "adapted": "head"},
-        "meta_train": {"algorithms": ["maml", "metasgd"], "fast_lr": 0.4, "meta_batch_size": 2, "iterations": 4,
-                       "val_every": 2, "checkpoint_every": 2, "metasgd_lr_range": [0.001, 1.0], "vectorize": False},
-        "evaluate": {"steps": 2, "chunk": 6},
-        "baselines": {"scratch_lr": 0.4, "finetune_lr": 0.4, "pretrain_iterations": 3, "pretrain_batch_size": 8},
-        "embedding": {"n_similarity_tasks": 4},
-        "runtime": {"threads": 1},
-    }
+    from conftest import tiny_conv4_study
+
+    cfg = tiny_conv4_study("omni-tiny", {"kind": "omniglot", "path": str(omniglot), "n_way": 3, "k_shot": 1,
+                                         "n_query": 2, "n_val_episodes": 4, "n_test_episodes": 12},
+                           ["maml", "metasgd"], iterations=4, val_every=2, checkpoint_every=2,
+                           metasgd_lr_range=[0.001, 1.0])
+    cfg["model"]["adapted"] = "head"
     path = project / "omni.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = meta_pipeline(config_path=str(path))
