@@ -8,6 +8,7 @@ Every seed the pipeline draws from comes from `derive_seed`.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -42,8 +43,10 @@ class EpisodeBatch(NamedTuple):
 
 def derive_seed(seed: int, iteration: int = 0, stream: int = TRAIN_STREAM) -> int:
     """An independent 32-bit seed per (seed, stream, iteration): stream 0 draws the meta-training batches
-    (iteration i of a run seeded `seed`), other streams fixed episode sets (val 1, test 2, ...)."""
-    return int(np.random.SeedSequence([seed, stream, iteration]).generate_state(1)[0])
+    (iteration i of a run seeded `seed`; entropy [seed, i], as the sinusoid pool's batches always had), other
+    streams fixed episode sets (val 1, test 2, ...; entropy [seed, stream, i]). Every seed drawn comes from here."""
+    entropy = [seed, iteration] if stream == TRAIN_STREAM else [seed, stream, iteration]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def class_split(labels: Sequence[str], fractions: dict[str, float], seed: int,
@@ -150,3 +153,50 @@ def table_rows(table: pd.DataFrame, n_way: int) -> np.ndarray:
 def gather(ids: EpisodeBatch, items: torch.Tensor) -> EpisodeBatch:
     """Row ids -> inputs: x_spt (T, N*K) ids become items[ids] (T, N*K, *item_shape); labels unchanged."""
     return EpisodeBatch(items[ids.x_spt], ids.y_spt, items[ids.x_qry], ids.y_qry)
+
+
+def normalized_text(texts: pd.Series) -> pd.Series:
+    """Casefolded, whitespace collapsed: 'Turn  up the Volume ' and 'turn up the volume' are one utterance."""
+    return texts.astype(str).str.casefold().str.split().str.join(" ")
+
+
+def pixel_keys(pixels: pd.Series) -> pd.Series:
+    """sha1 of each image's bytes: identical pixels, identical key."""
+    return pixels.map(lambda b: hashlib.sha1(bytes(b)).hexdigest())
+
+
+CONFLICTS = ("error", "drop")  # an example under two labels: a named error, or every copy dropped
+
+
+def clean_examples(table: pd.DataFrame, key: pd.Series, label: str = "label", conflicting: str = "error",
+                   where: str = "") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Labels stripped of surrounding whitespace; an example repeated within its label kept once; an example
+    under two labels a ValueError naming them (conflicting="error") or dropped with every copy ("drop").
+
+    table: one row per example with a `label` column (and optionally `source`, e.g. 'file.csv:12', or `file`,
+    naming the example in messages); key: (len(table),) what makes two examples the same (normalized_text, pixel_keys). Returns the
+    clean table (index reset) and what was changed: rows (what, count, examples) for the validation report.
+    """
+    if conflicting not in CONFLICTS:
+        raise ValueError(f"conflicting: need one of {CONFLICTS}, got {conflicting!r}")
+    table, key = table.reset_index(drop=True), pd.Series(np.asarray(key), name="key")
+    labels = table[label].astype(str)
+    stripped = labels != labels.str.strip()
+    table[label] = labels.str.strip()
+    name = next((table[c].astype(str) for c in ("source", "file") if c in table),
+                pd.Series([f"row {i + 1}" for i in table.index]))
+    per_key = pd.DataFrame({"key": key, "label": table[label]}).groupby("key")["label"].nunique()
+    conflicts = key.isin(per_key.index[per_key > 1])
+    if conflicts.any() and conflicting == "error":
+        first = key[conflicts].iloc[0]
+        rows = table[key == first]
+        found = ", ".join(f"{s} ({lab!r})" for s, lab in zip(name[rows.index], rows[label]))
+        raise ValueError(f"{where}{int(per_key.gt(1).sum())} examples are filed under more than one label, e.g. "
+                         f"{found}; fix the data, or set family.conflicting_labels: drop to drop every copy")
+    repeated = key.duplicated() & ~conflicts
+    report = pd.DataFrame([
+        ("labels_stripped", int(stripped.sum()), list(name[stripped][:5])),
+        ("duplicates_dropped", int(repeated.sum()), list(name[repeated][:5])),
+        ("conflicts_dropped", int(conflicts.sum()), list(name[conflicts][:5])),
+    ], columns=["what", "count", "examples"])
+    return table[~(repeated | conflicts)].reset_index(drop=True), report

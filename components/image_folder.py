@@ -109,15 +109,6 @@ def images_to_array(table: pd.DataFrame) -> np.ndarray:
     return flat.reshape(len(table), c, s, s).astype(np.float32) / 255
 
 
-def duplicate_images(table: pd.DataFrame) -> pd.Series:
-    """True for each row whose pixels equal an earlier row's (any class), aligned with table's index.
-
-    Compares the stored bytes after conversion and resizing, so two files that differ only below that
-    resolution count as identical; ``channels`` and ``size`` are part of the key.
-    """
-    return table[["pixels", "channels", "size"]].duplicated(keep="first").rename("duplicate")
-
-
 def split_classes(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> dict[str, list[str]]:
     """Seeded class-disjoint split of the table's classes: split -> sorted class ids (``episodes.class_split``)."""
     return class_split(table["class_id"], fractions, seed)

@@ -222,28 +222,26 @@ def episodes_from_indices(pool: ClassPool, classes: np.ndarray, drawings: np.nda
     return EpisodeBatch(*part(0, k_shot), *part(k_shot, n_total))
 
 
-def episode_table(batch: EpisodeBatch, classes: torch.Tensor, class_ids: Sequence[str]) -> pd.DataFrame:
-    """One row per (episode, way, role): episode, way, label, class_index, class_id, role, count.
+def class_row_index(table: pd.DataFrame, class_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows of a split: every drawing of every class (a character at a rotation), class by class in class_ids
+    order, drawings in drawing order. Returns (positions in table (R,), rotation in degrees (R,), label (R,)).
+    Characters may have different numbers of drawings (a duplicate dropped)."""
+    parsed = [parse_class_id(c) for c in class_ids]
+    order = np.lexsort((table["drawing"].to_numpy(), table["character"].to_numpy()))
+    positions = pd.Series(order).groupby(table["character"].to_numpy()[order], sort=False).indices
+    if missing := sorted({char for char, _ in parsed} - set(positions)):
+        raise ValueError(f"class_ids: {len(missing)} characters not in the table, e.g. {missing[:5]}")
+    rows = [order[positions[char]] for char, _ in parsed]
+    degrees = np.concatenate([np.full(len(r), d) for r, (_, d) in zip(rows, parsed)])
+    labels = np.repeat(np.asarray(class_ids, dtype=object), [len(r) for r in rows])
+    return np.concatenate(rows), degrees, labels
 
-    way is the column of ``classes`` (so the label sampled for it); count is how many examples carry
-    that label in y_spt or y_qry, read from the batch itself. A well-formed episode has count K for
-    every support row and Q for every query row, N * (K + Q) in all.
-    """
-    n_episodes, n_way = classes.shape
-    frames = []
-    for role, y in (("support", batch.y_spt), ("query", batch.y_qry)):
-        y = y.cpu().numpy()
-        if ((y < 0) | (y >= n_way)).any():
-            raise ValueError(f"{role} labels: need 0..{n_way - 1}, got {np.unique(y).tolist()}")
-        counts = (y[:, :, None] == np.arange(n_way)).sum(1)  # (T, N)
-        cls = classes.cpu().numpy()
-        frames.append(pd.DataFrame({
-            "episode": np.repeat(np.arange(n_episodes), n_way),
-            "way": np.tile(np.arange(n_way), n_episodes),
-            "label": np.tile(np.arange(n_way), n_episodes),
-            "class_index": cls.ravel(),
-            "class_id": np.asarray(class_ids, dtype=object)[cls.ravel()],
-            "role": role,
-            "count": counts.ravel(),
-        }))
-    return pd.concat(frames, ignore_index=True).sort_values(["episode", "way", "role"], ignore_index=True)
+
+def class_rows(table: pd.DataFrame, class_ids: Sequence[str]) -> tuple[np.ndarray, torch.Tensor]:
+    """The split's rows (`class_row_index`) as labels (R,) and images (R, 1, s, s) float32 in [0, 1], each
+    rotated as its class id says."""
+    rows, degrees, labels = class_row_index(table, class_ids)
+    images = pixels_to_array(table.iloc[rows])
+    for d in ROTATIONS:
+        images[degrees == d] = rotate(images[degrees == d], d)
+    return labels, torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)

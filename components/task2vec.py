@@ -271,8 +271,3 @@ def pairwise_distances(a: torch.Tensor, b: torch.Tensor | None = None, metric: s
     safe = torch.where(total > 0, total, torch.ones_like(total))
     u, v = a[:, None, :] / safe, b[None, :, :] / safe  # 0 where both are 0: that unit drops out
     return (1.0 - F.cosine_similarity(u, v, dim=-1)).clamp_min(0.0)
-
-
-def task_distance(a: torch.Tensor, b: torch.Tensor, metric: str = "normalized_cosine") -> float:
-    """Distance between two embeddings a, b (E,) under `metric` (one of DISTANCES)."""
-    return float(pairwise_distances(a[None], b[None], metric)[0, 0])

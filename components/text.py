@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -42,9 +42,9 @@ def load_clinc150(path: Path) -> pd.DataFrame:
     data = _read_json(file)
     if not isinstance(data, dict) or not {"train", "val", "test"} <= data.keys():
         raise ValueError(f"{file}: need a JSON object with 'train', 'val' and 'test' lists of [text, intent]")
-    rows = [(pair[0], pair[1], split) for split, pairs in data.items() if not split.startswith("oos")
-            for pair in pairs]
-    table = pd.DataFrame(rows, columns=["text", "label", "split"])
+    rows = [(pair[0], pair[1], split, f"{file.name}:{split}[{i}]") for split, pairs in data.items()
+            if not split.startswith("oos") for i, pair in enumerate(pairs)]
+    table = pd.DataFrame(rows, columns=["text", "label", "split", "source"])
     table = _check_table(table[table["label"] != "oos"].reset_index(drop=True), file)
     domains_file = file.parent / "domains.json"
     if domains_file.exists():
@@ -67,10 +67,12 @@ def load_banking77(path: Path) -> pd.DataFrame:
 
 def load_text_csv(path: Path, text_col: str = "text", label_col: str = "label",
                   domain_col: str | None = None) -> pd.DataFrame:
-    """A user's utterances from a ``.csv`` or ``.jsonl`` file (one JSON object a line).
+    """A user's utterances from a ``.csv``, a ``.jsonl`` (one JSON object a line) or a ``.json`` file (an array
+    of objects).
 
-    Columns ``text, label, split`` (+ ``domain`` from domain_col): ``split`` is the file's own ``split``
-    column if it has one, else the file's stem.
+    Columns ``text, label, split, source`` (+ ``domain`` from domain_col): ``split`` is the file's own
+    ``split`` column if it has one, else the file's stem; ``source`` is 'file:line' (1-based; for .json the
+    1-based position in the array), what error messages and the validation report name.
     """
     path = Path(path)
     table = _read_table(path, text_col, label_col, extra=[c for c in (domain_col, "split") if c])
@@ -94,23 +96,34 @@ def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] 
         raise FileNotFoundError(f"{file} not found")
     if file.suffix == ".csv":
         raw = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
-    elif file.suffix in (".jsonl", ".json"):
-        raw = pd.read_json(file, lines=True, dtype=False)
+        first_line = 2  # line 1 is the header
+    elif file.suffix == ".jsonl":
+        raw, first_line = pd.read_json(file, lines=True, dtype=False), 1
+    elif file.suffix == ".json":
+        data = _read_json(file)
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"{file}: a .json file must hold an array of objects ({text_col!r}, {label_col!r}, ...); "
+                             f"for one object a line, name it .jsonl")
+        raw, first_line = pd.DataFrame(data), 1
     else:
-        raise ValueError(f"{file}: need a .csv or .jsonl file, got {file.suffix!r}")
+        raise ValueError(f"{file}: need a .csv, .jsonl or .json file, got {file.suffix!r}")
     for role, col in (("text", text_col), ("label", label_col)):
         if col not in raw:
-            raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}")
+            raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}; set family."
+                             f"{role}_col")
     keep = [text_col, label_col] + [c for c in extra if c in raw and c not in (text_col, label_col)]
-    return _check_table(raw[keep].rename(columns={text_col: "text", label_col: "label"}), file)
+    table = raw[keep].rename(columns={text_col: "text", label_col: "label"})
+    return _check_table(table.assign(source=[f"{file.name}:{first_line + i}" for i in range(len(table))]), file)
 
 
 def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
     """Empty or missing texts and missing labels are errors, never silently dropped."""
     empty = table["text"].isna() | (table["text"].astype(str).str.strip() == "")
-    for what, bad in (("empty text", empty), ("no label", table["label"].isna())):
+    blank = table["label"].isna() | (table["label"].astype(str).str.strip() == "")
+    for what, bad in (("empty text", empty), ("no label", blank)):
         if bad.any():
-            raise ValueError(f"{file}: {int(bad.sum())} rows with {what}, e.g. rows {np.flatnonzero(bad)[:5].tolist()}")
+            where = table["source"][bad][:5].tolist() if "source" in table else np.flatnonzero(bad)[:5].tolist()
+            raise ValueError(f"{file}: {int(bad.sum())} rows with {what}, e.g. {where}")
     return table.astype({"text": str, "label": str}).reset_index(drop=True)
 
 
@@ -347,8 +360,12 @@ class CachedTopEncoder(nn.Module):
         self.register_buffer("hidden", hidden, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
 
+    def features(self, rows: torch.Tensor) -> torch.Tensor:
+        """The head's input, the pooled top-layer output: rows (B,) -> (B, H)."""
+        return self.top.embed(self.hidden[rows].to(self.top.head.weight.dtype), self.mask[rows])
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.top(self.hidden[rows].to(self.top.head.weight.dtype), self.mask[rows])
+        return self.top.head(self.features(rows))
 
 
 @torch.no_grad()
@@ -391,20 +408,6 @@ def frozen_names(module: nn.Module) -> tuple[str, ...]:
     adapted = set(adapted_names(module))
     return tuple(n for n, _ in module.named_parameters() if n not in adapted)
 
-
-class ParameterCounts(NamedTuple):
-    adapted: int
-    frozen: int
-
-
-def parameter_counts(module: nn.Module) -> ParameterCounts:
-    """Scalars adapted (LoRA + head) and frozen: r=8 on query/value of 2 MiniLM layers + a 5-way head is 26,501."""
-    adapted = set(adapted_names(module))
-    sizes = [(n in adapted, p.numel()) for n, p in module.named_parameters()]
-    return ParameterCounts(sum(s for a, s in sizes if a), sum(s for a, s in sizes if not a))
-
-
-# ---------------------------------------------------------------- baselines
 
 def prototype_predict(h_spt: torch.Tensor, y_spt: torch.Tensor, h_qry: torch.Tensor, n_way: int,
                       metric: str = "cosine") -> torch.Tensor:

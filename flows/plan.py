@@ -99,6 +99,12 @@ class Plan:
         return status((stage, key))
 
 
+def provenance(plan: Plan, stage: str) -> dict:
+    """What a data entry records of its making: its settings' key and its input files' digests
+    (`metapeft stages` names the files that changed since)."""
+    return {"settings": plan.settings_key(stage), "inputs": plan.inputs}
+
+
 def input_content(inputs: dict[str, str]) -> list[tuple[str, str]]:
     """(path relative to the inputs' common folder, sha256), sorted: what the data keys hash. Relative, so a moved
     project keeps its keys; with the folders, so an image moved to another class folder changes them."""
@@ -131,8 +137,8 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
     keys: dict[str, str] = {}
     settings = {"task_sets": {"data": plain(family.data), "seed": cfg.seed}}
     data: tuple[str, ...] = ("task_sets",)
-    if hasattr(family, "build_prefix"):  # not k_shot etc.: 1-shot and 5-shot studies share it
-        settings["prefix"] = {"source": plain(family.data.source), "top_layers": family.model_settings.top_layers}
+    if hasattr(family, "build_prefix"):  # the family says what its prefix depends on (not k_shot etc.)
+        settings["prefix"] = family.prefix_settings()
         data = ("task_sets", "prefix")
     for stage in data:
         keys[stage] = key(stage, {**settings[stage], "inputs": content})

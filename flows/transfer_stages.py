@@ -22,7 +22,8 @@ import pandas as pd
 import torch
 
 from components import metalearners, omniglot, task2vec, text
-from components.episodes import class_members, derive_seed, episodes_from_rows, gather, sample_rows
+from components.episodes import (class_members, clean_examples, derive_seed, episodes_from_rows, gather, pixel_keys,
+                                 sample_rows)
 from components.evaluation import evaluate_init
 from components.storage import load_tensors
 from components.features import episode_features, start_features
@@ -123,9 +124,11 @@ def _load_items(cfg: StudyConfig) -> tuple[pd.DataFrame, dict[str, str]]:
     if f.kind == "omniglot":
         images = omniglot.load_omniglot(Path(f.path), f.image_size, cfg.transfer.groups or None)
         images = images[images["background"]].sort_values(["character", "drawing"], ignore_index=True)
-        items = images.assign(label=images["character"])
+        images, _ = clean_examples(images.assign(label=images["character"]), pixel_keys(images["pixels"]), "label",
+                                   f.conflicting_labels, f"{f.path}: identical drawings: ")
+        items = images
         return items, dict(zip(items["label"], items["alphabet"]))
-    utterances = family_for(cfg).utterances()
+    utterances, _ = family_for(cfg).clean_utterances()  # what the shared prefix entry was encoded from
     if "domain" not in utterances:
         raise ValueError(f"transfer: {f.path} gives no domains to group intents by (set family.domain_col)")
     return utterances, dict(zip(utterances["label"], utterances["domain"]))

@@ -12,7 +12,7 @@ import pandas as pd
 
 POINT_COLUMNS = ["task_id", "split", "role", "point", "x", "y", "amplitude", "phase"]
 SPLITS = ["meta_train", "meta_val", "meta_test"]
-DRAWINGS = 20  # Omniglot drawings per character: episode rows are class position * 20 + drawing
+DRAWINGS = 20  # Omniglot drawings per character in the archive (one fewer where a duplicate was dropped)
 
 
 class ValidationFailed(RuntimeError):
@@ -89,7 +89,7 @@ def validate(name: str, tables: dict[str, tuple[pd.DataFrame, Callable]], failur
             batch_parameters={"dataframe": frame})
         result = batch.validate(gx.ExpectationSuite(name=f"{name}.{table}", expectations=expectations(gx)))
         reports[table] = result.to_json_dict()
-        failures += [_describe(table, r) for r in result.results if not r.success]
+        failures += [_describe(table, r, frame) for r in result.results if not r.success]
     report = {"success": not failures, "failures": failures, "results": reports}
     if failures:
         raise ValidationFailed(name, failures, report)
@@ -97,8 +97,12 @@ def validate(name: str, tables: dict[str, tuple[pd.DataFrame, Callable]], failur
 
 
 def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
-    """Image shape and range, 20 drawings per character, no class or character in two splits, and every
-    episode N classes x (K + Q) distinct drawings of its own classes (episodes: `episodes.episode_table` rows)."""
+    """Image shape and range, K + Q to 20 drawings per character (a duplicate is dropped), no class or character
+    in two splits, and every episode N classes x (K + Q) distinct drawings of its own classes (episodes:
+    `episodes.episode_table` rows, row = a position in `omniglot.class_row_index` of the split)."""
+    from components.episodes import pixel_keys
+    from components.omniglot import class_row_index
+
     n_pixels = family.image_size ** 2
     per_image = pd.DataFrame({
         "n_pixels": images["pixels"].map(len),
@@ -107,12 +111,15 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     per_character = images.groupby("character").size().rename("n_drawings").reset_index()
     per_class = classes.assign(character=classes["class_id"].str.rsplit("/", n=1).str[0])
     per_char_split = per_class.groupby("character")["split"].nunique().rename("n_splits").reset_index()
-    class_lists = {s: g["class_id"].to_numpy() for s, g in classes.groupby("split")}
+    keys = pixel_keys(images["pixels"]).to_numpy()
     row_label = pd.Series(index=episodes.index, dtype=object)
+    example = pd.Series(index=episodes.index, dtype=object)
     for split, rows in episodes.groupby("split"):
-        names = class_lists.get(split, [])
-        position = rows["row"].to_numpy() // DRAWINGS
-        row_label[rows.index] = [names[p] if 0 <= p < len(names) else None for p in position]
+        index, degrees, labels = class_row_index(images, classes.loc[classes["split"] == split, "class_id"].tolist())
+        inside = rows["row"].to_numpy() < len(labels)  # a row past the split names no class
+        at = rows["row"].to_numpy()[inside]
+        row_label[rows.index[inside]] = labels[at]
+        example[rows.index[inside]] = [f"{k}@{d}" for k, d in zip(keys[index[at]], degrees[at])]
 
     def e(gx):
         return gx.expectations
@@ -122,13 +129,14 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
             e(gx).ExpectColumnValuesToBeBetween(column="n_pixels", min_value=n_pixels, max_value=n_pixels),
             e(gx).ExpectColumnValuesToBeBetween(column="max_intensity", min_value=1, max_value=255)]),  # not blank
         "characters": (per_character, lambda gx: [
-            e(gx).ExpectColumnValuesToBeBetween(column="n_drawings", min_value=DRAWINGS, max_value=DRAWINGS)]),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_drawings", min_value=family.k_shot + family.n_query,
+                                                max_value=DRAWINGS)]),
         "classes": (per_class, lambda gx: [
             e(gx).ExpectColumnValuesToBeUnique(column="class_id"),
             e(gx).ExpectColumnValuesToBeInSet(column="split", value_set=SPLITS)]),
         "character_splits": (per_char_split, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
-        **_episode_suites(episodes.assign(row_label=row_label), family),
+        **_episode_suites(episodes.assign(row_label=row_label, example=example), family),
     }
     return validate("omniglot", tables)
 
@@ -143,11 +151,16 @@ def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes:
     per_image = images[["file", "channels", "size"]].assign(n_bytes=images["pixels"].map(len))
     per_class = classes.assign(n_images=classes["class_id"].map(images.groupby("class_id").size()).fillna(0))
     class_splits = classes.groupby("class_id")["split"].nunique().rename("n_splits").reset_index()
+    from components.episodes import pixel_keys
+
+    keys = pixel_keys(images["pixels"])
     row_label = pd.Series(index=episodes.index, dtype=object)
+    example = pd.Series(index=episodes.index, dtype=object)
     for split, rows in episodes.groupby("split"):
         in_split = images["class_id"].isin(classes.loc[classes["split"] == split, "class_id"])
         names = pd.Series(images["class_id"][in_split].to_numpy())  # positional: a row past the split is NaN
         row_label[rows.index] = names.reindex(rows["row"].to_numpy()).to_numpy()
+        example[rows.index] = pd.Series(keys[in_split].to_numpy()).reindex(rows["row"].to_numpy()).to_numpy()
 
     def e(gx):
         return gx.expectations
@@ -163,19 +176,21 @@ def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes:
             e(gx).ExpectColumnValuesToBeBetween(column="n_images", min_value=family.k_shot + family.n_query)]),
         "class_splits": (class_splits, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
-        **_episode_suites(episodes.assign(row_label=row_label), family),
+        **_episode_suites(episodes.assign(row_label=row_label, example=example), family),
     }
     return validate("image_folder", tables)
 
 
 def _episode_suites(rows: pd.DataFrame, family) -> dict:
     """Every episode: N distinct classes, K support and Q query examples of each, distinct examples, and each
-    example of the class its label names (rows: split, episode, way, slot, label, row, row_label)."""
+    example of the class its label names, and no example twice in one episode, support or query, by content
+    (rows: split, episode, way, slot, label, row, row_label, example: what makes two examples the same)."""
     k, n_rows = family.k_shot, family.n_way * (family.k_shot + family.n_query)
     per_way = rows.assign(support=rows["slot"] < k).groupby(["split", "episode", "way"]).agg(
         n_support=("support", "sum"), n_examples=("row", "size")).reset_index()
-    per_episode = rows.groupby(["split", "episode"]).agg(n_way=("label", "nunique"), n_rows=("row", "nunique"),
-                                                         n_examples=("row", "size")).reset_index()
+    per_episode = rows.groupby(["split", "episode"]).agg(
+        n_way=("label", "nunique"), n_rows=("row", "nunique"), n_examples=("row", "size"),
+        n_distinct=("example", "nunique")).reset_index()  # example: the content (normalised text, pixels)
 
     def e(gx):
         return gx.expectations
@@ -190,7 +205,8 @@ def _episode_suites(rows: pd.DataFrame, family) -> dict:
         "episodes": (per_episode, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
             e(gx).ExpectColumnValuesToBeBetween(column="n_rows", min_value=n_rows, max_value=n_rows),
-            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=n_rows, max_value=n_rows)]),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_examples", min_value=n_rows, max_value=n_rows),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_distinct", min_value=n_rows, max_value=n_rows)]),
     }
 
 
@@ -204,8 +220,12 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     per_class = utterances.groupby("label").size().rename("n_utterances").reset_index()
     class_splits = classes.groupby("label")["split"].nunique().rename("n_splits").reset_index()
     split_of = classes.drop_duplicates("label").set_index("label")["split"]  # duplicates: class_splits fails
-    rows = episodes.assign(row_label=utterances["label"].to_numpy()[episodes["row"].to_numpy()],
-                           row_split=lambda t: t["row_label"].map(split_of))
+    from components.episodes import normalized_text
+
+    at = episodes["row"].to_numpy()
+    rows = episodes.assign(row_label=utterances["label"].to_numpy()[at],
+                           row_split=lambda t: t["row_label"].map(split_of),
+                           example=normalized_text(utterances["text"]).to_numpy()[at])
 
     def e(gx):
         return gx.expectations
@@ -230,21 +250,37 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     return validate("text", tables)
 
 
-def _describe(table: str, result) -> str:
+def _describe(table: str, result, frame: pd.DataFrame | None = None) -> str:
+    """One line per failed expectation: table, expectation and column, how many rows, what was expected, and
+    the offending rows named by the frame's first column (the class, the episode, the file)."""
     cfg = result.expectation_config
     column = cfg.kwargs.get("column") or cfg.kwargs.get("column_list") or ""
     detail = result.result or {}
     examples = detail.get("partial_unexpected_list") or detail.get("details") or ""
-    return (f"{table}: {cfg.type}({column}) unexpected_count={detail.get('unexpected_count')} "
+    lo, hi = cfg.kwargs.get("min_value"), cfg.kwargs.get("max_value")
+    expected = (f" expected {column} {'>= ' + str(lo) if hi is None else f'in [{lo}, {hi}]'}"
+                if lo is not None or hi is not None else "")
+    named = ""
+    if frame is not None and isinstance(column, str) and column in frame and (lo is not None or hi is not None):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = (values < lo if lo is not None else False) | (values > hi if hi is not None else False)
+        first = frame.columns[0]
+        if first != column and bad.any():
+            named = f" at {first} " + ", ".join(f"{k!r} ({v:g})" for k, v in zip(frame[first][bad][:5], values[bad][:5]))
+    return (f"{table}: {cfg.type}({column}) unexpected_count={detail.get('unexpected_count')}{expected}{named} "
             f"examples={str(examples)[:200]}")
 
 
 def validate_family(family, tables) -> dict:
-    """The family's suite over its task-set tables (name -> DataFrame); raises ValidationFailed."""
+    """The family's suite over its task-set tables (name -> DataFrame); raises ValidationFailed. The report
+    also lists what the family's cleaning changed (its `cleaning` table: labels stripped, duplicates dropped)."""
     kind = type(family).__name__
     if kind not in SUITES:
         raise ValueError(f"no Great Expectations suite for the task family {kind}; add one to SUITES")
-    return SUITES[kind](family, tables)
+    report = SUITES[kind](family, tables)
+    if "cleaning" in tables:
+        report["cleaning"] = tables["cleaning"].to_dict("records")
+    return report
 
 
 def _episodes(tables) -> pd.DataFrame:

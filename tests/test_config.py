@@ -185,9 +185,9 @@ def test_rate_check_is_the_learners_own_rule(tmp_path, algorithm, fast_lr):
     (OMNIGLOT + "model: {kind: conv4}\nmeta_train: {query_chunk: 2}", "meta_train.query_chunk"),
     ("family: {n_tasks: {meta_train: 10, meta_val: 5, meta_test: 5}}\nmeta_train: {meta_batch_size: 11}",
      "meta_train.meta_batch_size"),
-    (TEXT % "dataset: csv, split_by: domain", "family.split_by"),  # no domain_col
+    (TEXT % "dataset: csv, path: u.csv, split_by: domain", "family.split_by"),  # no domain_col
     (TEXT % "dataset: banking77" + "transfer: {}", "transfer"),  # no domains to group by
-    (TEXT % "dataset: csv" + "transfer: {}", "transfer"),
+    (TEXT % "dataset: csv, path: u.csv" + "transfer: {}", "transfer"),
 ], ids=["task_batched-mlp", "query_chunk-unbatched", "meta_batch-over-tasks", "csv-domain-no-column",
         "transfer-banking77", "transfer-csv-no-domain"])
 def test_settings_that_cannot_work_stop_at_load(tmp_path, text, key):
@@ -197,5 +197,11 @@ def test_settings_that_cannot_work_stop_at_load(tmp_path, text, key):
 def test_sizes_that_depend_on_the_data_are_not_guessed_at_load(tmp_path):
     """Another dataset in CLINC150's layout may have more intents: the config alone cannot bound n_way."""
     load_config(write(tmp_path, TEXT % "n_way: 40, k_shot: 100, n_query: 60"))
-    load_config(write(tmp_path, TEXT % "dataset: csv, n_way: 40, k_shot: 100, n_query: 60"))
+    load_config(write(tmp_path, TEXT % "dataset: csv, path: u.csv, n_way: 40, k_shot: 100, n_query: 60"))
     load_config(write(tmp_path, TEXT % "n_way: 5" + "transfer: {n_groups: 12}"))
+
+
+def test_a_csv_dataset_without_path_is_refused_not_sent_to_clinc150(tmp_path):
+    """It used to fall back to the CLINC150 folder silently."""
+    assert ": family.path: dataset 'csv' needs the file" in load_error(tmp_path, TEXT % "dataset: csv")
+    assert load_config(write(tmp_path, TEXT % "dataset: banking77")).family.path == "../shared/data/banking77"

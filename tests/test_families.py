@@ -33,7 +33,9 @@ def built(tmp_path_factory):
 
 def test_build_uses_the_vinyals_split_and_fixed_episodes(built):
     family, tables = built
-    assert summary(tables) == {"n_classes_meta_train": 4112, "n_classes_meta_val": 688, "n_classes_meta_test": 1692}
+    assert summary(tables) == {"n_classes_meta_train": 4112, "n_classes_meta_val": 688, "n_classes_meta_test": 1692,
+                               "labels_stripped": 0, "duplicates_dropped": 1, "conflicts_dropped": 0}
+    assert len(tables["images"]) == 32460 - 1  # the archive holds one pair of identical drawings of a character
     data = family.open(tables, torch.device("cpu"), ("meta_train", "meta_test"), meta_batch_size=4)
     assert data.test.x_spt.shape == (20, 5, 1, 28, 28) and data.test.x_qry.shape == (20, 75, 1, 28, 28)
     again = family.open(tables, torch.device("cpu"), ("meta_test",))
@@ -173,3 +175,24 @@ def test_seed_drives_the_start_and_the_episodes_text(tmp_path):
     a, b = (family.open(tables, torch.device("cpu"), ("meta_train",), 3, seed=s).train(1) for s in (0, 1))
     assert not torch.equal(a.x_spt, b.x_spt)  # the unit's seed, not the study's, draws the episodes
     assert_seed_drives_training(family, tables)
+
+
+def test_duplicated_utterances_never_sit_in_support_and_query(tmp_path):
+    """8 intents of 8 utterances plus 4 exact copies each (case and spaces changed): 103 of 200 2-way 1-shot
+    episodes held their support utterance in the query before; now the copies are dropped, counted, and GX
+    checks every episode's examples are distinct by content."""
+    from components.episodes import normalized_text
+
+    table = intent_table(8, 8)
+    copies = table.groupby("label").head(4).assign(text=lambda t: "  " + t["text"].str.upper() + " ")
+    pd.concat([table, copies]).to_csv(tmp_path / "dup.csv", index=False)
+    family = family_for(text_config(tmp_path / "dup.csv", n_way=2, k_shot=1, n_query=5, n_test_episodes=200,
+                                    fractions=[0.5, 0.25, 0.25]))
+    tables = family.build(seed=0)
+    report = validate_family(family, tables)
+    assert {r["what"]: r["count"] for r in report["cleaning"]}["duplicates_dropped"] == 32
+    texts = normalized_text(tables["utterances"]["text"]).to_numpy()
+    episodes = tables["episodes_meta_test"]
+    assert episodes["episode"].nunique() == 200
+    distinct = episodes.assign(t=texts[episodes["row"]]).groupby("episode")["t"].nunique()
+    assert (distinct == 2 * (1 + 5)).all()

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from components.conv4 import Conv4, Conv4Config, adapted_names
-from components.image_folder import (check_class_lists, duplicate_images, images_to_array, load_image_folder,
+from components.episodes import clean_examples, pixel_keys
+from components.image_folder import (check_class_lists, images_to_array, load_image_folder,
                                      read_class_lists, scan_image_folder, split_classes)
 from components.metalearners import MetaLearner, MetaLearnerConfig
 from components.omniglot import EpisodeBatch
@@ -237,17 +238,22 @@ def test_seeded_class_split_is_disjoint_and_reproducible(gray):
 # --- identical images ---
 
 def test_no_duplicates_then_copies_are_found_in_and_across_classes(folder, gray, tmp_path):
-    assert not duplicate_images(gray).any()
+    assert not pixel_keys(gray["pixels"]).duplicated().any()
     root = copy_folder(folder, tmp_path)
     shutil.copy(root / "magi_02" / "img1.png", root / "magi_02" / "zcopy.png")  # same class, later in order
-    shutil.copy(root / "magi_02" / "img1.png", root / "magi_05" / "stray.png")  # another class
+    table = load_image_folder(root, 28, 1)
+    clean, report = clean_examples(table, pixel_keys(table["pixels"]), "class_id")
+    assert len(clean) == len(table) - 1 and "magi_02/zcopy.png" not in set(clean["file"])  # the first copy stays
+    assert report.set_index("what").loc["duplicates_dropped", "count"] == 1
+    shutil.copy(root / "magi_02" / "img1.png", root / "magi_05" / "stray.png")  # another class: a conflict
     shutil.copy(root / "magi_03" / "img4.jpg", root / "magi_01" / "colour.jpg")  # JPEG: same decoded pixels
     table = load_image_folder(root, 28, 1)
-    dup = duplicate_images(table)
-    assert dup.name == "duplicate" and dup.index.equals(table.index)
-    assert sorted(table["file"][dup]) == ["magi_02/zcopy.png", "magi_03/img4.jpg", "magi_05/stray.png"]
-    # the earliest in table order is kept: magi_01/colour.jpg precedes its original magi_03/img4.jpg
-    assert not dup[table["file"] == "magi_01/colour.jpg"].item()
+    with pytest.raises(ValueError, match=r"2 examples .* magi_01/colour.jpg \('magi_01'\), magi_03/img4.jpg \('magi_03'\)"):
+        clean_examples(table, pixel_keys(table["pixels"]), "class_id")
+    clean, report = clean_examples(table, pixel_keys(table["pixels"]), "class_id", conflicting="drop")
+    dropped = {"magi_02/img1.png", "magi_02/zcopy.png", "magi_05/stray.png", "magi_01/colour.jpg", "magi_03/img4.jpg"}
+    assert not dropped & set(clean["file"]) and len(clean) == len(table) - 5
+    assert report.set_index("what").loc["conflicts_dropped", "count"] == 5
 
 
 # --- conv4 with the folder's channels ---
@@ -377,7 +383,7 @@ def rgb(twelve):
 def class_of_pixels(tables) -> dict[bytes, str]:
     """An image's bytes (C, s, s) uint8 -> its class: the drawings are all distinct."""
     images = tables["images"]
-    assert not duplicate_images(images).any()
+    assert not pixel_keys(images["pixels"]).duplicated().any()
     return dict(zip(images["pixels"], images["class_id"]))
 
 
@@ -391,8 +397,9 @@ def test_family_builds_a_seeded_class_split_and_fixed_episodes_of_uneven_classes
     from flows.stages.task_sets import summary
 
     family, tables = rgb
-    assert set(tables) == {"images", "classes", "episodes_meta_val", "episodes_meta_test"}
-    assert summary(tables) == {"n_classes_meta_train": 6, "n_classes_meta_val": 3, "n_classes_meta_test": 3}
+    assert set(tables) == {"images", "classes", "cleaning", "episodes_meta_val", "episodes_meta_test"}
+    assert summary(tables) == {"n_classes_meta_train": 6, "n_classes_meta_val": 3, "n_classes_meta_test": 3,
+                               "labels_stripped": 0, "duplicates_dropped": 0, "conflicts_dropped": 0}
     assert sorted(tables["classes"]["class_id"]) == [f"c{c:02d}" for c in range(1, N_FOLDER_CLASSES + 1)]
     assert tables["images"]["class_id"].value_counts().to_dict() == {
         f"c{c:02d}": 8 + 4 * (c % 3) for c in range(1, N_FOLDER_CLASSES + 1)}
@@ -514,7 +521,7 @@ def test_too_few_images_for_k_plus_q_names_the_split_and_class(twelve):
     from flows.families import family_for
 
     family = family_for(folder_cfg(twelve, k_shot=5, n_query=5))  # classes of 8 images are too small
-    with pytest.raises(ValueError, match=r"\(fractions \[0\.5, 0\.25, 0\.25\]\): meta_train: k_shot \+ n_query: "
+    with pytest.raises(ValueError, match=r"\(fractions \[0\.5, 0\.25, 0\.25\]\): meta_train split: k_shot \+ n_query: "
                                          r"10 exceeds the examples of \d+ classes"):
         family.build(seed=0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from components.omniglot import (EpisodeBatch, build_class_pool, episode_table, load_omniglot, parse_class_id,
+from components.omniglot import (EpisodeBatch, build_class_pool, load_omniglot, parse_class_id,
                                  pixels_to_array, random_class_split, read_vinyals_split, rotate,
                                  sample_episode_indices, sample_episodes)
 
@@ -219,17 +219,3 @@ def test_episode_arguments_are_checked(pool):
         sample_episodes(pool, 1000, 1, 1, 1, seed=0)
     with pytest.raises(ValueError, match="k_shot"):
         sample_episodes(pool, 5, 10, 11, 1, seed=0)
-
-
-def test_episode_table(pool):
-    batch, classes = sample_episodes(pool, n_way=3, k_shot=2, n_query=4, n_episodes=5, seed=0)
-    rows = episode_table(batch, classes, pool.class_ids)
-    assert list(rows.columns) == ["episode", "way", "label", "class_index", "class_id", "role", "count"]
-    assert len(rows) == 5 * 3 * 2
-    assert (rows.groupby("episode")["count"].sum() == 3 * (2 + 4)).all()
-    assert set(rows.loc[rows["role"] == "support", "count"]) == {2}
-    assert set(rows.loc[rows["role"] == "query", "count"]) == {4}
-    first = rows[(rows["episode"] == 0) & (rows["way"] == 1)].iloc[0]
-    assert first["class_id"] == pool.class_ids[classes[0, 1]]
-    broken = EpisodeBatch(batch.x_spt, torch.zeros_like(batch.y_spt), batch.x_qry, batch.y_qry)
-    assert set(episode_table(broken, classes, pool.class_ids).query("role == 'support'")["count"]) == {0, 6}

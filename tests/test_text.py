@@ -15,7 +15,7 @@ from components import text
 from components.episodes import class_members, class_split, episodes_from_rows, sample_rows
 from components.text import (CachedTopEncoder, TopEncoder, TopEncoderConfig, adapted_names,
                              encode_prefix, frozen_names, load_banking77, load_clinc150,
-                             load_text_csv, mean_pool, parameter_counts, prototype_predict)
+                             load_text_csv, mean_pool, prototype_predict)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 transformers = pytest.importorskip("transformers")
@@ -47,9 +47,17 @@ def clinc_slice(tmp_path):
     return tmp_path
 
 
+def parameter_counts(module) -> tuple[int, int]:
+    """(adapted, frozen) parameter counts of a text model, by components.text.adapted_names."""
+    adapted = set(adapted_names(module))
+    sizes = [(n in adapted, p.numel()) for n, p in module.named_parameters()]
+    return sum(s for a, s in sizes if a), sum(s for a, s in sizes if not a)
+
+
 def test_load_clinc150_slice_drops_out_of_scope_and_adds_domains(clinc_slice):
     table = load_clinc150(clinc_slice)
-    assert list(table.columns) == ["text", "label", "split", "domain"]
+    assert list(table.columns) == ["text", "label", "split", "source", "domain"]
+    assert table.loc[0, "source"].startswith("data_full.json:val[0]")  # where an error or the report points
     assert table.groupby("split").size().to_dict() == {"test": 40, "train": 40, "val": 40}
     assert "oos" not in set(table["label"]) and table["domain"].notna().all()
     domains = json.loads((clinc_slice / "domains.json").read_text())
@@ -72,7 +80,8 @@ def test_load_banking77_slice(tmp_path):
         lines = (DATA / "banking77" / f"{split}.csv").read_text().splitlines()[:31]
         (tmp_path / f"{split}.csv").write_text("\n".join(lines) + "\n")
     table = load_banking77(tmp_path)
-    assert list(table.columns) == ["text", "label", "split"]
+    assert list(table.columns) == ["text", "label", "source", "split"]
+    assert table.loc[0, "source"] == "train.csv:2"  # 1-based line, the header is line 1
     assert table["split"].value_counts().to_dict() == {"train": 30, "test": 30}
     assert table.loc[0, "label"] == "card_arrival" and table.loc[0, "text"] == "I am still waiting on my card?"
 
@@ -101,7 +110,7 @@ def test_missing_label_column_is_named(tmp_path):
 def test_empty_texts_are_an_error_naming_the_count(tmp_path):
     path = tmp_path / "u.csv"
     path.write_text('text,label\nhello,greet\n,greet\n"   ",bye\nbye now,bye\n')
-    with pytest.raises(ValueError, match="u.csv: 2 rows with empty text"):
+    with pytest.raises(ValueError, match=r"u.csv: 2 rows with empty text, e.g. \['u.csv:3', 'u.csv:4'\]"):
         load_text_csv(path)
 
 
@@ -111,12 +120,13 @@ def test_load_text_csv_and_jsonl(tmp_path):
     (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     table = load_text_csv(tmp_path / "mine.jsonl", "utterance", "intent", domain_col="area")
     assert table.to_dict("list") == {"text": ["hi there", "bye"], "label": ["greet", "leave"],
-                                     "domain": ["chat", "chat"], "split": ["mine", "mine"]}
+                                     "domain": ["chat", "chat"], "source": ["mine.jsonl:1", "mine.jsonl:2"],
+                                     "split": ["mine", "mine"]}
     numbered = pd.DataFrame({"text": ["a", "b"], "label": [1, 2], "split": ["train", "test"]})
     numbered.to_csv(tmp_path / "x.csv", index=False)
     table = load_text_csv(tmp_path / "x.csv")
     assert table["label"].tolist() == ["1", "2"] and table["split"].tolist() == ["train", "test"]
-    with pytest.raises(ValueError, match=r"need a .csv or .jsonl"):
+    with pytest.raises(ValueError, match=r"need a .csv, .jsonl or .json"):
         (tmp_path / "x.txt").write_text("a")
         load_text_csv(tmp_path / "x.txt")
 
@@ -372,7 +382,7 @@ def test_cached_prefix_plus_top_equals_the_full_minilm(minilm):
         torch.testing.assert_close(top.embed(hidden, mask), full, rtol=0, atol=1e-5)
         last, _ = encode_prefix(model, tokenizer, utterances, first_adapted_layer=6)
         torch.testing.assert_close(mean_pool(last, mask), full, rtol=0, atol=1e-5)
-    assert parameter_counts(top).adapted == 2 * 2 * (8 * 384 + 384 * 8) + 5 * 384 + 5  # 26,501
+    assert parameter_counts(top)[0] == 2 * 2 * (8 * 384 + 384 * 8) + 5 * 384 + 5  # 26,501
     assert not any(p.requires_grad for p in model.parameters())
 
 
@@ -428,3 +438,29 @@ def test_finetune_changes_only_the_adapted_parameters():
     assert np.allclose(head_only[0], everything_lora[0]) and not np.allclose(head_only[1:], everything_lora[1:])
     with pytest.raises(ValueError, match="not parameters"):
         finetune(cached, params, tasks, 1, 0.5, F.cross_entropy, adapted=["nope"])
+
+
+def test_a_json_array_is_read_as_one_and_jsonl_line_by_line(tmp_path):
+    rows = [{"text": "hi there", "label": "greet"}, {"text": "bye", "label": "leave"}]
+    (tmp_path / "u.json").write_text(json.dumps(rows))
+    table = load_text_csv(tmp_path / "u.json")
+    assert table["text"].tolist() == ["hi there", "bye"] and table["source"].tolist() == ["u.json:1", "u.json:2"]
+    (tmp_path / "bad.json").write_text(json.dumps({"text": "hi", "label": "greet"}))
+    with pytest.raises(ValueError, match=r"bad.json: a .json file must hold an array of objects.*name it .jsonl"):
+        load_text_csv(tmp_path / "bad.json")
+
+
+def test_duplicates_and_conflicting_labels_are_cleaned_or_named():
+    from components.episodes import clean_examples, normalized_text
+
+    table = pd.DataFrame({"text": ["Hi there", "hi  there ", "bye", "good bye", "Good Bye", "hello"],
+                          "label": ["greet", "greet ", "leave", "leave", "greet", " greet"],
+                          "source": [f"u.csv:{i}" for i in range(2, 8)]})
+    with pytest.raises(ValueError, match=r"1 examples are filed under more than one label, e.g. u.csv:5 \('leave'\), "
+                                         r"u.csv:6 \('greet'\); .*conflicting_labels: drop"):
+        clean_examples(table, normalized_text(table["text"]))
+    clean, report = clean_examples(table, normalized_text(table["text"]), conflicting="drop")
+    assert clean["text"].tolist() == ["Hi there", "bye", "hello"] and clean["label"].tolist() == ["greet", "leave", "greet"]
+    counts = report.set_index("what")["count"].to_dict()
+    assert counts == {"labels_stripped": 2, "duplicates_dropped": 1, "conflicts_dropped": 2}
+    assert report.set_index("what").loc["duplicates_dropped", "examples"] == ["u.csv:3"]

@@ -100,14 +100,24 @@ class TaskFamily(ABC):
             raise ValueError(f"zero_head: the {type(self).__name__} model has no head")
         return names
 
+    def norms(self, model: nn.Module) -> tuple[str, ...]:
+        """The batch-norm weights and biases (`per_step_bn` gives them one value per inner step)."""
+        names = tuple(k for k, _ in model.named_parameters() if k.split(".")[-2:-1] == ["norm"])
+        if not names:
+            raise ValueError(f"per_step_bn: the {type(self).__name__} model has no batch norm")
+        return names
+
     def learner(self, tables: Tables, cfg: MetaLearnerConfig, device: torch.device, seed: int,
                 zero_head: bool = False) -> MetaLearner:
         """The algorithm's learner over a fresh network initialised from seed (every algorithm of a seed
-        starts from the same weights); zero_head starts the head at zero on every task (Kao et al. 2022)."""
+        starts from the same weights); zero_head starts the head at zero on every task (Kao et al. 2022).
+        ANIL and the prototype variants are told the head; per_step_bn, the batch-norm weights."""
         torch.manual_seed(seed)
         model = self.model(tables, seed).to(device)
+        head = self.head(model) if zero_head or cfg.variant.needs_head else ()
+        per_step = self.norms(model) if cfg.per_step_bn else ()
         return MetaLearner(model, cfg, self.loss_fn, adapted=self.adapted(model), frozen=self.frozen(model),
-                           zero_init=self.head(model) if zero_head else ())
+                           zero_init=head if zero_head else (), head=head, per_step=per_step)
 
     # ---- baselines
 
@@ -128,6 +138,7 @@ class EpisodeSettings:
     n_query: int = 15  # per class
     n_val_episodes: int = 100
     n_test_episodes: int = 600
+    conflicting_labels: str = "error"  # an example under two labels: "error" names it, "drop" drops every copy
 
 
 class ClassificationTasks(TaskFamily):
@@ -162,7 +173,7 @@ class ClassificationTasks(TaskFamily):
                 rows, ways = sample_rows(class_members(labels[s], split[s]), d.n_way, d.k_shot, d.n_query, counts[s],
                                          derive_seed(seed, 0, stream), split[s])
             except ValueError as e:
-                raise ValueError(f"{where}{s}: {e}") from None
+                raise ValueError(f"{where}{s} split: {e}") from None
             if counts[s]:
                 tables[f"episodes_{s}"] = episode_table(rows, ways, split[s], s)
         return tables

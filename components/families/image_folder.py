@@ -11,19 +11,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from components import image_folder
-from components.baselines import BaselineConfig, finetune, pretrain_classifier, scratch
-from components.conv4 import Conv4, Conv4Model, adapted_names
-from components.episodes import SPLITS, EpisodeBatch, class_members
-from components.families import ClassificationTasks, EpisodeSettings, Tables, head_swap
-from components.features import episode_features
+from components.baselines import BaselineConfig
+from components.conv4 import Conv4Model
+from components.episodes import SPLITS, clean_examples, pixel_keys
+from components.families import EpisodeSettings, Tables
+from components.families.images import ImageTasks
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +34,7 @@ class ImageFolderData(EpisodeSettings):
 
 
 @dataclass(frozen=True)
-class ImageFolderTasks(ClassificationTasks):
+class ImageFolderTasks(ImageTasks):
     data: ImageFolderData  # no default: the images are the user's
     model_settings: Conv4Model = Conv4Model()
     baselines: BaselineConfig = BaselineConfig()
@@ -56,11 +54,14 @@ class ImageFolderTasks(ClassificationTasks):
         meta-test episode tables."""
         d = self.data
         images = image_folder.load_image_folder(Path(d.path), d.image_size, d.channels)
+        images, cleaning = clean_examples(images, pixel_keys(images["pixels"]), "class_id", d.conflicting_labels,
+                                          f"{d.path}: identical images: ")
         split = self._class_split(images, seed)
         classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "class_id"])
         labels = {s: images["class_id"][split_rows(images, split[s])].to_numpy() for s in SPLITS}
         where = f"{d.path} (fractions {list(d.fractions)}): " if d.split == "random" else f"{d.path}: "
-        return {"images": images, "classes": classes, **self.episode_tables(labels, split, seed, where)}
+        return {"images": images, "classes": classes, "cleaning": cleaning,
+                **self.episode_tables(labels, split, seed, where)}
 
     def _class_split(self, images: pd.DataFrame, seed: int) -> dict[str, list[str]]:
         d, root = self.data, Path(self.data.path)
@@ -80,38 +81,9 @@ class ImageFolderTasks(ClassificationTasks):
         rows = images[split_rows(images, self.classes(tables, split))]
         return rows["class_id"].to_numpy(), torch.from_numpy(image_folder.images_to_array(rows)).to(device)
 
-    def features(self, tables: Tables) -> pd.DataFrame:
-        test = self.open(tables, torch.device("cpu"), ["meta_test"]).test
-        return episode_features(test.x_spt, test.y_spt).assign(split="meta_test").rename_axis("task_id")
-
-    # ---- model and baselines
-
-    def model(self, tables: Tables | None = None, seed: int = 0, n_out: int | None = None) -> nn.Module:
-        d = self.data
-        return Conv4(self.model_settings.config(n_out or d.n_way, d.channels, d.image_size))
-
-    def adapted(self, model: nn.Module) -> tuple[str, ...] | None:
-        return adapted_names(model, self.model_settings.adapted)
-
-    def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
-                      score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
-        """scratch, and pretrain_finetune: a conv4 classifier over every meta-train class (a class, then one of
-        its images, uniformly), its body with a zero N-way head, fine-tuned per episode."""
-        b, dev = self.baselines, next(model.parameters()).device
-        kw = dict(loss_fn=self.loss_fn, chunk=chunk, score_fn=self.score_fn, score_steps=score_steps)
-
-        def pretrain_finetune() -> np.ndarray:
-            labels, images = self.examples(tables, "meta_train", dev)
-            train = self.classes(tables, "meta_train")
-            members = torch.from_numpy(class_members(labels, train))  # (C, M) rows of images, -1 padded
-            wide = self.model(n_out=len(train)).to(dev)
-            trained = pretrain_classifier(wide, images, b.pretrain_iterations, b.pretrain_batch_size, b.pretrain_lr,
-                                          seed, self.loss_fn, members=members)
-            return finetune(model, head_swap(dict(model.named_parameters()), trained), test, steps, b.finetune_lr,
-                            **kw)
-
-        return {"scratch": lambda: scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
-                "pretrain_finetune": pretrain_finetune}
+    @property
+    def channels(self) -> int:
+        return self.data.channels
 
 
 def split_rows(images: pd.DataFrame, classes: list[str]) -> pd.Series:

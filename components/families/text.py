@@ -5,7 +5,7 @@ Episodes hold utterance ids (rows of the task set's utterance table); the model 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from torch import nn
 
 from components import text
 from components.baselines import BaselineConfig, finetune
-from components.episodes import SPLITS, EpisodeBatch, class_split
+from components.episodes import SPLITS, EpisodeBatch, class_split, clean_examples, normalized_text
 from components.families import ClassificationTasks, EpisodeSettings, Tables
 from components.features import episode_features
 
@@ -73,32 +73,46 @@ class TextTasks(ClassificationTasks):
         return (root,)
 
     def utterances(self) -> pd.DataFrame:
+        """The dataset's utterances as read (text, label, split, source, maybe domain)."""
         s = self.data.source
         if s.dataset == "clinc150":
             return text.load_clinc150(Path(s.path))
         if s.dataset == "banking77":
             return text.load_banking77(Path(s.path))
         if not s.path or Path(s.path).is_dir():
-            raise ValueError(f"family.path: dataset 'csv' needs a .csv or .jsonl file, got {s.path!r}")
+            raise ValueError(f"family.path: dataset 'csv' needs a .csv, .jsonl or .json file, got {s.path!r}")
         return text.load_text_csv(Path(s.path), s.text_col, s.label_col, s.domain_col)
+
+    def clean_utterances(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """The utterances every stage uses: labels stripped, an utterance repeated within its intent once (the
+        same text after case and whitespace normalisation), one under two intents an error or dropped
+        (data.conflicting_labels); and what was changed (episodes.clean_examples' report)."""
+        utterances = self.utterances()
+        return clean_examples(utterances, normalized_text(utterances["text"]), "label", self.data.conflicting_labels,
+                              f"{self.data.source.path}: ")
+
+    def prefix_settings(self) -> dict:
+        """What the cached prefix depends on: not k_shot etc., so 1-shot and 5-shot studies share it."""
+        return {"source": asdict(self.data.source), "conflicting_labels": self.data.conflicting_labels,
+                "top_layers": self.model_settings.top_layers}
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """utterances, classes (split, label) and the fixed meta-val / meta-test episode tables."""
         d = self.data
-        utterances = self.utterances()
+        utterances, cleaning = self.clean_utterances()
         if d.split_by == "domain" and "domain" not in utterances:
             raise ValueError(f"family.split_by: 'domain', but {d.source.path} gives no domains")
         groups = utterances["domain"] if d.split_by == "domain" else None
         split = class_split(utterances["label"], dict(zip(SPLITS, d.fractions)), seed, groups)
         classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "label"])
         labels = dict.fromkeys(SPLITS, utterances["label"].to_numpy())
-        return {"utterances": utterances, "classes": classes,
+        return {"utterances": utterances, "classes": classes, "cleaning": cleaning,
                 **self.episode_tables(labels, split, seed, f"{d.source.path}: ")}
 
     def build_prefix(self) -> tuple[dict[str, pd.DataFrame], dict]:
         """The hidden states entering the first adapted layer for every utterance, their texts and the
         frozen sentence embeddings (tables prefix, texts, sentences), and counts for the log."""
-        utterances = self.utterances()
+        utterances, _ = self.clean_utterances()
         prefix, sentences, meta = text.encode_utterances(utterances["text"].tolist(), self.model_settings.top_layers,
                                                          self.data.source.max_length)
         return {"prefix": prefix, "texts": pd.DataFrame({"text": utterances["text"]}), "sentences": sentences}, meta

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from components.families.text import TextTasks
+from components.families import TaskFamily
 from flows.cache import write_tables
 
 
-def build_prefix(family: TextTasks, out: Path) -> dict:
+def build_prefix(family: TaskFamily, out: Path) -> dict:
+    """The family's `build_prefix()` tables (text families: hidden states, texts, sentence embeddings)."""
     tables, meta = family.build_prefix()
     write_tables(tables, out)
     return meta

@@ -9,9 +9,22 @@ from flows.cache import VALIDATION, write_tables
 from flows.validation import validate_family
 
 
+HINTS = {  # what a family's error is about -> the settings that change it
+    "n_way:": "lower family.n_way, or give the split more classes (family.fractions, or more classes in the data)",
+    "k_shot + n_query:": "lower family.k_shot or family.n_query, or give these classes more examples",
+    "more than one label": "",  # the message names its setting already
+}
+
+
 def build_task_sets(family: TaskFamily, seed: int, out: Path) -> dict:
-    """Build, validate (a failure raises ValidationFailed and caches nothing) and write the task sets."""
-    tables = family.build(seed)
+    """Build, validate (a failure raises ValidationFailed and caches nothing) and write the task sets.
+
+    A family's ValueError about episode sizes gets the settings to change appended."""
+    try:
+        tables = family.build(seed)
+    except ValueError as e:
+        hint = next((h for k, h in HINTS.items() if k in str(e)), "")
+        raise ValueError(f"{e}; {hint}" if hint else str(e)) from None
     report = validate_family(family, tables)
     (out / VALIDATION).write_text(json.dumps(report, default=str))
     write_tables(tables, out)
@@ -19,7 +32,10 @@ def build_task_sets(family: TaskFamily, seed: int, out: Path) -> dict:
 
 
 def summary(tables) -> dict:
-    """Counts for the log: classes per split (classification) or tasks per split (regression)."""
+    """Counts for the log and MLflow: classes per split (classification) or tasks per split (regression), and
+    what cleaning changed (labels stripped, duplicates dropped, examples under two labels dropped)."""
+    cleaned = {r["what"]: int(r["count"]) for r in tables["cleaning"].to_dict("records")} if "cleaning" in tables \
+        else {}
     if "classes" in tables:
-        return {f"n_classes_{s}": int(n) for s, n in tables["classes"].groupby("split").size().items()}
+        return {f"n_classes_{s}": int(n) for s, n in tables["classes"].groupby("split").size().items()} | cleaned
     return {f"n_tasks_{s}": int(t["task_id"].nunique()) for s, t in tables.items()}
