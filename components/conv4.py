@@ -13,6 +13,7 @@ Two forward paths compute the same function:
                      what `MetaLearnerConfig(task_batched=True)` runs. The tasks become one network of
                      T * 64 channels with T-grouped convolutions, channels-last, with autograd Functions
                      whose backward is itself differentiable and fast (see `_GroupedConv`, `_BatchNorm`).
+`features(x)` is the head's input on either path (what prototype heads are built from).
 
 Adapted-parameter sets (`adapted_names`):
   full  every weight is adapted in the inner loop.
@@ -148,18 +149,23 @@ class Conv4(nn.Module):
 
     def forward(self, x):
         if x.dim() == 5:
-            return self._forward_tasks(x)
-        return self.head(self.blocks(x).flatten(1))
+            return self.features(x) @ self.head.weight.mT + self.head.bias.unsqueeze(-2)  # the head may be per task
+        return self.head(self.features(x))
 
-    def _forward_tasks(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input: x (B, C_in, H, W) -> (B, hidden * s * s); task-batched x (T, B, ...) -> (T, B, ...)."""
+        if x.dim() == 5:
+            return self._features_tasks(x)
+        return self.blocks(x).flatten(1)
+
+    def _features_tasks(self, x: torch.Tensor) -> torch.Tensor:
         n_tasks, n = x.shape[:2]
         h = x.transpose(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)  # (B, T * C, H, W)
         for block in self.blocks:
             h = _GroupedConv.apply(h, _per_task(block.kernel(), n_tasks, 4).flatten(0, 1), n_tasks)
             weight, bias = (_per_task(p, n_tasks, 1).flatten() for p in (block.norm.weight, block.norm.bias))
             h = F.relu(_BatchNorm.apply(h, weight, bias, self.cfg.eps), inplace=True)
-        features = h.reshape(n, n_tasks, -1).transpose(0, 1)  # (T, B, C * s * s), each image's (C, s, s) order
-        return features @ self.head.weight.mT + self.head.bias.unsqueeze(-2)
+        return h.reshape(n, n_tasks, -1).transpose(0, 1)  # (T, B, C * s * s), each image's (C, s, s) order
 
 
 def _per_task(w: torch.Tensor, n_tasks: int, ndim: int) -> torch.Tensor:

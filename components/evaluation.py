@@ -13,7 +13,6 @@ from components.metalearners import Diverged, LossFn, MetaLearner, Params, adapt
 from components.tasksets import TaskBatch
 
 
-
 def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int = 200,
                   score_fn: LossFn | None = None, score_steps: Sequence[int] | None = None) -> np.ndarray:
     """Query score (default: the loss) of every task after 0..steps inner steps from the meta-parameters.
@@ -21,7 +20,12 @@ def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int
     Uses the learner's inner rates (Meta-SGD: its learned ones). tasks holds T tasks; returns
     (steps + 1, T), row k = after k steps, row 0 = the meta-parameters themselves (only the rows of
     score_steps when given: scoring the query set is most of the cost for large models).
+    A learner that is not `plain` adapts by its own rules: row 0 is each episode's start (Proto-MAML: the
+    prototype head), steps past its training steps reuse the last step's rates and per-step weights, and
+    one without an inner loop (prototypical networks) gives a flat curve.
     """
+    if not learner.plain:
+        return _learner_curve(learner, tasks, steps, chunk, score_fn, score_steps)
     init = {k: v.detach() for k, v in learner.params.items()}
     return evaluate_params(learner.model, init, learner.lrs, tasks, steps, learner.loss_fn, chunk, per_task=False,
                            score_fn=score_fn, score_steps=score_steps)
@@ -39,23 +43,45 @@ def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatc
     lrs: {name: shape} inner rates. Tasks are processed chunk at a time. Returns (steps + 1, T), or
     (len(score_steps), T) with the rows of the sorted score_steps (a subset of 0..steps).
     """
-    if steps < 0:
-        raise ValueError(f"steps: must be >= 0, got {steps}")
-    score_steps = list(range(steps + 1)) if score_steps is None else sorted(set(score_steps))
-    if not score_steps or score_steps[0] < 0 or score_steps[-1] > steps:
-        raise ValueError(f"score_steps: need a non-empty subset of 0..{steps}, got {score_steps}")
+    score_steps = _checked_steps(steps, score_steps)
     parts = []
     for lo in range(0, len(tasks), chunk):
         part = {k: v[lo:lo + chunk] for k, v in init.items()} if per_task else init
         parts.append(_loss_curve(model, part, lrs, tasks.index(slice(lo, lo + chunk)), score_steps, loss_fn,
                                  per_task, score_fn or loss_fn))
-    curve = np.concatenate(parts, axis=1)
+    return _finite(np.concatenate(parts, axis=1), score_steps, lrs)
+
+
+def _checked_steps(steps: int, score_steps: Sequence[int] | None) -> list[int]:
+    if steps < 0:
+        raise ValueError(f"steps: must be >= 0, got {steps}")
+    score_steps = list(range(steps + 1)) if score_steps is None else sorted(set(score_steps))
+    if not score_steps or score_steps[0] < 0 or score_steps[-1] > steps:
+        raise ValueError(f"score_steps: need a non-empty subset of 0..{steps}, got {score_steps}")
+    return score_steps
+
+
+def _finite(curve: np.ndarray, score_steps: list[int], lrs: Params) -> np.ndarray:
     if not np.isfinite(curve).all():  # raised here: a non-finite score never reaches a results table
         row = int(np.flatnonzero(~np.isfinite(curve).all(1))[0])
         bad = int((~np.isfinite(curve[row])).sum())
         raise Diverged(f"the query score is non-finite on {bad} of {curve.shape[1]} episodes", step=score_steps[row],
                        rates=rates_in_force(lrs))
     return curve
+
+
+def _learner_curve(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int, score_fn: LossFn | None,
+                   score_steps: Sequence[int] | None) -> np.ndarray:
+    """evaluate_init through the learner's own adapt_batch, each chunk's steps taken once: (len(score_steps), T)."""
+    score_steps, parts = _checked_steps(steps, score_steps), []
+    with torch.no_grad():
+        for lo in range(0, len(tasks), chunk):
+            part, fast, done, curve = tasks.index(slice(lo, lo + chunk)), None, 0, []
+            for k in score_steps:
+                fast, done = learner.adapt_batch(part.x_spt, part.y_spt, k - done, fast, done), k
+                curve.append(learner.evaluate_fast(fast, part.x_qry, part.y_qry, score_fn))
+            parts.append(torch.stack(curve).cpu().double().numpy())
+    return _finite(np.concatenate(parts, axis=1), score_steps, learner.lrs)
 
 
 def score_steps_every(steps: int, every: int) -> list[int]:

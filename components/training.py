@@ -1,8 +1,8 @@
 """Meta-training of any MetaLearner: one Adam, periodic meta-validation, early stopping, resumable checkpoints.
 
 The meta-batch of iteration i depends only on (seed, i), and a checkpoint holds everything else the
-loop carries (meta-parameters, Adam state, best state, patience counter, history), so a run resumed
-from a checkpoint ends exactly where an uninterrupted run with the same seed ends.
+loop carries (meta-parameters, Adam state, the meta learning rate schedule, best state, patience counter,
+history), so a run resumed from a checkpoint ends exactly where an uninterrupted run with the same seed ends.
 """
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 
-from components.metalearners import Diverged, MetaLearner, rates_in_force
+from components.episodes import derive_seed
+from components.metalearners import Diverged, MetaLearner, MetaLearnerConfig, rates_in_force
 from components.storage import load_tensors, write_atomic
 from components.tasksets import TaskBatch
 
 TRAINING_VERSION = "1"
 STOP_REASONS = ("iterations", "early_stopping", "budget")
 # TrainConfig fields a resumed run must share with its checkpoint: they shape the trajectory.
-TRAJECTORY_FIELDS = ("meta_lr", "meta_batch_size", "val_every", "patience", "seed")
+TRAJECTORY_FIELDS = ("meta_lr", "meta_batch_size", "val_every", "patience", "seed", "cosine_iterations", "min_meta_lr")
 
 Log = Callable[[int, dict[str, float]], None]
 Sampler = Callable[[int], TaskBatch]
@@ -39,9 +39,12 @@ class TrainConfig:
     checkpoint_every: int = 100  # iterations between checkpoints; 0 = only the one written at the end
     seed: int = 0  # with the iteration number, fixes each meta-batch, so a resume replays exactly
     budget_seconds: float | None = None  # wall-clock limit of one call; a checkpoint lets the next go on
+    # MAML++: meta_lr annealed to min_meta_lr along a cosine over this many iterations (then held); 0 = constant
+    cosine_iterations: int = 0
+    min_meta_lr: float = 0.0  # the cosine's floor (MAML++ used 1e-5)
 
     def __post_init__(self):
-        for name in ("iterations", "patience", "checkpoint_every", "seed"):
+        for name in ("iterations", "patience", "checkpoint_every", "seed", "cosine_iterations"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         for name in ("meta_batch_size", "val_every"):
@@ -49,6 +52,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.meta_lr < 0:
             raise ValueError(f"meta_lr: must be >= 0, got {self.meta_lr}")
+        if not 0 <= self.min_meta_lr <= self.meta_lr:
+            raise ValueError(f"min_meta_lr: need 0 <= min_meta_lr <= meta_lr ({self.meta_lr}), got {self.min_meta_lr}")
 
 
 @dataclass
@@ -76,19 +81,20 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
     if not callable(train) and cfg.meta_batch_size > len(train):
         raise ValueError(f"meta_batch_size: {cfg.meta_batch_size} exceeds the {len(train)} train tasks")
     opt = torch.optim.Adam(learner.parameters(), lr=cfg.meta_lr)
+    schedule = meta_lr_schedule(opt, cfg)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None and path.exists():
-        run = _resume(path, learner, opt, cfg)
+        run = _resume(path, learner, opt, schedule, cfg)
     else:
         run = _fresh_run(learner, cfg)
         _validate(learner, val, run, log)
     first = run["iteration"]
     while (stop := _stop_reason(run, cfg, start)) is None:
-        _iterate(learner, opt, train, val, run, cfg, log)
+        _iterate(learner, opt, schedule, train, val, run, cfg, log)
         if path is not None and cfg.checkpoint_every and run["iteration"] % cfg.checkpoint_every == 0:
-            _save(path, run, learner, opt)
+            _save(path, run, learner, opt, schedule)
     if path is not None:
-        _save(path, run, learner, opt)  # the trajectory as an uninterrupted run has it: a resume goes on exactly
+        _save(path, run, learner, opt, schedule)  # the trajectory as an uninterrupted run has it: a resume goes on
     final = run
     if _last_validation(run) < run["iteration"]:  # stopped between validations: the last state competes too
         final = {**run, "history": {k: list(v) for k, v in run["history"].items()}}
@@ -101,8 +107,19 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
 
 def meta_batch_indices(n_tasks: int, meta_batch_size: int, seed: int, iteration: int) -> torch.Tensor:
     """Task indices (meta_batch_size,) of one iteration, without replacement, a function of (seed, iteration) only."""
-    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, iteration]).generate_state(1)[0]))
+    g = torch.Generator().manual_seed(derive_seed(seed, iteration))
     return torch.randperm(n_tasks, generator=g)[:meta_batch_size]
+
+
+def meta_lr_schedule(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """MAML++'s cosine annealing of the meta learning rate (None: constant), stepped once per meta-iteration: iteration
+    i runs at min + (meta_lr - min) * (1 + cos(pi * min(i - 1, N) / N)) / 2, N = cfg.cosine_iterations. A closed form
+    of the iteration, so a resumed run (its state is checkpointed) continues the same values."""
+    if not cfg.cosine_iterations:
+        return None
+    n, floor = cfg.cosine_iterations, cfg.min_meta_lr / cfg.meta_lr if cfg.meta_lr else 0.0
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda done: floor + (1 - floor) * (1 + math.cos(math.pi * min(done, n) / n)) / 2)
 
 
 def val_loss(learner: MetaLearner, val: TaskBatch) -> float:
@@ -112,7 +129,7 @@ def val_loss(learner: MetaLearner, val: TaskBatch) -> float:
         return learner.evaluate_fast(fast, val.x_qry, val.y_qry).mean().item()
 
 
-def _iterate(learner, opt, train, val, run, cfg, log) -> None:
+def _iterate(learner, opt, schedule, train, val, run, cfg, log) -> None:
     """One meta-iteration, plus a validation when it falls on val_every."""
     it = run["iteration"] + 1
     if callable(train):
@@ -120,11 +137,13 @@ def _iterate(learner, opt, train, val, run, cfg, log) -> None:
     else:
         batch = train.index(meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it))
     opt.zero_grad(set_to_none=True)
-    metrics = {"train_loss": learner.meta_backward(batch)}
-    rates = {"meta_lr": cfg.meta_lr, **rates_in_force(learner.lrs)}
+    metrics = {"train_loss": learner.meta_backward(batch, it)}
+    rates = {"meta_lr": opt.param_groups[0]["lr"], **rates_in_force(learner.lrs)}
     if not math.isfinite(metrics["train_loss"]):
         raise Diverged(f"train_loss is {metrics['train_loss']}", iteration=it, rates=rates)
     opt.step()
+    if schedule is not None:
+        schedule.step()
     learner.clip_()
     if not all(torch.isfinite(p).all() for p in learner.parameters()):
         raise Diverged("a meta-parameter became non-finite after the outer step", iteration=it, rates=rates)
@@ -175,8 +194,15 @@ def _record(run, iteration: int, metrics: dict[str, float]) -> None:
 
 def _run_config(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
     """What a checkpoint must agree on with the run resuming it (plain types, for weights_only loading)."""
-    learner_cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(learner.cfg).items()}
-    return {"train": {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS}, "learner": learner_cfg}
+    return {"train": {k: getattr(cfg, k) for k in TRAJECTORY_FIELDS}, "learner": _plain(asdict(learner.cfg))}
+
+
+def _plain(fields: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+# what a checkpoint written before a field existed holds for it: the field's default
+_DEFAULTS = {"train": asdict(TrainConfig()), "learner": _plain(asdict(MetaLearnerConfig()))}
 
 
 def _fresh_run(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
@@ -185,9 +211,11 @@ def _fresh_run(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
             "bad_validations": 0, "history": {"iteration": [], "metric": [], "value": []}}
 
 
-def _save(path: Path, run: dict, learner: MetaLearner, opt: torch.optim.Optimizer) -> None:
-    """Write run + learner + optimizer state atomically (a kill mid-write keeps the previous checkpoint)."""
+def _save(path: Path, run: dict, learner: MetaLearner, opt: torch.optim.Optimizer, schedule=None) -> None:
+    """Write run, learner, optimizer (and schedule) state atomically (a kill mid-write keeps the previous one)."""
     state = {**run, "learner": learner.state_dict(), "optimizer": opt.state_dict()}
+    if schedule is not None:
+        state["schedule"] = schedule.state_dict()
     write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
@@ -199,8 +227,8 @@ def checkpoint_iteration(path: Path) -> int:
     return int(load_tensors(path)["iteration"])
 
 
-def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
-    """Load a checkpoint into learner and opt; return the loop state it holds."""
+def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, schedule, cfg: TrainConfig) -> dict[str, Any]:
+    """Load a checkpoint into learner, opt and schedule; return the loop state it holds."""
     device = next(iter(learner.parameters())).device
     ckpt = load_tensors(path, device)  # written on another device: loads here
     if ckpt.get("version") != TRAINING_VERSION:
@@ -208,9 +236,10 @@ def _resume(path: Path, learner: MetaLearner, opt: torch.optim.Optimizer, cfg: T
     expected = _run_config(learner, cfg)
     for group, fields in expected.items():
         for k, v in fields.items():
-            if ckpt["config"][group].get(k) != v:
-                raise ValueError(f"{path}: checkpoint has {group}.{k}={ckpt['config'][group].get(k)!r}, "
-                                 f"this run has {v!r}")
+            if (held := ckpt["config"][group].get(k, _DEFAULTS[group][k])) != v:
+                raise ValueError(f"{path}: checkpoint has {group}.{k}={held!r}, this run has {v!r}")
     learner.load_state_dict(ckpt.pop("learner"))
     opt.load_state_dict(ckpt.pop("optimizer"))
+    if schedule is not None:
+        schedule.load_state_dict(ckpt.pop("schedule"))
     return ckpt

@@ -14,7 +14,9 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
                       model_validator)
 
-from components.metalearners import ALGORITHMS, MetaLearnerConfig
+from components.metalearners import ALGORITHMS, MAML_PP, VARIANTS, MetaLearnerConfig
+
+Algorithm = Literal[tuple(VARIANTS)]  # every algorithm of components.metalearners.VARIANTS, by name
 
 
 class Section(BaseModel):
@@ -51,6 +53,9 @@ class EpisodeSection(Section):
     n_query: int = Field(15, ge=1)  # queries per class
     n_val_episodes: int = Field(100, ge=1)
     n_test_episodes: int = Field(600, ge=1)
+    # an example (normalised text, identical pixels) under two labels: a named error, or every copy dropped;
+    # repeats within one label are always dropped, with a count in the validation report
+    conflicting_labels: Literal["error", "drop"] = "error"
 
 
 def check_fractions(fractions: tuple[float, ...], name: str = "fractions") -> None:
@@ -100,13 +105,26 @@ class TextSection(EpisodeSection):
 
     kind: Literal["text"]
     dataset: Literal["clinc150", "banking77", "csv"] = "clinc150"
-    path: str = "../shared/data/clinc150"  # clinc150: data_full.json (+ domains.json); banking77: train/test.csv
+    # clinc150: data_full.json (+ domains.json); banking77: train.csv, test.csv (default: ../shared/data/<dataset>);
+    # csv: a .csv, .jsonl or .json file, required
+    path: str | None = None
     text_col: str = "text"  # csv / jsonl only
     label_col: str = "label"
     domain_col: str | None = None
     split_by: Literal["class", "domain"] = "class"  # domain: whole domains per split (CLINC150 has 10)
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
     max_length: int = Field(32, ge=4)  # tokens per utterance (longer ones are truncated)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, data):
+        """The shipped datasets default to ../shared/data/<dataset>; a user's csv has no default."""
+        if isinstance(data, dict) and data.get("path") is None:
+            dataset = data.get("dataset", "clinc150")
+            if dataset == "csv":
+                raise ValueError("path: dataset 'csv' needs the file (.csv, .jsonl or .json) of your utterances")
+            data = {**data, "path": f"../shared/data/{dataset}"}
+        return data
 
     @model_validator(mode="after")
     def _check(self):
@@ -195,10 +213,16 @@ class AlgorithmOverride(Section):
     fast_lr: float | None = Field(None, gt=0)
     meta_lr: float | None = Field(None, gt=0)
     zero_head: bool | None = None
+    lslr: bool | None = None
+    msl_iterations: int | None = Field(None, ge=0)
+    per_step_bn: bool | None = None
+    first_order_iterations: int | None = Field(None, ge=0)
+    meta_lr_schedule: Literal["constant", "cosine"] | None = None
+    min_meta_lr: float | None = Field(None, ge=0)
 
 
 class MetaTrainSection(Section):
-    algorithms: tuple[Literal["maml", "fomaml", "reptile", "metasgd"], ...] = ALGORITHMS
+    algorithms: tuple[Algorithm, ...] = ALGORITHMS  # default: the four that run on any model (no head needed)
     inner_steps: int = Field(1, ge=1)
     fast_lr: float = Field(0.01, gt=0)
     meta_lr: float = Field(1e-3, gt=0)
@@ -218,7 +242,15 @@ class MetaTrainSection(Section):
     # classification: the head starts every task at zero and is not meta-learned (the "zeroing trick",
     # Kao et al. 2022); per-episode label order makes a learned head start noise for FOMAML and Reptile
     zero_head: bool = False
-    overrides: dict[Literal["maml", "fomaml", "reptile", "metasgd"], AlgorithmOverride] = Field(default_factory=dict)
+    # MAML++ (Antoniou et al., ICLR 2019), each on its own so its effect can be measured; read by the algorithms
+    # with a differentiated inner loop (not reptile, not protonet: set them under overrides when those run too)
+    lslr: bool = False  # learned per-layer, per-step inner rates, starting at fast_lr
+    msl_iterations: int = Field(0, ge=0)  # multi-step loss, annealed to the last step over N iterations; 0 = off
+    per_step_bn: bool = False  # conv4: batch-norm weights and biases per inner step, not adapted
+    first_order_iterations: int = Field(0, ge=0)  # first order for the first N iterations, then second order
+    meta_lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: meta_lr to min_meta_lr over `iterations`
+    min_meta_lr: float = Field(0.0, ge=0)  # the cosine's floor (MAML++ used 1e-5)
+    overrides: dict[Algorithm, AlgorithmOverride] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check(self):
@@ -231,6 +263,29 @@ class MetaTrainSection(Section):
             raise ValueError("query_chunk: only task_batched learners split the query apart from the support; "
                              "set task_batched: true or drop query_chunk")
         return self
+
+    @model_validator(mode="after")
+    def _check_options(self):
+        """Each algorithm's MAML++ options (overrides applied), by the learners' own rules (MetaLearnerConfig)."""
+        for algorithm in self.algorithms:
+            s = self.for_algorithm(algorithm)
+            try:
+                MetaLearnerConfig(algorithm=algorithm, inner_steps=s["inner_steps"], **{k: s[k] for k in MAML_PP})
+            except ValueError as e:
+                name, _, why = str(e).partition(": ")
+                raise ValueError(f"{self.field(algorithm, name)}: {why} (algorithm {algorithm})") from None
+            if s["meta_lr_schedule"] != "cosine" and s["min_meta_lr"]:
+                raise ValueError(f"{self.field(algorithm, 'min_meta_lr')}: read only with meta_lr_schedule: cosine "
+                                 f"(algorithm {algorithm})")
+            if s["min_meta_lr"] > s["meta_lr"]:
+                raise ValueError(f"{self.field(algorithm, 'min_meta_lr')}: {s['min_meta_lr']} exceeds meta_lr "
+                                 f"{s['meta_lr']} (algorithm {algorithm})")
+        return self
+
+    def field(self, algorithm: str, name: str) -> str:
+        """Where the algorithm's value of a field comes from: `overrides.<algorithm>.<name>` or `<name>`."""
+        override = self.overrides.get(algorithm)
+        return name if override is None or getattr(override, name, None) is None else f"overrides.{algorithm}.{name}"
 
     def for_algorithm(self, algorithm: str) -> dict:
         """This section with the algorithm's overrides applied (what its cache key hashes)."""
@@ -371,6 +426,27 @@ class StudyConfig(Section):
         self._check_rates()
         if self.transfer is not None:
             self._check_transfer_groups()
+        return self
+
+    @model_validator(mode="after")
+    def _algorithms_fit_model(self):
+        """ANIL and the prototype algorithms need a classification head (never zeroed when built from prototypes);
+        per-step batch norm needs conv4's batch norm."""
+        mt = self.meta_train
+        for algorithm in mt.algorithms:
+            s, variant = mt.for_algorithm(algorithm), VARIANTS[algorithm]
+            if variant.needs_head and self.family.kind == "sinusoid":
+                raise ValueError(f"meta_train.algorithms: {algorithm} needs a classification head; the sinusoid "
+                                 "family is regression")
+            if variant.head_init == "prototypes" and s.get("zero_head"):
+                raise ValueError(f"meta_train.{mt.field(algorithm, 'zero_head')}: {algorithm} starts the head from "
+                                 f"the support prototypes on every task; set overrides.{algorithm}.zero_head: false")
+            if variant.head_init == "prototypes" and self.model.kind == "minilm" and self.model.adapted == "head":
+                raise ValueError(f"model.adapted: {algorithm} builds the head from prototypes, and with adapted: head "
+                                 "the frozen MiniLM top has nothing else to meta-learn; use adapted: lora")
+            if s["per_step_bn"] and self.model.kind != "conv4":
+                raise ValueError(f"meta_train.{mt.field(algorithm, 'per_step_bn')}: only the conv4 model has batch "
+                                 f"norm; model.kind is {self.model.kind!r}")
         return self
 
     def _check_rates(self) -> None:

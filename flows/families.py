@@ -15,10 +15,10 @@ from components.families.image_folder import ImageFolderData, ImageFolderTasks
 from components.families.omniglot import OmniglotData, OmniglotTasks
 from components.families.sinusoid import SinusoidData, SinusoidTasks
 from components.families.text import TextData, TextSource, TextTasks, TopModel
-from components.metalearners import MetaLearnerConfig
+from components.metalearners import MAML_PP, VARIANTS, MetaLearnerConfig
 from components.tasksets import SinusoidFamily
 from components.training import TrainConfig
-from flows.config import StudyConfig
+from flows.config import EpisodeSection, StudyConfig
 
 
 def _baselines(cfg: StudyConfig) -> BaselineConfig:
@@ -36,19 +36,22 @@ def _conv4(cfg: StudyConfig) -> Conv4Model:
     return Conv4Model(hidden=m.hidden, adapted=m.adapted, lora_rank=m.lora_r, lora_alpha=m.lora_alpha)
 
 
+def _episodes(section: EpisodeSection) -> dict:
+    """The episode settings every classification family shares (n_way, k_shot, ..., conflicting_labels)."""
+    return {name: getattr(section, name) for name in EpisodeSection.model_fields}
+
+
 def _omniglot(cfg: StudyConfig) -> OmniglotTasks:
     f = cfg.family
     data = OmniglotData(path=f.path, split=f.split, random_fractions=tuple(f.random_fractions),
-                        image_size=f.image_size, n_way=f.n_way, k_shot=f.k_shot, n_query=f.n_query,
-                        n_val_episodes=f.n_val_episodes, n_test_episodes=f.n_test_episodes)
+                        image_size=f.image_size, **_episodes(f))
     return OmniglotTasks(data, _conv4(cfg), _baselines(cfg))
 
 
 def _image_folder(cfg: StudyConfig) -> ImageFolderTasks:
     f = cfg.family
     data = ImageFolderData(path=f.path, channels=f.channels, image_size=f.image_size, split=f.split,
-                           fractions=tuple(f.fractions), n_way=f.n_way, k_shot=f.k_shot, n_query=f.n_query,
-                           n_val_episodes=f.n_val_episodes, n_test_episodes=f.n_test_episodes)
+                           fractions=tuple(f.fractions), **_episodes(f))
     return ImageFolderTasks(data, _conv4(cfg), _baselines(cfg))
 
 
@@ -56,9 +59,7 @@ def _text(cfg: StudyConfig) -> TextTasks:
     f, m = cfg.family, cfg.model
     source = TextSource(dataset=f.dataset, path=f.path, text_col=f.text_col, label_col=f.label_col,
                         domain_col=f.domain_col, max_length=f.max_length)
-    data = TextData(source=source, split_by=f.split_by, fractions=tuple(f.fractions), n_way=f.n_way,
-                    k_shot=f.k_shot, n_query=f.n_query, n_val_episodes=f.n_val_episodes,
-                    n_test_episodes=f.n_test_episodes)
+    data = TextData(source=source, split_by=f.split_by, fractions=tuple(f.fractions), **_episodes(f))
     model = TopModel(top_layers=m.top_layers, adapted=m.adapted, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
                      lora_b_std=m.lora_b_std, target_modules=tuple(m.target_modules))
     return TextTasks(data, model, _baselines(cfg))
@@ -85,12 +86,14 @@ def algorithm_settings(cfg: StudyConfig, algorithm: str, seed: int) -> Algorithm
     """The algorithm's section (with its overrides) as component configs; seed drives init and episodes."""
     s = cfg.meta_train.for_algorithm(algorithm)
     learner = MetaLearnerConfig(algorithm=algorithm, inner_steps=s["inner_steps"], fast_lr=s["fast_lr"],
-                                lr_range=tuple(s["metasgd_lr_range"]) if algorithm == "metasgd"
+                                lr_range=tuple(s["metasgd_lr_range"]) if VARIANTS[algorithm].learn_rates
                                 else MetaLearnerConfig.lr_range, vectorize=s["vectorize"],  # only Meta-SGD reads it
                                 task_batched=s["task_batched"], task_chunk=s["task_chunk"],
-                                query_chunk=s["query_chunk"])
-    budget = s["budget_minutes"]
+                                query_chunk=s["query_chunk"], **{k: s[k] for k in MAML_PP})
+    budget, cosine = s["budget_minutes"], s["meta_lr_schedule"] == "cosine"
     train = TrainConfig(meta_lr=s["meta_lr"], iterations=s["iterations"], meta_batch_size=s["meta_batch_size"],
                         val_every=s["val_every"], patience=s["patience"], checkpoint_every=s["checkpoint_every"],
-                        seed=seed, budget_seconds=None if budget is None else 60 * budget)
+                        seed=seed, budget_seconds=None if budget is None else 60 * budget,
+                        cosine_iterations=s["iterations"] if cosine else 0,  # the horizon enters the checkpoint's key
+                        min_meta_lr=s["min_meta_lr"] if cosine else 0.0)
     return AlgorithmSettings(learner, train, bool(s.get("zero_head", False)))
