@@ -14,6 +14,18 @@ def project_root() -> Path:
     return Path(os.environ.get("METAPEFT_HOME") or Path.cwd()).resolve()
 
 
+def enter_project() -> dict[str, str]:
+    """A Prefect pull step (deployments/prefect.yaml): change into $METAPEFT_HOME, read on the worker when the
+    flow run starts. Prefect's own `{{ $NAME }}` placeholders are filled in by `prefect deploy`, which would
+    bake the deploying machine's folder into every deployment."""
+    root = os.environ.get("METAPEFT_HOME")
+    if not root or not Path(root).is_dir():
+        raise RuntimeError(f"METAPEFT_HOME: set it to the project root where the Prefect worker starts "
+                           f"(the flow runs there); got {root!r}")
+    os.chdir(root)
+    return {"directory": str(Path(root).resolve())}
+
+
 def configure(root: Path | None = None) -> Path:
     root = root or project_root()
     defaults = {
@@ -22,6 +34,7 @@ def configure(root: Path | None = None) -> Path:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "true",  # MLflow accepts only "true"
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per model file logged, in every flow log
         "GX_ANALYTICS_ENABLED": "false",
     }
     for name, value in defaults.items():

@@ -2,10 +2,12 @@
 
 prefect.yaml is the one place for schedules and parameters: `prefect deploy` reads it for a work pool
 and worker, and `serve` reads the same entries for the no-infrastructure case, where this process polls
-the Prefect server (PREFECT_API_URL) and runs each scheduled or triggered flow run itself.
+the Prefect server (PREFECT_API_URL) and runs each scheduled or triggered flow run itself. Each entry's
+`entrypoint` (module:flow) names its flow: meta_pipeline, or transfer_study for the transfer configs.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import yaml
@@ -21,11 +23,15 @@ def deployments(path: Path = PREFECT_FILE) -> dict[str, dict]:
     return {d["name"]: d for d in entries}
 
 
-def to_deployments(names: list[str] | None = None, path: Path = PREFECT_FILE) -> list:
-    """RunnerDeployments of meta_pipeline for the named deployments (all when names is empty)."""
-    from prefect.schedules import Cron
+def entrypoint_flow(entrypoint: str):
+    """The flow an entry's `module:flow` entrypoint names."""
+    module, _, name = entrypoint.partition(":")
+    return getattr(importlib.import_module(module), name)
 
-    from flows.pipeline import meta_pipeline
+
+def to_deployments(names: list[str] | None = None, path: Path = PREFECT_FILE) -> list:
+    """RunnerDeployments of the named deployments' flows (all when names is empty)."""
+    from prefect.schedules import Cron
 
     known = deployments(path)
     unknown = sorted(set(names or ()) - set(known))
@@ -36,9 +42,9 @@ def to_deployments(names: list[str] | None = None, path: Path = PREFECT_FILE) ->
         entry = known[name]
         schedules = [Cron(s["cron"], timezone=s.get("timezone"), active=s.get("active", True))
                      for s in entry.get("schedules") or []]
-        out.append(meta_pipeline.to_deployment(name=name, parameters=entry.get("parameters") or {},
-                                               description=entry.get("description"), tags=entry.get("tags"),
-                                               schedules=schedules))
+        out.append(entrypoint_flow(entry["entrypoint"]).to_deployment(
+            name=name, parameters=entry.get("parameters") or {}, description=entry.get("description"),
+            tags=entry.get("tags"), schedules=schedules))
     return out
 
 

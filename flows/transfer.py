@@ -26,7 +26,7 @@ from flows.stages.prefix import build_prefix  # noqa: E402
 from flows import transfer_stages as ts  # noqa: E402
 from flows.config import load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.pipeline import Run, ending, set_threads  # noqa: E402
+from flows.pipeline import Run, ending, flow_run_name, set_threads  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame, confidence: f
     return "\n".join(lines)
 
 
-@flow(name="transfer_study")
+@flow(name="transfer_study", flow_run_name=flow_run_name)
 def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
     """Run the transfer study of `config_path` (which must have a `transfer:` section); `force` recomputes
     those stages (names of flows.transfer_stages.STAGES). Returns run_id, keys, hits and the printed text."""

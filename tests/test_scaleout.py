@@ -75,12 +75,13 @@ def test_every_study_config_has_a_scheduled_deployment():
     import yaml
 
     found = deployments()
-    studies = {p.stem for p in (REPO / "configs").glob("*.yaml") if "transfer" not in yaml.safe_load(p.read_text())}
-    # transfer studies run through `metapeft run` (flows/transfer.py), not meta_pipeline: not scheduled yet
-    assert {Path(d["parameters"]["config_path"]).stem for d in found.values()} == studies
+    flows = {p.stem: "flows.transfer:transfer_study" if "transfer" in yaml.safe_load(p.read_text())
+             else "flows.pipeline:meta_pipeline" for p in (REPO / "configs").glob("*.yaml")}
+    assert {Path(d["parameters"]["config_path"]).stem: d["entrypoint"] for d in found.values()} == flows
     assert all((REPO / d["parameters"]["config_path"]).is_file() and d["schedules"][0]["cron"] for d in found.values())
     assert all(d["work_pool"]["name"] == "metapeft" for d in found.values())
-    quick = to_deployments(["quick"])[0]
+    quick, transfer = to_deployments(["quick", "transfer-omniglot"])
     assert quick.parameters == {"config_path": "configs/quick.yaml"} and quick.schedules[0].schedule.cron == "0 2 * * *"
+    assert transfer.flow_name == "transfer_study"
     with pytest.raises(ValueError, match="no deployment named nope"):
         to_deployments(["nope"])

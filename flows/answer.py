@@ -1,0 +1,83 @@
+"""The study's answer, from the significance stage's tables: which start is best, by how much, how sure.
+
+What the parent MLflow run carries as metrics and tags and the Prefect verdict artifact says in words.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+
+@dataclass(frozen=True)
+class Gap:
+    """best - other on the paired meta-test episodes: mean difference, its CI and the Holm-adjusted t-test p."""
+
+    other: str
+    diff: float
+    ci_low: float
+    ci_high: float
+    p_holm: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    metric: str
+    best: str
+    mean: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    alpha: float
+    runner_up: Gap | None  # None: a single method
+    baseline: Gap | None  # the best baseline, when the best method is a meta-learner
+
+    def metrics(self) -> dict[str, float]:
+        name = f"best_meta_test_{self.metric}"
+        out = {name: self.mean, f"{name}_ci_low": self.ci_low, f"{name}_ci_high": self.ci_high}
+        for what, gap in (("runner_up", self.runner_up), ("best_baseline", self.baseline)):
+            if gap is not None:
+                out |= {f"best_vs_{what}_diff": gap.diff, f"best_vs_{what}_ci_low": gap.ci_low,
+                        f"best_vs_{what}_ci_high": gap.ci_high, f"best_vs_{what}_p_holm": gap.p_holm}
+        return out
+
+    def tags(self) -> dict[str, str]:
+        out = {"metapeft.best_method": self.best, "metapeft.verdict": self.sentence()}
+        if self.runner_up is not None:
+            out["metapeft.runner_up"] = self.runner_up.other
+        if self.baseline is not None:
+            out["metapeft.best_baseline"] = self.baseline.other
+        return out
+
+    def sentence(self) -> str:
+        level = f"{self.confidence:.0%}"
+        text = f"{self.best} is best: meta-test {self.metric} {self.mean:.4g} ({level} CI {self.ci_low:.4g} to " \
+               f"{self.ci_high:.4g})."
+        same = self.runner_up is not None and self.baseline is not None and self.runner_up == self.baseline
+        gaps = [("the runner-up and best baseline", self.runner_up)] if same else \
+            [("the runner-up", self.runner_up), ("the best baseline", self.baseline)]
+        for what, gap in gaps:
+            if gap is not None:
+                sure = "significant" if gap.p_holm < self.alpha else "not significant"
+                text += f" Against {what}, {gap.other}: {gap.diff:+.4g} ({level} CI {gap.ci_low:+.4g} to " \
+                        f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}."
+        return text
+
+
+def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, meta_learners: set[str],
+                 confidence: float, alpha: float) -> Answer | None:
+    """summary: the significance stage's summary (index method, best first); comparisons: its pairwise table
+    (method_a the better one); meta_learners: the methods that are meta-learned starts. None without methods."""
+    if summary.empty:
+        return None
+    best, row = summary.index[0], summary.iloc[0]
+    baselines = [m for m in summary.index if m not in meta_learners]
+    baseline = baselines[0] if best in meta_learners and baselines else None
+    return Answer(metric, best, float(row["mean"]), float(row["ci_low"]), float(row["ci_high"]), confidence, alpha,
+                  _gap(comparisons, best, summary.index[1]) if len(summary) > 1 else None,
+                  _gap(comparisons, best, baseline) if baseline else None)
+
+
+def _gap(comparisons: pd.DataFrame, best: str, other: str) -> Gap:
+    row = comparisons[(comparisons["method_a"] == best) & (comparisons["method_b"] == other)].iloc[0]
+    return Gap(other, float(row["mean_diff"]), float(row["ci_low"]), float(row["ci_high"]), float(row["p_ttest_holm"]))
