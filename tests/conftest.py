@@ -41,8 +41,14 @@ def random_episodes():
     return make
 
 
-def tiny_conv4_study(name: str, family: dict, algorithms: list[str], **meta_train) -> dict:
-    """A conv4 study small enough for a test: 8 filters, 2-step evaluation, 3 pre-training iterations."""
+@pytest.fixture(scope="session")
+def tiny_conv4_study():
+    """study(name, family, algorithms, **meta_train) -> a conv4 study config small enough for a test: 8 filters,
+    2-step evaluation, 3 pre-training iterations."""
+    return _tiny_conv4_study
+
+
+def _tiny_conv4_study(name: str, family: dict, algorithms: list[str], **meta_train) -> dict:
     return {
         "name": name, "family": family, "model": {"kind": "conv4", "hidden": 8},
         "meta_train": {"algorithms": algorithms, "fast_lr": 0.4, "meta_batch_size": 2, "vectorize": False,

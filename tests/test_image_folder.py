@@ -589,14 +589,12 @@ def test_moving_an_image_to_another_class_changes_the_task_set_key(twelve, tmp_p
 # --- end to end
 
 @pytest.mark.slow
-def test_image_folder_study_runs_end_to_end_then_hits_the_cache(prefect_harness, project, twelve):
+def test_image_folder_study_runs_end_to_end_then_hits_the_cache(prefect_harness, project, twelve, tiny_conv4_study):
     """meta_pipeline on the 12-class folder: validated task sets, two meta-learners, both baselines, accuracy."""
     import yaml
     from mlflow.tracking import MlflowClient
 
     from flows.pipeline import meta_pipeline
-
-    from conftest import tiny_conv4_study
 
     cfg = tiny_conv4_study(
         "folder-tiny", {"kind": "image_folder", "path": str(twelve), "image_size": 16, "n_way": 3, "k_shot": 1,

@@ -78,15 +78,13 @@ def test_stage_alone_without_upstream_names_it(prefect_harness, project):
         meta_pipeline(config_path=write_config(project), stages=["evaluate"])
 
 
-def test_omniglot_study_runs_end_to_end(prefect_harness, project):
+def test_omniglot_study_runs_end_to_end(prefect_harness, project, tiny_conv4_study):
     """The same flow on the image family: accuracy, conv4, pre-trained classifier baseline."""
     from pathlib import Path
 
     from flows.pipeline import meta_pipeline
 
     omniglot = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
-    from conftest import tiny_conv4_study
-
     cfg = tiny_conv4_study("omni-tiny", {"kind": "omniglot", "path": str(omniglot), "n_way": 3, "k_shot": 1,
                                          "n_query": 2, "n_val_episodes": 4, "n_test_episodes": 12},
                            ["maml", "metasgd"], iterations=4, val_every=2, checkpoint_every=2,

@@ -78,8 +78,10 @@ def test_deployments_pull_step_enters_metapeft_home_when_the_run_starts(tmp_path
 
 
 @pytest.mark.slow  # 5 s: an MLflow store, twice
-def test_a_moved_project_keeps_its_artifacts(tmp_path):
+def test_a_moved_project_keeps_its_artifacts(tmp_path, monkeypatch):
     from flows.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the project's own store, whatever ran before
 
     old, new = tmp_path / "old", tmp_path / "new"
     tracker = Tracker(old, "moving")

@@ -1,0 +1,60 @@
+"""Every results table of README.md is what benchmarks/readme_tables.py generates from its JSON."""
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+SPEC = importlib.util.spec_from_file_location("readme_tables", ROOT / "benchmarks" / "readme_tables.py")
+readme_tables = sys.modules["readme_tables"] = importlib.util.module_from_spec(SPEC)  # dataclasses look it up
+SPEC.loader.exec_module(readme_tables)
+
+
+def test_every_readme_table_matches_its_json():
+    stale = readme_tables.differing((ROOT / "README.md").read_text())
+    assert not stale, f"README tables {stale} differ from their JSON: run .venv/bin/python benchmarks/readme_tables.py"
+
+
+def test_a_number_changed_in_the_readme_is_found():
+    text = (ROOT / "README.md").read_text()
+    body = readme_tables.blocks(text)["quick"]
+    mean = f"{json.loads((readme_tables.RESULTS / 'quick.json').read_text())['summary'][0]['mean']:.4f}"
+    assert mean in body
+    edited = text.replace(body, body.replace(mean, f"{float(mean) + 0.0001:.4f}", 1))
+    assert readme_tables.differing(edited) == ["quick"]
+    assert readme_tables.differing(readme_tables.update(edited)) == []  # and regenerating repairs it
+
+
+def test_a_number_changed_in_the_json_is_found(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(readme_tables.RESULTS, results, ignore=shutil.ignore_patterns("*.parquet", "ui"))
+    data = json.loads((results / "throughput.json").read_text())
+    data["results"][0]["tasks_per_s"] += 10
+    (results / "throughput.json").write_text(json.dumps(data))
+    assert readme_tables.differing((ROOT / "README.md").read_text(), results) == ["throughput"]
+
+
+def test_prose_outside_the_blocks_is_left_alone():
+    text = (ROOT / "README.md").read_text()
+    edited = text.replace("## Results", "## Results\n\nA sentence someone added.")
+    assert readme_tables.update(edited) == readme_tables.update(text).replace(
+        "## Results", "## Results\n\nA sentence someone added.")
+
+
+@pytest.mark.parametrize("broken, why", [
+    (lambda t: t.replace("<!-- /table:quick -->", ""), "no block for table"),
+    (lambda t: t + "\n<!-- table:nowhere -->\nx\n<!-- /table:nowhere -->\n", "unknown"),
+])
+def test_a_missing_or_unknown_block_is_an_error(broken, why):
+    with pytest.raises(ValueError, match=why):
+        readme_tables.differing(broken((ROOT / "README.md").read_text()))
+
+
+def test_a_json_without_commit_or_machine_says_so():
+    assert readme_tables.commit({}) == "commit not recorded"
+    assert readme_tables.machine({}) == "machine not recorded"
+    assert readme_tables.commit({"git": {"commit": "0123456789abcdef", "dirty": True}}) == \
+        "commit 0123456789 with uncommitted changes"
