@@ -7,6 +7,7 @@ least the columns ``episode, method, metric, value``.
 from __future__ import annotations
 
 import itertools
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -84,6 +85,7 @@ def compare_methods(results: pd.DataFrame, metric: str, lower_is_better: bool,
     table = pd.DataFrame(rows, columns=["method_a", "method_b", *PAIR_FIELDS])
     table["p_ttest_holm"] = holm(table["p_ttest"])
     table["p_wilcoxon_holm"] = holm(table["p_wilcoxon"])
+    table["p_holm"] = verdict_p(table)
     table["a_better"] = _significantly_better(table, lower_is_better, 1 - confidence if alpha is None else alpha)
     return table
 
@@ -180,10 +182,15 @@ def _rank(means: pd.Series, lower_is_better: bool) -> list:
     return frame.sort_values(["mean", "name"], ascending=[lower_is_better, True]).index.tolist()
 
 
+def verdict_p(table: pd.DataFrame) -> pd.Series:
+    """The p-value every verdict reads: the larger of the Holm-adjusted t-test and Wilcoxon p, so a difference
+    is significant at alpha only when both tests say so (a nan Wilcoxon, e.g. n = 1, leaves the t-test's)."""
+    return table[["p_ttest_holm", "p_wilcoxon_holm"]].max(axis=1, skipna=True)
+
+
 def _significantly_better(table: pd.DataFrame, lower_is_better: bool, alpha: float) -> pd.Series:
     favours_a = table["mean_diff"] < 0 if lower_is_better else table["mean_diff"] > 0
-    return (favours_a & (table["p_ttest_holm"] < alpha)
-            & (table["p_wilcoxon_holm"] < alpha)).astype(bool)
+    return (favours_a & (verdict_p(table) < alpha)).astype(bool)
 
 
 def across_seeds(results: pd.DataFrame) -> pd.DataFrame:
@@ -197,3 +204,66 @@ def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
     """Per method and seed, the mean score over episodes at the last step: (method, seed, metric, value)."""
     final = results[(results["steps"] == results["steps"].max()) & results["seed"].notna()]
     return final.groupby(["method", "seed", "metric"], as_index=False)["value"].mean()
+
+
+# ---------------------------------------------------------------- studies over several class splits (folds)
+
+def pool_folds(per_fold: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
+    """Per-fold tidy results (fold -> table with episode, method, metric, value) as one table with a `fold`
+    column, each episode renamed '<fold>/<episode>' so the folds' episodes stay distinct when pooled."""
+    if not per_fold:
+        raise ValueError("per_fold: need the results of at least one fold")
+    return pd.concat([t.assign(fold=fold, episode=f"{fold}/" + t["episode"].astype(str))
+                      for fold, t in per_fold.items()], ignore_index=True)
+
+
+def fold_means(per_fold: Mapping[str, pd.DataFrame], metric: str) -> pd.DataFrame:
+    """Each method's mean over the episodes of each fold: (fold, method, n, mean), folds in the given order."""
+    pooled = pool_folds(per_fold)
+    rows = pooled.loc[_metric_rows(pooled, metric).index]  # checked: one row per episode x method
+    return rows.groupby(["fold", "method"], sort=False)["value"].agg(n="size", mean="mean").reset_index()
+
+
+def fold_summary(per_fold: Mapping[str, pd.DataFrame], metric: str, confidence: float = 0.95, *,
+                 lower_is_better: bool = False) -> pd.DataFrame:
+    """Per method the mean over folds of its fold means, with a Student-t interval over those F fold means
+    (F - 1 degrees of freedom: episodes are nested in folds, and the folds, not the pooled episodes, are the
+    independent replicates of a class split); best first.
+
+    per_fold: fold -> tidy results (episode, method, metric, value), one row per episode x method. Returns
+    (M, 6) indexed by method: n_folds, n_episodes (pooled), mean, ci_half, ci_low, ci_high. A method without
+    scores in some fold raises, naming it: a mean over other folds would not be comparable.
+    """
+    means = fold_means(per_fold, metric)
+    wide = means.pivot(index="method", columns="fold", values="mean")
+    if wide.isna().any().any():
+        lacking = {m: wide.columns[wide.loc[m].isna()].tolist() for m in wide.index[wide.isna().any(axis=1)]}
+        raise ValueError(f"methods lack scores in some folds: {lacking}; a mean over folds needs every fold")
+    episodes = means.groupby("method")["n"].sum()
+    rows = {m: (wide.shape[1], int(episodes[m]), *mean_ci(wide.loc[m].to_numpy(), confidence)) for m in wide.index}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["n_folds", "n_episodes", "mean", "ci_half"])
+    table["ci_low"] = table["mean"] - table["ci_half"]
+    table["ci_high"] = table["mean"] + table["ci_half"]
+    table.index.name = "method"
+    return table.loc[_rank(table["mean"], lower_is_better)]
+
+
+def compare_folds(results: Mapping[str, pd.DataFrame], diverged: Mapping[str, pd.DataFrame], metric: str,
+                  lower_is_better: bool, confidence: float = 0.95, alpha: float | None = None) -> dict[str, pd.DataFrame]:
+    """What a study over folds reports. results: fold -> its scores (episode, method, steps, metric, value
+    [, seed]; the evaluate and baselines tables together), taken at the last test-time step and averaged over
+    seeds; diverged: fold -> its diverged methods (a `method` column), which are left out everywhere.
+
+    Returns tables fold_means (`fold_means`), summary (`fold_summary`: mean over folds, t-interval over the fold
+    means), comparisons (`compare_methods` on the pooled episodes, Holm over all pairs) and diverged (fold, method).
+    """
+    out = pd.DataFrame([(fold, m) for fold, t in diverged.items() for m in dict.fromkeys(t.get("method", ()))],
+                       columns=["fold", "method"])
+    final = {}
+    for fold, table in results.items():
+        table = across_seeds(table[~table["method"].isin(set(out["method"]))])
+        final[fold] = table[table["steps"] == table["steps"].max()]
+    return {"fold_means": fold_means(final, metric),
+            "summary": fold_summary(final, metric, confidence, lower_is_better=lower_is_better).reset_index(),
+            "comparisons": compare_methods(pool_folds(final), metric, lower_is_better, confidence, alpha),
+            "diverged": out}

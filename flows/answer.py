@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from components.significance import verdict_p
+
 
 @dataclass(frozen=True)
 class Gap:
@@ -31,11 +33,13 @@ class Answer:
     alpha: float
     runner_up: Gap | None  # None: a single method
     baseline: Gap | None  # the best baseline, when the best method is a meta-learner
+    meta_learner: Gap | None = None  # the best meta-learner, when the best method is a baseline
 
     def metrics(self) -> dict[str, float]:
         name = f"best_meta_test_{self.metric}"
         out = {name: self.mean, f"{name}_ci_low": self.ci_low, f"{name}_ci_high": self.ci_high}
-        for what, gap in (("runner_up", self.runner_up), ("best_baseline", self.baseline)):
+        for what, gap in (("runner_up", self.runner_up), ("best_baseline", self.baseline),
+                          ("best_meta_learner", self.meta_learner)):
             if gap is not None:
                 out |= {f"best_vs_{what}_diff": gap.diff, f"best_vs_{what}_ci_low": gap.ci_low,
                         f"best_vs_{what}_ci_high": gap.ci_high, f"best_vs_{what}_p_holm": gap.p_holm}
@@ -47,21 +51,28 @@ class Answer:
             out["metapeft.runner_up"] = self.runner_up.other
         if self.baseline is not None:
             out["metapeft.best_baseline"] = self.baseline.other
+        if self.meta_learner is not None:
+            out["metapeft.best_meta_learner"] = self.meta_learner.other
         return out
 
     def sentence(self) -> str:
         level = f"{self.confidence:.0%}"
         text = f"{self.best} is best: meta-test {self.metric} {self.mean:.4g} ({level} CI {self.ci_low:.4g} to " \
                f"{self.ci_high:.4g})."
-        same = self.runner_up is not None and self.baseline is not None and self.runner_up == self.baseline
-        gaps = [("the runner-up and best baseline", self.runner_up)] if same else \
-            [("the runner-up", self.runner_up), ("the best baseline", self.baseline)]
-        for what, gap in gaps:
-            if gap is not None:
-                sure = "significant" if gap.p_holm < self.alpha else "not significant"
-                text += f" Against {what}, {gap.other}: {gap.diff:+.4g} ({level} CI {gap.ci_low:+.4g} to " \
-                        f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}."
+        for what, gap in self.gaps():
+            sure = "significant" if gap.p_holm < self.alpha else "not significant"
+            text += f" Against {what}, {gap.other}: {gap.diff:+.4g} ({level} CI {gap.ci_low:+.4g} to " \
+                    f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}."
         return text
+
+    def gaps(self) -> list[tuple[str, Gap]]:
+        """(what, gap) of each comparison the verdict states: the runner-up, then the best baseline (or, when a
+        baseline is best, the best meta-learner), one entry when they are the same method."""
+        other = self.baseline or self.meta_learner
+        what = "best baseline" if self.baseline else "best meta-learner"
+        if self.runner_up is not None and self.runner_up == other:
+            return [(f"the runner-up and {what}", other)]
+        return [(w, g) for w, g in (("the runner-up", self.runner_up), (f"the {what}", other)) if g is not None]
 
 
 def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, meta_learners: set[str],
@@ -72,12 +83,16 @@ def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
         return None
     best, row = summary.index[0], summary.iloc[0]
     baselines = [m for m in summary.index if m not in meta_learners]
+    learners = [m for m in summary.index if m in meta_learners]
     baseline = baselines[0] if best in meta_learners and baselines else None
+    learner = learners[0] if best not in meta_learners and learners else None
     return Answer(metric, best, float(row["mean"]), float(row["ci_low"]), float(row["ci_high"]), confidence, alpha,
                   _gap(comparisons, best, summary.index[1]) if len(summary) > 1 else None,
-                  _gap(comparisons, best, baseline) if baseline else None)
+                  _gap(comparisons, best, baseline) if baseline else None,
+                  _gap(comparisons, best, learner) if learner else None)
 
 
 def _gap(comparisons: pd.DataFrame, best: str, other: str) -> Gap:
     row = comparisons[(comparisons["method_a"] == best) & (comparisons["method_b"] == other)].iloc[0]
-    return Gap(other, float(row["mean_diff"]), float(row["ci_low"]), float(row["ci_high"]), float(row["p_ttest_holm"]))
+    return Gap(other, float(row["mean_diff"]), float(row["ci_low"]), float(row["ci_high"]),
+               float(verdict_p(row.to_frame().T).iloc[0]))  # both tests, as every verdict

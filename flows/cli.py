@@ -1,163 +1,606 @@
-"""`metapeft`: run the pipeline, list its stages and cache state, open the MLflow UI, rewrite a report."""
+"""`metapeft`: run the study pipeline, inspect its cache, list, compare and export its runs, open the MLflow UI.
+
+A click group. Prefect and MLflow are imported inside the commands that need them, so `--help`, `--version`,
+`stages` and `run --dry-run` start neither. `main(argv)` returns the exit status: 0 ok, 1 a run that failed
+(or a check that stopped it before Prefect started), 2 a usage or config error.
+"""
 from __future__ import annotations
 
-import argparse
 import os
+import shlex
 import subprocess
 import sys
+import textwrap
 import time
+from collections import Counter
+from datetime import datetime
 from pathlib import Path
+
+import click
 
 from flows.environment import configure
 
 DEFAULT_CONFIG = "configs/quick.yaml"
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metapeft", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline (or only some stages, inputs from the cache)")
-    run.add_argument("--config", default=DEFAULT_CONFIG)
-    run.add_argument("--stage", nargs="+", default=[], metavar="NAME", help="run only these stages")
-    run.add_argument("--force", nargs="+", default=[], metavar="NAME", help="recompute these stages even if cached")
-    run.add_argument("--budget-minutes", type=float, default=None, metavar="M",
-                     help="stop each algorithm's meta-training after M minutes (overrides meta_train.budget_minutes)")
-    stages = sub.add_parser("stages", help="print each stage, its cache key and whether it is cached")
-    stages.add_argument("--config", default=DEFAULT_CONFIG)
-    ui = sub.add_parser("ui", help="start the MLflow UI over the project's store")
-    ui.add_argument("--host", default="127.0.0.1", help="interface to bind (default loopback only)")
-    ui.add_argument("--port", default="5000")
-    serve = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml from this process "
-                                         "(needs a Prefect server: PREFECT_API_URL)")
-    serve.add_argument("names", nargs="*", metavar="NAME", help="deployments to serve (default: all)")
-    serve.add_argument("--prefect-file", default=None, metavar="PATH", help="default: deployments/prefect.yaml")
-    report = sub.add_parser("report", help="rewrite a run's HTML report from the cache (and log it to the run)")
-    report.add_argument("run_id", nargs="?", default=None, metavar="RUN_ID",
-                        help="the pipeline's MLflow parent run (default: the --config study, logged nowhere)")
-    report.add_argument("--config", dest="report_config", default=None, metavar="CONFIG",
-                        help=f"the study config (default: the run's own, or {DEFAULT_CONFIG})")
-    report.add_argument("--out", default=None, help="the HTML file (default: reports/RUN_ID/report.html)")
-    return parser
+class StageName(click.Choice):
+    """A stage of `flows.plan.STAGES`, read when help or a value needs it (flows.plan imports torch: `metapeft
+    --help` stays fast). transfer: a transfer study's own stage names are accepted too (checked per study)."""
+
+    def __init__(self, transfer: bool = False):
+        super().__init__((), case_sensitive=True)
+        self.transfer = transfer
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from flows.plan import STAGES
+
+        return STAGES
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ sets it
+        pass
+
+    def convert(self, value, param, ctx):
+        if self.transfer and value not in self.choices:
+            from flows.transfer_stages import STAGES as TRANSFER_STAGES
+
+            if value in TRANSFER_STAGES:
+                return value
+        return super().convert(value, param, ctx)
+
+
+class Metapeft(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args:  # the help, as a success (click's own no_args_is_help exits 2)
+            click.echo(ctx.get_help())
+            ctx.exit(0)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=Metapeft, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="metapeft", prog_name="metapeft")
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Compare meta-learning algorithms: run the study pipeline, inspect its cache, list, compare and export
+    its runs, open the MLflow UI.
+
+    The project is $METAPEFT_HOME, else the current folder: data/ (the stage cache), mlruns/ (the MLflow
+    store), reports/ and .prefect/ live there. `metapeft COMMAND --help` describes a command.
+    """
+    ctx.obj = configure()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    root = configure()
-    from flows.config import ConfigError, load_config
-    from flows.plan import STAGES
-
     try:
-        cfg = load_config(args.config, _overrides(args)) if hasattr(args, "config") else None
-        if args.command == "run" and cfg.transfer is not None:  # a transfer study: flows/transfer.py
-            return _transfer(args)
-        for name in getattr(args, "stage", []) + getattr(args, "force", []):
-            if name not in STAGES:
-                raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+        return cli.main(args=argv, prog_name="metapeft", standalone_mode=False) or 0
+    except click.ClickException as e:  # usage errors: 2
+        e.show()
+        return e.exit_code
+    except click.Abort:
+        click.echo("metapeft: interrupted", err=True)
+        return 130
+
+
+def fail(message: str, code: int) -> int:
+    click.echo(f"metapeft: {message}", err=True)
+    return code
+
+
+def parse_sets(items: tuple[str, ...]) -> dict[str, dict]:
+    """--set section.field=value items as load_config's overrides ({section: {field: value}}), values read as
+    YAML; ValueError names the item. load_config merges overrides section by section, hence two-part keys."""
+    import yaml
+
+    overrides: dict[str, dict] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) != 2 or not all(parts):
+            raise ValueError(f"{item!r}: expected section.field=value, e.g. meta_train.iterations=10 (a nested "
+                             f"field is set whole: family.n_tasks='{{meta_train: 100, meta_val: 20, meta_test: 40}}';"
+                             f" top-level keys such as seed are set in the config file)")
+        try:
+            overrides.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{item!r}: the value is not YAML: {getattr(e, 'problem', None) or e}") from None
+    return overrides
+
+
+def _check_sets(ctx, param, items: tuple[str, ...]) -> tuple[str, ...]:
+    try:
+        parse_sets(items)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    return items
+
+
+@cli.command()
+@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", help="The study config.")
+@click.option("--stage", multiple=True, type=StageName(),
+              help="Run only this stage (repeatable): it is recomputed, what it reads comes from the cache.")
+@click.option("--from", "first", type=StageName(), default=None,
+              help="Run the stages from this one on, as --stage would.  [default: the first]")
+@click.option("--until", "last", type=StageName(), default=None,
+              help="Run the stages up to this one, as --stage would.  [default: the last]")
+@click.option("--force", multiple=True, type=StageName(transfer=True),
+              help="Recompute this stage even if cached (repeatable; meta_train starts again). A transfer study "
+                   "(a `transfer:` section) takes its own stage names.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE", callback=_check_sets,
+              help="Override a config value (repeatable); VALUE is YAML: 10, 0.5, true, '[maml, reptile]'.")
+@click.option("--budget-minutes", type=float, default=None, metavar="M",
+              help="Stop each algorithm's meta-training after M minutes; a rerun goes on from the checkpoint.  "
+                   "[default: meta_train.budget_minutes]")
+@click.option("--dry-run", is_flag=True,
+              help="Print each cache entry's key and whether it would be computed or come from the cache; start "
+                   "nothing.")
+@click.pass_obj
+def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last: str | None,
+        force: tuple[str, ...], sets: tuple[str, ...], budget_minutes: float | None, dry_run: bool) -> int:
+    """Run the study, or some of its stages.
+
+    Every stage of the --config study runs, each entry taken from the cache when it is cached there.
+    --stage, --from and --until run some stages only; everything they read must be in the cache, and what
+    is not is named, all of it, before Prefect starts.
+    """
+    from flows.config import ConfigError, load_config
+    from flows.plan import STAGES, stage_range
+
+    if stage and (first or last):
+        raise click.UsageError("--stage cannot be combined with --from / --until")
+    try:
+        only = set(stage_range(first, last)) if first or last else set(stage)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    overrides = parse_sets(sets)
+    if budget_minutes is not None:
+        overrides.setdefault("meta_train", {})["budget_minutes"] = budget_minutes
+    try:
+        cfg = load_config(config, overrides)
+        if cfg.transfer is not None:  # a transfer study: flows/transfer.py
+            return _transfer(config, only, dry_run, force, overrides)
+        if unknown := sorted(set(force) - set(STAGES)):
+            raise ConfigError(f"--force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     except ConfigError as e:
-        print(f"metapeft: {e}", file=sys.stderr)
-        return 2
-    if args.command == "stages":
-        return _stages(cfg, root)
-    if args.command == "ui":
-        return _ui(root, args.host, args.port)
-    if args.command == "report":
-        return _report(args, root)
-    if args.command == "serve":
-        return _serve(args)
-    return _run(args)
+        return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
+    rerun = " ".join(["metapeft run --config", shlex.quote(config), *(f"--set {shlex.quote(s)}" for s in sets)])
+    try:
+        if dry_run:
+            return _dry_run(cfg, root, only, set(force), "--from/--until" if first or last else "--stage", rerun)
+        if message := _unready(cfg, root, only, rerun):  # before Prefect starts: every missing entry at once
+            return fail(message, 1)
+    except FileNotFoundError as e:
+        return fail(f"{e} (family.path in {config})", 1)
+    return _run(cfg, root, config, sorted(only, key=STAGES.index), list(force), overrides)
 
 
-def _overrides(args) -> dict:
-    budget = getattr(args, "budget_minutes", None)
-    return {"meta_train": {"budget_minutes": budget}} if budget is not None else {}
-
-
-def _stages(cfg, root) -> int:
-    """Each entry's key and state: cached, missing, stale (an entry it reads changed since), or for the
-    task sets, stale because an input file changed since an entry of the same settings was built."""
+def _plan(cfg, root: Path):
+    """(plan, cache) of the study: no Prefect, no MLflow."""
     from flows.cache import StageCache
-    from flows.plan import STAGES, make_plan
+    from flows.plan import make_plan
 
     data_dir = root / cfg.runtime.data_dir
-    plan, cache = make_plan(cfg, data_dir / "inputs.json"), StageCache(data_dir)
-    for stage in [s for s in ("task_sets", "prefix") if s in plan.keys] + list(STAGES[1:]):
-        keys = plan.algorithm_keys if stage == "meta_train" else {"": plan.keys[stage]}
-        for label, key in keys.items():
-            name = f"{stage}[{label}]" if label else stage
-            state = plan.status(cache, stage, key)
-            if state == "missing" and stage in ("task_sets", "prefix"):
-                state = _changed_inputs(cache, stage, key, plan) or state
-            elif state == "cached" and stage == "meta_train" and \
-                    cache.manifest(stage, key)["meta"].get("stop_reason") == "budget":
-                meta = cache.manifest(stage, key)["meta"]
+    return make_plan(cfg, data_dir / "inputs.json"), StageCache(data_dir)
+
+
+def _unready(cfg, root: Path, only: set[str], rerun: str) -> str | None:
+    from flows.plan import unready_message, unready_upstream
+
+    if not only:  # a whole run computes what is missing
+        return None
+    plan, cache = _plan(cfg, root)
+    unready = unready_upstream(plan, cache, only, cfg)
+    return unready_message(unready, rerun) if unready else None
+
+
+def _dry_run(cfg, root: Path, only: set[str], force: set[str], chosen: str, rerun: str) -> int:
+    """What `run` would do, from the plan and the cache alone: each entry computed (and why), from the cache,
+    or not run; a partial run whose inputs are not all cached fails as the run would."""
+    from flows.plan import STAGES, needed_stages, stage_entries, unready_message, unready_upstream
+
+    plan, cache = _plan(cfg, root)
+    action = _actions(plan, cache, only, force, set(needed_stages(only, cfg)), chosen)
+    counts = Counter()
+    for stage in STAGES:
+        for name, entry in stage_entries(plan, stage).items():
+            what = action(entry)
+            counts["unready" if what.endswith("needed from the cache") else what.split()[0].rstrip(",")] += 1
+            click.echo(f"{name:<28} {entry[1]}  {what}")
+    absent = f", {counts['unready']} needed from the cache but not there" if counts["unready"] else ""
+    click.echo(f"dry run: {counts['compute']} to compute, {counts['cache']} from the cache, {counts['not']} not run"
+               f"{absent}; nothing was started")
+    if unready := unready_upstream(plan, cache, only, cfg):
+        return fail(unready_message(unready, rerun), 1)
+    return 0
+
+
+OWNER = {"prefix": "embeddings", "evaluate_parts": "evaluate"}  # the stage that writes these entries
+
+
+def _actions(plan, cache, only: set[str], force: set[str], needed: set[str], chosen: str):
+    """entry -> what `run` would do with it, decided as the flow decides: an entry of a --stage or --force stage
+    is recomputed (the text prefix only when not cached); a partial run reads the stages before it from the
+    cache; an entry downstream of one recomputed is recomputed only if what it reads changes."""
+    graph, memo = plan.graph(), {}
+
+    def decide(entry) -> str:
+        kind, key = entry
+        stage, status = OWNER.get(kind, kind), plan.status(cache, kind, key)
+        if stage not in needed:
+            return "not run"
+        if only and stage not in only:
+            return "cache" if status == "cached" else f"{status}: needed from the cache"
+        if stage in force and kind != "prefix":
+            return "compute (--force)"
+        if stage in only and kind != "prefix":
+            return f"compute ({chosen})"
+        if status != "cached":
+            return f"compute ({status})"
+        if kind == "meta_train" and cache.manifest(kind, key)["meta"].get("stop_reason") == "budget":
+            return "compute (unfinished: goes on from its checkpoint)"
+        if any(action(read) != "cache" for read in graph.get(entry, ())):
+            return "cache, or compute if an entry it reads changes"
+        return "cache"
+
+    def action(entry) -> str:
+        if entry not in memo:
+            memo[entry] = decide(entry)
+        return memo[entry]
+
+    return action
+
+
+def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overrides: dict) -> int:
+    from flows.cache import CacheWriteError
+    from flows.validation import ValidationFailed
+
+    start = time.perf_counter()
+    built = False
+    try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
+        if not only or "task_sets" in only:  # a later stage run alone reads the task sets from the cache
+            built = preflight(cfg, root, rebuild="task_sets" in set(force) | set(only))
+    except FileNotFoundError as e:
+        return fail(f"{e} (family.path in {config})", 1)
+    except (ValidationFailed, CacheWriteError, ValueError) as e:
+        return fail(str(e), 1)
+    from flows.pipeline import MissingUpstream, meta_pipeline
+
+    try:
+        out = meta_pipeline(config_path=config, stages=only or None, force=force or None, overrides=overrides or None,
+                            prebuilt=["task_sets"] if built else None)
+    except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
+        return fail(str(e), 1)
+    hits = sum(out["hits"].values()) - built  # the task sets built just before were computed, not cached
+    click.echo(f"\nstudy {config}: {len(out['hits'])} stage entries, {hits} from cache, "
+               f"{time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}")
+    if out["results"]:
+        click.echo(out["results"])
+    return 0
+
+
+def preflight(cfg, root: Path, rebuild: bool = False) -> bool:
+    """What needs only the config and the data, before Prefect starts (tens of seconds here): the input files
+    are read (a missing one is named), and the task sets are built and validated into the cache (again when
+    rebuild: --force or --stage task_sets), where the flow then finds them. True when it built them."""
+    from flows.cache import StageCache
+    from flows.plan import make_plan, provenance
+    from flows.stages.task_sets import build_task_sets
+
+    data = root / cfg.runtime.data_dir
+    plan, cache = make_plan(cfg, data / "inputs.json"), StageCache(data)
+    key = plan.keys["task_sets"]
+    with cache.lock("task_sets", key):
+        if cache.is_complete("task_sets", key) and not rebuild:
+            return False
+        print(f"task sets [{key}]: building and validating before the flow starts", file=sys.stderr)
+        start, meta = time.perf_counter(), {}
+        with cache.writing("task_sets", key, meta) as out:
+            meta.update(build_task_sets(plan.family, cfg.seed, out) | provenance(plan, "task_sets"))
+            meta["seconds"] = round(time.perf_counter() - start, 3)
+    return True
+
+
+def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:
+    """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
+    from flows.config import ConfigError
+    from flows.transfer_stages import STAGES
+
+    if only or dry_run:
+        raise ConfigError("--stage, --from, --until, --dry-run: a transfer study runs whole; use --force to "
+                          "recompute a stage")
+    if overrides:
+        raise ConfigError("--set, --budget-minutes: a transfer study takes its settings from its file")
+    if unknown := sorted(set(force) - set(STAGES)):
+        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
+    from flows.transfer import transfer_study
+
+    start = time.perf_counter()
+    out = transfer_study(config_path=config, force=list(force) or None)
+    click.echo(f"\ntransfer study {config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
+               f"cache, {time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}\n{out['results']}")
+    return 0
+
+
+@cli.command()
+@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", help="The study config.")
+@click.pass_obj
+def stages(root: Path, config: str) -> int:
+    """Each cache entry's key and state.
+
+    States: cached, missing, stale (an entry it reads changed since; for the task sets, an input file), or
+    unfinished (a meta-training stopped by its budget: a rerun continues it)."""
+    from flows.config import ConfigError, load_config
+    from flows.plan import STAGES, stage_entries
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        return fail(str(e), 2)
+    try:
+        plan, cache = _plan(cfg, root)
+    except FileNotFoundError as e:
+        return fail(f"{e} (family.path in {config})", 1)
+    for stage in STAGES:
+        for name, (written, key) in stage_entries(plan, stage).items():
+            state = plan.status(cache, written, key)
+            if state == "missing" and written in ("task_sets", "prefix"):
+                state = _changed_inputs(cache, written, key, plan) or state
+            elif state == "cached" and written == "meta_train" and \
+                    cache.manifest(written, key)["meta"].get("stop_reason") == "budget":
+                meta = cache.manifest(written, key)["meta"]
                 state = f"cached, unfinished (budget at iteration {meta.get('iterations_total')}; a rerun continues)"
-            print(f"{name:<28} {key}  {state}")
+            click.echo(f"{name:<28} {key}  {state}")
     return 0
 
 
 def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
-    """'stale (...)' naming the input files that differ from an entry of the same stage built with the same
-    settings, if there is one."""
-    for manifest in (cache.manifest(stage, p.name) for p in sorted((cache.root / stage).glob("[!.]*"))):
+    """'stale (...)' naming the input files (relative to their folder) that changed, were added or removed
+    since the newest entry of the same stage built with the same settings, if there is one."""
+    from flows.plan import input_content
+
+    entries = sorted((p for p in (cache.root / stage).glob("[!.]*") if (p / "manifest.json").exists()),
+                     key=lambda p: (p / "manifest.json").stat().st_mtime, reverse=True)
+    for manifest in (cache.manifest(stage, p.name) for p in entries):
         inputs = (manifest or {}).get("meta", {}).get("inputs")
         if manifest and manifest["meta"].get("settings") == plan.settings_key(stage) and inputs:
-            changed = sorted(Path(p).name for p, sha in plan.inputs.items() if inputs.get(p) != sha)
+            now, then = dict(input_content(plan.inputs)), dict(input_content(inputs))
+            changed = [f"{name} ({'added' if name not in then else 'changed'})" for name in sorted(now)
+                       if then.get(name) != now[name]] + [f"{name} (removed)" for name in sorted(set(then) - set(now))]
             if changed:
-                return f"stale (input changed since entry {manifest['key']}: {', '.join(changed)})"
+                shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                return f"stale (inputs changed since entry {manifest['key']}: {shown})"
     return None
 
 
-def _ui(root, host: str, port: str) -> int:
+@cli.command()
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=10, help="How many runs, newest first.")
+@click.option("--study", default=None, metavar="NAME", help="Only the runs of this study (its config's name).  "
+                                                            "[default: every study]")
+@click.pass_obj
+def runs(root: Path, limit: int, study: str | None) -> int:
+    """Recent pipeline runs and their answers.
+
+    From the MLflow store, newest first: run id, start, status, study, and the answer (the best method, its
+    meta-test score and interval; the verdict in words below)."""
+    try:
+        client = _client(root)
+    except LookupError as e:
+        click.echo(f"no pipeline runs: {e}")
+        return 0
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    where = "tags.`metapeft.config` LIKE '%'" + (f" and attributes.run_name = '{study}'" if study else "")
+    found = client.search_runs(experiments, where, max_results=limit, order_by=["attributes.start_time DESC"])
+    if not found:
+        click.echo(f"no pipeline runs in {client.tracking_uri}" + (f" for study {study!r}" if study else ""))
+        return 0
+    click.echo(f"{'RUN':<32}  {'STARTED':<16}  {'STATUS':<8}  {'STUDY':<16}  {'BEST':<18}  SCORE")
+    for r in found:
+        started = datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
+        best, score = r.data.tags.get("metapeft.best_method", "-"), _best_score(r.data.metrics)
+        click.echo(f"{r.info.run_id:<32}  {started:<16}  {r.info.status:<8}  {r.info.run_name:<16}  {best:<18}  "
+                   f"{score}")
+        note = r.data.tags.get("metapeft.verdict") or r.data.tags.get("metapeft.error")
+        if note:
+            click.echo(textwrap.fill(note, 110, initial_indent=" " * 4, subsequent_indent=" " * 4))
+    return 0
+
+
+def _best_score(metrics: dict[str, float]) -> str:
+    """The answer's score as `mse 0.1234 [0.1100, 0.1300]` (flows/answer.py: best_meta_test_<metric>)."""
+    name = next((k for k in metrics if k.startswith("best_meta_test_") and not k.endswith(("_ci_low", "_ci_high"))),
+                None)
+    if name is None:
+        return "-"
+    low, high = (metrics.get(f"{name}_ci_{end}", float("nan")) for end in ("low", "high"))
+    return f"{name.removeprefix('best_meta_test_')} {metrics[name]:.4g} [{low:.4g}, {high:.4g}]"
+
+
+@cli.command()
+@click.argument("run_a", metavar="RUN_A")
+@click.argument("run_b", metavar="RUN_B")
+@click.pass_obj
+def compare(root: Path, run_a: str, run_b: str) -> int:
+    """Two runs' per-method scores side by side.
+
+    Each method's meta-test mean [CI] in run A and run B (pipeline runs, e.g. from `metapeft runs`), and B - A."""
+    try:
+        a, b = _results(root, run_a), _results(root, run_b)
+    except LookupError as e:
+        return fail(str(e), 2)
+    if a["metric"].iloc[0] != b["metric"].iloc[0]:
+        return fail(f"the runs score different metrics ({a['metric'].iloc[0]}, {b['metric'].iloc[0]}): "
+                    f"nothing to compare", 2)
+    click.echo(f"meta-test {a['metric'].iloc[0]}, mean [CI]; A = {run_a} ({a['study'].iloc[0]}), "
+               f"B = {run_b} ({b['study'].iloc[0]})")
+    heads = [f"{name} ({t['confidence'].iloc[0]:.0%} CI)" for name, t in (("A", a), ("B", b))]
+    click.echo(f"{'method':<20} {heads[0]:>28} {heads[1]:>28} {'B - A':>10}")
+    a, b = a.set_index("method"), b.set_index("method")
+    for method in dict.fromkeys([*a.index, *b.index]):
+        cells = [_score(t.loc[method]) if method in t.index else "-" for t in (a, b)]
+        scored = all(method in t.index and not t.loc[method, "diverged"] for t in (a, b))
+        diff = f"{b.loc[method, 'mean'] - a.loc[method, 'mean']:+.4g}" if scored else "-"
+        click.echo(f"{method:<20} {cells[0]:>28} {cells[1]:>28} {diff:>10}")
+    return 0
+
+
+def _score(row) -> str:
+    if row["diverged"]:
+        return "DIVERGED"
+    return f"{row['mean']:.4g} [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
+
+
+@cli.command()
+@click.argument("run_id", metavar="RUN")
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", help="The file format.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write it to this file.  [default: standard output]")
+@click.pass_obj
+def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
+    """A run's results table, as CSV or JSON.
+
+    One row per method: the meta-test metric's mean and confidence interval, the Holm-adjusted paired t-test p
+    against the family's reference method, or where the method diverged."""
+    try:
+        table = _results(root, run_id)
+    except LookupError as e:
+        return fail(str(e), 2)
+    text = table.to_csv(index=False) if fmt == "csv" else \
+        table.to_json(orient="records", indent=2, double_precision=15) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(out)
+    return 0
+
+
+RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", "ci_high", "confidence", "reference",
+                  "p_holm_vs_reference", "diverged")
+
+
+def _results(root: Path, run_id: str):
+    """The run's results table (RESULT_COLUMNS; best method first, diverged ones last) from its significance
+    cache entry, or from the tables it logged to MLflow when that entry is gone. LookupError: no such run."""
+    import pandas as pd
+
+    from flows.cache import DIVERGED, StageCache
+    from flows.config import ConfigError
+    from flows.families import family_for
+    from flows.report import _pair_p
+
+    try:
+        cfg, keys, _ = _run_keys(root, run_id, None)
+    except ConfigError as e:
+        raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
+    family, cache, key = family_for(cfg), StageCache(root / cfg.runtime.data_dir), keys["significance"]
+    cached = cache.is_complete("significance", key)
+    tables = {name: cache.read_table("significance", key, name) if cached else
+              _logged_table(root, run_id, f"significance/{name}.parquet")
+              for name in ("summary", "comparisons", DIVERGED)}
+    ref, sig = family.reference, cfg.significance
+    rows = [{**{k: r[k] for k in ("method", "n", "mean", "ci_low", "ci_high")}, "diverged": "",
+             "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref)}
+            for r in tables["summary"].to_dict("records")]
+    rows += [{"method": d["method"], "diverged": f"in {d['stage']}: {d['reason']}"}
+             for d in tables[DIVERGED].to_dict("records")]
+    table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
+                                      reference=ref)
+    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)]
+
+
+def _logged_table(root: Path, run_id: str, path: str):
+    """A Parquet table the run logged as an artifact (an empty frame for the diverged table, which older runs
+    did not log)."""
+    import tempfile
+
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return pd.read_parquet(_client(root).download_artifacts(run_id, path, tmp))
+        except Exception as e:  # MlflowException, OSError: not logged
+            if path.endswith("diverged.parquet"):
+                return pd.DataFrame(columns=["method", "stage", "reason"])
+            raise LookupError(f"MLflow run {run_id}: no significance results in the cache or its artifacts ({path}:"
+                              f" {e}); rerun it: metapeft run --config <its config>") from None
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", help="The interface to bind (loopback: this machine only).")
+@click.option("--port", default="5000", help="The port.")
+@click.pass_obj
+def ui(root: Path, host: str, port: str) -> int:
+    """Start the MLflow UI over the project's store.
+
+    With MLFLOW_TRACKING_URI naming a tracking server, print its address instead."""
     from flows.tracking import default_tracking_uri
 
     uri = default_tracking_uri(root)
     if uri.startswith(("http://", "https://")):  # MLFLOW_TRACKING_URI names a tracking server: it is the UI
-        print(f"MLflow UI: {uri} (MLFLOW_TRACKING_URI is a tracking server; nothing to start)")
+        click.echo(f"MLflow UI: {uri} (MLFLOW_TRACKING_URI is a tracking server; nothing to start)")
         return 0
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
            "--default-artifact-root", (root / "mlruns" / "artifacts").as_uri(),
            "--host", host, "--port", port, "--workers", "1"]
-    print(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
+    click.echo(f"MLflow UI on http://{host}:{port} (Ctrl-C stops it)")
     return subprocess.call(cmd, env=env)
 
 
-def _serve(args) -> int:
-    from flows.schedules import PREFECT_FILE, serve
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--prefect-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The deployments file.  [default: deployments/prefect.yaml]")
+def serve(names: tuple[str, ...], prefect_file: Path | None) -> int:
+    """Serve deployments from this process.
+
+    The named deployments of the deployments file (all of them by default), until interrupted. Needs a Prefect
+    server: PREFECT_API_URL."""
+    from flows.schedules import PREFECT_FILE, serve as serve_deployments
 
     try:
-        serve(args.names, Path(args.prefect_file) if args.prefect_file else PREFECT_FILE)
+        serve_deployments(list(names), prefect_file or PREFECT_FILE)
     except (ValueError, FileNotFoundError) as e:
-        print(f"metapeft: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     return 0
 
 
-def _report(args, root) -> int:
+@cli.command()
+@click.argument("run_id", required=False, metavar="[RUN_ID]")
+@click.option("--config", default=None, metavar="PATH",
+              help=f"The study config.  [default: the run's own, or {DEFAULT_CONFIG} without RUN_ID]")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The HTML file.  [default: reports/RUN_ID/report.html]")
+@click.pass_obj
+def report(root: Path, run_id: str | None, config: str | None, out: Path | None) -> int:
+    """Rewrite a run's HTML report from the cache.
+
+    The report of RUN_ID is logged to that run; without RUN_ID, the --config study's is logged nowhere."""
     from flows.cache import StageCache
     from flows.config import ConfigError
     from flows.report_page import study_report
 
     try:
-        cfg, keys, algorithm_keys = _run_keys(root, args.run_id, args.report_config)
+        cfg, keys, algorithm_keys = _run_keys(root, run_id, config)
     except (ConfigError, LookupError) as e:
-        print(f"metapeft: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     cache = StageCache(root / cfg.runtime.data_dir)
     if not cache.is_complete("significance", keys["significance"]):
-        print(f"metapeft: no cached significance entry {keys['significance']} for study {cfg.name!r}; "
-              f"run the pipeline first", file=sys.stderr)
-        return 1
-    out = Path(args.out) if args.out else root / "reports" / (args.run_id or cfg.name) / "report.html"
-    study_report(cfg, cache, keys, algorithm_keys, out, args.run_id)
-    if args.run_id:
-        _client(root).log_artifact(args.run_id, str(out))
-    print(out)
+        return fail(f"no cached significance entry {keys['significance']} for study {cfg.name!r}; run the pipeline "
+                    f"first", 1)
+    out = out or root / "reports" / (run_id or cfg.name) / "report.html"
+    study_report(cfg, cache, keys, algorithm_keys, out, run_id)
+    if run_id:
+        _client(root).log_artifact(run_id, str(out))
+    click.echo(out)
     return 0
 
 
-def _run_keys(root, run_id: str | None, config: str | None):
-    """(config, stage keys, algorithm keys) of an MLflow parent run (from its tags), or of a config file."""
+def _run_keys(root: Path, run_id: str | None, config: str | None):
+    """(config, stage keys, algorithm keys) of an MLflow parent run (its tags; its --set overrides applied), or
+    of a config file. LookupError: no such pipeline run."""
+    import json
+
     from flows.config import load_config
     from flows.plan import make_plan
 
@@ -176,87 +619,21 @@ def _run_keys(root, run_id: str | None, config: str | None):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     algorithm_keys = {c.info.run_name: c.data.tags["metapeft.meta_train_key"] for c in children
                       if "metapeft.meta_train_key" in c.data.tags}
-    return load_config(config or tags["metapeft.config"]), keys, algorithm_keys
+    overrides = json.loads(tags.get("metapeft.overrides", "null"))
+    return load_config(config or tags["metapeft.config"], overrides), keys, algorithm_keys
 
 
-def _client(root):
-    from mlflow.tracking import MlflowClient
-
+def _client(root: Path):
+    """An MlflowClient of the project's store. LookupError: the default SQLite store does not exist yet (opening
+    it would create it)."""
     from flows.tracking import default_tracking_uri
 
-    return MlflowClient(tracking_uri=default_tracking_uri(root))
+    uri = default_tracking_uri(root)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise LookupError(f"no MLflow store at {uri.removeprefix('sqlite:///')}: no pipeline has run in {root}")
+    from mlflow.tracking import MlflowClient
 
-
-def preflight(cfg, root: Path, force: set[str]) -> str | None:
-    """What needs only the config and the data, before Prefect starts (tens of seconds here): the input files
-    are read (a missing one is named), and the task sets are built and validated into the cache, where the
-    flow then finds them. Returns the task sets' key, or None when --force task_sets leaves them to the flow."""
-    from flows.cache import StageCache
-    from flows.plan import make_plan, provenance
-    from flows.stages.task_sets import build_task_sets
-
-    data = root / cfg.runtime.data_dir
-    plan, cache = make_plan(cfg, data / "inputs.json"), StageCache(data)
-    key = plan.keys["task_sets"]
-    if "task_sets" in force:
-        return None
-    with cache.lock("task_sets", key):
-        if not cache.is_complete("task_sets", key):
-            print(f"task sets [{key}]: building and validating before the flow starts", file=sys.stderr)
-            start, meta = time.perf_counter(), {}
-            with cache.writing("task_sets", key, meta) as out:
-                meta.update(build_task_sets(plan.family, cfg.seed, out) | provenance(plan, "task_sets"))
-                meta["seconds"] = round(time.perf_counter() - start, 3)
-    return key
-
-
-def _run(args) -> int:
-    from flows.cache import CacheWriteError
-    from flows.config import load_config
-    from flows.validation import ValidationFailed
-
-    start = time.perf_counter()
-    try:
-        if not args.stage:  # a stage run alone takes its inputs from the cache: nothing to build early
-            preflight(load_config(args.config, _overrides(args)), configure(), set(args.force))
-    except FileNotFoundError as e:
-        print(f"metapeft: {e} (family.path in {args.config})", file=sys.stderr)
-        return 1
-    except (ValidationFailed, CacheWriteError, ValueError) as e:
-        print(f"metapeft: {e}", file=sys.stderr)
-        return 1
-    from flows.pipeline import MissingUpstream, meta_pipeline
-
-    try:
-        out = meta_pipeline(config_path=args.config, stages=args.stage or None, force=args.force or None,
-                            overrides=_overrides(args) or None)
-    except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
-        print(f"metapeft: {e}", file=sys.stderr)
-        return 1
-    hits = sum(out["hits"].values())
-    print(f"\nstudy {args.config}: {len(out['hits'])} stage entries, {hits} from cache, "
-          f"{time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}")
-    if out["results"]:
-        print(out["results"])
-    return 0
-
-
-def _transfer(args) -> int:
-    """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
-    from flows.config import ConfigError
-    from flows.transfer_stages import STAGES
-
-    if args.stage:
-        raise ConfigError("--stage: a transfer study runs whole; use --force to recompute a stage")
-    if unknown := sorted(set(args.force) - set(STAGES)):
-        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    from flows.transfer import transfer_study
-
-    start = time.perf_counter()
-    out = transfer_study(config_path=args.config, force=args.force or None)
-    print(f"\ntransfer study {args.config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
-          f"cache, {time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}\n{out['results']}")
-    return 0
+    return MlflowClient(tracking_uri=uri)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,12 @@ from components.metalearners import Diverged  # noqa: E402
 from components.significance import across_seeds, mean_ci  # noqa: E402
 from flows import report, report_page  # noqa: E402
 from flows.answer import study_answer  # noqa: E402
-from flows.artifacts import Progress, publish_results  # noqa: E402
+from flows.artifacts import publish_results  # noqa: E402
 from flows.cache import (CHECKPOINT, DIVERGED, RESULTS, STATE, VALIDATION, StageCache, content_key,  # noqa: E402
                          write_table)
 from flows.config import ConfigError, StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.plan import Plan, make_plan, needed_stages, unit_label  # noqa: E402
+from flows.plan import Plan, make_plan, needed_stages, unit_label, unready_message, unready_upstream  # noqa: E402
 from flows.stages.baselines import run_baselines  # noqa: E402
 from flows.stages.embeddings import build_embeddings  # noqa: E402
 from flows.stages.evaluate import evaluate_unit as score_unit  # noqa: E402
@@ -49,6 +49,7 @@ from flows.stages.meta_train import train_unit  # noqa: E402
 from flows.stages.prefix import build_prefix  # noqa: E402
 from flows.stages.significance import compare  # noqa: E402
 from flows.stages.task_sets import build_task_sets  # noqa: E402
+from flows.terminal import Progress  # noqa: E402  (the artifact, and a bar on a terminal)
 from flows.tracking import CurveLog, Tracker, baseline_params, study_params, task_set_inputs, unit_params  # noqa: E402
 from flows.validation import ValidationFailed  # noqa: E402
 
@@ -70,6 +71,7 @@ class Run:
     parent_id: str
     only: frozenset[str] = frozenset()
     force: frozenset[str] = frozenset()
+    prebuilt: frozenset[str] = frozenset()  # computed by the caller just before (the CLI's task sets)
     method_runs: dict[str, str] = field(default_factory=dict)  # method or unit -> its nested run opened here
     hits: dict[str, bool] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)  # parent tag -> the run that computed what it names
@@ -143,7 +145,7 @@ class Run:
         The entry's lock makes a concurrent run computing the same entry wait, then take it as a hit.
         """
         cache, logger = self.cache, get_run_logger()
-        forced = stage in self.force or stage in self.only
+        forced = (stage in self.force or stage in self.only) and stage not in self.prebuilt
         with cache.lock(stage, key):
             status = cache.status(stage, key, reads)
             meta = cache.manifest(stage, key)["meta"] if status != "missing" else {}
@@ -572,19 +574,11 @@ def ending(run: Run):
         run.tracker.end_run(run.parent_id, status)
 
 
-def _require_cached(run: Run, stage: str) -> None:
-    keys = [(stage, run.plan.keys[stage])]
-    if stage == "meta_train":
-        keys = [(stage, k) for k in run.plan.algorithm_keys.values()]
-    if stage == "embeddings" and "prefix" in run.plan.keys:
-        keys.append(("prefix", run.plan.keys["prefix"]))
-    for entry, key in keys:
-        status = run.plan.status(run.cache, entry, key)
-        if status != "cached":
-            why = "its inputs changed since it was computed" if status == "stale" else "no cached output"
-            raise MissingUpstream(f"stage {stage!r}: {why} for this config ({entry} key {key}); "
-                                  f"run it first: metapeft run --stage {stage}")
-
+def _require_cached(run: Run, config_path: str) -> None:
+    """A partial run reads its upstream entries from the cache: every one missing or stale is named at once
+    (`metapeft run` checks the same before Prefect starts)."""
+    if unready := unready_upstream(run.plan, run.cache, set(run.only), run.cfg):
+        raise MissingUpstream(unready_message(unready, f"metapeft run --config {config_path}"))
 
 
 def config_hash(cfg: StudyConfig) -> str:
@@ -607,10 +601,13 @@ def flow_run_name() -> str:
 
 @flow(name="meta_pipeline", flow_run_name=flow_run_name)
 def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = None,
-                  force: list[str] | None = None, overrides: dict | None = None) -> dict:
+                  force: list[str] | None = None, overrides: dict | None = None,
+                  prebuilt: list[str] | None = None) -> dict:
     """Run the study of `config_path`; `stages` runs only those (inputs from the cache), `force` recomputes.
 
-    overrides ({section: {key: value}}) change the config file's values, e.g. a wall-clock budget.
+    overrides ({section: {key: value}}) change the config file's values, e.g. a wall-clock budget. prebuilt:
+    stages the caller has just computed into the cache (the CLI builds the task sets before Prefect starts):
+    taken from the cache even when named in `stages` or `force`.
     """
     cfg, root = load_config(config_path, overrides), project_root()
     only = frozenset(stages or ())
@@ -620,15 +617,14 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     warn_tracking(tracker)
     plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
+                                               **({"metapeft.overrides": json.dumps(overrides)} if overrides else {}),
                                                "metapeft.config_hash": config_hash(cfg),
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
-    run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()))
+    run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()), prebuilt=frozenset(prebuilt or ()))
     text = ""
     with ending(run):
         tracker.log_params(parent, study_params(cfg))
-        for stage in todo:
-            if only and stage not in only:
-                _require_cached(run, stage)
+        _require_cached(run, config_path)
         with task_runner(cfg, root) as runner:
             run_stage = {
                 "task_sets": lambda: prepare_task_sets(run),

@@ -36,7 +36,7 @@ UPSTREAM = {
     "baselines": ("task_sets",),
     "significance": ("evaluate", "baselines"),
 }
-TEXT_UPSTREAM = ("meta_train", "evaluate", "baselines")  # they read the prefix the embeddings stage caches
+PREFIX_READERS = ("meta_train", "evaluate", "baselines")  # they read a prefix the embeddings stage caches
 
 Entry = tuple[str, str]  # (stage, key): one cache entry
 
@@ -105,6 +105,11 @@ def provenance(plan: Plan, stage: str) -> dict:
     return {"settings": plan.settings_key(stage), "inputs": plan.inputs}
 
 
+def has_prefix(family) -> bool:
+    """A family whose embeddings stage also caches a prefix its later stages read (text: the frozen layers)."""
+    return hasattr(family, "build_prefix")
+
+
 def input_content(inputs: dict[str, str]) -> list[tuple[str, str]]:
     """(path relative to the inputs' common folder, sha256), sorted: what the data keys hash. Relative, so a moved
     project keeps its keys; with the folders, so an image moved to another class folder changes them."""
@@ -137,7 +142,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
     keys: dict[str, str] = {}
     settings = {"task_sets": {"data": plain(family.data), "seed": cfg.seed}}
     data: tuple[str, ...] = ("task_sets",)
-    if hasattr(family, "build_prefix"):  # the family says what its prefix depends on (not k_shot etc.)
+    if has_prefix(family):  # the family says what its prefix depends on (not k_shot etc.)
         settings["prefix"] = family.prefix_settings()
         data = ("task_sets", "prefix")
     for stage in data:
@@ -173,7 +178,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
 
 def upstream(stage: str, cfg: StudyConfig | None = None) -> tuple[str, ...]:
     """The stages whose output `stage` reads (text families: the embeddings stage's prefix, too)."""
-    extra = ("embeddings",) if cfg is not None and cfg.family.kind == "text" and stage in TEXT_UPSTREAM else ()
+    extra = ("embeddings",) if cfg is not None and stage in PREFIX_READERS and has_prefix(family_for(cfg)) else ()
     return UPSTREAM[stage] + extra
 
 
@@ -191,3 +196,39 @@ def needed_stages(only: set[str] | None, cfg: StudyConfig | None = None) -> list
             needed.add(stage)
             todo.extend(upstream(stage, cfg))
     return [s for s in STAGES if s in needed]
+
+
+def stage_range(first: str | None = None, last: str | None = None) -> list[str]:
+    """The stages from `first` to `last` in pipeline order (`--from` / `--until`; an open end: the first or last)."""
+    i, j = STAGES.index(first or STAGES[0]), STAGES.index(last or STAGES[-1])
+    if i > j:
+        raise ValueError(f"--from {first} comes after --until {last}; stages run in the order {', '.join(STAGES)}")
+    return list(STAGES[i:j + 1])
+
+
+def stage_entries(plan: Plan, stage: str) -> dict[str, Entry]:
+    """The cache entries a stage writes, by the names `metapeft stages` prints: one per unit for meta_train
+    ("meta_train[maml]"); the embeddings stage also writes a text family's prefix."""
+    if stage == "meta_train":
+        return {f"meta_train[{label}]": ("meta_train", key) for label, key in plan.algorithm_keys.items()}
+    prefix = {"prefix": ("prefix", plan.keys["prefix"])} if stage == "embeddings" and "prefix" in plan.keys else {}
+    return prefix | {stage: (stage, plan.keys[stage])}
+
+
+def unready_upstream(plan: Plan, cache, only: set[str], cfg: StudyConfig) -> list[tuple[str, str, str, str]]:
+    """What a run of only these stages reads from the cache and does not find there, in pipeline order:
+    (the stage that computes it, entry name, key, "missing" or "stale"). Empty for a whole run."""
+    if not only:
+        return []
+    return [(stage, name, key, status) for stage in needed_stages(only, cfg) if stage not in only
+            for name, (written, key) in stage_entries(plan, stage).items()
+            if (status := plan.status(cache, written, key)) != "cached"]
+
+
+def unready_message(unready: list[tuple[str, str, str, str]], rerun: str) -> str:
+    """One line naming every entry of `unready_upstream` and the command that computes them (rerun: `metapeft
+    run` with the study's --config and --set)."""
+    entries = ", ".join(f"'{name}' ({status}, key {key})" for _, name, key, status in unready)
+    stages = " ".join(f"--stage {stage}" for stage in dict.fromkeys(stage for stage, *_ in unready))
+    return f"not in the cache for this config: {entries}; compute {'it' if len(unready) == 1 else 'them'} " \
+           f"first: {rerun} {stages}"

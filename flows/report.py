@@ -1,10 +1,21 @@
-"""Figures and the printed results table. matplotlib is imported lazily, with the Agg backend."""
+"""Figures and the printed results table. matplotlib is imported lazily, with the Agg backend.
+
+Every figure of a study colours a method the same way (`method_colors`); the HTML report (flows.report_page)
+draws its own figures with the same mapping.
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
+
+from components.significance import verdict_p
+
+# tab10, then Dark2: distinct hues in order, so a study's first ten methods never share a colour
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666")
 
 
 def _pyplot():
@@ -16,34 +27,91 @@ def _pyplot():
     return plt
 
 
-def plot_summary(summary: pd.DataFrame, metric: str, path: Path, confidence: float = 0.95) -> Path:
-    """Horizontal bars of each method's mean with its confidence interval. summary: index method."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 0.5 * len(summary) + 1.2))
-    order = summary.iloc[::-1]
-    ax.barh(order.index, order["mean"], xerr=order["ci_half"], color="tab:blue", alpha=0.8, capsize=3)
-    ax.set_xlabel(f"meta-test {metric} (mean, {confidence:.0%} CI)")
+def method_colors(methods: Iterable[str], extra: Iterable[str] = ()) -> dict[str, str]:
+    """One colour per method: the sorted names of `methods` take PALETTE in turn, then those of `extra` (methods
+    with no score, e.g. diverged, drawn only in training curves), so the significance stage's figures, drawn
+    from its scored methods, and the report's agree. A unit label "maml/seed1" takes its algorithm's colour."""
+    scored = sorted({_algorithm(m) for m in methods})
+    names = scored + sorted({_algorithm(m) for m in extra} - set(scored))
+    return {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
+
+
+def method_color(colors: dict[str, str], label: str) -> str:
+    return colors[_algorithm(label)]
+
+
+def _algorithm(label: str) -> str:
+    return str(label).split("/seed")[0]
+
+
+def summary_figure(summary: pd.DataFrame, metric: str, confidence: float = 0.95,
+                   colors: dict[str, str] | None = None, log_scale: bool | None = None):
+    """Each method's mean with its confidence interval, a dot and whiskers per row (best first, on top), on an
+    axis spanning the intervals. log_scale None: logarithmic when every interval is positive and they span
+    more than a decade (MSE: scratch beside the meta-learners), so every interval stays visible."""
+    plt, colors = _pyplot(), colors or method_colors(summary.index)
+    low, high = summary["ci_low"].fillna(summary["mean"]), summary["ci_high"].fillna(summary["mean"])
+    if log_scale is None:
+        log_scale = bool((low > 0).all() and high.max() / low.min() > 10)
+    fig, ax = plt.subplots(figsize=(6.5, 0.45 * len(summary) + 1.3))
+    for row, (method, r) in enumerate(summary.iloc[::-1].iterrows()):
+        ax.errorbar(r["mean"], row, xerr=[[r["mean"] - low[method]], [high[method] - r["mean"]]], fmt="o",
+                    color=method_color(colors, method), capsize=4, ms=6, label=method)
+    ax.set_yticks(range(len(summary)), summary.index[::-1])
+    ax.set_ylim(-0.6, len(summary) - 0.4)
+    if log_scale:
+        ax.set_xscale("log")
+        plain_ticks(ax.xaxis)
+    ax.grid(axis="x", alpha=0.3, which="both" if log_scale else "major")
+    ax.set_xlabel(f"meta-test {metric} (mean, {confidence:.0%} CI{', log scale' if log_scale else ''})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
-def plot_curves(results: pd.DataFrame, metric: str, path: Path, log_scale: bool = True) -> Path:
+def plot_summary(summary: pd.DataFrame, metric: str, path: Path, confidence: float = 0.95,
+                 colors: dict[str, str] | None = None) -> Path:
+    """summary_figure to `path`. summary: index method (best first), columns mean, ci_low, ci_high."""
+    return save(summary_figure(summary, metric, confidence, colors), path)
+
+
+def curves_figure(results: pd.DataFrame, metric: str, log_scale: bool = True, colors: dict[str, str] | None = None):
     """Mean metric against test-time inner steps, one line per method (results: tidy long table)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     curves = results[results["metric"] == metric].groupby(["method", "steps"])["value"].mean().unstack(0)
+    colors = colors or method_colors(curves.columns)
     for method in curves.columns:
-        ax.plot(curves.index, curves[method], marker="o", ms=3, label=method)
+        ax.plot(curves.index, curves[method], marker="o", ms=3, label=method, color=method_color(colors, method))
     if log_scale:
         ax.set_yscale("log")
+        plain_ticks(ax.yaxis)
     ax.set_xlabel("test-time inner steps")
     ax.set_ylabel(f"meta-test {metric}")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(results: pd.DataFrame, metric: str, path: Path, log_scale: bool = True,
+                colors: dict[str, str] | None = None) -> Path:
+    return save(curves_figure(results, metric, log_scale, colors), path)
+
+
+def plain_ticks(axis) -> None:
+    """A log axis labelled 0.05, 0.1, 4 rather than 5x10^-2; within a decade its minor ticks get labels too."""
+    from matplotlib.ticker import LogFormatter
+
+    class Plain(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):  # LogFormatter decides which ticks get a label, this how
+            return f"{x:g}"
+
+    axis.set_major_formatter(Plain(labelOnlyBase=False))
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
 
 
@@ -57,16 +125,15 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
     ax.set_xlabel("task")
     ax.set_ylabel("task")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
                  alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None) -> str:
     """A short fixed-width table: each method's mean +- CI and its Holm-corrected p against `reference`.
 
-    `*` marks a difference to the reference with Holm-corrected paired t-test p < alpha. Methods that
+    `*` marks a difference to the reference significant at alpha: both Holm-adjusted paired tests (t-test and
+    Wilcoxon) below it, the rule of every verdict (`components.significance.verdict_p`); p shown is that p. Methods that
     diverged (diverged: method, stage, reason) follow, each with where and why, instead of a score.
     """
     lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"]
@@ -82,4 +149,4 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
 def _pair_p(comparisons: pd.DataFrame, a: str, b: str) -> float:
     pair = comparisons[((comparisons.method_a == a) & (comparisons.method_b == b))
                        | ((comparisons.method_a == b) & (comparisons.method_b == a))]
-    return float(pair["p_ttest_holm"].iloc[0]) if len(pair) else float("nan")
+    return float(verdict_p(pair).iloc[0]) if len(pair) else float("nan")

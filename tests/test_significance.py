@@ -228,3 +228,25 @@ def test_a_better_follows_the_configured_alpha_not_the_confidence():
     strict = compare_methods(table, "acc", lower_is_better=False, confidence=0.95, alpha=0.01)
     assert bool(loose.loc[0, "a_better"]) and not bool(strict.loc[0, "a_better"])
     assert bool(compare_methods(table, "acc", lower_is_better=False, confidence=0.99, alpha=0.05).loc[0, "a_better"])
+
+
+def test_stars_and_a_better_follow_one_rule():
+    """t-test p below alpha but Wilcoxon above: neither a star in the results table nor a_better."""
+    from flows.report import results_text
+
+    summary = pd.DataFrame({"mean": [0.9, 0.8], "ci_half": [0.01, 0.01]}, index=pd.Index(["maml", "scratch"],
+                                                                                        name="method"))
+    comparisons = pd.DataFrame({"method_a": ["maml"], "method_b": ["scratch"], "mean_diff": [0.1],
+                                "p_ttest_holm": [0.023], "p_wilcoxon_holm": [0.064]})
+    line = next(r for r in results_text(summary, comparisons, "accuracy", "scratch", alpha=0.05).splitlines()
+                if r.startswith("maml"))
+    assert "6.40e-02" in line and "*" not in line
+    assert not _significantly_better_row(comparisons, alpha=0.05)
+    assert "*" in next(r for r in results_text(summary, comparisons.assign(p_wilcoxon_holm=0.03), "accuracy",
+                                               "scratch", alpha=0.05).splitlines() if r.startswith("maml"))
+
+
+def _significantly_better_row(comparisons, alpha):
+    from components.significance import _significantly_better
+
+    return bool(_significantly_better(comparisons, lower_is_better=False, alpha=alpha).iloc[0])

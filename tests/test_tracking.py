@@ -51,7 +51,7 @@ def test_the_answer_names_the_best_method_and_its_gaps():
     comparisons = pd.DataFrame({"method_a": ["maml", "maml", "pretrain_finetune"],
                                 "method_b": ["pretrain_finetune", "scratch", "scratch"], "mean_diff": [0.05, 0.3, 0.25],
                                 "ci_low": [0.02, 0.25, 0.2], "ci_high": [0.08, 0.35, 0.3],
-                                "p_ttest_holm": [0.004, 1e-9, 1e-8]})
+                                "p_ttest_holm": [0.004, 1e-9, 1e-8], "p_wilcoxon_holm": [0.006, 1e-9, 1e-8]})
     answer = study_answer(summary, comparisons, "accuracy", {"maml"}, 0.95, 0.01)
     assert (answer.best, answer.runner_up.other, answer.baseline.other) == ("maml", "pretrain_finetune",
                                                                             "pretrain_finetune")
@@ -59,6 +59,7 @@ def test_the_answer_names_the_best_method_and_its_gaps():
     assert answer.tags()["metapeft.best_method"] == "maml"
     assert "runner-up and best baseline, pretrain_finetune: +0.05" in answer.sentence()
     assert "significant at alpha = 0.01" in answer.sentence() and "not significant" not in answer.sentence()
+    assert "p = 0.006" in answer.sentence()  # both tests: the larger Holm p is the verdict's
     alone = study_answer(summary.loc[["scratch"]], comparisons.iloc[:0], "accuracy", {"maml"}, 0.95, 0.01)
     assert alone.runner_up is None and alone.baseline is None
 

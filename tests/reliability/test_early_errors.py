@@ -18,7 +18,7 @@ def intents(n: int, per: int, short: dict[str, int] | None = None) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
-def run_cli(project, csv, **family) -> tuple[int, list[str]]:
+def run_cli(project, csv, *args: str, **family) -> tuple[int, list[str]]:
     """`metapeft run` on a text study over csv, with no Prefect server to reach: an early error never needs one."""
     config = project / "study.yaml"
     config.write_text(yaml.safe_dump({
@@ -28,8 +28,9 @@ def run_cli(project, csv, **family) -> tuple[int, list[str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING_URI"))}
     env.update(METAPEFT_HOME=str(project), PREFECT_API_URL="http://127.0.0.1:9/api",  # nothing listens there
                OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    command = list(args) or ["run", "--config", str(config)]
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *[str(config) if a == "CONFIG" else a for a in command]],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     return done.returncode, [line for line in done.stderr.splitlines() if line.startswith("metapeft:")]
 
 
@@ -52,6 +53,18 @@ def test_data_errors_stop_before_prefect_as_one_line(tmp_path, make, family, exp
     assert code == 1 and len(lines) == 1, lines
     assert all(part in lines[0] for part in expected), lines[0]
     assert not (tmp_path / "mlruns").exists()  # nothing started: no MLflow store, no flow run
+
+
+@pytest.mark.parametrize("command", [["run", "--config", "CONFIG", "--stage", "task_sets"],
+                                     ["stages", "--config", "CONFIG"]], ids=["run-stage-task_sets", "stages"])
+def test_the_same_errors_from_a_stage_run_and_from_stages(tmp_path, command):
+    csv = tmp_path / "intents.csv"
+    if command[0] == "run":
+        intents(16, 8).to_csv(csv, index=False)
+    code, lines = run_cli(tmp_path, csv, *command, n_way=5)
+    assert code == 1 and len(lines) == 1, lines
+    expected = "n_way: 5 exceeds the split's 3 classes" if command[0] == "run" else "input file not found"
+    assert expected in lines[0] and not (tmp_path / "mlruns").exists()
 
 
 def test_labels_are_stripped_and_counted(tmp_path):

@@ -1,0 +1,236 @@
+"""`metapeft`: help, version, options, --set, --from/--until, --dry-run and the missing-upstream check without
+Prefect; runs / compare / export on a tiny finished study (one slow test)."""
+import importlib.metadata
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pandas as pd
+import pytest
+
+from flows import cli
+from flows.config import load_config
+from flows.plan import STAGES, stage_range
+from test_pipeline import TINY, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny(project, **sections) -> str:
+    """The tiny sinusoid study of test_pipeline with one algorithm (its stages cost seconds)."""
+    return write_config(project, **{"meta_train": {**TINY["meta_train"], "algorithms": ["maml"]}, **sections})
+
+
+def entries(out: str) -> dict[str, tuple[str, str]]:
+    """name -> (key, state or action), from the lines of `stages` or `run --dry-run`."""
+    lines = [line.split(None, 2) for line in out.splitlines()]
+    return {name: (key, what) for name, key, what in (x for x in lines if x and x[0].split("[")[0] in STAGES)}
+
+
+def test_no_arguments_prints_the_help_and_succeeds(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: metapeft") and all(c in out for c in ("run", "stages", "runs", "compare", "export"))
+
+
+def test_version_is_the_installed_package_version(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"metapeft, version {importlib.metadata.version('metapeft')}"
+
+
+def test_every_option_shows_its_default_and_choices():
+    root = click.Context(cli.cli, info_name="metapeft", **cli.cli.context_settings)  # as `metapeft` makes it
+    for name, command in cli.cli.commands.items():
+        ctx = click.Context(command, parent=root, info_name=name)
+        for option in (p for p in command.params if isinstance(p, click.Option)):
+            record = " ".join(option.get_help_record(ctx))
+            if not option.is_flag and not option.multiple:
+                assert "[default: " in record, f"{name} {option.opts}: {record}"
+            if isinstance(option.type, click.Choice):
+                assert all(choice in record for choice in option.type.choices), f"{name} {option.opts}: {record}"
+
+
+def test_stage_options_list_the_stages_of_the_plan(capsys):
+    assert cli.main(["run", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    for option in ("--stage", "--from", "--until", "--force"):
+        assert f"{option} [{'|'.join(STAGES)}]" in out
+    assert "[default: configs/quick.yaml]" in out
+
+
+def run_python(project, code: str) -> list[str]:
+    env = {**os.environ, "METAPEFT_HOME": str(project), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_help_version_and_dry_run_start_neither_prefect_nor_mlflow(project):
+    loaded = "print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect', 'mlflow', 'great_expectations', " \
+             "'torch'}))"
+    quick = run_python(project, f"import sys; from flows.cli import main; main(['--help']); main(['--version']); "
+                                f"{loaded}")
+    assert quick[-1] == "[]"  # not even torch: flows.plan is read when a stage option is
+    dry = run_python(project, f"import sys; from flows.cli import main; assert main(['run', '--config', "
+                              f"{tiny(project)!r}, '--dry-run']) == 0; {loaded}")
+    assert dry[-1] == "['torch']" and dry[-2].startswith("dry run: 6 to compute")
+    assert not (project / "mlruns").exists() and not (project / ".prefect").exists()
+
+
+def test_dry_run_says_what_would_compute(project, capsys):
+    config = tiny(project)
+    assert cli.main(["run", "--config", config, "--dry-run"]) == 0
+    assert {what for _, what in entries(capsys.readouterr().out).values()} == {"compute (missing)"}
+    cli.preflight(load_config(config), project)  # the task sets, as `run` builds them before Prefect
+    assert cli.main(["run", "--config", config, "--dry-run"]) == 0
+    plan = entries(capsys.readouterr().out)
+    assert plan["task_sets"][1] == "cache" and plan["meta_train[maml]"][1] == "compute (missing)"
+    assert cli.main(["run", "--config", config, "--dry-run", "--force", "task_sets"]) == 0
+    forced = entries(capsys.readouterr().out)
+    assert forced["task_sets"][1] == "compute (--force)" and forced["embeddings"][1] == "compute (missing)"
+
+
+def test_from_until_run_a_contiguous_range():
+    assert stage_range("evaluate") == ["evaluate", "baselines", "significance"]
+    assert stage_range(None, "meta_train") == ["task_sets", "embeddings", "meta_train"]
+    assert stage_range("meta_train", "evaluate") == ["meta_train", "evaluate"]
+    assert stage_range() == list(STAGES)
+    with pytest.raises(ValueError, match="--from evaluate comes after --until meta_train"):
+        stage_range("evaluate", "meta_train")
+
+
+def test_from_until_in_a_dry_run(project, capsys):
+    config = tiny(project)
+    assert cli.main(["run", "--config", config, "--dry-run", "--until", "meta_train"]) == 0
+    plan = entries(capsys.readouterr().out)
+    assert {name: what for name, (_, what) in plan.items()} == {
+        "task_sets": "compute (--from/--until)", "embeddings": "compute (--from/--until)",
+        "meta_train[maml]": "compute (--from/--until)", "evaluate": "not run", "baselines": "not run",
+        "significance": "not run"}
+    assert cli.main(["run", "--config", config, "--dry-run", "--from", "meta_train", "--until", "evaluate"]) == 1
+    out, err = capsys.readouterr()
+    plan = {name: what for name, (_, what) in entries(out).items()}
+    assert plan["task_sets"] == "missing: needed from the cache" and plan["embeddings"] == "not run"
+    assert plan["evaluate"] == "compute (--from/--until)" and plan["baselines"] == "not run"
+    assert "'task_sets' (missing" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--from", "evaluate", "--until", "meta_train"], "--from evaluate comes after --until meta_train"),
+    (["--from", "evaluate", "--stage", "evaluate"], "--stage cannot be combined with --from / --until"),
+    (["--until", "nothing"], "'nothing' is not one of 'task_sets'"),
+])
+def test_stage_selection_errors_are_usage_errors(project, capsys, args, message):
+    assert cli.main(["run", "--config", tiny(project), "--dry-run", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_upstream_stages_are_all_named_before_prefect_starts(project, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flows.pipeline", None)  # importing it (and so Prefect) would fail
+    config = tiny(project, meta_train={**TINY["meta_train"], "algorithms": ["maml", "reptile"]})
+    assert cli.main(["run", "--config", config, "--stage", "evaluate", "--set", "evaluate.steps=2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for name in ("'task_sets' (missing", "'meta_train[maml]' (missing", "'meta_train[reptile]' (missing"):
+        assert name in err
+    assert err.endswith(f"first: metapeft run --config {config} --set evaluate.steps=2 --stage task_sets "
+                        f"--stage meta_train")
+    assert not (project / "mlruns").exists()
+
+    cli.preflight(load_config(config), project)
+    assert cli.main(["run", "--config", config, "--from", "evaluate"]) == 1
+    err = capsys.readouterr().err
+    assert "task_sets" not in err and "'meta_train[maml]'" in err and "'meta_train[reptile]'" in err
+
+
+def test_set_values_are_yaml_and_keys_are_section_fields():
+    assert cli.parse_sets(("meta_train.iterations=10", "family.n_way=3", "meta_train.algorithms=[maml, reptile]",
+                           "significance.confidence=0.9", "runtime.device=cpu", "meta_train.vectorize=false")) == {
+        "meta_train": {"iterations": 10, "algorithms": ["maml", "reptile"], "vectorize": False},
+        "family": {"n_way": 3}, "significance": {"confidence": 0.9}, "runtime": {"device": "cpu"}}
+    for bad in ("meta_train.iterations", "seed=3", "family.n_tasks.meta_train=5", ".x=1", "meta_train.algorithms=[a"):
+        with pytest.raises(ValueError, match="section.field=value|not YAML"):
+            cli.parse_sets((bad,))
+
+
+def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
+    config = tiny(project)
+    assert cli.main(["run", "--config", config, "--dry-run"]) == 0
+    before = entries(capsys.readouterr().out)
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "evaluate.steps=4"]) == 0
+    after = entries(capsys.readouterr().out)
+    changed = {name for name in before if before[name][0] != after[name][0]}
+    assert changed == {"evaluate", "baselines", "significance"}
+
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iteratons=10"]) == 2
+    assert "meta_train.iteratons: Extra inputs are not permitted (with --set meta_train.iteratons=10)" in \
+        capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iterations=many"]) == 2
+    assert "meta_train.iterations: Input should be a valid integer" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "seed=3"]) == 2
+    assert "Invalid value for '--set': 'seed=3'" in capsys.readouterr().err
+
+
+def test_a_transfer_study_runs_whole_with_its_own_settings(capsys):
+    config = str(REPO / "configs" / "transfer-omniglot.yaml")
+    assert cli.main(["run", "--config", config, "--dry-run"]) == 2
+    assert "a transfer study runs whole" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--set", "evaluate.steps=2"]) == 2
+    assert "a transfer study takes its settings from its file" in capsys.readouterr().err
+
+
+def test_stages_runs_ui_and_serve_without_a_study(project, capsys, monkeypatch):
+    assert cli.main(["stages", "--config", tiny(project)]) == 0
+    assert {state for _, state in entries(capsys.readouterr().out).values()} == {"missing"}
+    assert cli.main(["runs"]) == 0
+    assert capsys.readouterr().out.startswith("no pipeline runs: no MLflow store at ")
+    assert not (project / "mlruns").exists()  # listing creates no store
+    assert cli.main(["export", "0123abcd"]) == 2
+    assert "no MLflow store" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert cli.main(["ui"]) == 0
+    assert "MLFLOW_TRACKING_URI is a tracking server" in capsys.readouterr().out
+    assert cli.main(["serve", "--prefect-file", str(project / "none.yaml")]) == 2
+    assert "none.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_runs_compare_and_export_a_finished_study(prefect_harness, project, capsys):
+    config = tiny(project)
+    assert cli.main(["run", "--config", config]) == 0
+    first = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+    assert cli.main(["run", "--config", config, "--set", "significance.confidence=0.9"]) == 0  # significance alone
+    second = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+
+    assert cli.main(["runs"]) == 0
+    listed = capsys.readouterr().out
+    assert listed.index(second) < listed.index(first) and listed.count("FINISHED") == 2
+    assert "(90% CI" in listed and "(95% CI" in listed and " is best: meta-test mse " in listed
+
+    assert cli.main(["compare", first, second]) == 0
+    compared = capsys.readouterr().out
+    assert "A (95% CI)" in compared and "B (90% CI)" in compared
+    rows = {line.split()[0]: line for line in compared.splitlines()[2:]}
+    assert set(rows) == {"maml", "scratch", "pretrain_finetune"} and all(r.endswith("+0") for r in rows.values())
+
+    assert cli.main(["export", second]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(table.columns) == list(cli.RESULT_COLUMNS) and set(table["method"]) == set(rows)
+    assert (table["confidence"] == 0.9).all() and (table["reference"] == "scratch").all()
+    assert table.set_index("method")["p_holm_vs_reference"].isna().to_dict() == {
+        "maml": False, "pretrain_finetune": False, "scratch": True}
+    out = project / "results.json"
+    assert cli.main(["export", first, "--format", "json", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    records = json.loads(out.read_text())
+    assert {r["method"] for r in records} == set(rows) and {r["confidence"] for r in records} == {0.95}
+
+    significance = project / "data" / "significance"  # the cache entry gone: the tables the run logged to MLflow
+    significance.rename(project / "significance.moved")
+    assert cli.main(["export", first, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == records
+    assert cli.main(["compare", first, "no-such-run"]) == 2
