@@ -9,7 +9,8 @@ Every seed the pipeline draws from comes from `derive_seed`.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from pathlib import Path
+from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -79,6 +80,35 @@ def class_split(labels: Sequence[str], fractions: dict[str, float], seed: int,
         chosen = {units[i] for i in order[lo:hi]}
         split[name] = sorted(group_of.index[group_of.isin(chosen)])
     return split
+
+
+def read_class_lists(folder: Path, files: Mapping[str, str]) -> dict[str, list[str]]:
+    """split -> classes in file order, from files (split -> file name, e.g. {"meta_train": "labels.train.txt"}) in
+    folder: the class split a dataset ships with.
+
+    One class per line; surrounding whitespace and blank lines ignored; an empty list is allowed. Raises
+    naming the file (and line): a missing file, a class listed twice, a class in two lists.
+    """
+    paths = {split: Path(folder) / name for split, name in files.items()}
+    numbered = {split: numbered_lines(path) for split, path in paths.items()}  # every file missing fails first
+    seen: dict[str, str] = {}  # class -> "file:line" where first listed
+    lists = {}
+    for split, path in paths.items():
+        lists[split] = []
+        for i, cls in numbered[split]:
+            if cls in seen:
+                again = "twice" if seen[cls].startswith(f"{path}:") else "in two lists"
+                raise ValueError(f"{path}:{i}: class {cls!r} listed {again}, first at {seen[cls]}")
+            seen[cls] = f"{path}:{i}"
+            lists[split].append(cls)
+    return lists
+
+
+def numbered_lines(path: Path) -> list[tuple[int, str]]:
+    """(1-based line number, stripped text) of the non-blank lines of a class list."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: class list not found (one class per line)")
+    return [(i, s) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if (s := line.strip())]
 
 
 def class_members(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -163,6 +193,14 @@ def normalized_text(texts: pd.Series) -> pd.Series:
 def pixel_keys(pixels: pd.Series) -> pd.Series:
     """sha1 of each image's bytes: identical pixels, identical key."""
     return pixels.map(lambda b: hashlib.sha1(bytes(b)).hexdigest())
+
+
+def conflicting(key: pd.Series, labels: pd.Series, drawable: np.ndarray) -> np.ndarray:
+    """(R,) bool: the drawable rows whose key (what makes two examples the same) is under two labels among the
+    drawable rows, i.e. copies that could meet in one episode. key, labels: (R,) per row; drawable: (R,) bool."""
+    key, labels = pd.Series(np.asarray(key)), pd.Series(np.asarray(labels, dtype=object))
+    per_key = labels[drawable].groupby(key[drawable]).nunique()
+    return drawable & key.isin(per_key.index[per_key > 1]).to_numpy()
 
 
 CONFLICTS = ("error", "drop")  # an example under two labels: a named error, or every copy dropped

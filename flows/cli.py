@@ -87,23 +87,27 @@ def fail(message: str, code: int) -> int:
     return code
 
 
-def parse_sets(items: tuple[str, ...]) -> dict[str, dict]:
-    """--set section.field=value items as load_config's overrides ({section: {field: value}}), values read as
-    YAML; ValueError names the item. load_config merges overrides section by section, hence two-part keys."""
+def parse_sets(items: tuple[str, ...]) -> dict:
+    """--set key=value items as load_config's overrides, values read as YAML; a dotted key reaches into the
+    sections (seed=3, meta_train.iterations=10, family.n_tasks.meta_train=100). ValueError names the item."""
     import yaml
 
-    overrides: dict[str, dict] = {}
+    overrides: dict = {}
     for item in items:
         key, sep, text = item.partition("=")
         parts = key.strip().split(".")
-        if not sep or len(parts) != 2 or not all(parts):
-            raise ValueError(f"{item!r}: expected section.field=value, e.g. meta_train.iterations=10 (a nested "
-                             f"field is set whole: family.n_tasks='{{meta_train: 100, meta_val: 20, meta_test: 40}}';"
-                             f" top-level keys such as seed are set in the config file)")
+        if not sep or not all(parts):
+            raise ValueError(f"{item!r}: expected key=value, e.g. seed=3 or meta_train.iterations=10")
         try:
-            overrides.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(text)
+            value = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"{item!r}: the value is not YAML: {getattr(e, 'problem', None) or e}") from None
+        node = overrides
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{item!r}: {part} is set to a value above, not a section")
+        node[parts[-1]] = value
     return overrides
 
 
@@ -126,8 +130,9 @@ def _check_sets(ctx, param, items: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--force", multiple=True, type=StageName(transfer=True),
               help="Recompute this stage even if cached (repeatable; meta_train starts again). A transfer study "
                    "(a `transfer:` section) takes its own stage names.")
-@click.option("--set", "sets", multiple=True, metavar="SECTION.FIELD=VALUE", callback=_check_sets,
-              help="Override a config value (repeatable); VALUE is YAML: 10, 0.5, true, '[maml, reptile]'.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets,
+              help="Override a config value (repeatable); KEY is dotted (seed, meta_train.iterations, "
+                   "family.n_tasks.meta_train); VALUE is YAML: 10, 0.5, true, '[maml, reptile]'.")
 @click.option("--budget-minutes", type=float, default=None, metavar="M",
               help="Stop each algorithm's meta-training after M minutes; a rerun goes on from the checkpoint.  "
                    "[default: meta_train.budget_minutes]")
@@ -159,6 +164,8 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         cfg = load_config(config, overrides)
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
             return _transfer(config, only, dry_run, force, overrides)
+        if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
+            return _folds(cfg, root, config, only, dry_run, force, overrides)
         if unknown := sorted(set(force) - set(STAGES)):
             raise ConfigError(f"--force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     except ConfigError as e:
@@ -172,6 +179,34 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
     except FileNotFoundError as e:
         return fail(f"{e} (family.path in {config})", 1)
     return _run(cfg, root, config, sorted(only, key=STAGES.index), list(force), overrides)
+
+
+def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: tuple[str, ...],
+           overrides: dict) -> int:
+    """A study over several split folders: every fold's task sets built and validated before Prefect starts,
+    then one pipeline per fold and the summary over folds (`flows.folds.fold_study`)."""
+    from flows.cache import CacheWriteError
+    from flows.config import ConfigError, fold_overrides, load_config
+    from flows.validation import ValidationFailed
+
+    if only or dry_run:
+        raise ConfigError("--stage, --from, --until, --dry-run: a fold study runs every fold whole; run one fold "
+                          "with --set family.split_dir=<its folder>")
+    start = time.perf_counter()
+    try:  # every fold's task sets: built (again with --force task_sets) and validated, or already cached
+        for fold_set in fold_overrides(cfg, overrides).values():
+            preflight(load_config(config, fold_set), root, rebuild="task_sets" in force)
+    except FileNotFoundError as e:
+        return fail(f"{e} (family.path / family.split_root in {config})", 1)
+    except (ValidationFailed, CacheWriteError, ValueError) as e:
+        return fail(str(e), 1)
+    from flows.folds import fold_study
+
+    out = fold_study(config_path=config, overrides=overrides or None, force=list(force) or None,
+                     prebuilt=["task_sets"])
+    click.echo(f"\nfold study {config}: {len(cfg.folds)} folds, {time.perf_counter() - start:.1f} s; "
+               f"MLflow run {out['run_id']}\n{out['results']}")
+    return 0
 
 
 def _plan(cfg, root: Path):

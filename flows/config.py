@@ -114,6 +114,15 @@ class TextSection(EpisodeSection):
     split_by: Literal["class", "domain"] = "class"  # domain: whole domains per split (CLINC150 has 10)
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
     max_length: int = Field(32, ge=4)  # tokens per utterance (longer ones are truncated)
+    # split: files reads the intents of each meta-split from labels.train.txt, labels.valid.txt, labels.test.txt
+    # in split_dir (every intent of the data listed once), or, in a study over folds (top-level `folds`), in
+    # <split_root>/<fold> for each fold; paths relative to the current directory, like `path`
+    split: Literal["random", "files"] = "random"
+    split_dir: str | None = None
+    split_root: str | None = None
+    # split: files: meta-training draws from every utterance of the training intents ("full"), or only from the
+    # labelled pool train.<train_pool>.jsonl in the fold's folder (columns text_col, label_col), e.g. "10samples"
+    train_pool: str = Field("full", pattern=r"^[A-Za-z0-9_.-]+$")
 
     @model_validator(mode="before")
     @classmethod
@@ -133,6 +142,12 @@ class TextSection(EpisodeSection):
             raise ValueError("split_by: BANKING77 has no domains; use 'class'")
         if self.split_by == "domain" and self.dataset == "csv" and not self.domain_col:
             raise ValueError("split_by: 'domain' needs domain_col, the column naming each utterance's domain")
+        fields = type(self).model_fields
+        written = {n for n in self.model_fields_set if getattr(self, n) != fields[n].default}
+        only = {"random": ("split_by", "fractions"), "files": ("split_dir", "split_root", "train_pool")}
+        for split, names in only.items():
+            if self.split != split and (wrong := [n for n in names if n in written]):
+                raise ValueError(f"{wrong[0]}: read only with split: {split}; split is {self.split!r}")
         return self
 
 
@@ -401,6 +416,19 @@ class StudyConfig(Section):
     significance: SignificanceSection = Field(default_factory=SignificanceSection)
     runtime: RuntimeSection = Field(default_factory=RuntimeSection)
     transfer: TransferSection | None = None  # present: `metapeft run` runs the transfer study (flows/transfer.py)
+    # a study over class splits (text, split: files): each fold a folder under family.split_root (or, without
+    # split_root, a folder path); every fold runs as its own cached pipeline and flows.folds.fold_study reports
+    # each fold and the mean over folds. Quote the names: YAML reads 01 as the number 1
+    folds: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fold_names(cls, data):
+        folds = data.get("folds") if isinstance(data, dict) else None
+        if isinstance(folds, (list, tuple)) and (numbers := [v for v in folds if not isinstance(v, str)]):
+            raise ValueError(f"folds: give folder names as strings, e.g. ['01', '02'] (YAML reads 01 as the number 1); "
+                             f"got {numbers[:3]}")
+        return data
 
     @model_validator(mode="after")
     def _model_fits_family(self):
@@ -426,7 +454,34 @@ class StudyConfig(Section):
         self._check_rates()
         if self.transfer is not None:
             self._check_transfer_groups()
+        self._check_split_files()
         return self
+
+    def _check_split_files(self) -> None:
+        """split: files needs one fold's folder (split_dir), or folds under split_root; with folds, a split_dir
+        names one of them (what flows.folds gives each fold's pipeline)."""
+        f = self.family
+        files = f.kind == "text" and f.split == "files"
+        if self.folds is not None:
+            if not files:
+                raise ValueError("folds: a study over class splits needs family.kind: text with split: files")
+            if not self.folds or len(set(self.folds)) != len(self.folds):
+                raise ValueError(f"folds: need a non-empty list without repeats, got {list(self.folds)}")
+            if self.transfer is not None:
+                raise ValueError("folds: a transfer study runs whole, over its own groups; drop folds or transfer")
+            dirs = fold_dirs(self)
+            if len({Path(d).name for d in dirs.values()}) != len(dirs):
+                raise ValueError(f"folds: every fold's folder needs its own name, got {list(dirs.values())}")
+            if f.split_dir is not None and Path(f.split_dir) not in {Path(d) for d in dirs.values()}:
+                raise ValueError(f"family.split_dir: with folds, it names one fold's folder "
+                                 f"({', '.join(dirs.values())}), got {f.split_dir!r}; leave it out to run every fold")
+        elif files and f.split_root is not None:
+            raise ValueError("family.split_root: read only with folds (the fold folders under it)")
+        elif files and f.split_dir is None:
+            raise ValueError("family.split_dir: split: files needs the folder of labels.train.txt, labels.valid.txt "
+                             "and labels.test.txt (or folds, with family.split_root)")
+        if files and self.transfer is not None:
+            raise ValueError("transfer: groups are domains of intents; the transfer study does not read split files")
 
     @model_validator(mode="after")
     def _algorithms_fit_model(self):
@@ -477,12 +532,37 @@ class StudyConfig(Section):
         return self.seeds or (self.seed,)
 
 
+def fold_dirs(cfg: StudyConfig) -> dict[str, str]:
+    """fold -> its folder: <family.split_root>/<fold>, or the fold itself without split_root (cfg.folds set)."""
+    root = cfg.family.split_root
+    return {fold: str(Path(root) / fold) if root is not None else fold for fold in cfg.folds}
+
+
+def fold_overrides(cfg: StudyConfig, overrides: dict | None = None) -> dict[str, dict]:
+    """fold -> the `load_config` overrides that make the study's config that fold's own pipeline: the caller's
+    overrides with family.split_dir set to the fold's folder (cfg.folds set)."""
+    overrides = overrides or {}
+    return {fold: {**overrides, "family": {**overrides.get("family", {}), "split_dir": folder}}
+            for fold, folder in fold_dirs(cfg).items()}
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 
 
+def merge(base: dict, overrides: dict) -> dict:
+    """base with overrides merged in: mappings recursively, other values replaced."""
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) and isinstance(out.get(key) or {}, dict) \
+            else value
+    return out
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
-    """The validated config of a YAML file; overrides ({section: {key: value}}) are merged in first."""
+    """The validated config of a YAML file; overrides are merged in first, nested mappings key by key
+    ({section: {key: value}}, {"family": {"n_tasks": {"meta_train": 100}}}), anything else replacing the
+    value ({"seed": 3})."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -492,8 +572,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for section, values in (overrides or {}).items():
-        raw[section] = {**(raw.get(section) or {}), **values}
+    raw = merge(raw, overrides or {})
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -59,7 +59,12 @@ def _text(cfg: StudyConfig) -> TextTasks:
     f, m = cfg.family, cfg.model
     source = TextSource(dataset=f.dataset, path=f.path, text_col=f.text_col, label_col=f.label_col,
                         domain_col=f.domain_col, max_length=f.max_length)
-    data = TextData(source=source, split_by=f.split_by, fractions=tuple(f.fractions), **_episodes(f))
+    if f.split == "files" and f.split_dir is None:
+        raise ValueError(f"family.split_dir: the study runs over folds {list(cfg.folds or ())}; run it with "
+                         "flows.folds.fold_study (each fold's pipeline gets its split_dir), or set family.split_dir "
+                         "to one fold's folder")
+    data = TextData(source=source, split_by=f.split_by, fractions=tuple(f.fractions), split=f.split,
+                    split_dir=f.split_dir, train_pool=f.train_pool, **_episodes(f))
     model = TopModel(top_layers=m.top_layers, adapted=m.adapted, lora_r=m.lora_r, lora_alpha=m.lora_alpha,
                      lora_b_std=m.lora_b_std, target_modules=tuple(m.target_modules))
     return TextTasks(data, model, _baselines(cfg))

@@ -134,6 +134,9 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
     family = family_for(cfg)
     inputs = input_digests(family.input_files(), memo)
     content = input_content(inputs)
+    # the prefix reads only the dataset's own files (not split lists or pools): the folds of a dataset share it
+    prefix_content = (input_content(input_digests(family.prefix_files(), memo)) if hasattr(family, "prefix_files")
+                      else content)
 
     def key(stage: str, config: object, *upstream: str) -> str:
         code = code_version([MODULES[stage], type(family).__module__], code_root)
@@ -146,7 +149,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
         settings["prefix"] = family.prefix_settings()
         data = ("task_sets", "prefix")
     for stage in data:
-        keys[stage] = key(stage, {**settings[stage], "inputs": content})
+        keys[stage] = key(stage, {**settings[stage], "inputs": prefix_content if stage == "prefix" else content})
     settings_keys = {stage: key(stage, settings[stage]) for stage in data}
     e = cfg.embedding
     keys["embeddings"] = key("embeddings", {"metrics": list(e.metrics), "n_similarity_tasks": e.n_similarity_tasks},

@@ -215,9 +215,11 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     """No empty text or label, no class (or domain, when split by domain) in two splits, enough utterances
     per class for an episode, every episode N distinct classes x (K + Q) distinct utterances of its split.
 
-    utterances: text, label (+ domain); classes: split, label; episodes: split, episode, way, label, row.
+    utterances: text, label (+ domain; + usable with split files: the rows its split's episodes may draw, which
+    are the ones counted); classes: split, label; episodes: split, episode, way, label, row.
     """
-    per_class = utterances.groupby("label").size().rename("n_utterances").reset_index()
+    drawable = utterances[utterances["usable"]] if "usable" in utterances else utterances
+    per_class = drawable.groupby("label").size().rename("n_utterances").reset_index()
     class_splits = classes.groupby("label")["split"].nunique().rename("n_splits").reset_index()
     split_of = classes.drop_duplicates("label").set_index("label")["split"]  # duplicates: class_splits fails
     from components.episodes import normalized_text
@@ -243,6 +245,9 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
             e(gx).ExpectColumnPairValuesToBeEqual(column_A="row_split", column_B="split")]),
         **_episode_suites(rows, family),
     }
+    if "usable" in utterances:  # split files: no episode draws outside the pool or a conflicting copy
+        tables["episode_usable"] = (rows.assign(usable=utterances["usable"].to_numpy()[at]), lambda gx: [
+            e(gx).ExpectColumnValuesToBeInSet(column="usable", value_set=[True])])
     if "domain" in utterances and family.split_by == "domain":
         domains = utterances.assign(split=utterances["label"].map(split_of)).groupby("domain")["split"].nunique()
         tables["domain_splits"] = (domains.rename("n_splits").reset_index(), lambda gx: [

@@ -152,9 +152,11 @@ def test_set_values_are_yaml_and_keys_are_section_fields():
                            "significance.confidence=0.9", "runtime.device=cpu", "meta_train.vectorize=false")) == {
         "meta_train": {"iterations": 10, "algorithms": ["maml", "reptile"], "vectorize": False},
         "family": {"n_way": 3}, "significance": {"confidence": 0.9}, "runtime": {"device": "cpu"}}
-    for bad in ("meta_train.iterations", "seed=3", "family.n_tasks.meta_train=5", ".x=1", "meta_train.algorithms=[a"):
-        with pytest.raises(ValueError, match="section.field=value|not YAML"):
-            cli.parse_sets((bad,))
+    assert cli.parse_sets(("seed=3", "family.n_tasks.meta_train=5", "family.n_way=3")) == {
+        "seed": 3, "family": {"n_tasks": {"meta_train": 5}, "n_way": 3}}  # top level and deeper: merged key by key
+    for bad in ("meta_train.iterations", ".x=1", "meta_train.algorithms=[a", "seed=3,seed.x=1"):
+        with pytest.raises(ValueError, match="key=value|not YAML|not a section"):
+            cli.parse_sets(tuple(bad.split(",")))
 
 
 def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
@@ -171,8 +173,10 @@ def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
         capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iterations=many"]) == 2
     assert "meta_train.iterations: Input should be a valid integer" in capsys.readouterr().err
-    assert cli.main(["run", "--config", config, "--dry-run", "--set", "seed=3"]) == 2
-    assert "Invalid value for '--set': 'seed=3'" in capsys.readouterr().err
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "seed=3"]) == 0  # a top-level key
+    assert entries(capsys.readouterr().out)["task_sets"][0] != before["task_sets"][0]  # the task sets' seed moved
+    assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train"]) == 2
+    assert "Invalid value for '--set': 'meta_train'" in capsys.readouterr().err
 
 
 def test_a_transfer_study_runs_whole_with_its_own_settings(capsys):

@@ -171,7 +171,9 @@ def test_seed_drives_the_start_and_the_episodes_text(tmp_path):
     intent_table().to_csv(tmp_path / "intents.csv", index=False)
     family = family_for(text_config(tmp_path / "intents.csv", n_query=2))
     tables = family.build(seed=0)
-    tables |= family.build_prefix()[0]
+    prefix: dict[str, list] = {}
+    family.build_prefix(lambda name, table: prefix.setdefault(name, []).append(table))
+    tables |= {name: pd.concat(parts, ignore_index=True) for name, parts in prefix.items()}
     a, b = (family.open(tables, torch.device("cpu"), ("meta_train",), 3, seed=s).train(1) for s in (0, 1))
     assert not torch.equal(a.x_spt, b.x_spt)  # the unit's seed, not the study's, draws the episodes
     assert_seed_drives_training(family, tables)

@@ -75,8 +75,11 @@ def test_every_study_config_has_a_scheduled_deployment():
     import yaml
 
     found = deployments()
-    flows = {p.stem: "flows.transfer:transfer_study" if "transfer" in yaml.safe_load(p.read_text())
-             else "flows.pipeline:meta_pipeline" for p in (REPO / "configs").glob("*.yaml")}
+    def entrypoint(cfg: dict) -> str:
+        return ("flows.transfer:transfer_study" if "transfer" in cfg else "flows.folds:fold_study" if "folds" in cfg
+                else "flows.pipeline:meta_pipeline")
+
+    flows = {p.stem: entrypoint(yaml.safe_load(p.read_text())) for p in (REPO / "configs").glob("*.yaml")}
     assert {Path(d["parameters"]["config_path"]).stem: d["entrypoint"] for d in found.values()} == flows
     assert all((REPO / d["parameters"]["config_path"]).is_file() and d["schedules"][0]["cron"] for d in found.values())
     assert all(d["work_pool"]["name"] == "metapeft" for d in found.values())

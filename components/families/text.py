@@ -2,11 +2,20 @@
 
 Episodes hold utterance ids (rows of the task set's utterance table); the model looks their cached prefix
 (the hidden states below the top layers, from `build_prefix`) up, so only the top layers run per episode.
+
+Intents are split with a seed (`split: random`, by fractions, or whole domains) or read from a fold's folder
+(`split: files`, `text.SPLIT_FILES`, the layout of ProtAugment's five class splits): then every intent of the
+data is listed once, and meta-training may draw only from a labelled pool of the training intents
+(`train_pool`, e.g. "10samples": `train.10samples.jsonl`). With split files the utterance table keeps every
+utterance (the prefix is the same for every fold of a dataset), and its column `usable` says which ones the
+episodes of their intent's split may draw: pool members only, for meta-training with a pool, and no copy of a
+text filed under another intent of the same split (or pool) when `conflicting_labels: drop`.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +25,9 @@ from torch import nn
 
 from components import text
 from components.baselines import BaselineConfig, finetune
-from components.episodes import SPLITS, EpisodeBatch, class_split, clean_examples, normalized_text
-from components.families import ClassificationTasks, EpisodeSettings, Tables
+from components.episodes import (SPLITS, EpisodeBatch, class_split, clean_examples, conflicting, normalized_text,
+                                 numbered_lines)
+from components.families import ClassificationTasks, EpisodeSettings, Tables, TaskData
 from components.features import episode_features
 
 DATASETS = ("clinc150", "banking77", "csv")
@@ -38,8 +48,12 @@ class TextSource:
 @dataclass(frozen=True)
 class TextData(EpisodeSettings):
     source: TextSource = TextSource()
-    split_by: str = "class"  # or "domain": whole domains per split
-    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    split_by: str = "class"  # or "domain": whole domains per split (split "random")
+    fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # split "random"
+    split: str = "random"  # or "files": the intent lists text.SPLIT_FILES in split_dir
+    split_dir: str | None = None  # split "files": one fold's folder
+    train_pool: str = "full"  # split "files": meta-training draws from every utterance of the training intents,
+    # or only from the pool train.<train_pool>.jsonl in split_dir ("10samples": ProtAugment's main setting)
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,16 @@ class TextTasks(ClassificationTasks):
     # ---- data
 
     def input_files(self) -> tuple[Path, ...]:
+        """The dataset's files and, with split files, the fold's intent lists and its pool."""
+        d = self.data
+        if d.split != "files":
+            return self.prefix_files()
+        folder = Path(d.split_dir)
+        pool = (text.pool_file(folder, d.train_pool),) if d.train_pool != "full" else ()
+        return (*self.prefix_files(), *(folder / name for name in text.SPLIT_FILES.values()), *pool)
+
+    def prefix_files(self) -> tuple[Path, ...]:
+        """The files the cached prefix reads: the dataset's only (every fold of a dataset shares its prefix)."""
         s, root = self.data.source, Path(self.data.source.path)
         if s.dataset == "clinc150":
             file = root / "data_full.json" if root.is_dir() or not root.suffix else root
@@ -88,38 +112,120 @@ class TextTasks(ClassificationTasks):
         same text after case and whitespace normalisation), one under two intents an error or dropped
         (data.conflicting_labels); and what was changed (episodes.clean_examples' report)."""
         utterances = self.utterances()
-        return clean_examples(utterances, normalized_text(utterances["text"]), "label", self.data.conflicting_labels,
-                              f"{self.data.source.path}: ")
+        key = normalized_text(utterances["text"])
+        if self.data.split == "files":  # an utterance under two intents matters only where one episode can draw
+            key = key + "\x1f" + utterances["label"].astype(str).str.strip()  # both: `build` settles it per split
+        return clean_examples(utterances, key, "label", self.data.conflicting_labels, f"{self.data.source.path}: ")
 
     def prefix_settings(self) -> dict:
-        """What the cached prefix depends on: not k_shot etc., so 1-shot and 5-shot studies share it."""
-        return {"source": asdict(self.data.source), "conflicting_labels": self.data.conflicting_labels,
+        """What the cached prefix depends on: not k_shot, the fold etc., so 1-shot, 5-shot and every fold share it."""
+        conflicts = "per split" if self.data.split == "files" else self.data.conflicting_labels
+        return {"source": asdict(self.data.source), "conflicting_labels": conflicts,
                 "top_layers": self.model_settings.top_layers}
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """utterances, classes (split, label) and the fixed meta-val / meta-test episode tables."""
         d = self.data
         utterances, cleaning = self.clean_utterances()
-        if d.split_by == "domain" and "domain" not in utterances:
-            raise ValueError(f"family.split_by: 'domain', but {d.source.path} gives no domains")
-        groups = utterances["domain"] if d.split_by == "domain" else None
-        split = class_split(utterances["label"], dict(zip(SPLITS, d.fractions)), seed, groups)
+        if d.split == "files":
+            split, utterances, cleaning = self._split_from_files(utterances, cleaning)
+        else:
+            if d.split_by == "domain" and "domain" not in utterances:
+                raise ValueError(f"family.split_by: 'domain', but {d.source.path} gives no domains")
+            groups = utterances["domain"] if d.split_by == "domain" else None
+            split = class_split(utterances["label"], dict(zip(SPLITS, d.fractions)), seed, groups)
         classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "label"])
-        labels = dict.fromkeys(SPLITS, utterances["label"].to_numpy())
+        labels = dict.fromkeys(SPLITS, drawable_labels(utterances))
+        where = f"{d.split_dir}: " if d.split == "files" else f"{d.source.path}: "
         return {"utterances": utterances, "classes": classes, "cleaning": cleaning,
-                **self.episode_tables(labels, split, seed, f"{d.source.path}: ")}
+                **self.episode_tables(labels, split, seed, where)}
 
-    def build_prefix(self) -> tuple[dict[str, pd.DataFrame], dict]:
-        """The hidden states entering the first adapted layer for every utterance, their texts and the
-        frozen sentence embeddings (tables prefix, texts, sentences), and counts for the log."""
+    def _split_from_files(self, utterances: pd.DataFrame, cleaning: pd.DataFrame
+                          ) -> tuple[dict[str, list[str]], pd.DataFrame, pd.DataFrame]:
+        """The intent lists of split_dir; the utterances with the column `usable`; the cleaning report with the
+        conflicting copies dropped. Raises naming file and line (module docstring) before any episode is drawn."""
+        d, folder = self.data, Path(self.data.split_dir)
+        split = text.read_split_files(folder, utterances)
+        for s, intents in split.items():
+            if len(intents) < d.n_way:
+                raise ValueError(f"{folder / text.SPLIT_FILES[s]}: n_way: {d.n_way} exceeds the {len(intents)} "
+                                 f"intents listed")
+        split_of = pd.Series({c: s for s, cs in split.items() for c in cs})
+        scope = utterances["label"].map(split_of).to_numpy()
+        drawable = np.ones(len(utterances), dtype=bool)
+        if d.train_pool != "full":  # pool: (R,) the pool line naming each utterance, or None
+            pool = text.pool_rows(text.pool_file(folder, d.train_pool), utterances, split["meta_train"],
+                                  d.source.text_col, d.source.label_col)
+            drawable = (scope != "meta_train") | pd.notna(pool)
+        copies = self._conflicting_copies(utterances, drawable, scope, folder)
+        utterances = utterances.assign(usable=drawable & ~copies)
+        if d.train_pool != "full":
+            self._check_pool(utterances, pool, split["meta_train"], folder)
+        dropped = utterances["source"][copies].tolist()
+        cleaning = cleaning.copy()
+        at = cleaning.index[cleaning["what"] == "conflicts_dropped"][0]
+        cleaning.at[at, "count"], cleaning.at[at, "examples"] = len(dropped), dropped[:5]
+        return split, utterances, cleaning
+
+    def _conflicting_copies(self, utterances: pd.DataFrame, drawable: np.ndarray, scope: np.ndarray,
+                            folder: Path) -> np.ndarray:
+        """(R,) bool: drawable copies of a text filed under two intents of one split (scope: each row's split), which
+        one episode could draw together; a ValueError naming two of them unless conflicting_labels is "drop"."""
+        key = normalized_text(utterances["text"])
+        copies = np.zeros(len(utterances), dtype=bool)
+        for s in SPLITS:  # one episode draws from one split (meta-training: from the pool)
+            copies |= conflicting(key, utterances["label"], drawable & (scope == s))
+        if copies.any() and self.data.conflicting_labels == "error":
+            same = copies & (key == key[copies].iloc[0]).to_numpy()
+            found = ", ".join(f"{src} ({lab!r})" for src, lab in utterances.loc[same, ["source", "label"]].to_numpy())
+            raise ValueError(f"{self.data.source.path}: {int(copies.sum())} utterances are filed under two intents of "
+                             f"one split of {folder}, e.g. {found}; fix the data, or set family.conflicting_labels: "
+                             "drop to drop every such copy")
+        return copies
+
+    def _check_pool(self, utterances: pd.DataFrame, pool: np.ndarray, train: list[str], folder: Path) -> None:
+        """Every training intent has k_shot + n_query usable pool utterances; else a ValueError naming the pool file
+        and the intent's first line there (or its line in labels.train.txt when the pool has none)."""
+        d, need = self.data, self.data.k_shot + self.data.n_query
+        in_pool = pd.notna(pool)
+        counts = utterances.loc[utterances["usable"].to_numpy() & in_pool, "label"].value_counts()
+        for intent in train:
+            if (n := int(counts.get(intent, 0))) < need:
+                lines = pool[(utterances["label"] == intent).to_numpy() & in_pool]
+                listed = folder / text.SPLIT_FILES["meta_train"]
+                where = lines[0] if len(lines) else f"{listed}:{dict(map(reversed, numbered_lines(listed)))[intent]}"
+                raise ValueError(f"{where}: intent {intent!r} has {n} usable utterances in the pool "
+                                 f"{text.pool_file(folder, d.train_pool).name}, fewer than k_shot + n_query: {need}")
+
+    def build_prefix(self, write: Callable[[str, pd.DataFrame], None]) -> dict:
+        """The hidden states entering the first adapted layer for every utterance (table prefix, handed to
+        write a chunk at a time), their texts and the frozen sentence embeddings (tables texts, sentences);
+        returns counts for the log."""
         utterances, _ = self.clean_utterances()
-        prefix, sentences, meta = text.encode_utterances(utterances["text"].tolist(), self.model_settings.top_layers,
-                                                         self.data.source.max_length)
-        return {"prefix": prefix, "texts": pd.DataFrame({"text": utterances["text"]}), "sentences": sentences}, meta
+        sentences, meta = text.stream_utterances(utterances["text"].tolist(), self.model_settings.top_layers,
+                                                 self.data.source.max_length, write)
+        write("texts", pd.DataFrame({"text": utterances["text"]}))
+        write("sentences", sentences)
+        return meta
 
     def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, None]:
-        """Every utterance's label; the row ids are the inputs (the model looks their prefix up)."""
-        return tables["utterances"]["label"].to_numpy(), None
+        """Every utterance's label, None where its split's episodes may not draw it (`drawable_labels`); the row
+        ids are the inputs (the model looks their prefix up)."""
+        return drawable_labels(tables["utterances"]), None
+
+    def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS, meta_batch_size: int = 4,
+             seed: int = 0) -> TaskData:
+        """`ClassificationTasks.open`, with the meta-test episodes ordered by their longest utterance in characters
+        (test_ids name each one's episode): a chunk of episodes adapted at once runs padded to its longest
+        utterance (`CachedTopEncoder`), so similar lengths per chunk cost least. Characters, a proxy for tokens,
+        need no prefix."""
+        data = super().open(tables, device, splits, meta_batch_size, seed)
+        if data.test is None:
+            return data
+        lengths = torch.tensor(tables["utterances"]["text"].str.len().to_numpy(dtype=np.int64), device=device)  # (U,)
+        longest = torch.maximum(lengths[data.test.x_spt].amax(1), lengths[data.test.x_qry].amax(1))  # (T,)
+        order = torch.argsort(longest, stable=True)
+        return dataclasses.replace(data, test=data.test.index(order), test_ids=data.test_ids[order.cpu().numpy()])
 
     # ---- the cached prefix
 
@@ -159,7 +265,7 @@ class TextTasks(ClassificationTasks):
         return text.frozen_names(model)
 
     def features(self, tables: Tables) -> pd.DataFrame:
-        test = self.open(tables, torch.device("cpu"), ["meta_test"]).test
+        test = ClassificationTasks.open(self, tables, torch.device("cpu"), ["meta_test"]).test  # in episode order
         emb = self.sentences(tables)
         return episode_features(emb[test.x_spt], test.y_spt).assign(split="meta_test").rename_axis("task_id")
 
@@ -185,6 +291,13 @@ class TextTasks(ClassificationTasks):
                             adapted=self.adapted(usual), **kw)
 
         return {"prototypes": prototypes, "linear_head": linear_head, "lora_finetune": lora_finetune}
+
+
+def drawable_labels(utterances: pd.DataFrame) -> np.ndarray:
+    """(R,) object: each utterance's label, or None where the column `usable` (split files) says its split's
+    episodes may not draw it (class_members skips None)."""
+    labels = utterances["label"].to_numpy(dtype=object)
+    return np.where(utterances["usable"].to_numpy(), labels, None) if "usable" in utterances else labels
 
 
 _PREFIX: dict = {}  # tables.token -> (hidden, mask): the decoded prefix, kept per process
