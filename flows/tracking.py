@@ -147,10 +147,11 @@ class Tracker:
         import mlflow.pyfunc
         from mlflow.models import Model
 
-        mlflow.set_tracking_uri(self.uri)  # log_model finalises and registers through the default client
         logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=run_id,
                                                  tags={k: str(v) for k, v in (tags or {}).items()})
-        with warnings.catch_warnings():  # no type hints, no input example: a task is a dict of arrays (flows/model.py)
+        # no type hints, no input example: a task is a dict of arrays (flows/model.py); log_model finalises and
+        # registers through MLflow's default client, pointed at this store only for the call
+        with warnings.catch_warnings(), default_uri(self.uri):
             warnings.simplefilter("ignore", UserWarning)
             info = Model.log(artifact_path=None, name="model", flavor=mlflow.pyfunc, run_id=run_id,
                              model_id=logged.model_id, python_model=str(code),
@@ -313,6 +314,26 @@ def task_set_inputs(entry: Path, digest: str, root: Path) -> tuple:
         entity = Dataset(**{**dataset, "profile": json.dumps({"num_rows": rows, "num_elements": rows * columns})})
         inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, split)]))
     return tuple(inputs)
+
+
+@contextlib.contextmanager
+def default_uri(uri: str):
+    """MLflow's default tracking URI set to uri for the block, then put back as it was: mlflow.set_tracking_uri
+    also writes $MLFLOW_TRACKING_URI, so left set it would send the next study in this process (another
+    project, a test) to this store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    saved_env, saved = os.environ.get("MLFLOW_TRACKING_URI"), utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        utils._tracking_uri = saved
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def process_tags() -> dict[str, str]:

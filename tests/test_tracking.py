@@ -2,6 +2,7 @@
 registered model that adapts on a support set, provenance tags, curves logged while training, the parameters
 that apply, one parent run for a cache-only rerun, artifacts, readable flow-run names and Cached states."""
 import importlib
+import os
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from flows.tracking import default_uri
 from test_pipeline import METHODS, runs_of, write_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,8 +149,9 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
 
     (version,) = client.search_model_versions("name = 'tiny-maml'")
     assert version.run_id == maml and children["maml"].data.tags["metapeft.model_version"] == str(version.version)
-    mlflow.set_tracking_uri(client.tracking_uri)
-    model = mlflow.pyfunc.load_model("models:/tiny-maml/1")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the pipeline left no default store behind for the next study
+    with default_uri(client.tracking_uri):
+        model = mlflow.pyfunc.load_model("models:/tiny-maml/1")
     points = pd.read_parquet(StageCache(project / "data").path("task_sets", first["keys"]["task_sets"])
                              / "meta_test.parquet")
     task = points[points["task_id"] == points["task_id"].iloc[0]]
