@@ -203,6 +203,9 @@ def conflicting(key: pd.Series, labels: pd.Series, drawable: np.ndarray) -> np.n
     return drawable & key.isin(per_key.index[per_key > 1]).to_numpy()
 
 
+_conflicting_rows = conflicting  # clean_examples' parameter `conflicting` shadows the name there
+
+
 CONFLICTS = ("error", "drop")  # an example under two labels: a named error, or every copy dropped
 
 
@@ -223,13 +226,12 @@ def clean_examples(table: pd.DataFrame, key: pd.Series, label: str = "label", co
     table[label] = labels.str.strip()
     name = next((table[c].astype(str) for c in ("source", "file") if c in table),
                 pd.Series([f"row {i + 1}" for i in table.index]))
-    per_key = pd.DataFrame({"key": key, "label": table[label]}).groupby("key")["label"].nunique()
-    conflicts = key.isin(per_key.index[per_key > 1])
+    conflicts = pd.Series(_conflicting_rows(key, table[label], np.ones(len(table), dtype=bool)))  # all drawable
     if conflicts.any() and conflicting == "error":
         first = key[conflicts].iloc[0]
         rows = table[key == first]
         found = ", ".join(f"{s} ({lab!r})" for s, lab in zip(name[rows.index], rows[label]))
-        raise ValueError(f"{where}{int(per_key.gt(1).sum())} examples are filed under more than one label, e.g. "
+        raise ValueError(f"{where}{key[conflicts].nunique()} examples are filed under more than one label, e.g. "
                          f"{found}; fix the data, or set family.conflicting_labels: drop to drop every copy")
     repeated = key.duplicated() & ~conflicts
     report = pd.DataFrame([

@@ -138,15 +138,15 @@ def _iterate(learner, opt, schedule, train, val, run, cfg, log) -> None:
         batch = train.index(meta_batch_indices(len(train), cfg.meta_batch_size, cfg.seed, it))
     opt.zero_grad(set_to_none=True)
     metrics = {"train_loss": learner.meta_backward(batch, it)}
-    rates = {"meta_lr": opt.param_groups[0]["lr"], **rates_in_force(learner.lrs)}
+    rates = lambda: {"meta_lr": opt.param_groups[0]["lr"], **rates_in_force(learner.lrs)}  # noqa: E731 (on failure)
     if not math.isfinite(metrics["train_loss"]):
-        raise Diverged(f"train_loss is {metrics['train_loss']}", iteration=it, rates=rates)
+        raise Diverged(f"train_loss is {metrics['train_loss']}", iteration=it, rates=rates())
     opt.step()
     if schedule is not None:
         schedule.step()
     learner.clip_()
-    if not all(torch.isfinite(p).all() for p in learner.parameters()):
-        raise Diverged("a meta-parameter became non-finite after the outer step", iteration=it, rates=rates)
+    if not torch.stack([torch.isfinite(p).all() for p in learner.parameters()]).all():  # one sync, not one a tensor
+        raise Diverged("a meta-parameter became non-finite after the outer step", iteration=it, rates=rates())
     run["iteration"] = it
     _record(run, it, metrics)
     if it % cfg.val_every == 0:

@@ -52,6 +52,7 @@ def content_key(payload: Any) -> str:
 class StageCache:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._verified: set[tuple] = set()  # (file, size, mtime_ns, sha256) already checked by this instance
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -68,8 +69,21 @@ class StageCache:
         if manifest is None:
             return False
         entry = self.path(stage, key)
-        return all((entry / name).is_file() and file_sha256(entry / name) == sha
-                   for name, sha in manifest["files"].items())
+        return all(self._matches(entry / name, sha) for name, sha in manifest["files"].items())
+
+    def _matches(self, file: Path, sha: str) -> bool:
+        """file's sha256 is sha; hashed once per (size, mtime) by this instance (a status walk over the entry
+        graph asks again for every entry downstream: a text prefix is hundreds of MB)."""
+        try:
+            stat = file.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (str(file), stat.st_size, stat.st_mtime_ns, sha)
+        if stamp not in self._verified:
+            if file_sha256(file) != sha:
+                return False
+            self._verified.add(stamp)
+        return True
 
     def digest(self, stage: str, key: str) -> str | None:
         """A hash of the entry's files (from its manifest): changes whenever its content does."""

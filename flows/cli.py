@@ -256,7 +256,7 @@ def _actions(plan, cache, only: set[str], force: set[str], needed: set[str], cho
     """entry -> what `run` would do with it, decided as the flow decides: an entry of a --stage or --force stage
     is recomputed (the text prefix only when not cached); a partial run reads the stages before it from the
     cache; an entry downstream of one recomputed is recomputed only if what it reads changes."""
-    graph, memo = plan.graph(), {}
+    graph, memo = plan.graph, {}
 
     def decide(entry) -> str:
         kind, key = entry

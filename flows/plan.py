@@ -13,6 +13,7 @@ checkpoint), and for the checkpoint folder also the number of iterations.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,7 @@ class Plan:
         return (("evaluate", self.keys["evaluate"]), ("baselines", self.keys["baselines"]))
 
 
+    @functools.cached_property
     def graph(self) -> dict[Entry, tuple[Entry, ...]]:
         """Every entry of the study and the entries it is computed from."""
         g: dict[Entry, tuple[Entry, ...]] = {entry: () for entry in self.data}
@@ -87,7 +89,7 @@ class Plan:
 
     def status(self, cache, stage: str, key: str) -> str:
         """"cached", "missing" or "stale" (its own inputs, or theirs, changed since it was computed)."""
-        graph, memo = self.graph(), {}
+        graph, memo = self.graph, {}
 
         def status(entry: Entry) -> str:
             if entry not in memo:

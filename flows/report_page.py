@@ -13,7 +13,6 @@ import html
 import io
 import json
 import platform
-import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -26,7 +25,7 @@ from components.significance import verdict_p
 from flows.answer import Answer, study_answer
 from flows.cache import DIVERGED, HISTORY, VALIDATION, StageCache
 from flows.config import StudyConfig
-from flows.report import _pair_p, _pyplot, method_color, method_colors
+from flows.report import _algorithm, _pair_p, _pyplot, method_color, method_colors
 
 VALIDATION_PAGE = "validation.html"  # beside the report
 PACKAGES = ("torch", "prefect", "mlflow", "great_expectations", "pandas", "scipy")
@@ -142,8 +141,8 @@ def forest_section(comparisons: pd.DataFrame, methods: list[str], reference: str
     return [f"<h2>Paired differences to {_e(reference)}</h2>",
             _img_bytes(png(figure), f"forest plot: each method minus {reference}"),
             f"<p class='meta'>Each row: the mean over the same meta-test episodes of (method &minus; {_e(reference)}), "
-            f"with its {sig.confidence:.0%} t-interval; p: paired t-test, Holm-adjusted over all {len(comparisons)} "
-            f"pairs; * p &lt; {sig.alpha:g}.</p>"]
+            f"with its {sig.confidence:.0%} t-interval; p: the larger of the paired t-test and Wilcoxon p, each "
+            f"Holm-adjusted over all {len(comparisons)} pairs (both must agree); * p &lt; {sig.alpha:g}.</p>"]
 
 
 def page(title: str, body: str) -> str:
@@ -199,7 +198,8 @@ def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame) -> str:
                          f"{mt.inner_steps} inner step(s)",
         "test-time steps": str(cfg.evaluate.steps),
         "seeds": ", ".join(map(str, cfg.seeds)) if cfg.seeds else f"{cfg.seed} (one)",
-        "tests": f"paired t-test (Wilcoxon beside it), Holm over all pairs; {cfg.significance.confidence:.0%} CI, "
+        "tests": f"paired t-test and Wilcoxon, Holm over all pairs, a difference when both agree; "
+                 f"{cfg.significance.confidence:.0%} CI, "
                  f"\u03b1 = {cfg.significance.alpha:g}",
         "code": git_commit(),
         "packages": ", ".join(f"{k} {v}" for k, v in versions().items()),
@@ -208,16 +208,15 @@ def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame) -> str:
 
 
 def git_commit() -> str:
-    """The commit of this code when the report is written, "+ changes" when tracked files differ from it."""
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=repo, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    """The commit of this code (the runs' provenance tags, `tracking.context_tags`), "+ uncommitted changes"
+    when tracked files differ from it."""
+    from flows.tracking import context_tags
+
+    tags = context_tags()
+    if "mlflow.source.git.commit" not in tags:
         return "- (no git)"
-    return f"{commit}{' + uncommitted changes' if dirty else ''} (at report time)"
+    dirty = tags.get("metapeft.git.dirty") == "true"
+    return f"{tags['mlflow.source.git.commit'][:10]}{' + uncommitted changes' if dirty else ''} (at report time)"
 
 
 def versions() -> dict[str, str]:
@@ -235,7 +234,7 @@ def versions() -> dict[str, str]:
 def results_table(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str | None,
                   alpha: float, confidence: float, colors: dict[str, str]) -> str:
     """One row per method (summary: index method, columns n, mean, ci_low, ci_high; best first) with
-    its Holm-corrected paired t-test p against `reference`; bold: the best method."""
+    its verdict p against `reference` (both Holm-adjusted tests: `verdict_p`); bold: the best method."""
     head = (f"<tr><th>method</th><th>n</th><th>mean {_e(metric)}</th><th>{confidence:.0%} CI</th>"
             f"<th>p (Holm) vs {_e(reference or '-')}</th></tr>")
     rows = []
@@ -332,7 +331,7 @@ def training_figure(histories: dict[str, pd.DataFrame], colors: dict[str, str]):
     styles, seen = ("-", "--", ":", "-."), {}
     for label, history in histories.items():
         val = history[history["metric"] == "val_loss"]
-        algorithm = label.split("/seed")[0]
+        algorithm = _algorithm(label)
         seen[algorithm] = seen.get(algorithm, -1) + 1
         ax.plot(val["iteration"], val["value"], marker="o", ms=3, label=label, color=method_color(colors, label),
                 ls=styles[seen[algorithm] % len(styles)])

@@ -124,9 +124,8 @@ def _load_items(cfg: StudyConfig) -> tuple[pd.DataFrame, dict[str, str]]:
     if f.kind == "omniglot":
         images = omniglot.load_omniglot(Path(f.path), f.image_size, cfg.transfer.groups or None)
         images = images[images["background"]].sort_values(["character", "drawing"], ignore_index=True)
-        images, _ = clean_examples(images.assign(label=images["character"]), pixel_keys(images["pixels"]), "label",
-                                   f.conflicting_labels, f"{f.path}: identical drawings: ")
-        items = images
+        items, _ = clean_examples(images.assign(label=images["character"]), pixel_keys(images["pixels"]), "label",
+                                  f.conflicting_labels, f"{f.path}: identical drawings: ")
         return items, dict(zip(items["label"], items["alphabet"]))
     utterances, _ = family_for(cfg).clean_utterances()  # what the shared prefix entry was encoded from
     if "domain" not in utterances:
@@ -186,7 +185,8 @@ class GroupTasks:
     def batch(self, rows: torch.Tensor, k_shot: int | None = None):
         """rows (T, N, K+Q) item ids -> an episode batch of model inputs (images, or the rows themselves)."""
         b = episodes_from_rows(rows, k_shot or self.cfg.family.k_shot)
-        return (gather(b.to(self.dev), self.images) if self.images is not None else b).to(self.dev)
+        b = b.to(self.dev)
+        return gather(b, self.images) if self.images is not None else b
 
     def fixed(self, group: str, purpose: str):
         table = self.episodes[(self.episodes["group"] == group) & (self.episodes["purpose"] == purpose)]

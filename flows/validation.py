@@ -96,6 +96,11 @@ def validate(name: str, tables: dict[str, tuple[pd.DataFrame, Callable]], failur
     return report
 
 
+def e(gx):
+    """The expectation classes of the great_expectations module `gx` (imported lazily by `validate`)."""
+    return gx.expectations
+
+
 def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
     """Image shape and range, K + Q to 20 drawings per character (a duplicate is dropped), no class or character
     in two splits, and every episode N classes x (K + Q) distinct drawings of its own classes (episodes:
@@ -120,9 +125,6 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
         at = rows["row"].to_numpy()[inside]
         row_label[rows.index[inside]] = labels[at]
         example[rows.index[inside]] = [f"{k}@{d}" for k, d in zip(keys[index[at]], degrees[at])]
-
-    def e(gx):
-        return gx.expectations
 
     tables = {
         "images": (per_image, lambda gx: [
@@ -162,9 +164,6 @@ def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes:
         row_label[rows.index] = names.reindex(rows["row"].to_numpy()).to_numpy()
         example[rows.index] = pd.Series(keys[in_split].to_numpy()).reindex(rows["row"].to_numpy()).to_numpy()
 
-    def e(gx):
-        return gx.expectations
-
     tables = {
         "images": (per_image, lambda gx: [
             e(gx).ExpectColumnValuesToBeInSet(column="channels", value_set=[family.channels]),
@@ -191,9 +190,6 @@ def _episode_suites(rows: pd.DataFrame, family) -> dict:
     per_episode = rows.groupby(["split", "episode"]).agg(
         n_way=("label", "nunique"), n_rows=("row", "nunique"), n_examples=("row", "size"),
         n_distinct=("example", "nunique")).reset_index()  # example: the content (normalised text, pixels)
-
-    def e(gx):
-        return gx.expectations
 
     return {
         "episode_rows": (rows, lambda gx: [
@@ -228,9 +224,6 @@ def validate_text(utterances: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     rows = episodes.assign(row_label=utterances["label"].to_numpy()[at],
                            row_split=lambda t: t["row_label"].map(split_of),
                            example=normalized_text(utterances["text"]).to_numpy()[at])
-
-    def e(gx):
-        return gx.expectations
 
     tables = {
         "utterances": (utterances.assign(n_chars=utterances["text"].str.strip().str.len()), lambda gx: [
