@@ -305,7 +305,7 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
                             prebuilt=["task_sets"] if built else None)
     except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
-    hits = sum(out["hits"].values()) - built  # the task sets built just before were computed, not cached
+    hits = sum(out["hits"].values())
     click.echo(f"\nstudy {config}: {len(out['hits'])} stage entries, {hits} from cache, "
                f"{time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}")
     if out["results"]:

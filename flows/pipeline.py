@@ -151,7 +151,7 @@ class Run:
             meta = cache.manifest(stage, key)["meta"] if status != "missing" else {}
             if not forced and status == "cached" and not (redo and redo(meta)):
                 logger.info("%s [%s]: cache hit", stage, key)
-                self.hits[f"{stage}/{key}"] = True
+                self.hits[f"{stage}/{key}"] = stage not in self.prebuilt  # built by the caller just before: computed
                 return cache.path(stage, key), meta
             logger.info("%s [%s]: computing%s", stage, key, " (its inputs changed)" if status == "stale" else "")
             start, meta = time.perf_counter(), {}

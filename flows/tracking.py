@@ -289,8 +289,9 @@ def relocate_artifacts(db: Path, location: str | None) -> str | None:
 
 @functools.lru_cache(maxsize=4)
 def task_set_inputs(entry: Path, digest: str, root: Path) -> tuple:
-    """The task-set tables of a cache entry as MLflow dataset inputs: name = the table, digest = the entry's
-    content digest (StageCache.digest), source = the Parquet file relative to the project, context = the split
+    """The task-set tables of a cache entry as MLflow dataset inputs: name = the table, digest = the table's own
+    content digest (its sha256 in the entry's manifest; `digest`, the entry's, when the manifest lacks it),
+    source = the Parquet file relative to the project, context = the split
     the table belongs to (meta_train, meta_val, meta_test) or "all" (items and classes of every split).
     Only the Parquet footers are read: the schema from an empty frame, the row count from the metadata."""
     import json
@@ -301,6 +302,8 @@ def task_set_inputs(entry: Path, digest: str, root: Path) -> tuple:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+    files = json.loads((entry / "manifest.json").read_text()).get("files", {}) if (entry / "manifest.json").exists() \
+        else {}
     inputs = []
     for file in sorted(entry.glob("*.parquet")):
         split = next((s for s in ("meta_train", "meta_val", "meta_test") if file.stem.endswith(s)), "all")
@@ -309,7 +312,7 @@ def task_set_inputs(entry: Path, digest: str, root: Path) -> tuple:
         with warnings.catch_warnings():  # MLflow's local source is registered twice ("" and file:), and the
             warnings.simplefilter("ignore", UserWarning)  # schema hints that int columns cannot hold missing values
             dataset = mlflow.data.from_pandas(footer.schema_arrow.empty_table().to_pandas(), source=source,
-                                              name=file.stem, digest=digest).to_dict()
+                                              name=file.stem, digest=files.get(file.name, digest)[:16]).to_dict()
         rows, columns = footer.metadata.num_rows, len(footer.schema_arrow)
         entity = Dataset(**{**dataset, "profile": json.dumps({"num_rows": rows, "num_elements": rows * columns})})
         inputs.append(DatasetInput(entity, [InputTag(MLFLOW_DATASET_CONTEXT, split)]))

@@ -118,10 +118,12 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
     first = state.result()
     client, parent, children = runs_of(project, first["run_id"])
 
-    digest = StageCache(project / "data").digest("task_sets", first["keys"]["task_sets"])
-    for run in (parent, *children.values()):  # every run: the task sets, with the entry's digest and their split
+    files = StageCache(project / "data").manifest("task_sets", first["keys"]["task_sets"])["files"]
+    digest = {s: files[f"{s}.parquet"][:16] for s in ("meta_train", "meta_val", "meta_test")}
+    assert len(set(digest.values())) == 3  # each table its own content digest
+    for run in (parent, *children.values()):  # every run: the task sets, each with its digest and its split
         inputs = {(i.dataset.name, i.dataset.digest): {t.value for t in i.tags} for i in run.inputs.dataset_inputs}
-        assert inputs == {(s, digest): {s} for s in ("meta_train", "meta_val", "meta_test")}
+        assert inputs == {(s, digest[s]): {s} for s in ("meta_train", "meta_val", "meta_test")}
 
     tags = parent.data.tags
     assert {"mlflow.source.name", "mlflow.source.type", "mlflow.user"} <= set(tags)
