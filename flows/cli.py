@@ -6,11 +6,13 @@ A click group. Prefect and MLflow are imported inside the commands that need the
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from datetime import datetime
@@ -290,6 +292,8 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     from flows.validation import ValidationFailed
 
     start = time.perf_counter()
+    all_cached = not force and _all_cached(cfg, root, set(only))
+    server_ready = None if all_cached else _start_prefect_server()  # its start overlaps the task sets' build
     built = False
     try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
         if not only or "task_sets" in only:  # a later stage run alone reads the task sets from the cache
@@ -298,11 +302,15 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
         return fail(f"{e} (family.path in {config})", 1)
     except (ValidationFailed, CacheWriteError, ValueError) as e:
         return fail(str(e), 1)
-    from flows.pipeline import MissingUpstream, meta_pipeline
+    from flows.pipeline import MissingUpstream, meta_pipeline, run_cached
 
     try:
-        out = meta_pipeline(config_path=config, stages=only or None, force=force or None, overrides=overrides or None,
-                            prebuilt=["task_sets"] if built else None)
+        if all_cached and not built:
+            out = run_cached(config_path=config, stages=only or None, overrides=overrides or None)
+        else:
+            (server_ready or _start_prefect_server())()
+            out = meta_pipeline(config_path=config, stages=only or None, force=force or None,
+                                overrides=overrides or None, prebuilt=["task_sets"] if built else None)
     except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
     hits = sum(out["hits"].values())
@@ -311,6 +319,35 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     if out["results"]:
         click.echo(out["results"])
     return 0
+
+
+def _all_cached(cfg, root: Path, only: set[str]) -> bool:
+    """Every entry this run needs is cached, nothing is unfinished or stale: the run needs no Prefect."""
+    from flows.plan import STAGES, needed_stages, stage_entries
+
+    plan, cache = _plan(cfg, root)
+    action = _actions(plan, cache, only, set(), set(needed_stages(only, cfg)), "--stage")
+    return all(action(entry) in ("cache", "not run") for stage in STAGES for entry in stage_entries(plan, stage).values())
+
+
+def _start_prefect_server():
+    """Start Prefect's temporary server (about 7 s of CPU in its own process) in a thread now, so that its start
+    overlaps what runs before the flow; returns the wait for it. Nothing to start when PREFECT_API_URL names a
+    server. A start that fails here is tried again, and reported, by the flow's own client."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return lambda: None
+
+    def start() -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    return thread.join
 
 
 def preflight(cfg, root: Path, rebuild: bool = False) -> bool:

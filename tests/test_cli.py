@@ -238,3 +238,18 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert cli.main(["export", first, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == records
     assert cli.main(["compare", first, "no-such-run"]) == 2
+    capsys.readouterr()
+
+    (project / "significance.moved").rename(significance)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        flow_runs = len(client.read_flow_runs())
+        assert cli.main(["run", "--config", config]) == 0  # every entry cached: the flow's body, no Prefect
+        assert len(client.read_flow_runs()) == flow_runs
+    third = capsys.readouterr().out.split("MLflow run ")[1].split()[0]
+    tags = {run: cli._client(project).get_run(run).data.tags for run in (first, third)}
+    assert tags[first]["metapeft.orchestrator"] == "prefect" and tags[first]["metapeft.cache_misses"] != "0"
+    assert tags[third]["metapeft.orchestrator"].startswith("none") and tags[third]["metapeft.cache_misses"] == "0"
+    assert cli.main(["export", third, "--format", "json"]) == 0
+    assert [r | {"run_id": first} for r in json.loads(capsys.readouterr().out)] == records
