@@ -6,9 +6,9 @@ from scipy.spatial.distance import cdist
 from torch import nn
 
 from components.conv4 import Conv4, Conv4Config
-from components.task2vec import (DISTANCES, LABEL_MODES, Task2VecConfig, conv4_probe, conv4_task2vec, fisher_diagonal,
-                                 fisher_labels, fit_head, module_probe, pairwise_distances, predictive, task2vec,
-                                 unit_fisher)
+from components.task2vec import (DISTANCES, LABEL_MODES, Task2VecConfig, conv4_probe, conv4_task2vec, distinct_rows,
+                                 fisher_diagonal, fisher_labels, fit_head, module_probe, pairwise_distances, predictive,
+                                 task2vec, unit_fisher)
 
 N_WAY = 3
 
@@ -100,6 +100,47 @@ def test_conv4_fisher_matches_per_example_loop():
     head = (torch.randn(N_WAY, 3, dtype=torch.float64), torch.zeros(N_WAY, dtype=torch.float64))
     labels, weights = fisher_labels(predictive(probe, head, x), y, "sampled", 4, torch.Generator().manual_seed(0))
     assert_fisher_close(fisher_diagonal(probe, head, x, labels, weights), loop_fisher(probe, head, x, labels, weights))
+
+
+@pytest.mark.parametrize("mode", LABEL_MODES)
+def test_conv4_unfolded_fisher_matches_float64_loop(mode):
+    # 12 -> 6 -> 3 -> 2 -> 1: three of the four transposed convolutions need an output_padding; LoRA merges
+    # adapters into the kernels; 7 draws from 3 classes repeat labels, which unfold merges into fewer rows.
+    torch.manual_seed(0)
+    model = Conv4(Conv4Config(n_way=N_WAY, hidden=4, image_size=12, lora_rank=2, lora_b_std=0.1)).double()
+    x, y = torch.randn(5, 1, 12, 12, dtype=torch.float64), torch.arange(5) % N_WAY
+    probe = conv4_probe(model, x)
+    head = (torch.randn(N_WAY, 4, dtype=torch.float64), torch.randn(N_WAY, dtype=torch.float64))
+    labels, weights = fisher_labels(predictive(probe, head, x), y, mode, 7, torch.Generator().manual_seed(0))
+    expected = loop_fisher(probe, head, x, labels, weights)
+    unfolded = fisher_diagonal(probe, head, x, labels, weights, method="unfold")
+    assert_fisher_close(unfolded, expected)
+    assert_fisher_close(fisher_diagonal(probe, head, x, labels, weights, chunk_size=2), expected)  # the default
+    # what a batch gradient gives instead: the square of the mean gradient, far from the mean of the squares
+    params = {k: v.clone().requires_grad_() for k, v in probe.params.items()}
+    log_p = F.log_softmax(probe.features(params, x) @ head[0].T + head[1], -1)
+    grads = torch.autograd.grad((weights * log_p.gather(1, labels)).sum() / len(x), list(params.values()))
+    wrong = max(((g.square() - expected[k]).abs().max() / expected[k].abs().max()).item()
+                for k, g in zip(params, grads))
+    assert wrong > 0.1
+
+
+def test_distinct_rows_merge_repeated_draws_and_drop_zero_weights():
+    labels, weights = torch.tensor([[0, 2, 0, 2], [1, 1, 1, 1]]), torch.tensor([[0.25] * 4, [0.25, 0.25, 0.5, 0.0]])
+    example, label, weight = distinct_rows(labels, weights, 3)
+    assert example.tolist() == [0, 0, 1] and label.tolist() == [0, 2, 1]
+    torch.testing.assert_close(weight, torch.tensor([0.5, 0.5, 1.0]))
+    expected = distinct_rows(torch.arange(3).expand(2, 3), torch.tensor([[0.2, 0.0, 0.8], [0.1, 0.3, 0.6]]), 3)
+    assert expected[0].tolist() == [0, 0, 1, 1, 1] and expected[1].tolist() == [0, 2, 0, 1, 2]
+
+
+def test_fisher_method_must_exist_for_the_probe():
+    probe, head, x, y = mlp_probe()
+    labels, weights = fisher_labels(predictive(probe, head, x), y, "empirical", 1)
+    with pytest.raises(ValueError, match="no unfolded Fisher"):
+        fisher_diagonal(probe, head, x, labels, weights, method="unfold")
+    with pytest.raises(ValueError, match="method"):
+        fisher_diagonal(probe, head, x, labels, weights, method="backpack")
 
 
 def test_linear_probe_expected_fisher_closed_form():
