@@ -3,8 +3,9 @@
 Two ways to compute the same study, each in a fresh subprocess on an empty project (so every stage
 computes), run interleaved for --rounds rounds (the order alternates between rounds):
 
-    pipeline  `meta_pipeline(config)`: the temporary Prefect server, one task per stage and unit, GX
-              validation of the task sets, MLflow parent and nested runs, the HTML report.
+    pipeline  `metapeft run --config CONFIG` (in-process, `flows.cli.main`): the task sets built and validated
+              by GX before the flow while the temporary Prefect server starts in a thread, then the flow:
+              one task per stage and unit, MLflow parent and nested runs, the HTML report.
     bare      the same `flows.stages` calls in the same order on the same stage cache and plan keys,
               the same report; no Prefect, no MLflow, GX validation replaced by a stub. The child
               asserts that none of the three was imported.
@@ -20,7 +21,11 @@ creation included), imports; what is left is the Prefect engine (flow and task r
 and log shipping) plus noise. Both sides must produce identical meta-test and baseline tables
 (asserted). --iterations shortens meta-training (and is recorded); the share holds for that length.
 
-    python benchmarks/overhead.py [--config configs/quick.yaml] [--iterations N] [--rounds 2] [--out PATH]
+After each round, in the pipeline's project, what a user runs next is timed as a process (AFTER_COLD):
+the fully cached rerun (`metapeft run`, asserted to compute nothing; also as a share of the cold run),
+`metapeft stages` and `metapeft run --dry-run`.
+
+    python benchmarks/overhead.py [--config configs/quick.yaml] [--iterations N] [--rounds 3] [--out PATH]
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,8 +62,10 @@ COMPARED_TABLES = (("evaluate", "results"), ("baselines", "results"), ("signific
 
 
 class Stopwatch:
-    """Wall and CPU seconds (this process, all threads) spent inside wrapped callables, per bucket; a call
-    made inside a call of the same bucket (Tracker.log_metrics -> log_curves) counts once."""
+    """Wall and CPU seconds spent inside wrapped callables, per bucket; a call made inside a call of the same
+    bucket (Tracker.log_metrics -> log_curves) counts once. On the main thread CPU is the process's (all
+    threads); on another thread (the Prefect server's start, overlapping the task sets' build) it is that
+    thread's own, and its wall time goes to `<bucket>_overlapped`, outside the split of the wall overhead."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -70,12 +78,14 @@ class Stopwatch:
             yield
             return
         self._depth[bucket] += 1
-        start, cpu = time.perf_counter(), time.process_time()
+        main = threading.current_thread() is threading.main_thread()
+        cpu_clock = time.process_time if main else time.thread_time  # a thread's own CPU: it overlaps the main's
+        start, cpu = time.perf_counter(), cpu_clock()
         try:
             yield
-        finally:
-            self.seconds[bucket] += time.perf_counter() - start
-            self.cpu_seconds[bucket] += time.process_time() - cpu
+        finally:  # a background thread's wall time overlaps other work: kept apart, out of the overhead split
+            self.seconds[bucket if main else f"{bucket}_overlapped"] += time.perf_counter() - start
+            self.cpu_seconds[bucket] += cpu_clock() - cpu
             self._depth[bucket] -= 1
 
     def wrap(self, bucket: str, fn: Callable) -> Callable:
@@ -140,9 +150,12 @@ def _patch_common(watch: Stopwatch, callers) -> None:
 
 
 def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -> None:
+    """`metapeft run --config CONFIG --set ...` as a user runs it: the task sets built and validated before
+    the flow, the temporary Prefect server started meanwhile, then the flow."""
     with watch.timing("import"):
         import flows.pipeline as pipeline
-        from flows import tracking
+        import flows.stages.task_sets as task_sets
+        from flows import cli, tracking
     with watch.timing("prefect_server_import"):  # done by the client's first call anyway
         from prefect.server.api.server import SubprocessASGIServer
     watch.patch("prefect_server_start", SubprocessASGIServer, "start")
@@ -157,10 +170,15 @@ def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -
     SubprocessASGIServer.stop = stop_counting_server_cpu
     watch.patch("mlflow", tracking.Tracker, *TRACKER_METHODS)
     _patch_common(watch, pipeline)
+    watch.patch("compute", task_sets, "build_task_sets")  # the CLI's preflight imports it from there
+    flow, outs = pipeline.meta_pipeline, []
+    pipeline.meta_pipeline = lambda **kwargs: outs.append(flow(**kwargs)) or outs[-1]
     start = time.perf_counter()
-    out = pipeline.meta_pipeline(config_path=config, overrides=overrides)
+    sets = [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
+            for key, value in values.items()]
+    assert cli.main(["run", "--config", config, *sets]) == 0, "metapeft run failed"
     record["flow_s"] = time.perf_counter() - start
-    assert not any(out["hits"].values()), f"not a cold run, cache hits: {out['hits']}"
+    assert outs and not any(outs[0]["hits"].values()), f"not a cold run, cache hits: {outs and outs[0]['hits']}"
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -210,6 +228,7 @@ def bare_study(cfg, root: Path, plan, cache, stages, write_table) -> None:
     import torch
 
     from flows import report, report_page
+    from flows.cache import DIVERGED, RESULTS
 
     keys, family, ev, dev = plan.keys, plan.family, cfg.evaluate, torch.device("cpu")
     entry = lambda stage, key, compute: _write_entry(cache, stage, key, compute)  # noqa: E731
@@ -224,21 +243,29 @@ def bare_study(cfg, root: Path, plan, cache, stages, write_table) -> None:
         checkpoint = cache.root / "checkpoints" / plan.checkpoint_keys[label] / "checkpoint.pt"
         entry("meta_train", key, lambda out: stages.train_unit(family, tables, plan.settings[label], dev, out,
                                                                checkpoint))
-    parts = []
     for label, (algorithm, _) in plan.units.items():
-        state = cache.path("meta_train", plan.algorithm_keys[label]) / "state.pt"
-        entry("evaluate_parts", plan.part_key(label), lambda out: parts.append(stages.score_unit(
-            family, tables, plan.settings[label], state, ev.steps, ev.score_every, ev.chunk, algorithm, dev, out)))
-    entry("evaluate", keys["evaluate"], lambda out: write_table(pd.concat(parts, ignore_index=True), out, "results"))
+        trained = cache.path("meta_train", plan.algorithm_keys[label])
+        entry("evaluate_parts", plan.part_key(label), lambda out: stages.score_unit(
+            family, tables, plan.settings[label], trained, ev.steps, ev.score_every, ev.chunk, algorithm, dev, out))
+
+    def join_parts(out: Path) -> None:
+        for table in (RESULTS, DIVERGED):
+            parts = [cache.read_table("evaluate_parts", plan.part_key(label), table) for label in plan.units]
+            write_table(pd.concat(parts, ignore_index=True), out, table)
+
+    entry("evaluate", keys["evaluate"], join_parts)
     entry("baselines", keys["baselines"], lambda out: stages.run_baselines(
         family, tables, ev.steps, ev.score_every, ev.chunk, cfg.seed, dev, out))
-    results = pd.concat([cache.read_table("evaluate", keys["evaluate"], "results"),
-                         cache.read_table("baselines", keys["baselines"], "results")])
+    both = {t: pd.concat([cache.read_table(s, keys[s], t) for s in ("evaluate", "baselines")], ignore_index=True)
+            for t in (RESULTS, DIVERGED)}
+    sig = cfg.significance
     entry("significance", keys["significance"], lambda out: stages.compare(
-        results, family.metric, family.lower_is_better, cfg.significance.confidence, out))
-    summary = cache.read_table("significance", keys["significance"], "summary").set_index("method")
-    comparisons = cache.read_table("significance", keys["significance"], "comparisons")
-    text = report.results_text(summary, comparisons, family.metric, family.reference, cfg.significance.alpha)
+        both[RESULTS], both[DIVERGED], family.metric, family.lower_is_better, sig.confidence, sig.alpha, out))
+    path = cache.path("significance", keys["significance"])
+    summary = pd.read_parquet(path / "summary.parquet").set_index("method")
+    comparisons = pd.read_parquet(path / "comparisons.parquet")
+    text = report.results_text(summary, comparisons, family.metric, family.reference, sig.alpha, sig.confidence,
+                               pd.read_parquet(path / f"{DIVERGED}.parquet"))
     (root / "results.txt").write_text(text + "\n")
     report_page.study_report(cfg, cache, keys, plan.algorithm_keys, root / "reports" / "bare" / "report.html")
 
@@ -264,6 +291,43 @@ def run_child(mode: str, config: str, overrides: dict, workdir: Path) -> dict:
         raise RuntimeError(f"{mode} child failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}")
     return {**json.loads(report.read_text()), "wall_s": wall, "cpu_s": cpu, "loadavg_1m_before": load,
             "loadavg_1m_after": os.getloadavg()[0], "project": project}
+
+
+AFTER_COLD = {  # what a user runs next in the project the cold run left: metapeft ARGS, timed as a process
+    "cached_rerun": ["run"],
+    "stages": ["stages"],
+    "dry_run": ["run", "--dry-run"],
+}
+
+
+def after_cold(project: Path, config: str, overrides: dict) -> dict[str, dict]:
+    """Wall and CPU seconds of each AFTER_COLD command in the cold pipeline run's project; the cached rerun
+    must take every entry from the cache (its summary line says so: asserted)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    sets = [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
+            for key, value in values.items()]
+    timings = {}
+    for name, args in AFTER_COLD.items():
+        cmd = [str(Path(sys.executable).with_name("metapeft")), args[0], "--config", config, *sets, *args[1:]]
+        start, cpu = time.perf_counter(), children_cpu_seconds()
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        timings[name] = {"wall_s": time.perf_counter() - start, "cpu_s": children_cpu_seconds() - cpu}
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+        if name == "cached_rerun":
+            counts = [line for line in done.stdout.splitlines() if " stage entries, " in line]
+            entries, hits = (int(x.split()[0]) for x in counts[-1].split(": ", 1)[1].split(", ")[:2])
+            assert hits == entries, f"the rerun computed something: {counts[-1]}"
+    return timings
+
+
+def summarize_after(rounds: list[dict]) -> dict:
+    """Medians over rounds of the AFTER_COLD commands, the cached rerun also as a share of the cold run."""
+    med = {name: {clock: statistics.median(r["after"][name][clock] for r in rounds) for clock in ("wall_s", "cpu_s")}
+           for name in AFTER_COLD}
+    cold = statistics.median(r["pipeline"]["wall_s"] for r in rounds)
+    return {**med, "cold_run_wall_s": cold, "cached_rerun_share_of_cold": med["cached_rerun"]["wall_s"] / cold}
 
 
 def children_cpu_seconds() -> float:
@@ -310,6 +374,9 @@ def main() -> None:
                 side = round_[mode] = run_child(mode, config, overrides, workdir)
                 print(f"round {i} {mode:<8} wall {side['wall_s']:7.1f} s  CPU {side['cpu_s']:7.1f} s  "
                       f"(load {side['loadavg_1m_before']:.2f})", flush=True)
+            round_["after"] = after_cold(round_["pipeline"]["project"], config, overrides)
+            print(f"round {i} after    " + "  ".join(f"{k} {v['wall_s']:.2f} s" for k, v in round_["after"].items()),
+                  flush=True)
             tables = {m: meta_test_tables(round_[m].pop("project"), config, overrides) for m in MODES}
             assert_same_results(tables["pipeline"], tables["bare"])
             rounds.append(round_)
@@ -320,7 +387,7 @@ def main() -> None:
 def write_result(args, overrides: dict, rounds: list[dict], summary) -> dict:
     """The JSON of the rounds so far (rewritten after each round: a cut-short run keeps what it measured)."""
     result = {"config": args.config, "overrides": overrides, "wall": summarize(rounds, "wall"),
-              "cpu": summarize(rounds, "cpu"), "same_meta_test_results": True,
+              "cpu": summarize(rounds, "cpu"), "after_cold": summarize_after(rounds), "same_meta_test_results": True,
               "meta_test_summary": json.loads(summary.to_json(orient="records")), "machine": _machine(),
               "rounds": rounds}
     write_json_atomic(result, Path(args.out))
@@ -343,6 +410,10 @@ def table(result: dict) -> str:
     lines += ["per-round share, wall: " + ", ".join(f"{s:.1%}" for s in wall["share_per_round"])
               + "; CPU: " + ", ".join(f"{s:.1%}" for s in cpu["share_per_round"]),
               "meta-test tables identical in both: yes (asserted)"]
+    after = result["after_cold"]
+    lines += [f"then, in the cold run's project (median wall s): cached rerun {after['cached_rerun']['wall_s']:.2f} "
+              f"({after['cached_rerun_share_of_cold']:.1%} of the cold run), stages {after['stages']['wall_s']:.2f}, "
+              f"run --dry-run {after['dry_run']['wall_s']:.2f}"]
     return "\n".join(lines)
 
 
@@ -357,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="meta_train.iterations (default: the config's)")
     p.add_argument("--pretrain-iterations", type=int, default=None, help="baselines.pretrain_iterations")
     p.add_argument("--overrides", default=None, help="JSON {section: {key: value}}, as meta_pipeline takes")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)

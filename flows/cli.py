@@ -395,8 +395,10 @@ def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...]
 
 @cli.command()
 @click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", help="The study config.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets,
+              help="Override a config value, as `run --set` does (repeatable): the entries of that run.")
 @click.pass_obj
-def stages(root: Path, config: str) -> int:
+def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     """Each cache entry's key and state.
 
     States: cached, missing, stale (an entry it reads changed since; for the task sets, an input file), or
@@ -405,9 +407,9 @@ def stages(root: Path, config: str) -> int:
     from flows.plan import STAGES, stage_entries
 
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, parse_sets(sets))
     except ConfigError as e:
-        return fail(str(e), 2)
+        return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
     try:
         plan, cache = _plan(cfg, root)
     except FileNotFoundError as e:

@@ -210,13 +210,12 @@ def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame) -> str:
 def git_commit() -> str:
     """The commit of this code (the runs' provenance tags, `tracking.context_tags`), "+ uncommitted changes"
     when tracked files differ from it."""
-    from flows.tracking import context_tags
+    from flows.tracking import code_commit
 
-    tags = context_tags()
-    if "mlflow.source.git.commit" not in tags:
+    if (found := code_commit()) is None:
         return "- (no git)"
-    dirty = tags.get("metapeft.git.dirty") == "true"
-    return f"{tags['mlflow.source.git.commit'][:10]}{' + uncommitted changes' if dirty else ''} (at report time)"
+    commit, dirty = found
+    return f"{commit[:10]}{' + uncommitted changes' if dirty else ''} (at report time)"
 
 
 def versions() -> dict[str, str]:

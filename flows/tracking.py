@@ -254,6 +254,18 @@ def _git_dirty(path: str) -> bool:
     return git.Repo(path, search_parent_directories=True).is_dirty(untracked_files=False)
 
 
+def code_commit() -> tuple[str, bool] | None:
+    """(commit, dirty) of the repository holding this code, as context_tags records them; None outside git.
+    Without MLflow (the report page of a run that does not import it)."""
+    import git
+
+    try:
+        repo = git.Repo(Path(__file__).resolve().parent, search_parent_directories=True)
+        return repo.head.commit.hexsha, repo.is_dirty(untracked_files=False)
+    except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError):  # ValueError: no commit yet
+        return None
+
+
 def model_requirements() -> list[str]:
     """The pyfunc model's pip requirements, pinned to this environment (the metapeft package itself must be
     installed where the model loads: it rebuilds the learner from the project's code)."""

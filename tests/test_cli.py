@@ -167,11 +167,16 @@ def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
     after = entries(capsys.readouterr().out)
     changed = {name for name in before if before[name][0] != after[name][0]}
     assert changed == {"evaluate", "baselines", "significance"}
+    assert cli.main(["stages", "--config", config, "--set", "evaluate.steps=4"]) == 0  # the same keys as run's
+    assert {name: key for name, (key, _) in entries(capsys.readouterr().out).items()} == \
+        {name: key for name, (key, _) in after.items()}
 
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iteratons=10"]) == 2
     assert "meta_train.iteratons: Extra inputs are not permitted (with --set meta_train.iteratons=10)" in \
         capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iterations=many"]) == 2
+    assert "meta_train.iterations: Input should be a valid integer" in capsys.readouterr().err
+    assert cli.main(["stages", "--config", config, "--set", "meta_train.iterations=many"]) == 2
     assert "meta_train.iterations: Input should be a valid integer" in capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "seed=3"]) == 0  # a top-level key
     assert entries(capsys.readouterr().out)["task_sets"][0] != before["task_sets"][0]  # the task sets' seed moved
