@@ -78,12 +78,13 @@ def load_image_folder(root: Path, image_size: int, channels: int) -> pd.DataFram
     if image_size < 1:
         raise ValueError(f"image_size: must be >= 1, got {image_size}")
     table = scan_image_folder(root)
-    pixels = [_decode(Path(root) / f, image_size, MODES[channels]) for f in table["file"]]
+    pixels = [decode_image(Path(root) / f, image_size, channels) for f in table["file"]]
     return table.assign(pixels=pixels, channels=channels, size=image_size)
 
 
-def _decode(path: Path, size: int, mode: str) -> bytes:
-    """(C, size, size) uint8 bytes of one image file."""
+def decode_image(path: Path, size: int, channels: int) -> bytes:
+    """(C, size, size) uint8 bytes of one image file, read as the folder's images are (module docstring)."""
+    mode = MODES[channels]
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)

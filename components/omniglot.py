@@ -86,14 +86,54 @@ def _read_pngs(src: Path, pattern: re.Pattern, alphabets: set[str] | None) -> It
         raise ValueError(f"{src}: damaged zip archive ({e})") from e
 
 
-def _decode(data: bytes, size: int, name: str) -> bytes:
+def _decode(data: bytes, size: int, name: str, any_polarity: bool = False) -> bytes:
+    """size * size uint8 bytes, strokes 255: grayscale, inverted, resized (LANCZOS). any_polarity: an image whose
+    paper (the majority of its pixels) is already dark is not inverted."""
     try:
         with Image.open(io.BytesIO(data)) as image:
             gray = np.asarray(image.convert("L"))
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        raise ValueError(f"{name}: PNG failed to decode ({e})") from e
-    inverted = Image.fromarray(255 - gray)  # the files draw strokes black (0) on white
+        raise ValueError(f"{name}: image failed to decode ({e})") from e
+    light_paper = not any_polarity or gray.mean() >= 127.5
+    inverted = Image.fromarray(255 - gray if light_paper else gray)  # the files draw strokes black (0) on white
     return np.asarray(inverted.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8).tobytes()
+
+
+def decode_drawing(data: bytes, size: int, name: str) -> bytes:
+    """An image from outside the archive (a fixed episode's file, any size or format Pillow reads) in the table's
+    form: the archive's transform (grayscale, strokes 255, LANCZOS to size x size), whichever way it draws its
+    strokes: an image mostly dark (mean < 127.5) is taken as light strokes on dark paper and not inverted."""
+    return _decode(data, size, name, any_polarity=True)
+
+
+def archive_members(root: Path) -> dict[str, Path]:
+    """Every drawing's name as the loader names it (``images_evaluation/<Alphabet>/<characterNN>/<id>_<rr>.png``)
+    -> the zip or extracted folder holding it."""
+    members = {}
+    for stem in PARTS:
+        src = find_source(Path(root), stem)
+        if src.is_dir():
+            members.update((p.relative_to(src.parent).as_posix(), src) for p in src.rglob("*.png"))
+            continue
+        try:
+            with zipfile.ZipFile(src) as archive:
+                members.update((n, src) for n in archive.namelist() if n.endswith(".png"))
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{src}: damaged zip archive ({e})") from e
+    return members
+
+
+def read_members(members: dict[str, Path]) -> dict[str, bytes]:
+    """The bytes of each named drawing (members: name -> its zip or folder, as `archive_members` gives them)."""
+    out: dict[str, bytes] = {}
+    for src in set(members.values()):
+        names = sorted(n for n, s in members.items() if s == src)
+        if src.is_dir():
+            out.update((n, (src.parent / n).read_bytes()) for n in names)
+            continue
+        with zipfile.ZipFile(src) as archive:
+            out.update((n, archive.read(n)) for n in names)
+    return out
 
 
 def pixels_to_array(table: pd.DataFrame) -> np.ndarray:

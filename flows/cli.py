@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _missing(e: FileNotFoundError, config: str) -> str:
+    """A missing input file's error, with the config field it came from when the message does not name one."""
+    return f"{e} (in {config})" if "family." in str(e) else f"{e} (family.path in {config})"
+
+
 def fail(message: str, code: int) -> int:
     click.echo(f"metapeft: {message}", err=True)
     return code
@@ -179,7 +184,7 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         if message := _unready(cfg, root, only, rerun):  # before Prefect starts: every missing entry at once
             return fail(message, 1)
     except FileNotFoundError as e:
-        return fail(f"{e} (family.path in {config})", 1)
+        return fail(_missing(e, config), 1)
     return _run(cfg, root, config, sorted(only, key=STAGES.index), list(force), overrides)
 
 
@@ -299,7 +304,7 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
         if not only or "task_sets" in only:  # a later stage run alone reads the task sets from the cache
             built = preflight(cfg, root, rebuild="task_sets" in set(force) | set(only))
     except FileNotFoundError as e:
-        return fail(f"{e} (family.path in {config})", 1)
+        return fail(_missing(e, config), 1)
     except (ValidationFailed, CacheWriteError, ValueError) as e:
         return fail(str(e), 1)
     from flows.pipeline import MissingUpstream, meta_pipeline, run_cached
@@ -413,7 +418,7 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     try:
         plan, cache = _plan(cfg, root)
     except FileNotFoundError as e:
-        return fail(f"{e} (family.path in {config})", 1)
+        return fail(_missing(e, config), 1)
     for stage in STAGES:
         for name, (written, key) in stage_entries(plan, stage).items():
             state = plan.status(cache, written, key)

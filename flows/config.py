@@ -63,18 +63,37 @@ def check_fractions(fractions: tuple[float, ...], name: str = "fractions") -> No
         raise ValueError(f"{name}: need three positive shares summing to 1, got {list(fractions)}")
 
 
+def check_test_episodes(section: EpisodeSection) -> None:
+    """An image family's fixed episode file (`test_episodes`, relative to the current directory like `path`): a
+    .csv or .parquet table whose episodes replace the sampled meta-test ones, so n_test_episodes is not read.
+    Its content (and a missing file) is checked when the plan reads it, as `path` is."""
+    from components.episode_files import READERS
+
+    if section.test_episodes is None:
+        return
+    if Path(section.test_episodes).suffix.lower() not in READERS:
+        raise ValueError(f"test_episodes: a fixed episode file is {' or '.join(READERS)}, got "
+                         f"{section.test_episodes!r}")
+    if "n_test_episodes" in section.model_fields_set:
+        raise ValueError("n_test_episodes: read only without test_episodes (the file's episodes are the meta-test "
+                         "episodes)")
+
+
 class OmniglotSection(EpisodeSection):
     kind: Literal["omniglot"]
     path: str = "../shared/data/omniglot"  # images_background.zip, images_evaluation.zip, splits_vinyals/
     split: Literal["vinyals", "random"] = "vinyals"  # random: seeded 1028/172/423-style fractions below
     random_fractions: tuple[float, float, float] = (0.64, 0.10, 0.26)
     image_size: int = Field(28, ge=8)
+    # a fixed episode file (CSV / Parquet: episode, role, image, label): the meta-test episodes (README)
+    test_episodes: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
         if self.k_shot + self.n_query > 20:
             raise ValueError(f"k_shot + n_query: Omniglot has 20 drawings per class, got {self.k_shot + self.n_query}")
         check_fractions(self.random_fractions, "random_fractions")
+        check_test_episodes(self)
         return self
 
 
@@ -88,12 +107,15 @@ class ImageFolderSection(EpisodeSection):
     image_size: int = Field(28, ge=8)  # every image is resized (stretched) to this square once
     split: Literal["random", "files"] = "random"  # random: seeded, by fractions; files: the class lists
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # meta_train, meta_val, meta_test share of classes
+    # a fixed episode file (CSV / Parquet: episode, role, image, label): the meta-test episodes (README)
+    test_episodes: str | None = None
 
     @model_validator(mode="after")
     def _check(self):
         if not self.path:
             raise ValueError("path: the image folder's root, <path>/<class>/<image>")
         check_fractions(self.fractions)
+        check_test_episodes(self)
         default = type(self).model_fields["fractions"].default
         if self.split == "files" and "fractions" in self.model_fields_set and self.fractions != default:
             raise ValueError("fractions: read only with split: random; split: files takes the class lists")
@@ -521,6 +543,9 @@ class StudyConfig(Section):
 
     def _check_transfer_groups(self) -> None:
         f = self.family
+        if getattr(f, "test_episodes", None) is not None:
+            raise ValueError("family.test_episodes: the transfer study scores every group's own held-out classes; "
+                             "it does not read a fixed episode file")
         if f.kind == "text" and f.dataset == "banking77":
             raise ValueError("transfer: groups are domains of intents, and BANKING77 has none; use clinc150 or a "
                              "csv with family.domain_col")

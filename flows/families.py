@@ -44,14 +44,14 @@ def _episodes(section: EpisodeSection) -> dict:
 def _omniglot(cfg: StudyConfig) -> OmniglotTasks:
     f = cfg.family
     data = OmniglotData(path=f.path, split=f.split, random_fractions=tuple(f.random_fractions),
-                        image_size=f.image_size, **_episodes(f))
+                        image_size=f.image_size, test_episodes=f.test_episodes, **_episodes(f))
     return OmniglotTasks(data, _conv4(cfg), _baselines(cfg))
 
 
 def _image_folder(cfg: StudyConfig) -> ImageFolderTasks:
     f = cfg.family
     data = ImageFolderData(path=f.path, channels=f.channels, image_size=f.image_size, split=f.split,
-                           fractions=tuple(f.fractions), **_episodes(f))
+                           fractions=tuple(f.fractions), test_episodes=f.test_episodes, **_episodes(f))
     return ImageFolderTasks(data, _conv4(cfg), _baselines(cfg))
 
 

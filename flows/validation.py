@@ -13,6 +13,7 @@ import pandas as pd
 POINT_COLUMNS = ["task_id", "split", "role", "point", "x", "y", "amplitude", "phase"]
 SPLITS = ["meta_train", "meta_val", "meta_test"]
 DRAWINGS = 20  # Omniglot drawings per character in the archive (one fewer where a duplicate was dropped)
+FIXED = "test_images"  # an image family's table of a fixed episode file's images (components.families.images)
 
 
 class ValidationFailed(RuntimeError):
@@ -101,10 +102,12 @@ def e(gx):
     return gx.expectations
 
 
-def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
+def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family,
+                      fixed: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> dict:
     """Image shape and range, K + Q to 20 drawings per character (a duplicate is dropped), no class or character
     in two splits, and every episode N classes x (K + Q) distinct drawings of its own classes (episodes:
-    `episodes.episode_table` rows, row = a position in `omniglot.class_row_index` of the split)."""
+    `episodes.episode_table` rows, row = a position in `omniglot.class_row_index` of the split); fixed: a fixed
+    episode file's meta-test episodes and images (`fixed_episode_suites`)."""
     from components.episodes import pixel_keys
     from components.omniglot import class_row_index
 
@@ -139,16 +142,19 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
         "character_splits": (per_char_split, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
         **_episode_suites(episodes.assign(row_label=row_label, example=example), family),
+        **(fixed_episode_suites(*fixed, family) if fixed is not None else {}),
     }
     return validate("omniglot", tables)
 
 
-def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family) -> dict:
+def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family,
+                          fixed: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> dict:
     """Every image channels x size x size bytes, no class in two splits, every split's class a folder with
     enough images for K + Q, and every episode N classes x (K + Q) distinct images of its own classes.
 
     images: class_id, file, pixels, channels, size; classes: split, class_id; episodes: `episodes.episode_table`
-    rows, row = a position among its split's images (the rows of the split's classes, in table order)."""
+    rows, row = a position among its split's images (the rows of the split's classes, in table order); fixed: a
+    fixed episode file's meta-test episodes and images (`fixed_episode_suites`)."""
     n_bytes = family.channels * family.image_size ** 2
     per_image = images[["file", "channels", "size"]].assign(n_bytes=images["pixels"].map(len))
     per_class = classes.assign(n_images=classes["class_id"].map(images.groupby("class_id").size()).fillna(0))
@@ -176,8 +182,46 @@ def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes:
         "class_splits": (class_splits, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_splits", min_value=1, max_value=1)]),
         **_episode_suites(episodes.assign(row_label=row_label, example=example), family),
+        **(fixed_episode_suites(*fixed, family) if fixed is not None else {}),
     }
     return validate("image_folder", tables)
+
+
+def fixed_episode_suites(episodes: pd.DataFrame, images: pd.DataFrame, family) -> dict:
+    """A fixed episode file's meta-test episodes: every episode N x K support rows (K of each of N labels), every
+    query label among its episode's support labels, the same Q queries of every label in every episode, no image
+    twice in an episode (by content), and every image channels x size x size bytes. Failures name the file's own
+    episode ids. episodes: `episode_table` rows + source_episode (the file's id), row = a position in images
+    (image, pixels, channels, size)."""
+    from components.episodes import pixel_keys
+
+    k, n_bytes = family.k_shot, getattr(family, "channels", 1) * family.image_size ** 2
+    rows = episodes.assign(episode=episodes["source_episode"], support=episodes["slot"] < k)
+    rows["support_label"] = rows["label"].where(rows["support"])
+    known = pd.MultiIndex.from_frame(rows[["episode", "label"]]).isin(
+        pd.MultiIndex.from_frame(rows.loc[rows["support"], ["episode", "label"]]))
+    rows["unknown_query"] = ~rows["support"] & ~known
+    rows["example"] = pd.Series(pixel_keys(images["pixels"]).to_numpy()).reindex(rows["row"].to_numpy()).to_numpy()
+    per_episode = rows.groupby("episode", sort=False).agg(
+        n_support=("support", "sum"), n_way=("support_label", "nunique"), n_unknown_query=("unknown_query", "sum"),
+        n_examples=("row", "size"), n_distinct=("example", "nunique")).reset_index()
+    per_label = rows.assign(query=~rows["support"]).groupby(["episode", "label"], sort=False).agg(
+        n_support=("support", "sum"), n_query=("query", "sum")).reset_index()
+    q = int(per_label["n_query"].iloc[0]) if len(per_label) else 0
+    n_rows = family.n_way * k
+    return {
+        "fixed_images": (images[["image"]].assign(n_bytes=images["pixels"].map(len)), lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_bytes", min_value=n_bytes, max_value=n_bytes)]),
+        "fixed_episodes": (per_episode, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_support", min_value=n_rows, max_value=n_rows),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_unknown_query", min_value=0, max_value=0),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_distinct", min_value=n_rows + family.n_way * q,
+                                                max_value=n_rows + family.n_way * q)]),
+        "fixed_episode_labels": (per_label, lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_support", min_value=k, max_value=k),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_query", min_value=max(q, 1), max_value=max(q, 1))]),
+    }
 
 
 def _episode_suites(rows: pd.DataFrame, family) -> dict:
@@ -282,12 +326,19 @@ def validate_family(family, tables) -> dict:
 
 
 def _episodes(tables) -> pd.DataFrame:
-    return pd.concat([tables[f"episodes_{s}"] for s in ("meta_val", "meta_test")], ignore_index=True)
+    """The sampled fixed episodes (meta-val, and meta-test unless a fixed episode file gave them)."""
+    splits = ("meta_val",) if FIXED in tables else ("meta_val", "meta_test")
+    return pd.concat([tables[f"episodes_{s}"] for s in splits], ignore_index=True)
+
+
+def _fixed(tables) -> tuple[pd.DataFrame, pd.DataFrame] | None:
+    return (tables["episodes_meta_test"], tables[FIXED]) if FIXED in tables else None
 
 
 SUITES = {
     "SinusoidTasks": lambda f, t: validate_tasksets(pd.concat([t[s] for s in SPLITS]), f.data.tasks),
-    "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data),
-    "ImageFolderTasks": lambda f, t: validate_image_folder(t["images"], t["classes"], _episodes(t), f.data),
+    "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data, _fixed(t)),
+    "ImageFolderTasks": lambda f, t: validate_image_folder(t["images"], t["classes"], _episodes(t), f.data,
+                                                           _fixed(t)),
     "TextTasks": lambda f, t: validate_text(t["utterances"], t["classes"], _episodes(t), f.data),
 }

@@ -163,12 +163,15 @@ class ClassificationTasks(TaskFamily):
         row ids themselves are the inputs)."""
 
     def episode_tables(self, labels: dict[str, np.ndarray], split: dict[str, list[str]], seed: int,
-                       where: str = "") -> dict[str, pd.DataFrame]:
+                       where: str = "", given: Sequence[str] = ()) -> dict[str, pd.DataFrame]:
         """The fixed meta-val / meta-test episodes (`episode_table` rows); meta-train's classes are checked for
-        K + Q examples too. labels: split -> labels of its rows; split: split -> its classes. Errors name where."""
+        K + Q examples too. labels: split -> labels of its rows; split: split -> its classes; given: splits whose
+        episodes come from elsewhere (a fixed episode file), neither sampled nor checked. Errors name where."""
         d, tables = self.data, {}
         counts = {"meta_train": 0, "meta_val": d.n_val_episodes, "meta_test": d.n_test_episodes}
         for stream, s in enumerate(SPLITS):  # streams 1, 2: meta-val, meta-test (0 draws meta-training batches)
+            if s in given:
+                continue
             try:
                 rows, ways = sample_rows(class_members(labels[s], split[s]), d.n_way, d.k_shot, d.n_query, counts[s],
                                          derive_seed(seed, 0, stream), split[s])

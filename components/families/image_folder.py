@@ -6,6 +6,9 @@ read from the class lists ``classes.train.txt``, ``classes.val.txt``, ``classes.
 beside the class folders (split "files"; a class in no list is not used). Classes may hold different numbers
 of images. A split's examples are its classes' rows of the images table, in table order; episode rows are
 positions among them (only the splits a stage opens are converted to float tensors).
+
+A fixed episode file (``data.test_episodes``, `families.images`) names each image by a file, absolute or relative
+to its folder (inside root or not); every image is read as the folder's images are (``image_folder.decode_image``).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class ImageFolderData(EpisodeSettings):
     image_size: int = 28  # every image is resized (stretched) to image_size x image_size
     split: str = "random"  # or "files": image_folder.CLASS_LIST_FILES in path
     fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)  # random: meta_train, meta_val, meta_test classes
+    test_episodes: str | None = None  # a fixed episode file (CSV / Parquet): the meta-test episodes
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class ImageFolderTasks(ImageTasks):
         files = [root / f for f in image_folder.scan_image_folder(root)["file"]]
         if self.data.split == "files":
             files += [root / name for name in image_folder.CLASS_LIST_FILES.values()]
-        return tuple(files)
+        return (*files, *self.fixed_files())
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """images (class_id, file, pixels, channels, size), classes (split, class_id) and the fixed meta-val /
@@ -60,8 +64,9 @@ class ImageFolderTasks(ImageTasks):
         classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "class_id"])
         labels = {s: images["class_id"][split_rows(images, split[s])].to_numpy() for s in SPLITS}
         where = f"{d.path} (fractions {list(d.fractions)}): " if d.split == "random" else f"{d.path}: "
+        fixed = self.fixed_tables(images, split) if d.test_episodes else {}
         return {"images": images, "classes": classes, "cleaning": cleaning,
-                **self.episode_tables(labels, split, seed, where)}
+                **self.episode_tables(labels, split, seed, where, given=["meta_test"] if fixed else []), **fixed}
 
     def _class_split(self, images: pd.DataFrame, seed: int) -> dict[str, list[str]]:
         d, root = self.data, Path(self.data.path)
@@ -75,11 +80,17 @@ class ImageFolderTasks(ImageTasks):
                                  f"fewer than n_way {d.n_way}")
         return lists
 
-    def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
+    def class_examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         """The split's images in table order: labels (R_s,), images (R_s, C, s, s) float32 in [0, 1]."""
         images = tables["images"]
         rows = images[split_rows(images, self.classes(tables, split))]
         return rows["class_id"].to_numpy(), torch.from_numpy(image_folder.images_to_array(rows)).to(device)
+
+    def locate(self, names: pd.Series, folder: Path) -> pd.Series:
+        return names.map(lambda n: file if (file := folder / n).is_file() else None)
+
+    def decode(self, sources: pd.Series) -> list[bytes]:
+        return [image_folder.decode_image(s, self.data.image_size, self.data.channels) for s in sources]
 
     @property
     def channels(self) -> int:

@@ -32,10 +32,13 @@ def build_task_sets(family: TaskFamily, seed: int, out: Path) -> dict:
 
 
 def summary(tables) -> dict:
-    """Counts for the log and MLflow: classes per split (classification) or tasks per split (regression), and
-    what cleaning changed (labels stripped, duplicates dropped, examples under two labels dropped)."""
+    """Counts for the log and MLflow: classes per split (classification) or tasks per split (regression), what
+    cleaning changed (labels stripped, duplicates dropped, examples under two labels dropped), and the episodes of a
+    fixed episode file (its images' table: `test_images`)."""
     cleaned = {r["what"]: int(r["count"]) for r in tables["cleaning"].to_dict("records")} if "cleaning" in tables \
         else {}
+    if "test_images" in tables:
+        cleaned["n_fixed_test_episodes"] = int(tables["episodes_meta_test"]["episode"].nunique())
     if "classes" in tables:
         return {f"n_classes_{s}": int(n) for s, n in tables["classes"].groupby("split").size().items()} | cleaned
     return {f"n_tasks_{s}": int(t["task_id"].nunique()) for s, t in tables.items()}

@@ -1,0 +1,115 @@
+"""Fixed episode files: a benchmark's own meta-test episodes, read and checked before any image is decoded.
+
+A file is a table, CSV or Parquet (by extension), one row per image of an episode: ``episode`` (any id),
+``role`` (``support`` or ``query``), ``image`` (what the family resolves to an image: a path relative to
+the table's folder or absolute, or for Omniglot an archive member) and ``label`` (any string or integer,
+compared only within its episode: labels need not name classes across episodes). Every episode is N-way
+K-shot with Q queries per label: K support rows of each of its N labels, Q query rows of each, the same Q in
+every episode. Episodes are numbered 0..T-1 in the order they first appear; way j of an episode is its j-th
+label in sorted order; support rows keep their file order as slots 0..K-1, queries K..K+Q-1.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FILE_COLUMNS = ("episode", "role", "image", "label")
+ROLES = ("support", "query")
+READERS = {".csv": lambda p: pd.read_csv(p, dtype={"role": str, "image": str}),
+           ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
+
+
+def read_episode_file(path: Path) -> pd.DataFrame:
+    """The file's columns FILE_COLUMNS, rows in file order. Raises naming the file (and the column, the episode
+    and the data row, 1-based): an unknown extension, a missing file or column, an empty cell."""
+    path = Path(path)
+    reader = READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(f"{path}: a fixed episode file is {' or '.join(READERS)}, "
+                         f"got {path.suffix or 'no extension'!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: fixed episode file not found (family.test_episodes)")
+    try:
+        table = reader(path)
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise ValueError(f"{path}: not a readable {path.suffix} table ({e})") from None
+    if missing := [c for c in FILE_COLUMNS if c not in table]:
+        raise ValueError(f"{path}: column(s) {missing} missing; a fixed episode file needs {list(FILE_COLUMNS)}")
+    if table.empty:
+        raise ValueError(f"{path}: no rows")
+    table = table[list(FILE_COLUMNS)].reset_index(drop=True)
+    for column in FILE_COLUMNS:
+        if (empty := table[column].isna()).any():
+            raise ValueError(f"{path}: column {column!r} is empty at {where(table, np.flatnonzero(empty)[0])}")
+    return table
+
+
+def where(table: pd.DataFrame, i: int) -> str:
+    """'episode 3, row 12': an error's place in the file (row: 1-based data row, the CSV line after the header)."""
+    return f"episode {plain(table['episode'].iloc[i])!r}, row {i + 1}"
+
+
+def plain(value):
+    """A table's cell as Python writes it in a message: 3, not np.int64(3)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def episode_rows(table: pd.DataFrame, n_way: int, k_shot: int, name: str = "") -> pd.DataFrame:
+    """The file's rows (`read_episode_file`) as `episodes.episode_table` rows: episode (0..T-1), way, slot, label
+    (as text), plus image and source_episode (the file's id), sorted by episode, way, slot.
+
+    Raises ValueError starting with name (the file), naming the column and the episode: an unknown role, an
+    episode whose support is not n_way labels x k_shot rows, a query label absent from its episode's support,
+    labels or episodes with different numbers of queries."""
+    roles = table["role"].astype(str).str.strip().str.lower()
+    if (bad := ~roles.isin(ROLES)).any():
+        i = np.flatnonzero(bad)[0]
+        raise ValueError(f"{name}: column 'role': {plain(table['role'].iloc[i])!r} at {where(table, i)}; "
+                         f"need one of {ROLES}")
+    rows = table.assign(role=roles, id=pd.factorize(table["episode"])[0], at=np.arange(len(table)))
+    support, query = rows[rows["role"] == "support"], rows[rows["role"] == "query"]
+    shots = support.groupby(["id", "label"]).size()  # (episode, label) -> support rows
+    _check_support(rows, shots, n_way, k_shot, name)
+    known = pd.MultiIndex.from_frame(query[["id", "label"]]).isin(shots.index)
+    if not known.all():
+        i = query["at"].to_numpy()[~known][0]
+        labels = sorted(map(plain, shots.loc[rows["id"].iloc[i]].index))
+        raise ValueError(f"{name}: column 'label': query label {plain(table['label'].iloc[i])!r} at "
+                         f"{where(table, i)} is not among its support labels {labels}")
+    _check_queries(rows, query.groupby(["id", "label"]).size().reindex(shots.index, fill_value=0), name)
+    ways = shots.reset_index()[["id", "label"]].assign(way=lambda t: t.groupby("id").cumcount())  # labels sorted
+    slot = rows.groupby(["id", "role", "label"]).cumcount() + np.where(rows["role"] == "query", k_shot, 0)
+    out = rows.assign(slot=slot).merge(ways, on=["id", "label"])
+    return pd.DataFrame({"split": "meta_test", "episode": out["id"], "way": out["way"], "slot": out["slot"],
+                         "label": out["label"].astype(str), "image": out["image"].astype(str),
+                         "source_episode": out["episode"].astype(str)}
+                        ).sort_values(["episode", "way", "slot"], ignore_index=True)
+
+
+def _check_support(rows: pd.DataFrame, shots: pd.Series, n_way: int, k_shot: int, name: str) -> None:
+    """Every episode: n_way support labels, k_shot support rows of each (so n_way x k_shot support rows)."""
+    stats = shots.groupby(level="id").agg(["size", "min", "max"]).reindex(range(rows["id"].max() + 1))  # NaN: none
+    bad = (stats["size"] != n_way) | (stats["min"] != k_shot) | (stats["max"] != k_shot)
+    if bad.any():
+        episode = int(np.flatnonzero(bad)[0])
+        counts = shots.loc[episode].to_dict() if episode in shots.index.get_level_values("id") else {}
+        raise ValueError(f"{name}: column 'label': {_episode(rows, episode)} has support rows per label {counts}; "
+                         f"need family.n_way {n_way} labels x family.k_shot {k_shot} rows each "
+                         f"({n_way * k_shot} support rows)")
+
+
+def _check_queries(rows: pd.DataFrame, queries: pd.Series, name: str) -> None:
+    """The same number Q >= 1 of query rows of every label of every episode (queries: (episode, label) -> rows)."""
+    q = int(queries.iloc[0])
+    if (bad := (queries != q) | (queries == 0)).any():
+        episode = queries.index[np.flatnonzero(bad)[0]][0]
+        raise ValueError(f"{name}: column 'role': {_episode(rows, episode)} has query rows per label "
+                         f"{queries.loc[episode].to_dict()}; need the same number (at least 1) of every label in "
+                         f"every episode (the first label of the first episode has {q})")
+
+
+def _episode(rows: pd.DataFrame, episode: int) -> str:
+    """'episode 'e3'': the file's own id of the episode numbered `episode`."""
+    return f"episode {plain(rows['episode'][rows['id'] == episode].iloc[0])!r}"

@@ -1,0 +1,300 @@
+"""Fixed episode files (`family.test_episodes`): a table of support / query images evaluated instead of sampled
+meta-test episodes, on a small Omniglot built from the archive's own members."""
+import functools
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from components import omniglot
+from flows.config import ConfigError, StudyConfig, load_config
+from flows.families import family_for
+from flows.plan import make_plan
+from flows.stages.task_sets import summary
+from flows.validation import ValidationFailed, validate_family
+
+SHARED = Path(__file__).parents[2] / "shared" / "data" / "omniglot"
+MAGI, ANGELIC = "Alphabet_of_the_Magi", "Angelic"
+N_WAY, N_EPISODES, QUERIES = 5, 3, 2
+LABELS = ["e", "d", "c", "b", "a"]  # Angelic characters 1..5 in the file: way j is sorted order, so character 5 - j
+
+
+def characters(alphabet: str, numbers) -> list[str]:
+    return [f"{alphabet}/character{n:02d}" for n in numbers]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """A small Omniglot in the archive's layout: Magi characters 1-3 meta-train, 4-5 meta-val, Angelic 5-6
+    meta-test (the family's own, unused with a fixed file); Angelic 1-6 in images_evaluation.zip."""
+    root = tmp_path_factory.mktemp("omniglot")
+    keep = {"images_background": characters(MAGI, range(1, 6)), "images_evaluation": characters(ANGELIC, range(1, 7))}
+    for part, chars in keep.items():
+        with zipfile.ZipFile(SHARED / f"{part}.zip") as src, zipfile.ZipFile(root / f"{part}.zip", "w") as dst:
+            for name in src.namelist():
+                if name.endswith(".png") and name.split("/", 1)[1].rsplit("/", 1)[0] in chars:
+                    dst.writestr(name, src.read(name))
+    splits = root / "splits_vinyals"
+    splits.mkdir()
+    for split, chars in {"train": characters(MAGI, (1, 2, 3)), "val": characters(MAGI, (4, 5)),
+                         "test": characters(ANGELIC, (5, 6))}.items():
+        (splits / f"{split}.txt").write_text("".join(f"{c}/rot{r:03d}\n" for c in chars for r in omniglot.ROTATIONS))
+    return root
+
+
+@functools.cache
+def member(character: int, drawing: int, alphabet: str = ANGELIC) -> str:
+    """The archive member of a character's drawing (0-based), as the loader names it."""
+    part = "images_evaluation" if alphabet == ANGELIC else "images_background"
+    prefix = f"{part}/{alphabet}/character{character:02d}/"
+    return sorted(n for n in archive_names(part) if n.startswith(prefix))[drawing]
+
+
+@functools.cache
+def archive_names(part: str) -> tuple[str, ...]:
+    with zipfile.ZipFile(SHARED / f"{part}.zip") as z:
+        return tuple(z.namelist())
+
+
+def episode_file() -> pd.DataFrame:
+    """3 episodes, 5-way 1-shot, 2 queries per label: Angelic characters 1-5 labelled e..a, other drawings each
+    episode (the second episode lists its characters backwards)."""
+    rows = []
+    for t in range(N_EPISODES):
+        order = range(1, 6) if t != 1 else range(5, 0, -1)
+        for c in order:
+            rows.append((f"ep{t}", "support", member(c, t), LABELS[c - 1]))
+            rows += [(f"ep{t}", "query", member(c, 10 + 2 * t + q), LABELS[c - 1]) for q in range(QUERIES)]
+    return pd.DataFrame(rows, columns=["episode", "role", "image", "label"])
+
+
+def family_with(root: Path, test_episodes: Path | str | None, **family):
+    cfg = StudyConfig.model_validate({
+        "family": {"kind": "omniglot", "path": str(root), "n_way": N_WAY, "k_shot": 1, "n_query": 2,
+                   "n_val_episodes": 2, "test_episodes": None if test_episodes is None else str(test_episodes),
+                   **family},
+        "model": {"kind": "conv4", "hidden": 8}, "runtime": {"threads": 1},
+        "baselines": {"pretrain_iterations": 3, "pretrain_batch_size": 8}})
+    return cfg, family_for(cfg)
+
+
+@pytest.fixture(scope="module")
+def built(root, tmp_path_factory):
+    path = tmp_path_factory.mktemp("episodes") / "episodes.csv"
+    episode_file().to_csv(path, index=False)
+    _, family = family_with(root, path)
+    tables = family.build(seed=0)
+    return family, tables
+
+
+def loader_image(table: pd.DataFrame, name: str) -> np.ndarray:
+    """The loader's own 28 x 28 image of an archive member, strokes 1."""
+    alphabet, character, file = name.split("/")[1:]
+    row = table[(table["character"] == f"{alphabet}/{character}") & (table["drawing"] == int(file[-6:-4]) - 1)]
+    return omniglot.pixels_to_array(row)[0]
+
+
+def test_the_file_gives_exactly_the_meta_test_episodes(built, root):
+    family, tables = built
+    report = validate_family(family, tables)
+    assert report["success"] and "fixed_episodes" in report["results"]
+    test = family.open(tables, torch.device("cpu"), ("meta_test",)).test
+    assert test.x_spt.shape == (N_EPISODES, N_WAY, 1, 28, 28) and test.x_qry.shape == (N_EPISODES, 10, 1, 28, 28)
+    assert test.y_spt.tolist() == [list(range(N_WAY))] * N_EPISODES
+    assert test.y_qry.tolist() == [[j for j in range(N_WAY) for _ in range(QUERIES)]] * N_EPISODES
+    images = omniglot.load_omniglot(root, 28)
+    for t in range(N_EPISODES):
+        for j in range(N_WAY):  # way j: label sorted(LABELS)[j] = 'a'..'e', Angelic character 5 - j
+            c = 5 - j
+            assert np.array_equal(test.x_spt[t, j, 0].numpy(), loader_image(images, member(c, t)))
+            for q in range(QUERIES):
+                assert np.array_equal(test.x_qry[t, j * QUERIES + q, 0].numpy(),
+                                      loader_image(images, member(c, 10 + 2 * t + q)))
+    episodes = tables["episodes_meta_test"]
+    assert episodes.groupby("episode")["source_episode"].first().tolist() == ["ep0", "ep1", "ep2"]
+    assert set(tables["episodes_meta_val"]["label"]) <= set(family.classes(tables, "meta_val"))  # still sampled
+    assert summary(tables)["n_fixed_test_episodes"] == N_EPISODES
+
+
+def test_parquet_gives_what_csv_gives(built, root, tmp_path):
+    family, tables = built
+    path = tmp_path / "episodes.parquet"
+    episode_file().to_parquet(path)
+    _, other = family_with(root, path)
+    again = other.build(seed=0)
+    assert again["episodes_meta_test"].equals(tables["episodes_meta_test"])
+    assert again["test_images"]["pixels"].equals(tables["test_images"]["pixels"])
+
+
+def test_files_of_another_size_or_polarity_take_the_training_form(built, root, tmp_path, monkeypatch):
+    """Images beside the file (paths relative to its folder): a drawing saved light on dark gives the loader's own
+    pixels; one saved at 60 x 60 nearly them. The file's own path is relative to the current folder."""
+    family, tables = built
+    with zipfile.ZipFile(root / "images_evaluation.zip") as z:  # character 1's support and first query in episode 0
+        support, query = (Image.open(io.BytesIO(z.read(member(1, d)))).convert("L") for d in (0, 10))
+    (tmp_path / "own").mkdir()
+    Image.fromarray(255 - np.asarray(support)).save(tmp_path / "own" / "inverted.png")
+    query.resize((60, 60), Image.Resampling.LANCZOS).save(tmp_path / "own" / "small.png")
+    table = episode_file()
+    table.loc[table["image"] == member(1, 0), "image"] = "own/inverted.png"
+    table.loc[table["image"] == member(1, 10), "image"] = "own/small.png"
+    table.to_csv(tmp_path / "episodes.csv", index=False)
+    monkeypatch.chdir(tmp_path)
+    _, own = family_with(root, "episodes.csv")
+    own_files = {tmp_path / "own" / "inverted.png", tmp_path / "own" / "small.png"}
+    assert own_files <= {p.resolve() for p in own.input_files()}
+    test = own.open(own.build(seed=0), torch.device("cpu"), ("meta_test",)).test
+    expected = family.open(tables, torch.device("cpu"), ("meta_test",)).test
+    assert torch.equal(test.x_spt, expected.x_spt)  # the inverted file: exactly the archive member's pixels
+    small, original = test.x_qry[0, 4 * QUERIES, 0], expected.x_qry[0, 4 * QUERIES, 0]  # way 4: character 1
+    assert (small - original).abs().mean() < 0.05 and small.mean() < 0.5  # strokes 1 on paper 0, as trained
+
+
+def rewrite(table: pd.DataFrame, change: str) -> pd.DataFrame:
+    t = table.copy()
+    if change == "missing column":
+        return t.drop(columns="label")
+    if change == "unknown role":
+        t.loc[4, "role"] = "train"
+    elif change == "missing image":
+        t.loc[4, "image"] = "nowhere/0001_01.png"
+    elif change == "4-way episode":
+        return t[~((t["episode"] == "ep1") & (t["label"] == "c"))]
+    elif change == "2-shot label":
+        t.loc[t.index[(t["episode"] == "ep2") & (t["label"] == "a") & (t["role"] == "query")][0], "role"] = "support"
+    elif change == "query label not in support":
+        t.loc[t.index[(t["episode"] == "ep1") & (t["role"] == "query")][0], "label"] = "zz"
+    elif change == "uneven queries":
+        return t.drop(index=t.index[(t["episode"] == "ep2") & (t["role"] == "query")][0])
+    return t
+
+
+@pytest.mark.parametrize("change, error, message", [
+    ("missing column", ValueError, r"column\(s\) \['label'\] missing"),
+    ("unknown role", ValueError, r"column 'role': 'train' at episode 'ep0', row 5"),
+    ("missing image", FileNotFoundError, r"column 'image': 'nowhere/0001_01.png' \(episode 'ep0'\) not found"),
+    ("4-way episode", ValueError, r"column 'label': episode 'ep1' has support rows per label .*family.n_way 5"),
+    ("2-shot label", ValueError, r"column 'label': episode 'ep2' has support rows per label .*'a': 2"),
+    ("query label not in support", ValueError, r"column 'label': query label 'zz' at episode 'ep1'"),
+    ("uneven queries", ValueError, r"column 'role': episode 'ep2' has query rows per label"),
+])
+def test_a_malformed_file_is_named_before_any_image_is_read(root, tmp_path, change, error, message):
+    path = tmp_path / "episodes.csv"
+    rewrite(episode_file(), change).to_csv(path, index=False)
+    cfg, _ = family_with(root, path)
+    with pytest.raises(error, match=rf"{path}: .*{message}" if change != "missing column" else message) as err:
+        make_plan(cfg)  # the plan lists the input files: it reads and checks the table, and decodes nothing
+    assert str(path) in str(err.value)
+
+
+def test_images_of_meta_train_classes_are_an_error_naming_them(root, tmp_path):
+    table = episode_file()
+    table.loc[0, "image"] = member(2, 0, MAGI)  # a drawing of a meta-train character
+    table.to_csv(tmp_path / "episodes.csv", index=False)
+    _, family = family_with(root, tmp_path / "episodes.csv")
+    with pytest.raises(ValueError, match=rf"images of meta_train classes \(character \['{MAGI}/character02'\]\)"):
+        family.build(seed=0)
+
+
+def test_config_checks_the_extension_and_n_test_episodes(root, tmp_path):
+    with pytest.raises(ValueError, match=r"test_episodes: a fixed episode file is \.csv or \.parquet"):
+        family_with(root, tmp_path / "episodes.txt")
+    path = tmp_path / "study.yaml"
+    path.write_text(f"family: {{kind: omniglot, path: {root}, test_episodes: e.csv, n_test_episodes: 10}}\n"
+                    "model: {kind: conv4}\n")
+    with pytest.raises(ConfigError, match="family.n_test_episodes: read only without test_episodes"):
+        load_config(path)
+    path.write_text(f"family: {{kind: omniglot, path: {root}, test_episodes: e.csv}}\nmodel: {{kind: conv4}}\n"
+                    "transfer: {n_groups: 3}\n")
+    with pytest.raises(ConfigError, match="family.test_episodes: the transfer study"):
+        load_config(path)
+
+
+def test_the_task_sets_key_follows_the_file_content(root, tmp_path):
+    path = tmp_path / "episodes.csv"
+    table = episode_file()
+    table.to_csv(path, index=False)
+    key = make_plan(family_with(root, path)[0]).keys["task_sets"]
+    assert make_plan(family_with(root, None)[0]).keys["task_sets"] != key
+    table.to_csv(path, index=False)  # rewritten, same content
+    assert make_plan(family_with(root, path)[0]).keys["task_sets"] == key
+    table.loc[1, "image"] = member(1, 19)  # another query drawing
+    table.to_csv(path, index=False)
+    assert make_plan(family_with(root, path)[0]).keys["task_sets"] != key
+
+
+def test_validation_names_the_malformed_episode(built):
+    family, tables = built
+    episodes = tables["episodes_meta_test"]
+    short = episodes.drop(index=episodes.index[(episodes["source_episode"] == "ep2") & (episodes["slot"] == 0)][0])
+    with pytest.raises(ValidationFailed, match=r"fixed_episodes: .*\(n_support\).* at episode 'ep2'"):
+        validate_family(family, {**tables, "episodes_meta_test": short})
+    stray = episodes.copy()
+    stray.loc[stray.index[(stray["source_episode"] == "ep1") & (stray["slot"] == 1)][0], "label"] = "zz"
+    with pytest.raises(ValidationFailed, match=r"\(n_unknown_query\).* at episode 'ep1'"):
+        validate_family(family, {**tables, "episodes_meta_test": stray})
+
+
+def test_every_method_and_baseline_is_scored_and_paired_on_the_file_s_episodes(built, root, tmp_path):
+    """The evaluate, baselines and significance stages, as the pipeline calls them: a meta-learned start and the
+    baselines are scored on the file's episodes (numbered in file order), and the paired tests pair those."""
+    from flows.families import algorithm_settings
+    from flows.stages.baselines import run_baselines
+    from flows.stages.evaluate import evaluate_unit
+    from flows.stages.significance import compare
+
+    family, tables = built
+    cfg, _ = family_with(root, None)
+    settings, cpu = algorithm_settings(cfg, "maml", 0), torch.device("cpu")
+    (tmp_path / "maml").mkdir()
+    torch.save(family.learner(tables, settings.learner, cpu, 0).state_dict(), tmp_path / "maml" / "state.pt")
+    evaluated = evaluate_unit(family, tables, settings, tmp_path / "maml", steps=1, score_every=1, chunk=3,
+                              method="maml", device=cpu, out=tmp_path)
+    baselines = run_baselines(family, tables, steps=1, score_every=1, chunk=3, seed=0, device=cpu, out=tmp_path)
+    for results in (evaluated, baselines):
+        assert sorted(results["episode"].unique()) == list(range(N_EPISODES))
+    summary, pairs = compare(pd.concat([evaluated.drop(columns="seed"), baselines]), pd.DataFrame(), "accuracy",
+                             False, 0.95, 0.01, tmp_path)
+    assert set(summary.index) == {"maml", "scratch", "pretrain_finetune"} and len(pairs) == 3
+    assert (pairs["n"] == N_EPISODES).all()
+
+
+def test_an_image_folder_reads_a_file_too(tmp_path):
+    """image_folder: paths relative to the file's folder, read as the folder's images are; the meta-test classes
+    need not be in the folder."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    held = tmp_path / "held_out"
+    rows = []
+    for c in range(3):
+        (held / f"new{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(held / f"new{c}" / f"{i}.png")
+            rows.append(("only", "support" if i == 0 else "query", f"held_out/new{c}/{i}.png", c))
+    pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).to_csv(tmp_path / "e.csv", index=False)
+    cfg = StudyConfig.model_validate({
+        "family": {"kind": "image_folder", "path": str(root), "n_way": 3, "k_shot": 1, "n_query": 1,
+                   "n_val_episodes": 2, "image_size": 8, "fractions": [0.5, 0.375, 0.125],
+                   "test_episodes": str(tmp_path / "e.csv")}, "model": {"kind": "conv4"}})
+    family = family_for(cfg)
+    tables = family.build(seed=0)
+    validate_family(family, tables)
+    test = family.open(tables, torch.device("cpu"), ("meta_test",)).test
+    from components.image_folder import decode_image
+
+    first = np.frombuffer(decode_image(held / "new0" / "0.png", 8, 1), dtype=np.uint8).reshape(8, 8) / 255
+    assert test.x_spt.shape == (1, 3, 1, 8, 8) and np.allclose(test.x_spt[0, 0, 0].numpy(), first)
+    shutil.rmtree(held / "new2")
+    with pytest.raises(FileNotFoundError, match=r"column 'image': 'held_out/new2/0.png' \(episode 'only'\)"):
+        family.input_files()
+
