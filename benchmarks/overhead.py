@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -277,9 +278,14 @@ def _write_entry(cache, stage: str, key: str, compute: Callable[[Path], object])
 
 # ---- parent: rounds of both children, comparison, table, JSON ----
 
-def run_child(mode: str, config: str, overrides: dict, workdir: Path) -> dict:
+def run_child(mode: str, config: str, overrides: dict, workdir: Path, template: Path | None = None) -> dict:
+    """One cold study in a child process, in workdir/<mode>: an empty folder, or a copy of `template` (a project
+    whose Prefect database and MLflow store exist, its stage cache empty)."""
     project, report = workdir / mode, workdir / f"{mode}.json"
-    project.mkdir()
+    if template is not None and mode == "pipeline":
+        shutil.copytree(template, project)
+    else:
+        project.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
     env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--overrides", json.dumps(overrides),
@@ -298,6 +304,35 @@ AFTER_COLD = {  # what a user runs next in the project the cold run left: metape
     "stages": ["stages"],
     "dry_run": ["run", "--dry-run"],
 }
+
+
+def initialized_project(tmp: Path, config: str) -> tuple[Path, dict]:
+    """A project as users have it after their first run, its stage cache then cleared (`make clean-cache`): the
+    Prefect database and the MLflow store exist. Made by an untimed two-iteration run of the study; returns it
+    and what creating them cost: the temporary server's start (wall s) in a new project against an existing one."""
+    project = tmp / "template"
+    project.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1")
+    tiny = ["--set=meta_train.iterations=2", "--set=baselines.pretrain_iterations=2"]
+    done = subprocess.run([str(Path(sys.executable).with_name("metapeft")), "run", "--config", config, *tiny],
+                          cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"initialising the project failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    shutil.rmtree(project / "data")
+    starts = {name: _server_start_s(home) for name, home in (("new", tmp / "fresh-prefect"),
+                                                             ("existing", project / ".prefect"))}
+    return project, {"server_start_s": starts, "first_run_extra_s": starts["new"] - starts["existing"]}
+
+
+def _server_start_s(prefect_home: Path) -> float:
+    """Wall seconds until the temporary Prefect server answers, in a child process, with PREFECT_HOME there."""
+    code = ("import time; t = time.perf_counter(); from prefect.server.api.server import SubprocessASGIServer as S; "
+            "s = S(); s.start(); print(time.perf_counter() - t); s.stop()")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
 
 
 def after_cold(project: Path, config: str, overrides: dict) -> dict[str, dict]:
@@ -366,12 +401,13 @@ def main() -> None:
         return child(args.child, config, overrides, Path(args.report))
     rounds = []
     with tempfile.TemporaryDirectory(prefix="metapeft-overhead-") as tmp:
+        template, first_run = (None, None) if args.fresh_project else initialized_project(Path(tmp), config)
         for i in range(args.rounds):
             round_ = {}
             for mode in (MODES if i % 2 == 0 else MODES[::-1]):
                 workdir = Path(tmp) / f"round{i}"
                 workdir.mkdir(exist_ok=True)
-                side = round_[mode] = run_child(mode, config, overrides, workdir)
+                side = round_[mode] = run_child(mode, config, overrides, workdir, template)
                 print(f"round {i} {mode:<8} wall {side['wall_s']:7.1f} s  CPU {side['cpu_s']:7.1f} s  "
                       f"(load {side['loadavg_1m_before']:.2f})", flush=True)
             round_["after"] = after_cold(round_["pipeline"]["project"], config, overrides)
@@ -380,13 +416,15 @@ def main() -> None:
             tables = {m: meta_test_tables(round_[m].pop("project"), config, overrides) for m in MODES}
             assert_same_results(tables["pipeline"], tables["bare"])
             rounds.append(round_)
-            result = write_result(args, overrides, rounds, tables["pipeline"]["significance/summary"])
+            result = write_result(args, overrides, rounds, tables["pipeline"]["significance/summary"], first_run)
     print(table(result))
 
 
-def write_result(args, overrides: dict, rounds: list[dict], summary) -> dict:
+def write_result(args, overrides: dict, rounds: list[dict], summary, first_run: dict | None) -> dict:
     """The JSON of the rounds so far (rewritten after each round: a cut-short run keeps what it measured)."""
-    result = {"config": args.config, "overrides": overrides, "wall": summarize(rounds, "wall"),
+    result = {"config": args.config, "overrides": overrides, "command": " ".join(sys.argv),
+              "project": "new each round" if args.fresh_project else "first run over, stage cache cleared",
+              "first_run_in_a_new_project": first_run, "wall": summarize(rounds, "wall"),
               "cpu": summarize(rounds, "cpu"), "after_cold": summarize_after(rounds), "same_meta_test_results": True,
               "meta_test_summary": json.loads(summary.to_json(orient="records")), "machine": _machine(),
               "rounds": rounds}
@@ -399,6 +437,7 @@ def table(result: dict) -> str:
     row = lambda name, w, c: (f"{name:<30}{w:9.1f}{w / wall['total_s']['pipeline']:8.1%}"  # noqa: E731
                               f"{c:9.1f}{c / cpu['total_s']['pipeline']:8.1%}")
     lines = [f"{result['config']} overrides={result['overrides']}  rounds={len(result['rounds'])}  "
+             f"project: {result['project']}  "
              f"load avg (1, 5, 15 min) at the end {result['machine']['loadavg']}, "
              f"{result['machine']['cpus']} CPUs; medians over rounds",
              f"{'':<30}{'wall s':>9}{'share':>8}{'CPU s':>9}{'share':>8}",
@@ -410,6 +449,9 @@ def table(result: dict) -> str:
     lines += ["per-round share, wall: " + ", ".join(f"{s:.1%}" for s in wall["share_per_round"])
               + "; CPU: " + ", ".join(f"{s:.1%}" for s in cpu["share_per_round"]),
               "meta-test tables identical in both: yes (asserted)"]
+    if first := result["first_run_in_a_new_project"]:
+        lines += [f"a project's first run also creates the Prefect database: the server starts in "
+                  f"{first['server_start_s']['new']:.1f} s there, {first['server_start_s']['existing']:.1f} s after"]
     after = result["after_cold"]
     lines += [f"then, in the cold run's project (median wall s): cached rerun {after['cached_rerun']['wall_s']:.2f} "
               f"({after['cached_rerun_share_of_cold']:.1%} of the cold run), stages {after['stages']['wall_s']:.2f}, "
@@ -429,6 +471,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-iterations", type=int, default=None, help="baselines.pretrain_iterations")
     p.add_argument("--overrides", default=None, help="JSON {section: {key: value}}, as meta_pipeline takes")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fresh-project", action="store_true",
+                   help="each round's pipeline in a new project (its Prefect database and MLflow store created in "
+                        "the round), instead of one whose first run is over and whose stage cache was cleared")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     p.add_argument("--child", choices=MODES, default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)

@@ -297,8 +297,9 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     from flows.validation import ValidationFailed
 
     start = time.perf_counter()
-    all_cached = not force and _all_cached(cfg, root, set(only))
-    server_ready = None if all_cached else _start_prefect_server()  # its start overlaps the task sets' build
+    if not only and not force and (cached := _up_to_date(cfg, root)):
+        return _nothing_to_run(cfg, root, config, *cached)
+    server_ready = _start_prefect_server()  # its start overlaps the task sets' build
     built = False
     try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
         if not only or "task_sets" in only:  # a later stage run alone reads the task sets from the cache
@@ -307,15 +308,12 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
         return fail(_missing(e, config), 1)
     except (ValidationFailed, CacheWriteError, ValueError) as e:
         return fail(str(e), 1)
-    from flows.pipeline import MissingUpstream, meta_pipeline, run_cached
+    from flows.pipeline import MissingUpstream, meta_pipeline
 
     try:
-        if all_cached and not built:
-            out = run_cached(config_path=config, stages=only or None, overrides=overrides or None)
-        else:
-            (server_ready or _start_prefect_server())()
-            out = meta_pipeline(config_path=config, stages=only or None, force=force or None,
-                                overrides=overrides or None, prebuilt=["task_sets"] if built else None)
+        server_ready()
+        out = meta_pipeline(config_path=config, stages=only or None, force=force or None,
+                            overrides=overrides or None, prebuilt=["task_sets"] if built else None)
     except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
     hits = sum(out["hits"].values())
@@ -326,13 +324,36 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     return 0
 
 
-def _all_cached(cfg, root: Path, only: set[str]) -> bool:
-    """Every entry this run needs is cached, nothing is unfinished or stale: the run needs no Prefect."""
+def _up_to_date(cfg, root: Path) -> tuple | None:
+    """(plan, cache) when every entry of a whole run of cfg is cached (nothing stale or unfinished), else None."""
     from flows.plan import STAGES, needed_stages, stage_entries
 
     plan, cache = _plan(cfg, root)
-    action = _actions(plan, cache, only, set(), set(needed_stages(only, cfg)), "--stage")
-    return all(action(entry) in ("cache", "not run") for stage in STAGES for entry in stage_entries(plan, stage).values())
+    action = _actions(plan, cache, set(), set(), set(needed_stages(set(), cfg)), "--stage")
+    entries = [entry for stage in STAGES for entry in stage_entries(plan, stage).values()]
+    return (plan, cache) if all(action(entry) in ("cache", "not run") for entry in entries) else None
+
+
+def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
+    """A run whose every entry is cached has nothing to do: like make, it starts nothing (no Prefect flow run,
+    no MLflow run) and says so, with the results and the MLflow run (and report) that computed them."""
+    import pandas as pd
+
+    from flows import report
+    from flows.cache import DIVERGED
+    from flows.plan import STAGES, stage_entries
+
+    key, sig, family = plan.keys["significance"], cfg.significance, plan.family
+    path, source = cache.path("significance", key), cache.manifest("significance", key)["meta"].get("mlflow_run_id")
+    n = sum(len(stage_entries(plan, stage)) for stage in STAGES)
+    text = report.results_text(pd.read_parquet(path / "summary.parquet").set_index("method"),
+                               pd.read_parquet(path / "comparisons.parquet"), family.metric, family.reference,
+                               sig.alpha, sig.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"))
+    page = root / "reports" / str(source) / "report.html"
+    origin = f"the results of MLflow run {source}" if source else "the cached results"
+    click.echo(f"\nstudy {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or MLflow run; "
+               f"{origin}{f' (report: {page})' if page.exists() else ''}. --force STAGE recomputes.\n{text}")
+    return 0
 
 
 def _start_prefect_server():

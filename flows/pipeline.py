@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ configure()
 import pandas as pd  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.context import FlowRunContext, TaskRunContext  # noqa: E402
 from prefect.states import Completed, State  # noqa: E402
 
 import torch  # noqa: E402
@@ -146,7 +144,7 @@ class Run:
 
         The entry's lock makes a concurrent run computing the same entry wait, then take it as a hit.
         """
-        cache, logger = self.cache, run_logger()
+        cache, logger = self.cache, get_run_logger()
         forced = (stage in self.force or stage in self.only) and stage not in self.prebuilt
         with cache.lock(stage, key):
             status = cache.status(stage, key, reads)
@@ -171,20 +169,6 @@ def cached(value, hits: dict[str, bool]):
     if hits and all(hits.values()):
         return Completed(data=value, name="Cached", message=f"cache hit: {', '.join(hits)}")
     return value
-
-
-def run_logger():
-    """Prefect's logger of the current flow or task run; the `metapeft` logger when the flow's body runs without
-    the engine (`run_cached`)."""
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return logging.getLogger("metapeft")
-    return get_run_logger()
-
-
-def call(step, *args):
-    """A task of this flow on its arguments: a Prefect task run inside a flow run, its body alone when the flow's
-    body runs without the engine (`run_cached`)."""
-    return step(*args) if FlowRunContext.get() is not None else step.fn(*args)
 
 
 def value_of(returned):
@@ -269,7 +253,7 @@ def meta_train_algorithm(run: Run, label: str) -> dict[str, dict]:
     ({"hits", "method_runs", "sources"}).
     """
     set_threads(run.cfg)
-    key, logger, settings = run.plan.algorithm_keys[label], run_logger(), run.plan.settings[label]
+    key, logger, settings = run.plan.algorithm_keys[label], get_run_logger(), run.plan.settings[label]
     checkpoint = checkpoint_path(run, label)
     if "meta_train" in run.force:  # from scratch; `--stage meta_train` goes on from the checkpoint
         checkpoint.unlink(missing_ok=True)
@@ -319,7 +303,7 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
                                     "meta_train_seconds": meta["seconds"], "best_iteration": meta["best_iteration"]})
     run.tracker.end_run(child)
     if "diverged" in meta:
-        run_logger().warning("%s diverged: %s", label, meta["diverged"])
+        get_run_logger().warning("%s diverged: %s", label, meta["diverged"])
     else:
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "study.json"
@@ -530,7 +514,7 @@ def _evaluate(run: Run, runner) -> str:
         for done, opened in enumerate(fan_out(runner, evaluate_unit, run, list(run.plan.units)), 1):
             run.method_runs.update(opened)
             progress.update(done)
-    return value_of(call(evaluate, run))
+    return value_of(evaluate(run))
 
 
 def fan_out(runner, unit_task, run: Run, labels: list[str]):
@@ -538,7 +522,7 @@ def fan_out(runner, unit_task, run: Run, labels: list[str]):
     (runner None), or at once on the Dask workers."""
     if runner is None:
         for label in labels:
-            yield value_of(call(unit_task, run, label))
+            yield value_of(unit_task(run, label))
         return
     futures = [runner.submit(unit_task, {"run": run, "label": label}) for label in labels]
     for future in futures:
@@ -626,7 +610,6 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     taken from the cache even when named in `stages` or `force`.
     """
     cfg, root = load_config(config_path, overrides), project_root()
-    engine = FlowRunContext.get() is not None  # False: the body alone (run_cached)
     only = frozenset(stages or ())
     todo = needed_stages(set(only), cfg)
     set_threads(cfg)
@@ -636,21 +619,20 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
                                                **({"metapeft.overrides": json.dumps(overrides)} if overrides else {}),
                                                "metapeft.config_hash": config_hash(cfg),
-                                               "metapeft.orchestrator": "prefect" if engine else "none: all cached",
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()), prebuilt=frozenset(prebuilt or ()))
     text = ""
     with ending(run):
         tracker.log_params(parent, study_params(cfg))
         _require_cached(run, config_path)
-        with task_runner(cfg, root) if engine else contextlib.nullcontext() as runner:
+        with task_runner(cfg, root) as runner:
             run_stage = {
-                "task_sets": lambda: call(prepare_task_sets, run),
-                "embeddings": lambda: call(compute_embeddings, run),
+                "task_sets": lambda: prepare_task_sets(run),
+                "embeddings": lambda: compute_embeddings(run),
                 "meta_train": lambda: _meta_train(run, runner),
                 "evaluate": lambda: _evaluate(run, runner),
-                "baselines": lambda: call(compare_baselines, run),
-                "significance": lambda: call(significance, run),
+                "baselines": lambda: compare_baselines(run),
+                "significance": lambda: significance(run),
             }
             for stage in todo:
                 if not only or stage in only:
@@ -661,27 +643,9 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     return {"run_id": parent, "keys": plan.keys, "hits": run.hits, "results": text}
 
 
-def run_cached(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = None,
-               overrides: dict | None = None) -> dict:
-    """`meta_pipeline`'s body without the Prefect engine, for a run whose every entry is cached (the caller
-    checks: `metapeft run` does, from the plan and the cache): no Prefect server is started and no flow run is
-    recorded; the MLflow parent run is, as always, with its cache-hit tags and `metapeft.orchestrator` saying
-    none ran. An entry that turns out not to be cached is computed all the same, logged to the `metapeft`
-    logger (on stderr, formatted as Prefect's)."""
-    logger = logging.getLogger("metapeft")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | metapeft - %(message)s",
-                                               "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    return meta_pipeline.fn(config_path=config_path, stages=stages, overrides=overrides)
-
-
 def warn_tracking(tracker: Tracker) -> None:
     """Say what the Tracker repaired on opening: a restored experiment, a moved project, runs of dead processes."""
-    logger = run_logger()
+    logger = get_run_logger()
     if tracker.restored:
         logger.warning(tracker.restored)
     if tracker.moved:
