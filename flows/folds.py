@@ -55,19 +55,25 @@ def summary_key(cfg: StudyConfig, plans: dict[str, Plan]) -> str:
                         "code": code_version(["components.significance"])})
 
 
+def summary_reads(plans: dict[str, Plan]) -> list[tuple[str, str]]:
+    """The entries the "folds" summary is computed from: each fold's evaluate and baselines."""
+    return [(stage, plan.keys[stage]) for plan in plans.values() for stage in ("evaluate", "baselines")]
+
+
 @task(name="fold_summary", cache_policy=NO_CACHE)
 def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan]) -> Path:
     """The folds' results compared (`components.significance.compare_folds`), cached as the "folds" entry."""
     key, family, sig = summary_key(cfg, plans), next(iter(plans.values())).family, cfg.significance
+    reads = summary_reads(plans)
     with cache.lock("folds", key):
-        if cache.is_complete("folds", key):
+        if cache.status("folds", key, reads) == "cached":  # a fold's results rewritten since: stale, recomputed
             get_run_logger().info("folds [%s]: cache hit", key)
             return cache.path("folds", key)
         tables = {t: {f: pd.concat([cache.read_table(s, p.keys[s], t) for s in ("evaluate", "baselines")],
                                    ignore_index=True) for f, p in plans.items()} for t in (RESULTS, DIVERGED)}
         out_tables = compare_folds(tables[RESULTS], tables[DIVERGED], family.metric, family.lower_is_better,
                                    sig.confidence, sig.alpha)
-        with cache.writing("folds", key, {"folds": list(plans)}) as out:
+        with cache.writing("folds", key, {"folds": list(plans)}, reads=reads) as out:
             for name, table in out_tables.items():
                 write_table(table, out, name)
             (out / SUMMARY_TEXT).write_text(folds_text(out_tables, family.metric, family.reference, sig.confidence,

@@ -316,6 +316,33 @@ def test_compare_folds_leaves_out_diverged_methods_and_takes_the_last_step_and_s
                      "accuracy")
 
 
+def test_the_fold_summary_is_recomputed_when_a_folds_results_are_rewritten_under_the_same_key(tmp_path, monkeypatch):
+    from flows import folds
+    from flows.cache import DIVERGED, RESULTS, StageCache, write_table
+
+    write_dataset(tmp_path)
+    (tmp_path / "02").mkdir()
+    for name in (*FILES.values(), "train.4samples.jsonl"):
+        (tmp_path / "02" / name).write_text((tmp_path / "01" / name).read_text())
+    cfg = load_config(path := fold_config(tmp_path, ["01", "02"]))
+    plans = {f: make_plan(load_config(path, o)) for f, o in fold_overrides(cfg, None).items()}
+    cache = StageCache(tmp_path / "data")
+
+    def write(fold: str, stage: str, scores: dict) -> None:
+        with cache.writing(stage, plans[fold].keys[stage]) as out:
+            write_table(tidy(scores).assign(steps=10), out, RESULTS)
+            write_table(pd.DataFrame({"method": pd.Series(dtype=str)}), out, DIVERGED)
+
+    for fold in plans:
+        write(fold, "evaluate", {"a": [0.6, 0.8]})
+        write(fold, "baselines", {"prototypes": [0.5, 0.5]})
+    monkeypatch.setattr(folds, "get_run_logger", lambda: __import__("logging").getLogger("test"))
+    summary = lambda: pd.read_parquet(folds.summarize.fn(cfg, cache, plans) / "summary.parquet")  # noqa: E731
+    assert summary().set_index("method")["mean"].to_dict() == pytest.approx({"a": 0.7, "prototypes": 0.5})
+    write("02", "evaluate", {"a": [0.2, 0.2]})  # e.g. a budgeted meta-training continued: same keys, new results
+    assert summary().set_index("method")["mean"].to_dict() == pytest.approx({"a": 0.45, "prototypes": 0.5})
+
+
 # ---------------------------------------------------------------- the prefix: padded per episode, encoded in chunks
 
 transformers = pytest.importorskip("transformers")
