@@ -10,8 +10,8 @@ Which weights the inner loop adapts is a choice (`adapted`): all of them (MAML),
 
 Tasks of a meta-batch run in one of three ways: `torch.func.vmap` (`vectorize=True`), a Python
 loop, or, with `task_batched=True`, inside the model itself: it takes x (T, B, ...) and weights
-that are either shared (shape) or per task (T, *shape) (`components.conv4.Conv4` does), and plain
-autograd differentiates the whole meta-batch at once, with no vmap.
+that are either shared (shape) or per task (T, *shape) (`components.conv4.Conv4` and `components.models.MLP`
+do), and plain autograd differentiates the whole meta-batch at once, with no vmap.
 
 Classification variants that start the head from the support prototypes (Proto-MAML, prototypical
 networks) need the head's input: the model's `features(x)` (its forward is `head(features(x))`).
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
@@ -241,8 +242,26 @@ def adapt_tasks(model: nn.Module, params: Params, lrs: StepRates, x_spt, y_spt, 
 
 
 def task_losses(loss_fn: LossFn, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Each task's own loss: pred (T, B, ...), target (T, B, ...) -> (T,)."""
+    """Each task's own loss: pred (T, B, ...), target (T, B, ...) -> (T,).
+
+    F.mse_loss and F.cross_entropy (class-index or probability targets) run once over all tasks (reduction
+    "none", then a mean per task); any other loss_fn (a partial with options too) is called once per task.
+    Equal to the per-task calls up to float rounding (summation order).
+    """
+    if loss_fn is F.mse_loss and pred.dim() >= 2 and pred.shape == target.shape:
+        return F.mse_loss(pred, target, reduction="none").flatten(1).mean(1)
+    if loss_fn is F.cross_entropy and pred.dim() >= 3:  # a task's pred is a batch (B, C, ...), not one example
+        return _cross_entropy_task_losses(pred, target)
     return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+
+
+def _cross_entropy_task_losses(pred: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """pred (T, B, C, ...) logits, target (T, B, ...) class indices or (T, B, C, ...) probabilities -> (T,)."""
+    losses = F.cross_entropy(pred.flatten(0, 1), target.flatten(0, 1), reduction="none").unflatten(0, pred.shape[:2])
+    if target.is_floating_point():
+        return losses.flatten(1).mean(1)
+    # class indices: the mean reduction averages over the targets that are not ignore_index
+    return losses.flatten(1).sum(1) / (target != ignore_index).flatten(1).sum(1)
 
 
 def _names(lrs: StepRates, params: Params) -> list[str]:
@@ -495,7 +514,7 @@ class MetaLearner:
             total = self._reptile_backward(batch)
         else:
             first_order, loss_weights = self.first_order_at(iteration), self.loss_weights(iteration)
-            if self.cfg.task_batched:
+            if self.cfg.task_batched and 0 < self.cfg.query_chunk < (self.cfg.task_chunk or len(batch[0])):
                 grads, total = self._task_batched_grads(batch, first_order, loss_weights)
             else:
                 grads, total = self._chunked_grads(batch, first_order, loss_weights)
@@ -507,19 +526,22 @@ class MetaLearner:
 
     def _chunked_grads(self, batch: TaskBatch, first_order: bool,
                        loss_weights: Sequence[float] | None = None) -> tuple[list[torch.Tensor], float]:
+        """Per task chunk: its query losses' gradient in one backward (vmap, the loop, or a task-batched model)."""
         params, n_tasks = self.parameters(), len(batch[0])
-        total, grads = 0.0, [torch.zeros_like(p) for p in params]
+        total, grads = 0.0, []
         for part in _slices(n_tasks, self.cfg.task_chunk):
             loss = self.query_losses(tuple(t[part] for t in batch), self.cfg.inner_steps, first_order,
                                      loss_weights).sum() / n_tasks
-            for acc, g in zip(grads, torch.autograd.grad(loss, params)):
-                acc.add_(g)
+            grads.append(torch.autograd.grad(loss, params))
             total += loss.item()
-        return grads, total
+        return [_accumulated(gs) for gs in zip(*grads)], total
 
     def _task_batched_grads(self, batch: TaskBatch, first_order: bool,
                             loss_weights: Sequence[float] | None = None) -> tuple[list[torch.Tensor], float]:
-        """Per task chunk: adapt its tasks in one graph; differentiate their query losses query_chunk tasks
+        """A task-batched model whose query is split (query_chunk smaller than the task chunk; otherwise one
+        backward per task chunk, `_chunked_grads`, is faster and the same).
+
+        Per task chunk: adapt its tasks in one graph; differentiate their query losses query_chunk tasks
         at a time, only up to the per-task weights (v = dL/dfast, (T, *shape)); then push v through the
         adaptation graph once. The shared weights' direct gradient (the query uses them as they are)
         is added on. A multi-step loss does this for the weights after each of its steps, one push for all.
@@ -633,6 +655,14 @@ def _detached(lrs: StepRates) -> StepRates:
     if isinstance(lrs, list):
         return [_detached(r) for r in lrs]
     return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in lrs.items()}
+
+
+def _accumulated(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """grads[0] + grads[1] + ..., in order (a lone gradient as it is: no copy)."""
+    total = grads[0]
+    for g in grads[1:]:
+        total = total + g
+    return total
 
 
 def _sum_grads(p: torch.Tensor, *grads: torch.Tensor | None) -> torch.Tensor:

@@ -6,11 +6,15 @@ finite differences on a few coordinates.
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
-from components.metalearners import MetaLearner, MetaLearnerConfig, adapt
+from components.metalearners import MetaLearner, MetaLearnerConfig, adapt, task_losses
 from components.models import MLP
 from components.tasksets import SinusoidFamily, TaskBatch, sample_sinusoid_tasks, to_batch
 
@@ -27,10 +31,10 @@ def batch() -> TaskBatch:
     return to_batch(sample_sinusoid_tasks(family, {"meta_train": 3}, seed=0), dtype=torch.float64)
 
 
-def make_learner(algorithm: str, vectorize: bool = True, steps: int = STEPS) -> MetaLearner:
+def make_learner(algorithm: str, vectorize: bool = True, steps: int = STEPS, **cfg) -> MetaLearner:
     torch.manual_seed(0)
     model = MLP(SIZES).double()
-    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=steps, fast_lr=FAST_LR, vectorize=vectorize)
+    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=steps, fast_lr=FAST_LR, vectorize=vectorize, **cfg)
     return MetaLearner(model, cfg, F.mse_loss)
 
 
@@ -344,3 +348,132 @@ def test_zero_init_names_must_be_adapted():
 def test_lr_range_binds_only_metasgd():
     """MAML and the others never read the range: a fast_lr outside it is theirs to choose."""
     assert MetaLearnerConfig(algorithm="maml", fast_lr=2.0, lr_range=(1e-4, 1.0)).fast_lr == 2.0
+
+
+# --- the task-batched MLP: all tasks as one network, plain autograd, no vmap ---
+
+TASK_BATCHED = {"one_backward": dict(task_batched=True),
+                "query_split": dict(task_batched=True, task_chunk=2, query_chunk=1)}  # adapt, then push dL/dfast
+
+
+def per_task_weights(model: MLP, n_tasks: int, names) -> dict[str, torch.Tensor]:
+    """The model's weights, those in names one per task (T, *shape) and all different, the others shared."""
+    g = torch.Generator().manual_seed(3)
+    return {k: p.detach() + 0.1 * torch.randn(n_tasks, *p.shape, generator=g, dtype=p.dtype) if k in names
+            else p.detach() for k, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("names", [(), ("net.0.weight", "net.2.bias"), ("net.2.weight", "net.4.weight", "net.0.bias"),
+                                   ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight",
+                                    "net.4.bias")])
+def test_task_batched_mlp_equals_the_per_task_forward(names):
+    torch.manual_seed(0)
+    model = MLP((3, 8, 8, 2)).double()
+    n_tasks = 4
+    x = torch.randn(n_tasks, 5, 3, dtype=torch.float64)
+    weights = per_task_weights(model, n_tasks, names)
+    got = functional_call(model, weights, (x,))
+    assert got.shape == (n_tasks, 5, 2)
+    for t in range(n_tasks):
+        own = {k: v[t] if k in names else v for k, v in weights.items()}
+        torch.testing.assert_close(got[t], functional_call(model, own, (x[t],)), rtol=1e-12, atol=1e-14)
+    if not names:  # all shared: the same ops as the plain path, bit for bit
+        assert torch.equal(got, model.net(x))
+
+
+@pytest.mark.parametrize("path", TASK_BATCHED)
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd"])
+def test_task_batched_meta_gradient_matches_the_per_task_reference(batch, algorithm, path):
+    learner = make_learner(algorithm, **TASK_BATCHED[path])
+    if algorithm == "metasgd":  # non-uniform rates so each rate matters on its own
+        with torch.no_grad():
+            for v in learner.lrs.values():
+                v.mul_(0.5 + torch.rand(v.shape, generator=torch.Generator().manual_seed(1), dtype=v.dtype))
+    weights = leaves(learner.params.values())
+    lrs = leaves(learner.lrs.values())
+    meta_loss = reference_meta_loss(weights, lrs, batch, STEPS, first_order=algorithm == "fomaml")
+    wrt = weights + (lrs if algorithm == "metasgd" else [])
+    expected = torch.autograd.grad(meta_loss, wrt)
+    for p in learner.parameters():
+        p.grad = None
+    assert learner.meta_backward(batch) == pytest.approx(meta_loss.item(), rel=1e-12)
+    got = [p.grad for p in learner.parameters()]
+    assert len(got) == len(expected)
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "metasgd"])
+def test_task_batched_and_looped_agree(batch, algorithm):
+    looped = learner_grads(make_learner(algorithm, vectorize=False), batch)
+    batched = make_learner(algorithm, task_batched=True)
+    for got, want in zip(learner_grads(batched, batch), looped):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    fast = batched.adapt_batch(batch.x_spt, batch.y_spt, 2)
+    want = make_learner(algorithm, vectorize=False).adapt_batch(batch.x_spt, batch.y_spt, 2)
+    for k in want:
+        torch.testing.assert_close(fast[k], want[k], rtol=1e-12, atol=1e-14)
+
+
+# --- task_losses: one op for all tasks where the loss is a known mean ---
+
+class LossCalls(TorchFunctionMode):
+    """Counts the calls of each torch function (by name) made while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", repr(func))
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def one_per_task(loss_fn, pred, target) -> torch.Tensor:
+    return torch.stack([loss_fn(p, t) for p, t in zip(pred, target)])
+
+
+def classification_cases():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 6, 5, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 5, (4, 6), generator=g)
+    ignored = labels.clone()
+    ignored[1, :3] = -100  # the mean runs over the targets that count: task 1 has 3
+    probs = torch.softmax(torch.randn(4, 6, 5, generator=g, dtype=torch.float64), -1)
+    pixels = torch.randn(4, 6, 5, 2, 3, generator=g, dtype=torch.float64)  # (T, B, C, d1, d2)
+    return {"labels": (logits, labels), "ignore_index": (logits, ignored), "probabilities": (logits, probs),
+            "spatial": (pixels, torch.randint(0, 5, (4, 6, 2, 3), generator=g))}
+
+
+@pytest.mark.parametrize("case", ["labels", "ignore_index", "probabilities", "spatial"])
+def test_cross_entropy_task_losses_are_one_op_and_equal_the_loop(case):
+    pred, target = classification_cases()[case]
+    with LossCalls() as calls:
+        got = task_losses(F.cross_entropy, pred, target)
+    assert calls.counts.get("cross_entropy") == 1
+    assert got.shape == (4,)
+    torch.testing.assert_close(got, one_per_task(F.cross_entropy, pred, target), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 1), (4, 6, 3), (4, 6)])
+def test_mse_task_losses_are_one_op_and_equal_the_loop(shape):
+    g = torch.Generator().manual_seed(0)
+    pred, target = (torch.randn(*shape, generator=g, dtype=torch.float64) for _ in range(2))
+    target[2] += 3.0  # tasks with different losses
+    with LossCalls() as calls:
+        got = task_losses(F.mse_loss, pred, target)
+    assert calls.counts.get("mse_loss") == 1
+    torch.testing.assert_close(got, one_per_task(F.mse_loss, pred, target), rtol=1e-13, atol=1e-15)
+    pred32, target32 = pred.float(), target.float()  # float32: the same up to rounding
+    torch.testing.assert_close(task_losses(F.mse_loss, pred32, target32), one_per_task(F.mse_loss, pred32, target32))
+
+
+@pytest.mark.parametrize("loss_fn", [functools.partial(F.cross_entropy, label_smoothing=0.2),
+                                     lambda p, t: F.cross_entropy(p, t, reduction="sum")])
+def test_other_loss_functions_take_the_per_task_loop(loss_fn):
+    pred, target = classification_cases()["labels"]
+    with LossCalls() as calls:
+        got = task_losses(loss_fn, pred, target)
+    assert calls.counts.get("cross_entropy") == len(pred)
+    torch.testing.assert_close(got, one_per_task(loss_fn, pred, target), rtol=0, atol=0)
