@@ -50,6 +50,7 @@ def test_summarize_splits_the_overhead_of_the_median_times():
     assert s["overhead_s"] == 25
     assert s["share"] == pytest.approx(25 / 110)
     assert s["share_per_round"] == pytest.approx([0.2, 0.25])
+    assert s["share_of_bare"] == pytest.approx(25 / 85)
     assert s["overhead_parts_s"] == {"prefect_server": 11, "prefect_import": 4, "gx_validation": 3,
                                      "mlflow": 5, "prefect_engine_and_rest": 2}
     assert s["compute_s"] == {"pipeline": 85, "bare": 78}  # the pipeline's compute includes GX: taken out
@@ -58,3 +59,24 @@ def test_summarize_splits_the_overhead_of_the_median_times():
     assert cpu["overhead_s"] == 12.5
     assert cpu["overhead_parts_s"] == {"prefect_server": 8.5, "prefect_import": 2, "gx_validation": 1.5,
                                        "mlflow": 2.5, "prefect_engine_and_rest": -2}
+
+
+def test_summarize_after_takes_medians_and_the_cached_share_of_the_cold_run():
+    rounds = [{"pipeline": {"wall_s": w}, "after": {name: {"wall_s": a, "cpu_s": a / 2} for name in overhead.AFTER_COLD}}
+              for w, a in ((100, 4.0), (80, 2.0), (120, 9.0))]
+    s = overhead.summarize_after(rounds)
+    assert s["cached_rerun"] == {"wall_s": 4.0, "cpu_s": 2.0} and s["stages"]["wall_s"] == 4.0
+    assert s["cold_run_wall_s"] == 100 and s["cached_rerun_share_of_cold"] == pytest.approx(0.04)
+
+
+def test_tracker_methods_are_every_public_method_and_init():
+    class Tracker:
+        def __init__(self): ...
+        def start_run(self): ...
+        def _private(self): ...
+        uri = "sqlite://"
+
+        @property
+        def client(self): ...
+
+    assert overhead.tracker_methods(Tracker) == ("__init__", "start_run")
