@@ -258,7 +258,8 @@ CONV_SHAPES = ((1, 28, 64), (64, 14, 64), (64, 7, 64), (64, 4, 64))  # (C_in, si
 
 def measure_machine(args) -> dict:
     """Plain conv GFLOP/s on conv4's four shapes (forward, 600 images, channels-last; the fastest of 20 runs
-    per shape, the machine's capability rather than its mood) and FLOPs per task of each algorithm."""
+    per shape, the machine's capability rather than its mood), matmul GFLOP/s (1024 x 1024 products, the
+    fastest of 20) and FLOPs per task of each algorithm."""
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.set_num_threads(args.threads)
@@ -273,6 +274,12 @@ def measure_machine(args) -> dict:
             times.append(time.perf_counter() - t)
         seconds += min(times[2:])
         flops += 2 * n * c_out * c_in * 9 * ((side + 1) // 2) ** 2
+    a, b = torch.rand(1024, 1024), torch.rand(1024, 1024)
+    matmul = []
+    for _ in range(22):
+        t = time.perf_counter()
+        a @ b
+        matmul.append(time.perf_counter() - t)
     per_task = {}
     g = torch.Generator().manual_seed(0)
     one = EpisodeBatch(torch.rand(1, args.ways * args.shots, 1, 28, 28, generator=g),
@@ -285,12 +292,14 @@ def measure_machine(args) -> dict:
             learner.meta_backward(one)
         per_task[algorithm] = counter.get_total_flops()
     per_task["l2l_maml"] = per_task["maml"]
-    return {"conv_gflops": flops / seconds / 1e9, "flops_per_task": per_task}
+    return {"conv_gflops": flops / seconds / 1e9, "matmul_gflops": 2 * 1024 ** 3 / min(matmul[2:]) / 1e9,
+            "flops_per_task": per_task}
 
 
 def throughput(args) -> dict:
     """MAML tasks/s of metapeft (task-batched per --chunks; per-task torch.func loop) and learn2learn,
-    interleaved in this one process, on real meta-training episodes."""
+    interleaved in this one process, on real meta-training episodes; by wall time, and by this process's CPU
+    time (with one thread, a busy neighbour that takes the core away does not count there)."""
     torch.set_num_threads(args.threads)
     train_pool, _ = class_pools(args.data)
     batches = [sample_episodes(train_pool, args.ways, args.shots, N_QUERY, PAPER[args.ways]["meta_batch"],
@@ -298,14 +307,15 @@ def throughput(args) -> dict:
     steps = {name: make_impl(name, args) for name in implementations(args)}
     for step in steps.values():
         step(batches[0])
-    rates = {name: [] for name in steps}
+    rates, cpu_rates, load_start = {name: [] for name in steps}, {name: [] for name in steps}, os.getloadavg()
     for _ in range(args.tp_repeats):
         for name, step in steps.items():
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             for b in batches:
                 step(b)
             rates[name].append(len(batches) * len(batches[0]) / (time.perf_counter() - t))
-    return {"rates": rates, "loadavg_end": os.getloadavg()}
+            cpu_rates[name].append(len(batches) * len(batches[0]) / (time.process_time() - cpu))
+    return {"rates": rates, "cpu_rates": cpu_rates, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
 
 
 def implementations(args) -> list[str]:
@@ -425,28 +435,50 @@ def print_report(args, machine, table: pd.DataFrame, comparisons: pd.DataFrame) 
 
 def throughput_benchmark(args) -> None:
     cached_table(args.data)
-    rows = []
-    for allocator in args.allocators.split(","):
+    rows, allocators = [], args.allocators.split(",")
+    measured = {}
+    for allocator in allocators:
         args.allocator = allocator
+        measured[allocator] = run_worker(args, "_machine")
+    # the machine's rates: the best under any allocator (glibc's faults in the 30 MB conv outputs cap its conv rate)
+    conv_rate, matmul_rate = (max(m[k] for m in measured.values()) for k in ("conv_gflops", "matmul_gflops"))
+    for allocator in allocators:
+        args.allocator, machine = allocator, measured[allocator]
         timed = run_worker(args, "_throughput")
         peaks = {name: run_worker(args, "_peak", ["--impl", name]) for name in implementations(args)}
-        base = statistics.median(timed["rates"]["l2l_maml"])
+        base, cpu_base = (statistics.median(timed[k]["l2l_maml"]) for k in ("rates", "cpu_rates"))
+        gflop = machine["flops_per_task"]["maml"] / 1e9  # the same work per task for every implementation
         for name, rates in timed["rates"].items():
             ratios = [a / b for a, b in zip(rates, timed["rates"]["l2l_maml"])]
+            cpu_rates = timed["cpu_rates"][name]
             rows.append({"allocator": allocator, "threads": args.threads, "implementation": name,
                          "tasks_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
                          "vs_l2l": statistics.median(rates) / base, "vs_l2l_per_round": statistics.median(ratios),
+                         "cpu_tasks_per_s": statistics.median(cpu_rates),
+                         "cpu_vs_l2l": statistics.median(cpu_rates) / cpu_base,
+                         "gflop_per_task": gflop, "conv_gflops": conv_rate, "matmul_gflops": matmul_rate,
+                         "conv_gflops_this_allocator": machine["conv_gflops"],
+                         "matmul_gflops_this_allocator": machine["matmul_gflops"],
+                         "conv_rate_fraction": statistics.median(rates) * gflop / conv_rate,
+                         "matmul_rate_fraction": statistics.median(rates) * gflop / matmul_rate,
                          "peak_rss_mb": peaks[name]["peak_rss_mb"],
                          "peak_rss_over_start_mb": peaks[name]["peak_rss_mb"] - peaks[name]["before_training_mb"],
-                         "rates": rates, "loadavg_end": timed["loadavg_end"]})
+                         "rates": rates, "cpu_rates": cpu_rates, "loadavg_start": timed["loadavg_start"],
+                         "loadavg_end": timed["loadavg_end"]})
     print(f"\nMAML second order, Omniglot {args.ways}-way {args.shots}-shot, meta-batch {PAPER[args.ways]['meta_batch']}, "
           f"{N_QUERY} queries/class; {args.tp_repeats} interleaved rounds of {args.tp_iterations} meta-iterations")
     print(f"{'allocator':<9} {'thr':>3} {'implementation':<16} {'tasks/s':>8} {'[min, max]':>14} {'x l2l':>6} "
-          f"{'x l2l/round':>11} {'peak RSS MB':>11} {'over start':>10}")
+          f"{'x l2l/round':>11} {'CPU x l2l':>9} {'conv':>5} {'matmul':>6} {'peak RSS MB':>11} {'over start':>10} "
+          f"{'load':>9}")
     for r in rows:
         print(f"{r['allocator']:<9} {r['threads']:>3} {r['implementation']:<16} {r['tasks_per_s']:>8.1f} "
               f"[{r['min']:>5.1f}, {r['max']:>5.1f}] {r['vs_l2l']:>6.2f} {r['vs_l2l_per_round']:>11.2f} "
-              f"{r['peak_rss_mb']:>11.0f} {r['peak_rss_over_start_mb']:>10.0f}")
+              f"{r['cpu_vs_l2l']:>9.2f} {r['conv_rate_fraction']:>5.0%} {r['matmul_rate_fraction']:>6.0%} "
+              f"{r['peak_rss_mb']:>11.0f} {r['peak_rss_over_start_mb']:>10.0f} "
+              f"{r['loadavg_start'][0]:>4.1f}-{r['loadavg_end'][0]:<4.1f}")
+    print(f"conv, matmul: the fraction of the machine's plain-conv ({conv_rate:.0f}) and 1024^2 matmul ({matmul_rate:.0f} "
+          "GFLOP/s, the best under any allocator) rate that tasks/s x GFLOP/task reaches; CPU x l2l: the ratio of "
+          "CPU-time rates (robust to a busy neighbour with --threads 1)")
     out = {"settings": {**settings(args), "tp_iterations": args.tp_iterations, "tp_repeats": args.tp_repeats},
            "machine": {k: v for k, v in machine_info(args).items() if k not in ("allocator", "ld_preload")},
            "rows": rows}

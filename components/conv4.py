@@ -160,12 +160,19 @@ class Conv4(nn.Module):
 
     def _features_tasks(self, x: torch.Tensor) -> torch.Tensor:
         n_tasks, n = x.shape[:2]
-        h = x.transpose(0, 1).flatten(1, 2).contiguous(memory_format=torch.channels_last)  # (B, T * C, H, W)
+        h = _channels_last(x.permute(1, 3, 4, 0, 2))  # (B, T * C, H, W)
         for block in self.blocks:
             h = _GroupedConv.apply(h, _per_task(block.kernel(), n_tasks, 4).flatten(0, 1), n_tasks)
             weight, bias = (_per_task(p, n_tasks, 1).flatten() for p in (block.norm.weight, block.norm.bias))
             h = F.relu(_BatchNorm.apply(h, weight, bias, self.cfg.eps), inplace=True)
         return h.reshape(n, n_tasks, -1).transpose(0, 1)  # (T, B, C * s * s), each image's (C, s, s) order
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x (B, H, W, T, C) -> (B, T * C, H, W) with channels-last strides, also when T * C == 1: there
+    `.contiguous(memory_format=torch.channels_last)` gives plain strides, so oneDNN would run that convolution and
+    every layer after it (batch norm too) channels-first, 1.2x slower per meta-step with one task per query graph."""
+    return x.reshape(*x.shape[:3], -1).clone(memory_format=torch.contiguous_format).permute(0, 3, 1, 2)
 
 
 def _per_task(w: torch.Tensor, n_tasks: int, ndim: int) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from components.conv4 import (Conv4, Conv4Config, _BatchNorm, _GroupedConv, adapted_names, batch_norm)
 from components.metalearners import MetaLearner, MetaLearnerConfig
@@ -105,6 +106,30 @@ def test_task_batched_forward_equals_each_task_alone(lora_rank):
         torch.testing.assert_close(got[t], want, rtol=1e-12, atol=1e-12)
 
 
+class _ConvLayouts(TorchDispatchMode):
+    """Records whether each convolution's output is channels-last (and not also plain-contiguous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.channels_last = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.aten.convolution:
+            self.channels_last.append(out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous())
+        return out
+
+
+@pytest.mark.parametrize("n_tasks", [1, 2])
+def test_task_batched_convolutions_run_channels_last_also_for_one_grayscale_task(n_tasks):
+    # one task of 1-channel images: (B, 1, H, W).contiguous(channels_last) keeps plain strides, and oneDNN would
+    # then run every layer channels-first (1.2x slower meta-steps with one task per query graph)
+    layouts = _ConvLayouts()
+    with layouts:
+        make_model()(torch.rand(n_tasks, 6, 1, 28, 28, dtype=torch.float64))
+    assert layouts.channels_last == [True] * 4
+
+
 def test_grouped_conv_and_batch_norm_functions_are_exact_to_second_order():
     x = torch.randn(3, 4, 7, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 2, 3, 3, dtype=torch.float64, requires_grad=True)
@@ -163,6 +188,7 @@ def test_adapted_names_per_mode_and_counts():
 PATHS = {
     "task_batched": dict(task_batched=True),
     "task_batched_chunked": dict(task_batched=True, task_chunk=2, query_chunk=1),
+    "task_batched_one_task": dict(task_batched=True, task_chunk=1),  # one grayscale task: the 1-channel layout
     "vmap": dict(vectorize=True),
     "loop": dict(vectorize=False),
 }
