@@ -34,12 +34,20 @@ def _path(run: Run, stage: str) -> Path:
     return run.cache.path(stage, run.plan.keys[stage])
 
 
+def _reads(run: Run, *stages: str, sources: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """The entries a stage is computed from: the named stages' entries and the transfer_train entries of
+    `sources`. Recorded with the entry; rewritten since (a continued meta-training), the entry is stale."""
+    return [(s, run.plan.keys[s]) for s in stages if s in run.plan.keys] + \
+        [("transfer_train", run.plan.source_keys[source]) for source in sources]
+
+
 @task(name="transfer_sets", cache_policy=NO_CACHE)
 def transfer_sets(run: Run) -> str:
     """The groups' classes and fixed episodes; for text also the pipeline's cached MiniLM prefix."""
     if "prefix" in run.plan.keys:
         run.stage("prefix", run.plan.keys["prefix"], lambda out: build_prefix(family_for(run.cfg), out))
-    _, meta = run.stage("transfer_sets", run.plan.keys["transfer_sets"], lambda out: ts.build_sets(run.cfg, out))
+    _, meta = run.stage("transfer_sets", run.plan.keys["transfer_sets"], lambda out: ts.build_sets(run.cfg, out),
+                        _reads(run, "prefix"))
     run.tracker.log_metrics(run.parent_id, {f"transfer_{k}": v for k, v in meta.items()})
     return run.plan.keys["transfer_sets"]
 
@@ -56,7 +64,7 @@ def train_source(run: Run, source: str) -> str:
             logger.info("%s: iteration %d val_loss=%.4f", source, iteration, metrics["val_loss"])
 
     path, meta = run.stage("transfer_train", key, lambda out: ts.train_source(
-        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress))
+        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress), _reads(run, "transfer_sets", "prefix"))
     child = run.method_run(f"transfer/{source if source == ts.POOLED else meta['groups']}", "transfer_source")
     run.tracker.set_tags(child, {"metapeft.transfer_train_key": key, "metapeft.groups": meta["groups"],
                                  "metapeft.stop_reason": meta["stop_reason"]})
@@ -69,7 +77,8 @@ def train_source(run: Run, source: str) -> str:
 @task(name="transfer_matrix", cache_policy=NO_CACHE)
 def transfer_matrix(run: Run) -> str:
     path, _ = run.stage("transfer_matrix", run.plan.keys["transfer_matrix"], lambda out: ts.score_matrix(
-        run.cfg, run.cache, run.plan.keys, run.plan.source_keys, out))
+        run.cfg, run.cache, run.plan.keys, run.plan.source_keys, out),
+        _reads(run, "transfer_sets", "prefix", sources=tuple(run.plan.source_keys)))
     gains = ts.read_gains(path)
     run.tracker.log_metrics(run.parent_id, {"transfer_gain_mean_off_diagonal": transfer_pairs(
         gains)["gain"].mean(), "transfer_gain_mean_diagonal": float(pd.Series(
@@ -83,7 +92,8 @@ def transfer_matrix(run: Run) -> str:
 def task_embeddings(run: Run) -> str:
     key = run.plan.keys["transfer_embeddings"]
     _, meta = run.stage("transfer_embeddings", key, lambda out: ts.embed_episodes(
-        run.cfg, run.cache, run.plan.keys, run.plan.source_keys[ts.POOLED], out))
+        run.cfg, run.cache, run.plan.keys, run.plan.source_keys[ts.POOLED], out),
+        _reads(run, "transfer_sets", "prefix", sources=(ts.POOLED,)))
     run.tracker.log_metrics(run.parent_id, {"task2vec_dim": meta["task2vec_dim"],
                                             "task2vec_seconds": meta["seconds"]})
     return key
@@ -94,7 +104,7 @@ def task_encoder(run: Run) -> str:
     """The TaskEmbeddingNetwork in its own cached step: encoder.pt is its checkpoint."""
     key = run.plan.keys["transfer_encoder"]
     path, meta = run.stage("transfer_encoder", key, lambda out: ts.train_encoder(
-        run.cfg, _path(run, "transfer_embeddings"), out))
+        run.cfg, _path(run, "transfer_embeddings"), out), _reads(run, "transfer_embeddings"))
     history = pd.read_parquet(path / "history.parquet")
     run.tracker.log_curves(run.parent_id, (("encoder_loss", s, v) for s, v in zip(history["step"], history["loss"])))
     run.tracker.log_artifact(run.parent_id, path / "encoder.pt", "transfer")
@@ -106,7 +116,7 @@ def correlation(run: Run) -> str:
     """Spearman's rho between distance and gain per embedding x metric, with its bootstrap CI; the figures."""
     path, _ = run.stage("transfer_correlation", run.plan.keys["transfer_correlation"], lambda out: ts.correlate(
         run.cfg, _path(run, "transfer_matrix"), _path(run, "transfer_embeddings"), _path(run, "transfer_encoder"),
-        out))
+        out), _reads(run, "transfer_matrix", "transfer_embeddings", "transfer_encoder"))
     rho = pd.read_parquet(path / "rho.parquet")
     run.tracker.log_metrics(run.parent_id, {f"rho_{r.embedding}_{r.metric}{suffix}": getattr(r, field)
                                             for r in rho.itertuples()
@@ -122,7 +132,7 @@ def nearest_task(run: Run) -> str:
     """Nearest-task initialisation against the meta-learned start and scratch, paired tests with Holm."""
     path, _ = run.stage("nearest_task", run.plan.keys["nearest_task"], lambda out: ts.nearest_task(
         run.cfg, _path(run, "transfer_matrix"), _path(run, "transfer_embeddings"), _path(run, "transfer_encoder"),
-        out))
+        out), _reads(run, "transfer_matrix", "transfer_embeddings", "transfer_encoder"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
     run.tracker.log_metrics(run.parent_id, {f"nearest_{m}_accuracy": v for m, v in summary["mean"].items()})

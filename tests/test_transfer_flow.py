@@ -65,6 +65,25 @@ def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
     again = cache.read_table("transfer_correlation", second["keys"]["transfer_correlation"], "rho")
     pd.testing.assert_frame_equal(again, rho)
 
+    import shutil
+
+    import torch
+
+    group = next(s for s in first["source_keys"] if s != "pooled")  # one source's start rewritten under its key
+    key = first["source_keys"][group]
+    old = cache.path("transfer_train", key)
+    reads = [("transfer_sets", first["keys"]["transfer_sets"])]  # what the stage records: the entry stays cached
+    with cache.writing("transfer_train", key, cache.manifest("transfer_train", key)["meta"], reads) as out:
+        for file in old.iterdir():
+            if file.name != "manifest.json":
+                shutil.copy(file, out / file.name)
+        state = torch.load(out / "state.pt")
+        state["params"] = {name: value + 0.01 for name, value in state["params"].items()}
+        torch.save(state, out / "state.pt")
+    third = transfer_study(config_path=str(path))
+    recomputed = {entry.split("/")[0] for entry, hit in third["hits"].items() if not hit}
+    assert recomputed == {"transfer_matrix", "transfer_correlation", "nearest_task"}  # not the pooled start's
+
 
 def test_transfer_section_is_checked(tmp_path):
     from flows.config import ConfigError, load_config
