@@ -36,6 +36,9 @@ TEXT = {"metasgd": "Meta-SGD (LoRA + head)", "maml": "MAML, second order (LoRA +
 TEXT_BASELINES = {"prototypes": "prototypes", "linear_head": "linear head",
                   "lora_finetune": "per-episode LoRA fine-tuning"}
 DATASETS = {"clinc150": "CLINC150", "banking77": "BANKING77"}
+TASK2VEC = {"task2vec": "Task2Vec", "loop": "loop Fisher", "vmap": "vmap", "unfold": "unfold (used)",
+            "backpack_mc": "BackPACK DiagGGNMC", "backpack_sgs": "BackPACK SumGradSquared",
+            "opacus": "Opacus GradSampleModule"}
 THROUGHPUT = {"maml": "MAML (2nd order)", "fomaml": "FOMAML", "reptile": "Reptile", "metasgd": "Meta-SGD"}
 
 
@@ -156,19 +159,18 @@ def omniglot(jsons: list[dict]) -> list[str]:
 
 def omniglot_throughput(jsons: list[dict]) -> list[str]:
     (data,) = jsons
-    by = {(r["allocator"], r["implementation"]): r for r in data["rows"]}
-    allocators = {"default": "default", "tcmalloc": "tcmalloc (`LD_PRELOAD`)"}
-
-    def cell(r: dict, memory: bool = True) -> str:
-        base = f"{r['tasks_per_s']:.1f} ({r['vs_l2l']:.2f}x)"
-        return f"{base}, {r['peak_rss_mb']:.0f} MB" if memory else base
-
-    def l2l(r: dict) -> str:
-        return f"{r['tasks_per_s']:.1f} tasks/s, {r['peak_rss_mb']:.0f} MB"
-
-    rows = [[allocators[a], l2l(by[a, "l2l_maml"]), cell(by[a, "metapeft_16x2"]), cell(by[a, "metapeft_8x2"]),
-             cell(by[a, "metapeft_loop"], memory=False)] for a in allocators if (a, "l2l_maml") in by]
-    return markdown(["allocator", "learn2learn MAML", "metapeft 16x2", "metapeft 8x2", "metapeft loop"], rows)
+    names = {"default": "default", "tcmalloc": "tcmalloc (`LD_PRELOAD`)"}
+    rows = [[names.get(r["allocator"], r["allocator"]), r["implementation"].replace("metapeft_", "metapeft "),
+             f"{r['tasks_per_s']:.1f}", f"{r['vs_l2l']:.2f}x", f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_over_start_mb']:.0f})",
+             f"{r['conv_rate_fraction']:.0%} / {r['matmul_rate_fraction']:.0%}"] for r in data["rows"]]
+    loads = [x for r in data["rows"] for x in r.get("loadavg", ())] or [None]
+    rates = data["rows"][0]
+    return [*markdown(["allocator", "implementation", "tasks/s", "x learn2learn", "peak RSS MB (+ over start)",
+                       "of conv / matmul peak"], rows), "",
+            f"Median of interleaved rounds at {data['rows'][0]['threads']} threads; metapeft NxM: N tasks per "
+            f"adaptation graph, M per query graph. The machine's rates, measured in the same run: plain conv "
+            f"{rates['conv_gflops']:.0f} GFLOP/s, 1024^2 matmul {rates['matmul_gflops']:.0f} GFLOP/s; "
+            f"{rates['gflop_per_task']:.2f} GFLOP per task."]
 
 
 def text_accuracy(jsons: list[dict]) -> list[str]:
@@ -205,24 +207,199 @@ def text_speed(jsons: list[dict]) -> list[str]:
                     rows)
 
 
+PROTOCOL = {"maml": "MAML, second order", "fomaml": "FOMAML (zeroed head)", "protomaml": "Proto-MAML",
+            "anil_maml": "ANIL", "protonet": "ProtoNet (LoRA)", "metasgd": "Meta-SGD",
+            "prototypes": "prototypes (frozen)", "linear_head": "linear head (frozen)",
+            "lora_finetune": "LoRA fine-tuned per episode"}
+PROTOCOL_DATASETS = {"banking77": "BANKING77", "oos": "OOS (CLINC150)"}
+
+
+def text_protocol_sources() -> tuple[str, ...]:
+    """The published-scale JSON once `benchmarks/text_protocol.py` has written it, else its smoke check's."""
+    return ("text-protocol.json",) if (RESULTS / "text-protocol.json").exists() else ("text-protocol-smoke.json",)
+
+
+def text_protocol(jsons: list[dict]) -> list[str]:
+    (data,) = jsons
+    rows, goals = [], []
+    for r in data["results"]:
+        setting = f"{PROTOCOL_DATASETS[r['dataset']]} {r['shot']}-shot"
+        for row in r["rows"]:
+            chosen = r["chosen"].get(row["method"])
+            grid = ("config values" if not chosen else ", ".join(f"{k} {v:g}" for k, v in chosen.items())) \
+                if row["method"] in r["chosen"] else "-"
+            rows.append([setting, bold_if(label(PROTOCOL, row["method"]), row["method"] == r["best_meta_learner"]),
+                         protocol_accuracy(row), ", ".join(row["folds"]), grid])
+        goals.append(protocol_goal(r, setting, data["published"]))
+    table = markdown(["setting", "method", "accuracy % over folds (95% CI)", "folds", "chosen on meta-val"], rows)
+    goal = markdown(["setting", "goal", "best meta-learner minus prototypes [95% CI], p_holm t / Wilcoxon",
+                     "ProtAugment (paper)", "Proto (paper)"], goals)
+    return [protocol_scale(data), "", *table, "", *goal, "", protocol_notes(data)]
+
+
+def protocol_accuracy(row: dict) -> str:
+    if row["ci_half"] is None:
+        return f"{100 * row['mean']:.2f} (one fold: no interval)"
+    return f"{100 * row['mean']:.2f} +- {100 * row['ci_half']:.2f}"
+
+
+def protocol_goal(r: dict, setting: str, published: dict) -> list[str]:
+    g, best = r["goal"], label(PROTOCOL, r["best_meta_learner"])
+    verdict = ("met" if g["met"] else "not met") + ("" if g["at_published_scale"] else
+                                                    f" ({g['n_folds']} fold{'s' * (g['n_folds'] != 1)}, "
+                                                    f"{g['episodes_per_fold']} episodes each: not the protocol)")
+    if r["shot"] != 1 and g.get("worse_than"):
+        verdict += f"; below {', '.join(label(PROTOCOL, b) for b in g['worse_than'])}"
+    p = g["vs"].get("prototypes")
+    diff = "-" if p is None else (f"{best}: {100 * p['diff']:+.2f} [{100 * p['ci_low']:+.2f}, "
+                                  f"{100 * p['ci_high']:+.2f}], {p_value(p['p_ttest_holm'])} / "
+                                  f"{p_value(p['p_wilcoxon_holm'])}")
+    paper = published["numbers"].get(r["dataset"], {}).get(str(r["shot"]), {})
+    return [setting, verdict, diff, *(f"{paper[m]:.2f}" if m in paper else "not found"
+                                      for m in ("ProtAugment", "Proto"))]
+
+
+def protocol_scale(data: dict) -> str:
+    """What ran, said first: the published scale, the reduced protocol, or not yet (a smoke check or part of it)."""
+    s, done = data["settings"], "" if data["finished"] else " (unfinished: the rows so far)"
+    ran = (f"{', '.join(PROTOCOL_DATASETS[d] for d in s['datasets'])}; {', '.join(map(str, s['shots']))}-shot; "
+           f"fold{'s' * (len(s['folds']) != 1)} {', '.join(s['folds'])}; {s['episodes']} test episodes per fold")
+    if data["scale"] == "full":
+        return f"Every method on all five folds of both datasets at 1- and 5-shot{done}."
+    if data["scale"] == "reduced":
+        return (f"The reduced protocol issue 13 allows{done}: fold {s['folds'][0]} with every method, all five folds "
+                f"for the best meta-learner (bold) and the baselines.")
+    what = ("a smoke check of the tooling (`--smoke`): its accuracies say nothing about the methods"
+            if data["scale"] == "smoke" else "part of the protocol")
+    return f"**Not run yet at the published scale.** Below: {what} ({ran}){done}."
+
+
+def protocol_notes(data: dict) -> str:
+    s, pub = data["settings"], data["published"]
+    iterations = sorted({r["iterations"] for r in data["results"]})
+    grid = ("Inner steps and rates chosen per algorithm and shot on fold " + s["folds"][0] + "'s meta-val loss "
+            "(`--grid`, the same iterations for every candidate; the grid and every candidate's loss are in the JSON)"
+            if s["grid"] else "Inner steps and rates: the configs' (`--no-grid`)")
+    paper = (f"Paper numbers: {pub['source']}." if pub["found"] else
+             "Paper numbers not found: the stored copies of ProtAugment (ACL 2021) reachable here hold its first page "
+             "only and the authors' repository has no results table (`PUBLISHED` in `benchmarks/text_protocol.py` "
+             "lists the searches).")
+    return (f"{grid}; {'/'.join(map(str, iterations))} meta-iterations per unit. Mean over folds with a t-interval "
+            f"over the fold means; p: paired t-test / Wilcoxon on the pooled episodes, Holm over every pair of the "
+            f"study's methods. Goal: 1-shot, the best meta-learner {100 * data['goal_rule']['margin']:g}+ points "
+            f"above prototypes with both p < {data['goal_rule']['alpha']:g}; 5-shot, no baseline above it with both "
+            f"p < {data['goal_rule']['alpha']:g}. {paper} Wall time {data['seconds'] / 60:.0f} min.")
+
+
 def task2vec(jsons: list[dict]) -> list[str]:
     (data,) = jsons
-    rows = [[str(r["hidden"]), f"{r['probe_params']:,}", f"{r['task2vec_s']:.3f}", f"{r['vmap_s']:.3f}",
-             f"{r['loop_s']:.3f}", f"{r['speedup']:.1f}x"] for r in data["results"]]
-    return markdown(["conv4 filters", "probe parameters", "Task2Vec s/task", "vmap Fisher s", "loop Fisher s",
-                     "speed-up"], rows)
+    by = {(r["hidden"], r["method"]): r for r in data["results"]}
+    hiddens = list(dict.fromkeys(r["hidden"] for r in data["results"]))
+    fisher = [m for m in TASK2VEC if m != "task2vec"]
+
+    def cell(r: dict) -> str:
+        return "not run" if "skipped" in r else f"{r['seconds']:.3f} s ({r['speedup_vs_loop']:.1f}x)"
+
+    rows = [[str(h), f"{by[h, 'task2vec']['probe_params']:,}", f"{by[h, 'task2vec']['seconds']:.3f}",
+             *(cell(by[h, m]) for m in fisher),
+             f"{max(by[h, m]['max_rel_diff'] for m in fisher if 'skipped' not in by[h, m]):.0e}"] for h in hiddens]
+    table = markdown(["conv4 filters", "probe parameters", "Task2Vec s/task", *(label(TASK2VEC, m) for m in fisher),
+                      "max rel diff, float64"], rows)
+    return [*table, "", task2vec_notes(data)]
+
+
+def task2vec_notes(data: dict) -> str:
+    """How the Task2Vec table was measured: timings, threads, load, versions, what was skipped, the float32 check."""
+    s, m, ran = data["settings"], data["machine"], [r for r in data["results"] if "max_rel_diff" in r]
+    rows = sorted({r["fisher_rows"] for r in ran})
+    threads = f"{m['threads']} thread{'s' * (m['threads'] != 1)}"
+    skipped = sorted({f"{label(TASK2VEC, r['method'])} ({r['skipped']})" for r in data["results"] if "skipped" in r})
+    versions = ", ".join(f"{name} {v}" for name, v in s["versions"].items() if v)
+    return (f"Fisher seconds per task (speed-up over the loop): median of {s['repeats']} timings, every method "
+            f"interleaved in one process on the same {s['n_samples']} sampled labels per example, {s['dtype']}, "
+            f"{threads}; load average (1 min) {m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at "
+            f"the end. Max rel diff: max over weights of max |F - F_ref| / max |F_ref|, worst of the methods run, "
+            f"each run in float64 against the float64 per-example loop (in float32: "
+            f"{max(r['max_rel_diff_float32'] for r in ran):.0e}). unfold, BackPACK SumGradSquared and Opacus compute "
+            f"one row per (example, class drawn): {rows[0]}-{rows[-1]} rows for the {ran[0]['label_draws']} draws; "
+            f"the loop, vmap and DiagGGNMC one per draw. "
+            f"{versions or 'No comparison library installed'}."
+            + (f" Not run: {'; '.join(skipped)}." if skipped else ""))
 
 
 def throughput(jsons: list[dict]) -> list[str]:
     (data,) = jsons
     by = {(r["algorithm"], r["implementation"]): r for r in data["results"]}
     algorithms = list(dict.fromkeys(r["algorithm"] for r in data["results"]))
-    rows = [[label(THROUGHPUT, a), *(f"{by[a, i]['tasks_per_s']:.0f}" for i in ("vmap", "loop", "reference")),
-             f"{by[a, 'vmap']['speedup_vs_reference']:.2f}x"] for a in algorithms]
-    return markdown(["algorithm", "vmap tasks/s", "loop tasks/s", "reference tasks/s", "vmap vs reference"], rows)
+
+    def rate(a: str, impl: str) -> str:
+        return f"{by[a, impl]['tasks_per_s']:.0f}" if (a, impl) in by else "-"
+
+    def ratio(a: str, impl: str, key: str) -> str:
+        value = by.get((a, impl), {}).get(key)
+        return "-" if value is None else f"{value:.2f}x"
+
+    rows = [[label(THROUGHPUT, a), *(rate(a, i) for i in ("task_batched", "vmap", "loop", "reference", "l2l")),
+             ratio(a, "task_batched", "speedup_vs_l2l"), ratio(a, "vmap", "speedup_vs_l2l"),
+             ratio(a, "task_batched", "speedup_vs_reference")] for a in algorithms]
+    table = markdown(["algorithm", "metapeft task-batched tasks/s", "metapeft vmap tasks/s", "metapeft loop tasks/s",
+                      "in-script loop tasks/s", "learn2learn tasks/s", "task-batched vs learn2learn",
+                      "vmap vs learn2learn", "task-batched vs in-script loop"], rows)
+    return [*table, "", throughput_notes(data)]
+
+
+def throughput_notes(data: dict) -> str:
+    """How the throughput table was measured: timings, threads, allocator, load, and the gradient check."""
+    s, m, check = data["settings"], data["machine"], data["gradient_check"]["max_rel_diff"]
+    threads = f"{m['threads']} thread{'s' * (m['threads'] != 1)}"
+    text = (f"tasks/s: median of {s['repeats']} timings of {s['iterations']} meta-iterations (meta-batch "
+            f"{s['meta_batch']}, Adam step included), every implementation interleaved in one process on the same "
+            f"task batches; {threads}, allocator {m['allocator']}; load average (1 min) {m['loadavg_start'][0]:.1f} "
+            f"at the start, {m['loadavg_end'][0]:.1f} at the end. ")
+    l2l = data["learn2learn"]
+    if l2l["skipped"]:
+        text += f"learn2learn was not run: {l2l['skipped']}. "
+    else:
+        text += (f"learn2learn {l2l['version']}: `MAML` (`first_order=True` for FOMAML) and `MetaSGD`; it has no "
+                 f"Reptile class. ")
+    def worst(dtype: str) -> str:
+        every = max(d for a in check.values() for d in a[dtype].values())
+        l2l_diffs = [a[dtype]["l2l"] for a in check.values() if "l2l" in a[dtype]]
+        return f"{every:.1g} in {dtype}" + (f" (learn2learn: {max(l2l_diffs):.1g})" if l2l_diffs else "")
+
+    return text + (f"On the first batch every implementation's meta-gradient matches metapeft vmap's: worst relative "
+                   f"difference (max |g - g_vmap| / max |g_vmap|) {worst('float64')}, {worst('float32')}.")
+
+
+def overhead(jsons: list[dict]) -> list[str]:
+    (data,) = jsons
+    wall, cpu, after = data["wall"], data["cpu"], data["after_cold"]
+    seconds = lambda w, c: [f"{w:.1f}", f"{c:.1f}"]  # noqa: E731
+    rows = [["cold `metapeft run` (Prefect, MLflow, GX)", *seconds(wall["total_s"]["pipeline"], cpu["total_s"]["pipeline"])],
+            ["the same stage calls, bare", *seconds(wall["total_s"]["bare"], cpu["total_s"]["bare"])],
+            ["overhead (share of the bare stages)", f"{wall['overhead_s']:.1f} ({wall['share_of_bare']:.1%})",
+             f"{cpu['overhead_s']:.1f} ({cpu['share_of_bare']:.1%})"],
+            *[[f"&nbsp;&nbsp;{name.replace('_', ' ')}", *seconds(wall["overhead_parts_s"][name], cpu["overhead_parts_s"][name])]
+              for name in wall["overhead_parts_s"]],
+            ["fully cached rerun (share of the cold run)",
+             f"{after['cached_rerun']['wall_s']:.2f} ({after['cached_rerun_share_of_cold']:.1%})",
+             f"{after['cached_rerun']['cpu_s']:.2f}"],
+            ["`metapeft stages`", f"{after['stages']['wall_s']:.2f}", f"{after['stages']['cpu_s']:.2f}"],
+            ["`metapeft run --dry-run`", f"{after['dry_run']['wall_s']:.2f}", f"{after['dry_run']['cpu_s']:.2f}"]]
+    loads = [r[m]["loadavg_1m_before"] for r in data["rounds"] for m in ("pipeline", "bare")]
+    first = data.get("first_run_in_a_new_project")
+    note = (f"Medians of {len(data['rounds'])} rounds, the two sides interleaved, each a fresh process at 1 thread; "
+            f"project: {data['project']}; 1-minute load average before each run {min(loads):.2f}-{max(loads):.2f}. "
+            "CPU counts every process, the temporary Prefect server's included. Both sides wrote identical "
+            "meta-test tables (asserted).")
+    if first:
+        note += (f" A project's first run also creates the Prefect database: the temporary server then answers after "
+                 f"{first['server_start_s']['new']:.1f} s instead of {first['server_start_s']['existing']:.1f} s.")
+    return [*markdown(["", "wall s", "CPU s"], rows), "", note]
 
 
 TABLES = {
+    "overhead": Table(("overhead.json",), "benchmarks/overhead.py", overhead),
     "omniglot-accuracy": Table(("omniglot-5w1s.json",), "benchmarks/omniglot.py", omniglot),
     "omniglot-throughput": Table(("omniglot-throughput-5w1s.json",), "benchmarks/omniglot.py", omniglot_throughput),
     "quick": Table(("quick.json",), "benchmarks/quick.py", quick),
@@ -236,6 +413,7 @@ TABLES = {
                                 "benchmarks/text_lora.py", text_best_vs),
     "text-lora-speed": Table(("text-lora-speed-top2.json", "text-lora-speed-top1.json"), "benchmarks/text_lora.py",
                              text_speed),
+    "text_protocol": Table(text_protocol_sources(), "benchmarks/text_protocol.py", text_protocol),
     "task2vec": Table(("task2vec.json",), "benchmarks/task2vec.py", task2vec),
     "throughput": Table(("throughput.json",), "benchmarks/throughput.py", throughput),
 }
