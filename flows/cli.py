@@ -297,8 +297,11 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     from flows.validation import ValidationFailed
 
     start = time.perf_counter()
-    if not only and not force and (cached := _up_to_date(cfg, root)):
-        return _nothing_to_run(cfg, root, config, *cached)
+    try:  # planning reads the input files: a missing one is named before anything starts
+        if not only and not force and (cached := _up_to_date(cfg, root)):
+            return _nothing_to_run(cfg, root, config, *cached)
+    except FileNotFoundError as e:
+        return fail(_missing(e, config), 1)
     server_ready = _start_prefect_server()  # its start overlaps the task sets' build
     built = False
     try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
