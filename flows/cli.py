@@ -185,6 +185,8 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
             return fail(message, 1)
     except FileNotFoundError as e:
         return fail(_missing(e, config), 1)
+    except ValueError as e:  # an input file planning reads is malformed (e.g. a fixed episode file)
+        return fail(str(e), 1)
     return _run(cfg, root, config, sorted(only, key=STAGES.index), list(force), overrides)
 
 
@@ -302,6 +304,8 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
             return _nothing_to_run(cfg, root, config, *cached)
     except FileNotFoundError as e:
         return fail(_missing(e, config), 1)
+    except ValueError as e:
+        return fail(str(e), 1)
     server_ready = _start_prefect_server()  # its start overlaps the task sets' build
     built = False
     try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
@@ -443,6 +447,8 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
         plan, cache = _plan(cfg, root)
     except FileNotFoundError as e:
         return fail(_missing(e, config), 1)
+    except ValueError as e:
+        return fail(str(e), 1)
     for stage in STAGES:
         for name, (written, key) in stage_entries(plan, stage).items():
             state = plan.status(cache, written, key)

@@ -298,3 +298,18 @@ def test_an_image_folder_reads_a_file_too(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"column 'image': 'held_out/new2/0.png' \(episode 'only'\)"):
         family.input_files()
 
+
+
+@pytest.mark.parametrize("command", [["stages"], ["run", "--dry-run"], ["run"]])
+def test_a_malformed_file_is_one_line_from_every_command(root, tmp_path, monkeypatch, capsys, command):
+    from flows import cli
+
+    path = tmp_path / "episodes.csv"
+    rewrite(episode_file(), "unknown role").to_csv(path, index=False)
+    config = tmp_path / "study.yaml"
+    config.write_text(f"family: {{kind: omniglot, path: {root}, test_episodes: {path}}}\nmodel: {{kind: conv4}}\n")
+    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path))
+    assert cli.main([command[0], "--config", str(config), *command[1:]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "column 'role': 'train' at episode 'ep0'" in err[0]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / ".prefect").exists()

@@ -10,7 +10,7 @@ from flows.validation import validate_family
 
 
 HINTS = {  # what a family's error is about -> the settings that change it
-    "n_way:": "lower family.n_way, or give the split more classes (family.fractions, or more classes in the data)",
+    "n_way:": "lower family.n_way, or give the split more classes (family.fractions; Omniglot: family.random_fractions; or more classes in the data)",
     "k_shot + n_query:": "lower family.k_shot or family.n_query, or give these classes more examples",
     "more than one label": "",  # the message names its setting already
 }
