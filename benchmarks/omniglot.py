@@ -14,6 +14,13 @@ like everyone else's.
     python benchmarks/omniglot.py --budget-minutes 20 [--ways 5 --shots 1 --episodes 600 --out PATH]
     python benchmarks/omniglot.py --smoke           # all five algorithms, a few iterations, 20 episodes
     python benchmarks/omniglot.py --throughput      # MAML tasks/s and peak RSS: metapeft vs learn2learn
+    python benchmarks/omniglot.py --curves --budget-minutes 20 [--points 8 --curve-episodes 200]
+
+`--curves`: accuracy against training time. Each run keeps a copy of its meta-parameters at `--points` equally
+spaced times of the budget (the first iteration boundary at or after each; the training clock stops while the
+copy is taken), and every copy is tested on the first `--curve-episodes` of the same meta-test episodes, so
+learn2learn's MAML and the others are compared at each point of the curve. One PNG per setting.
+`--algorithms` takes the names above and the recipes of `RECIPES` (MetaLearnerConfig options), e.g. maml++.
 
 learn2learn is optional: `bash benchmarks/install_learn2learn.sh`. Only `learn2learn.algorithms.maml`
 and what it imports are loaded, never the package's __init__, which pulls gym and torchvision.
@@ -21,12 +28,14 @@ and what it imports are loaded, never the package's __init__, which pulls gym an
 from __future__ import annotations
 
 import argparse
+import bisect
 import hashlib
 import importlib.util
 import json
 import os
 import platform
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,6 +62,14 @@ from flows.versions import code_version  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ("maml", "fomaml", "reptile", "metasgd", "l2l_maml")
+# named recipes: MetaLearnerConfig options over the paper's setting (an algorithm's name alone takes none)
+RECIPES = {
+    # MAML++ (Antoniou et al., ICLR 2019), its Omniglot inner loop (5 steps, lr 0.1) with learned per-step rates,
+    # per-step batch norm and the multi-step loss annealed over 500 meta-iterations (its 10 epochs of 500,
+    # shortened for a minutes budget)
+    "maml++": dict(algorithm="maml", inner_steps=5, fast_lr=0.1, lslr=True, msl_iterations=500, per_step_bn=True),
+    "protomaml": dict(algorithm="protomaml"),  # Triantafillou et al. 2020: the head starts at the prototypes
+}
 PAPER = {5: dict(train_steps=1, fast_lr=0.4, meta_batch=32), 20: dict(train_steps=5, fast_lr=0.1, meta_batch=16)}
 TRAIN_STEPS = {"reptile": 5}  # overrides of the paper's inner steps at train time
 PUBLISHED = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}  # MAML paper, %
@@ -147,17 +164,21 @@ def metapeft_learner(algorithm: str, n_way: int, seed: int, task_chunk: int | No
     query_chunk = CHUNKS[n_way][1] if query_chunk is None else query_chunk
     batched = dict(task_batched=True, task_chunk=task_chunk, query_chunk=query_chunk) if task_batched \
         else dict(vectorize=False, task_chunk=task_chunk)
-    cfg = MetaLearnerConfig(algorithm=algorithm, inner_steps=TRAIN_STEPS.get(algorithm, paper["train_steps"]),
-                            fast_lr=paper["fast_lr"], **batched)
-    return MetaLearner(Conv4(Conv4Config(n_way=n_way)), cfg, F.cross_entropy)
+    options = {"algorithm": algorithm, "inner_steps": TRAIN_STEPS.get(algorithm, paper["train_steps"]),
+               "fast_lr": paper["fast_lr"], **RECIPES.get(algorithm, {})}
+    cfg, model = MetaLearnerConfig(**options, **batched), Conv4(Conv4Config(n_way=n_way))
+    names = [k for k, _ in model.named_parameters()]
+    head = tuple(k for k in names if k.startswith("head.")) if cfg.variant.needs_head else ()
+    per_step = tuple(k for k in names if k.split(".")[-2:-1] == ["norm"]) if cfg.per_step_bn else ()
+    return MetaLearner(model, cfg, F.cross_entropy, head=head, per_step=per_step)
 
 
 def metapeft_step(learner: MetaLearner):
     opt = torch.optim.Adam(learner.parameters(), lr=META_LR)
 
-    def step(batch: EpisodeBatch) -> float:
+    def step(batch: EpisodeBatch, iteration: int | None = None) -> float:  # iteration: MAML++'s schedules
         opt.zero_grad(set_to_none=True)
-        loss = learner.meta_backward(batch)
+        loss = learner.meta_backward(batch, iteration)
         opt.step()
         learner.clip_()
         return loss
@@ -174,7 +195,7 @@ def l2l_step(n_way: int, seed: int):
     maml = maml_cls(model, lr=paper["fast_lr"], first_order=False)
     opt = torch.optim.Adam(maml.parameters(), lr=META_LR)
 
-    def step(batch: EpisodeBatch) -> float:
+    def step(batch: EpisodeBatch, iteration: int | None = None) -> float:
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for x_spt, y_spt, x_qry, y_qry in zip(*batch):
@@ -204,15 +225,22 @@ def test_accuracy(learner: MetaLearner, episodes: EpisodeBatch, steps: int) -> n
     return torch.cat(accs).numpy()
 
 
-def evaluation_learner(algorithm: str, trained, n_way: int, seed: int) -> MetaLearner:
-    """A task-batched learner holding the trained meta-parameters (learn2learn's weights copied in)."""
+def meta_state(algorithm: str, trained) -> dict | list[torch.Tensor]:
+    """A CPU copy of the meta-parameters: a MetaLearner's state_dict, or learn2learn's model's parameters in order."""
+    if algorithm == "l2l_maml":
+        return [p.detach().cpu().clone() for p in trained.parameters()]
+    return {group: {k: v.cpu() for k, v in values.items()} for group, values in trained.state_dict().items()}
+
+
+def evaluation_learner(algorithm: str, state, n_way: int, seed: int) -> MetaLearner:
+    """A task-batched learner holding the meta-parameters of `meta_state` (learn2learn's weights copied in)."""
     learner = metapeft_learner("maml" if algorithm == "l2l_maml" else algorithm, n_way, seed)
     if algorithm == "l2l_maml":
         with torch.no_grad():
-            for p, q in zip(learner.params.values(), trained.parameters(), strict=True):
+            for p, q in zip(learner.params.values(), state, strict=True):
                 p.copy_(q)
     else:
-        learner.load_state_dict(trained.state_dict())
+        learner.load_state_dict(state)
     return learner
 
 
@@ -222,35 +250,85 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_algorithm(args) -> dict:
-    """Train one algorithm for the budget, test it; per-episode accuracies and costs."""
-    torch.set_num_threads(args.threads)
-    paper = PAPER[args.ways]
-    train_pool, test_pool = class_pools(args.data)
-    test, _ = sample_episodes(test_pool, args.ways, args.shots, N_QUERY, args.episodes, seed=args.seed + 1)
-    del test_pool
+def trainee(args):
+    """(one meta-iteration: step(batch, iteration) -> loss, what it trains) of the worker's algorithm."""
     if args.worker == "l2l_maml":
-        step, trained = l2l_step(args.ways, args.seed)
-    else:
-        trained = metapeft_learner(args.worker, args.ways, args.seed, args.task_chunk, args.query_chunk)
-        step = metapeft_step(trained)
-    budget, start, load_start = 60 * args.budget_minutes, time.perf_counter(), os.getloadavg()
-    iterations, update_seconds, losses = 0, 0.0, []
-    while time.perf_counter() - start < budget and iterations < args.max_iterations:
+        return l2l_step(args.ways, args.seed)
+    trained = metapeft_learner(args.worker, args.ways, args.seed, args.task_chunk, args.query_chunk)
+    return metapeft_step(trained), trained
+
+
+def test_episodes(args, count: int) -> EpisodeBatch:
+    """The first `count` of the `--episodes` fixed meta-test episodes (the same for every algorithm)."""
+    _, test_pool = class_pools(args.data)
+    test, _ = sample_episodes(test_pool, args.ways, args.shots, N_QUERY, args.episodes, seed=args.seed + 1)
+    return test.index(slice(0, count))
+
+
+def curve_points(budget: float, n: int) -> list[float]:
+    """The training-clock times (s) of a curve's n snapshots, equally spaced: budget / n, 2 budget / n, ..., budget."""
+    if n < 1 or not budget > 0:
+        raise ValueError(f"--points {n}, budget {budget} s: need at least one point and a positive budget")
+    return [budget * k / n for k in range(1, n + 1)]
+
+
+def points_due(points: list[float], taken: int, clock: float) -> range:
+    """Indices of the points that a snapshot now, at `clock`, stands for: those reached and not yet taken (one
+    iteration can overshoot several; each point still gets exactly one snapshot)."""
+    return range(taken, max(taken, bisect.bisect_right(points, clock)))
+
+
+def train(args, step, snapshot=None, points: list[float] = ()) -> dict:
+    """Meta-train for the budget on the fixed sequence of training episodes. With `snapshot` (() -> a copy of the
+    meta-parameters), one copy per point of `points`, taken with the training clock stopped."""
+    train_pool, _ = class_pools(args.data)
+    paper, budget = PAPER[args.ways], 60 * args.budget_minutes
+    iterations, update_seconds, paused, losses, snapshots = 0, 0.0, 0.0, [], []
+    start, load_start = time.perf_counter(), os.getloadavg()
+    while time.perf_counter() - start - paused < budget and iterations < args.max_iterations:
         iterations += 1
         batch, _ = sample_episodes(train_pool, args.ways, args.shots, N_QUERY, paper["meta_batch"],
                                    seed=episode_seed(args.seed, iterations))
         t = time.perf_counter()
-        losses.append(step(batch))
+        losses.append(step(batch, iterations))
         update_seconds += time.perf_counter() - t
-    train_seconds, peak_train = time.perf_counter() - start, peak_rss_mb()
-    accuracy = test_accuracy(evaluation_learner(args.worker, trained, args.ways, args.seed), test, args.test_steps)
-    return {"algorithm": args.worker, "iterations": iterations, "tasks": iterations * paper["meta_batch"],
-            "train_seconds": train_seconds, "update_seconds": update_seconds,
+        if due := points_due(points, len(snapshots), clock := time.perf_counter() - start - paused):
+            taken = {"seconds": clock, "iterations": iterations, "state": snapshot()}
+            snapshots += [{"point_seconds": points[i], **taken} for i in due]
+            paused = time.perf_counter() - start - clock  # the clock stood still while the copy was taken
+    return {"iterations": iterations, "tasks": iterations * paper["meta_batch"],
+            "train_seconds": time.perf_counter() - start - paused, "paused_seconds": paused,
+            "update_seconds": update_seconds,
             "tasks_per_s": iterations * paper["meta_batch"] / max(update_seconds, 1e-9),
             "final_train_loss": float(np.mean(losses[-20:])) if losses else float("nan"),
-            "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(), "accuracy": accuracy.tolist(),
-            "loadavg_start": load_start, "loadavg_end": os.getloadavg()}  # a busy neighbour shows here
+            "snapshots": snapshots, "loadavg_start": load_start, "loadavg_end": os.getloadavg()}
+
+
+def run_algorithm(args) -> dict:
+    """Train one algorithm for the budget, test it; per-episode accuracies and costs."""
+    torch.set_num_threads(args.threads)
+    test, (step, trained) = test_episodes(args, args.episodes), trainee(args)  # test episodes held while training
+    run = train(args, step)
+    peak_train = peak_rss_mb()
+    learner = evaluation_learner(args.worker, meta_state(args.worker, trained), args.ways, args.seed)
+    accuracy = test_accuracy(learner, test, args.test_steps)
+    return {"algorithm": args.worker, **{k: v for k, v in run.items() if k not in ("snapshots", "paused_seconds")},
+            "peak_rss_train_mb": peak_train, "peak_rss_mb": peak_rss_mb(), "accuracy": accuracy.tolist()}
+
+
+def run_curve(args) -> dict:
+    """Train one algorithm for the budget with `--points` snapshots, then test each on the curve's episodes."""
+    torch.set_num_threads(args.threads)
+    test, (step, trained), tested = test_episodes(args, args.curve_episodes), trainee(args), {}
+    points = curve_points(60 * args.budget_minutes, args.points)
+    run = train(args, step, lambda: meta_state(args.worker, trained), points)
+    for s in run["snapshots"]:
+        if s["iterations"] not in tested:  # points one iteration overshot share a snapshot: test it once
+            learner = evaluation_learner(args.worker, s["state"], args.ways, args.seed)
+            tested[s["iterations"]] = test_accuracy(learner, test, args.test_steps).tolist()
+    snapshots = [{**{k: v for k, v in s.items() if k != "state"}, "accuracy": tested[s["iterations"]]}
+                 for s in run["snapshots"]]
+    return {"algorithm": args.worker, **run, "snapshots": snapshots, "peak_rss_mb": peak_rss_mb()}
 
 
 CONV_SHAPES = ((1, 28, 64), (64, 14, 64), (64, 7, 64), (64, 4, 64))  # (C_in, side in, C_out) of the 4 convs
@@ -286,7 +364,8 @@ def measure_machine(args) -> dict:
                        torch.arange(args.ways).repeat_interleave(args.shots)[None],
                        torch.rand(1, args.ways * N_QUERY, 1, 28, 28, generator=g),
                        torch.arange(args.ways).repeat_interleave(N_QUERY)[None])
-    for algorithm in ("maml", "fomaml", "reptile", "metasgd"):
+    recipes = [a for a in args.algorithms if a in RECIPES]
+    for algorithm in ("maml", "fomaml", "reptile", "metasgd", *recipes):
         learner = metapeft_learner(algorithm, args.ways, 0, task_chunk=0, task_batched=False)  # no grouped convs
         with FlopCounterMode(display=False) as counter:
             learner.meta_backward(one)
@@ -406,6 +485,72 @@ def accuracy_benchmark(args) -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.episodes.parquet')}")
 
 
+def curve_rows(snapshots: list[dict]) -> list[dict]:
+    """One row per point of a run's curve: its time, the iterations done, query accuracy (%) on the curve's
+    episodes with its 95% t-interval half-width. snapshots: `run_curve`'s, each with per-episode accuracies."""
+    from components.significance import mean_ci
+
+    rows = []
+    for s in snapshots:
+        mean, half = mean_ci(100 * np.asarray(s["accuracy"]))
+        rows.append({"point_seconds": s["point_seconds"], "seconds": s["seconds"], "iterations": s["iterations"],
+                     "accuracy": mean, "ci95": half})
+    return rows
+
+
+def curve_table(runs: dict[str, dict]) -> pd.DataFrame:
+    """Per-episode accuracies of every snapshot, tidy: (episode, method, point_seconds, seconds, iterations,
+    metric, value)."""
+    return pd.DataFrame([{"episode": e, "method": a, "point_seconds": s["point_seconds"], "seconds": s["seconds"],
+                          "iterations": s["iterations"], "metric": "accuracy", "value": 100 * v}
+                         for a, r in runs.items() for s in r["snapshots"] for e, v in enumerate(s["accuracy"])])
+
+
+def plot_curves(curves: dict[str, list[dict]], title: str, path: Path) -> None:
+    """Accuracy against training seconds, one line per algorithm with its 95% band; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from components.storage import write_atomic
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in curves.items():
+        t, acc, half = (np.array([r[k] for r in rows], dtype=float) for k in ("seconds", "accuracy", "ci95"))
+        line, = ax.plot(t, acc, marker="o", label=name)
+        ax.fill_between(t, acc - np.nan_to_num(half), acc + np.nan_to_num(half), color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="meta-training seconds (wall clock)", ylabel="meta-test accuracy % (95% CI)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def curves_benchmark(args) -> None:
+    cached_table(args.data)  # decode the zips once, here, not in every worker
+    machine, runs = machine_info(args), {}
+    for algorithm in args.algorithms:
+        print(f"training {algorithm} for {args.budget_minutes:g} min, {args.points} snapshots ...", flush=True)
+        runs[algorithm] = run_worker(args, algorithm)
+    machine["loadavg_end"] = os.getloadavg()
+    curves = {a: curve_rows(r["snapshots"]) for a, r in runs.items()}
+    title = f"Omniglot {args.ways}-way {args.shots}-shot, {args.curve_episodes} test episodes" + \
+        (" (smoke)" if args.smoke else "")
+    out = {"settings": {**settings(args), "points": args.points, "curve_episodes": args.curve_episodes,
+                        "recipes": {a: RECIPES[a] for a in args.algorithms if a in RECIPES}},
+           "smoke": args.smoke, "command": shlex.join(["python", "benchmarks/omniglot.py", *sys.argv[1:]]),
+           "machine": machine, "curves": curves,
+           "runs": {a: {k: v for k, v in r.items() if k not in ("snapshots", "algorithm")} for a, r in runs.items()}}
+    for a, rows in curves.items():
+        print(f"{a:<10} " + "  ".join(f"{r['seconds']:.0f}s/{r['iterations']}it {r['accuracy']:.1f}" for r in rows))
+    write_json_atomic(out, args.curves_out)
+    write_parquet_atomic(curve_table(runs), args.curves_out.with_suffix(".episodes.parquet"))
+    plot_curves(curves, title, args.curves_out.with_suffix(".png"))
+    print(f"wrote {args.curves_out} and its .episodes.parquet and .png")
+
+
 def settings(args) -> dict:
     return {"ways": args.ways, "shots": args.shots, "episodes": args.episodes, "test_steps": args.test_steps,
             "budget_minutes": args.budget_minutes, "max_iterations": args.max_iterations, "seed": args.seed,
@@ -498,13 +643,19 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--allocator", choices=("tcmalloc", "default"), default="tcmalloc" if TCMALLOC.exists() else "default")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-iterations", type=int, default=10**9, help="stop a run earlier than its budget")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--max-iterations", type=int, default=None, help="stop a run earlier than its budget "
+                   "(not with --curves: its points are times of the budget)")
+    p.add_argument("--out", type=Path, default=None, help="the JSON (--curves: its .png and .episodes.parquet beside)")
     p.add_argument("--task-chunk", type=int, default=None, help="metapeft: tasks per adaptation graph "
                    f"(default by ways: {CHUNKS})")
     p.add_argument("--query-chunk", type=int, default=None, help="metapeft: tasks per query graph; 1 and "
                    "--task-chunk 1 keep one task's graph at a time, as learn2learn does")
-    p.add_argument("--smoke", action="store_true", help="2 iterations each, 20 test episodes: a < 1 min check")
+    p.add_argument("--smoke", action="store_true", help="2 iterations each, 20 test episodes: a < 1 min check; "
+                   "with --curves: 0.2 min each, 3 points, 10 test episodes")
+    p.add_argument("--curves", action="store_true", help="accuracy against training time, --points snapshots a run")
+    p.add_argument("--points", type=int, default=8, help="--curves: equally spaced snapshots of the budget")
+    p.add_argument("--curve-episodes", type=int, default=200, help="--curves: the first of the --episodes test "
+                   "episodes that every snapshot is tested on")
     p.add_argument("--throughput", action="store_true", help="MAML tasks/s and peak RSS, metapeft vs learn2learn")
     p.add_argument("--allocators", default="tcmalloc,default", help="--throughput: allocators to compare under")
     p.add_argument("--chunks", default=None, help="--throughput: metapeft task x query chunks, e.g. 16x2,1x1")
@@ -517,15 +668,23 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.data = args.data.resolve()
     args.algorithms = [a for a in args.algorithms.split(",") if a]
-    if unknown := sorted(set(args.algorithms) - set(ALGORITHMS)):
-        raise SystemExit(f"--algorithms: {unknown} not among {ALGORITHMS}")
+    if args.curves and args.max_iterations is not None and not args.worker:
+        raise SystemExit("--max-iterations: not with --curves, whose points are times of the budget")
+    args.max_iterations = 10**9 if args.max_iterations is None else args.max_iterations
+    if unknown := sorted(set(args.algorithms) - set(ALGORITHMS) - set(RECIPES)):
+        raise SystemExit(f"--algorithms: {unknown} not among {ALGORITHMS} or the recipes {tuple(RECIPES)}")
     args.task_chunk = CHUNKS[args.ways][0] if args.task_chunk is None else args.task_chunk
     args.query_chunk = CHUNKS[args.ways][1] if args.query_chunk is None else args.query_chunk
     args.chunks = args.chunks or f"{args.task_chunk}x{args.query_chunk},1x1"
-    if args.smoke:
+    if args.smoke and args.curves:
+        args.budget_minutes, args.points, args.curve_episodes = args.budget_minutes or 0.2, 3, 10
+    elif args.smoke:
         args.budget_minutes, args.max_iterations, args.episodes = args.budget_minutes or 0.5, 2, 20
         args.tp_iterations, args.tp_repeats = 1, 2
+    if args.curves and not 0 < args.curve_episodes <= args.episodes:
+        raise SystemExit(f"--curve-episodes {args.curve_episodes}: need 1 to --episodes ({args.episodes})")
     tag = f"{args.ways}w{args.shots}s" + ("-smoke" if args.smoke else "")
+    args.curves_out = (args.curves and args.out) or ROOT / "benchmarks" / "results" / f"omniglot-curves-{tag}.json"
     args.out = args.out or ROOT / "benchmarks" / "results" / f"omniglot-{tag}.json"
     args.throughput_out = args.throughput_out or ROOT / "benchmarks" / "results" / f"omniglot-throughput-{tag}.json"
     args.passthrough = ["--ways", str(args.ways), "--shots", str(args.shots), "--episodes", str(args.episodes),
@@ -533,20 +692,25 @@ def parse_args(argv=None):
                         "--seed", str(args.seed), "--max-iterations", str(args.max_iterations),
                         "--budget-minutes", str(args.budget_minutes or 0), "--chunks", args.chunks,
                         "--task-chunk", str(args.task_chunk), "--query-chunk", str(args.query_chunk),
-                        "--tp-iterations", str(args.tp_iterations), "--tp-repeats", str(args.tp_repeats)]
+                        "--tp-iterations", str(args.tp_iterations), "--tp-repeats", str(args.tp_repeats),
+                        "--algorithms", ",".join(args.algorithms), "--points", str(args.points),
+                        "--curve-episodes", str(args.curve_episodes), *(["--curves"] if args.curves else [])]
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        work = {"_machine": measure_machine, "_throughput": throughput, "_peak": peak_of}.get(args.worker, run_algorithm)
+        work = {"_machine": measure_machine, "_throughput": throughput, "_peak": peak_of}.get(
+            args.worker, run_curve if args.curves else run_algorithm)
         write_json_atomic(work(args), args.worker_out)
     elif args.throughput:
         throughput_benchmark(args)
+    elif args.budget_minutes is None:
+        raise SystemExit("--budget-minutes is required (or --smoke, or --throughput)")
+    elif args.curves:
+        curves_benchmark(args)
     else:
-        if args.budget_minutes is None:
-            raise SystemExit("--budget-minutes is required (or --smoke, or --throughput)")
         accuracy_benchmark(args)
 
 

@@ -157,6 +157,24 @@ def omniglot(jsons: list[dict]) -> list[str]:
                      "peak RSS (train)", "load avg (1 min) start/end"], rows)
 
 
+def omniglot_curves(jsons: list[dict]) -> list[str]:
+    (data,) = jsons
+    s = data["settings"]
+    names = {"maml": "metapeft MAML (2nd order)", "fomaml": "metapeft FOMAML", "metasgd": "metapeft Meta-SGD",
+             "reptile": "metapeft Reptile", "l2l_maml": "learn2learn MAML", "maml++": "metapeft MAML++",
+             "protomaml": "metapeft Proto-MAML"}
+    points = sorted({r["point_seconds"] for rows in data["curves"].values() for r in rows})
+    rows = [[label(names, a), *(next((f"{r['accuracy']:.1f} +- {r['ci95']:.1f} ({r['iterations']} it)"
+                                      for r in curve if r["point_seconds"] == t), "-") for t in points)]
+            for a, curve in data["curves"].items()]
+    smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
+    return [*markdown(["algorithm", *(f"{t:g} s" for t in points)], rows), "",
+            f"{smoke}accuracy % (95% CI) on the first {s['curve_episodes']} meta-test episodes of the meta-"
+            f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
+            f"boundary at or after it); figure `benchmarks/results/omniglot-curves-{s['ways']}w{s['shots']}s"
+            f"{'-smoke' if data.get('smoke') else ''}.png`."]
+
+
 def omniglot_throughput(jsons: list[dict]) -> list[str]:
     (data,) = jsons
     names = {"default": "default", "tcmalloc": "tcmalloc (`LD_PRELOAD`)"}
@@ -401,6 +419,7 @@ def overhead(jsons: list[dict]) -> list[str]:
 TABLES = {
     "overhead": Table(("overhead.json",), "benchmarks/overhead.py", overhead),
     "omniglot-accuracy": Table(("omniglot-5w1s.json",), "benchmarks/omniglot.py", omniglot),
+    "omniglot-curves": Table(("omniglot-curves-5w1s-smoke.json",), "benchmarks/omniglot.py", omniglot_curves),
     "omniglot-throughput": Table(("omniglot-throughput-5w1s.json",), "benchmarks/omniglot.py", omniglot_throughput),
     "quick": Table(("quick.json",), "benchmarks/quick.py", quick),
     "text-lora-1shot": Table(("text-lora-clinc150.json", "text-lora-banking77.json"), "benchmarks/text_lora.py",

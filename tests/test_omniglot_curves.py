@@ -1,0 +1,128 @@
+"""benchmarks/omniglot.py --curves: the snapshot schedule, the curve rows and the figure, on made-up runs
+(no training)."""
+import types
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from benchmarks import omniglot
+from benchmarks.omniglot import curve_points, curve_rows, curve_table, plot_curves, points_due, train
+
+
+def test_points_are_equally_spaced_and_end_at_the_budget():
+    assert curve_points(60.0, 4) == [15.0, 30.0, 45.0, 60.0]
+    assert curve_points(12.0, 1) == [12.0]
+    for n, budget in ((0, 60.0), (3, 0.0)):
+        with pytest.raises(ValueError, match="--points"):
+            curve_points(budget, n)
+
+
+def test_points_due_once_each_even_when_an_iteration_overshoots_several():
+    points = [10.0, 20.0, 30.0, 40.0]
+    assert list(points_due(points, 0, 9.9)) == []
+    assert list(points_due(points, 0, 10.0)) == [0]  # a point reached exactly is due
+    assert list(points_due(points, 1, 35.0)) == [1, 2]  # one iteration ran past 20 and 30
+    assert list(points_due(points, 3, 35.0)) == []  # already taken: never twice
+    assert list(points_due(points, 3, 99.0)) == [3]
+    assert list(points_due(points, 4, 99.0)) == []
+
+
+class FakeClock:
+    """time.perf_counter that stands still until a fake step or snapshot moves it on."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_train_takes_one_snapshot_per_point_with_the_clock_stopped(monkeypatch):
+    clock = FakeClock()
+    durations = iter([4.0, 13.0, 2.0, 9.0, 100.0])  # seconds of the meta-iterations
+    monkeypatch.setattr(omniglot.time, "perf_counter", clock)
+    monkeypatch.setattr(omniglot, "class_pools", lambda data: (None, None))
+    monkeypatch.setattr(omniglot, "sample_episodes", lambda *a, **k: (None, None))
+    monkeypatch.setattr(omniglot.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+
+    def step(batch, iteration):
+        clock.now += next(durations)
+        return float(iteration)
+
+    def snapshot():
+        clock.now += 50.0  # a slow copy: must not count against the budget
+        return {"copy": clock.now}
+
+    args = types.SimpleNamespace(data=None, ways=5, shots=1, seed=0, budget_minutes=0.5, max_iterations=10**9)
+    run = train(args, step, snapshot, curve_points(30.0, 3))  # points 10, 20, 30 s of training
+    # training clock at the ends of the iterations: 4, 17 (point 10 due), 19, 28 (point 20), 128 (point 30); the
+    # copies' 50 s each are not in it
+    got = [(s["point_seconds"], s["seconds"], s["iterations"]) for s in run["snapshots"]]
+    assert got == [(10.0, 17.0, 2), (20.0, 28.0, 4), (30.0, 128.0, 5)]
+    assert run["iterations"] == 5 and run["paused_seconds"] == 150.0 and run["train_seconds"] == 128.0
+    assert run["snapshots"][1]["state"] is not run["snapshots"][2]["state"]
+
+
+def test_an_iteration_past_several_points_shares_one_copy(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr(omniglot.time, "perf_counter", clock)
+    monkeypatch.setattr(omniglot, "class_pools", lambda data: (None, None))
+    monkeypatch.setattr(omniglot, "sample_episodes", lambda *a, **k: (None, None))
+    copies = []
+
+    def step(batch, iteration):
+        clock.now += 25.0  # one iteration runs past three of the four points
+        return 0.0
+
+    def snapshot():
+        copies.append(clock.now)
+        return len(copies)
+
+    args = types.SimpleNamespace(data=None, ways=5, shots=1, seed=0, budget_minutes=0.5, max_iterations=10**9)
+    run = train(args, step, snapshot, curve_points(30.0, 4))  # 7.5, 15, 22.5, 30
+    assert [s["state"] for s in run["snapshots"]] == [1, 1, 1, 2] and len(copies) == 2
+    assert [s["point_seconds"] for s in run["snapshots"]] == [7.5, 15.0, 22.5, 30.0]
+    assert [s["iterations"] for s in run["snapshots"]] == [1, 1, 1, 2]
+
+
+SNAPSHOTS = [{"point_seconds": 10.0, "seconds": 11.5, "iterations": 3, "accuracy": [0.2, 0.4, 0.6]},
+             {"point_seconds": 20.0, "seconds": 20.5, "iterations": 7, "accuracy": [1.0, 1.0, 1.0]}]
+
+
+def test_curve_rows_mean_and_t_interval_in_percent():
+    rows = curve_rows(SNAPSHOTS)
+    assert [(r["point_seconds"], r["seconds"], r["iterations"]) for r in rows] == [(10.0, 11.5, 3), (20.0, 20.5, 7)]
+    assert rows[0]["accuracy"] == pytest.approx(40.0)
+    # sd of (20, 40, 60) is 20: half-width t_{0.975, 2} * 20 / sqrt(3)
+    assert rows[0]["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) * 20 / np.sqrt(3))
+    assert rows[1]["accuracy"] == pytest.approx(100.0) and rows[1]["ci95"] == 0.0
+
+
+def test_curve_table_is_tidy_per_episode():
+    table = curve_table({"maml": {"snapshots": SNAPSHOTS}, "l2l_maml": {"snapshots": SNAPSHOTS[:1]}})
+    assert list(table.columns) == ["episode", "method", "point_seconds", "seconds", "iterations", "metric", "value"]
+    assert len(table) == 3 + 3 + 3
+    assert table.query("method == 'maml' and point_seconds == 10.0")["value"].tolist() == pytest.approx([20, 40, 60])
+    assert table.query("method == 'l2l_maml'")["episode"].tolist() == [0, 1, 2]
+
+
+def test_plot_writes_a_png(tmp_path):
+    curves = {"maml": curve_rows(SNAPSHOTS), "l2l_maml": curve_rows(SNAPSHOTS[:1])}
+    path = tmp_path / "curves.png"
+    plot_curves(curves, "made up", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_recipes_are_accepted_and_unknown_names_refused():
+    args = omniglot.parse_args(["--curves", "--smoke", "--algorithms", "maml,maml++,l2l_maml"])
+    assert args.algorithms == ["maml", "maml++", "l2l_maml"]
+    assert (args.budget_minutes, args.points, args.curve_episodes, args.max_iterations) == (0.2, 3, 10, 10**9)
+    assert "--curves" in args.passthrough and args.curves_out.name == "omniglot-curves-5w1s-smoke.json"
+    with pytest.raises(SystemExit, match="maml--"):
+        omniglot.parse_args(["--curves", "--algorithms", "maml--"])
+    with pytest.raises(SystemExit, match="--max-iterations"):
+        omniglot.parse_args(["--curves", "--budget-minutes", "1", "--max-iterations", "2"])
+    with pytest.raises(SystemExit, match="--curve-episodes"):
+        omniglot.parse_args(["--curves", "--episodes", "20", "--curve-episodes", "50"])
