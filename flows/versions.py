@@ -1,8 +1,10 @@
 """What a cache key knows about code and data: the project modules a stage imports, and input file contents.
 
-Code: a stage's version hashes the source of every module of this project (packages `components` and
+Code: a stage's version hashes the code of every module of this project (packages `components` and
 `flows`) that its entry modules import, transitively, read from the files with `ast` so imports inside
 functions count too. Nothing is listed by hand, so a module that gains an import gains a key dependency.
+What is hashed is the module's syntax tree without its docstrings: an edit to a comment, a docstring or the
+layout changes no key; any change to what runs does.
 
 Data: an input file enters a key by its sha256. Each digest is remembered per (path, size, mtime_ns) in
 a small JSON file, so a 14 MB archive is hashed once, not on every run; an edit that changes the size
@@ -40,20 +42,41 @@ def imported_modules(name: str, root: Path = ROOT) -> set[str]:
     path = module_file(name, root)
     if path is None:
         raise ModuleNotFoundError(f"no project module {name!r} under {root}")
+    return _parsed(name, path, root)[0]
+
+
+def code_digest(name: str, root: Path = ROOT) -> str:
+    """sha256 of module `name`'s syntax tree without docstrings (`ast.dump`): blind to comments, docstrings and
+    layout, not to any change in what runs."""
+    return _parsed(name, module_file(name, root), root)[1]
+
+
+_PARSED: dict[tuple, tuple[set[str], str]] = {}  # (module, file, mtime_ns, size) -> (imports, digest): parse once
+
+
+def _parsed(name: str, path: Path, root: Path) -> tuple[set[str], str]:
     stat = path.stat()
     stamp = (name, str(path), stat.st_mtime_ns, stat.st_size)
-    if stamp not in _IMPORTS:
-        _IMPORTS[stamp] = _parse_imports(name, path, root)
-    return _IMPORTS[stamp]
+    if stamp not in _PARSED:
+        tree = ast.parse(path.read_text(), filename=str(path))
+        _PARSED[stamp] = _parse_imports(name, path, root, tree), _tree_digest(tree)
+    return _PARSED[stamp]
 
 
-_IMPORTS: dict[tuple, set[str]] = {}  # (module, file, mtime_ns, size) -> its project imports: parse once per version
+def _tree_digest(tree: ast.Module) -> str:
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
-def _parse_imports(name: str, path: Path, root: Path) -> set[str]:
+def _parse_imports(name: str, path: Path, root: Path, tree: ast.Module) -> set[str]:
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -85,13 +108,12 @@ def module_closure(names: Iterable[str], root: Path = ROOT) -> tuple[str, ...]:
 
 
 def code_version(names: Iterable[str], root: Path = ROOT) -> str:
-    """16 hex digits hashing the source of `names` and everything they import from the project.
+    """16 hex digits hashing the code (`code_digest`) of `names` and everything they import from the project.
 
-    Read from the files every time (a few ms): an edit between two plans in one process is seen."""
+    Each file is parsed once per (size, mtime): an edit between two plans in one process is seen."""
     digest = hashlib.sha256()
     for name in module_closure(names, root):
-        digest.update(f"{name}\0".encode())
-        digest.update(module_file(name, root).read_bytes())
+        digest.update(f"{name}\0{code_digest(name, root)}".encode())
     return digest.hexdigest()[:16]
 
 

@@ -59,11 +59,25 @@ def configs(tmp_path_factory):
 
 
 def edit(path: Path, old: str | None = None, new: str = "") -> str:
-    """Edit a scratch file (append a comment, or replace old by new); returns the original text."""
+    """Edit a scratch file (append a statement, or replace old by new); returns the original text."""
     text = path.read_text()
     assert old is None or old in text, f"{old!r} not in {path}"
-    path.write_text(text + "\n# edited\n" if old is None else text.replace(old, new, 1))
+    path.write_text(text + "\n_edited = True\n" if old is None else text.replace(old, new, 1))
     return text
+
+
+def test_comments_docstrings_and_layout_move_no_key(scratch, configs):
+    cfgs, memo = configs
+    base = {kind: make_plan(cfg, memo, scratch).keys for kind, cfg in cfgs.items()}
+    path = scratch / "components" / "conv4.py"
+    text = path.read_text()
+    try:
+        path.write_text("# a new first line\n" + text.replace('"""', '"""Reworded. ', 1).replace("\n\n\n", "\n\n\n\n", 3))
+        assert {kind: make_plan(cfg, memo, scratch).keys for kind, cfg in cfgs.items()} == base
+        edit(path, "STRIDE, PADDING = 2, 1", "STRIDE, PADDING = 2, 1  # same values\nUNUSED = 0")  # code: moves
+        assert make_plan(cfgs["omniglot"], memo, scratch).keys != base["omniglot"]
+    finally:
+        path.write_text(text)
 
 
 def test_each_module_edit_moves_exactly_the_stages_that_import_it(scratch, configs):
