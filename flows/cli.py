@@ -490,7 +490,11 @@ def runs(root: Path, limit: int, study: str | None) -> int:
     """Recent pipeline runs and their answers.
 
     From the MLflow store, newest first: run id, start, status, study, and the answer (the best method, its
-    meta-test score and interval; the verdict in words below)."""
+    meta-test score and interval); below it the run's --set overrides and the verdict in words."""
+    import json
+
+    from flows.tracking import flatten
+
     try:
         client = _client(root)
     except LookupError as e:
@@ -508,6 +512,8 @@ def runs(root: Path, limit: int, study: str | None) -> int:
         best, score = r.data.tags.get("metapeft.best_method", "-"), _best_score(r.data.metrics)
         click.echo(f"{r.info.run_id:<32}  {started:<16}  {r.info.status:<8}  {r.info.run_name:<16}  {best:<18}  "
                    f"{score}")
+        if overrides := r.data.tags.get("metapeft.overrides"):  # what tells two runs of one config apart
+            click.echo("    " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in flatten(json.loads(overrides)).items()))
         note = r.data.tags.get("metapeft.verdict") or r.data.tags.get("metapeft.error")
         if note:
             click.echo(textwrap.fill(note, 110, initial_indent=" " * 4, subsequent_indent=" " * 4))

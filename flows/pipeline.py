@@ -150,7 +150,8 @@ class Run:
             status = cache.status(stage, key, reads)
             meta = cache.manifest(stage, key)["meta"] if status != "missing" else {}
             if not forced and status == "cached" and not (redo and redo(meta)):
-                logger.info("%s [%s]: cache hit", stage, key)
+                logger.info("%s [%s]: %s", stage, key,
+                            "built just before the flow" if stage in self.prebuilt else "cache hit")
                 self.hits[f"{stage}/{key}"] = stage not in self.prebuilt  # built by the caller just before: computed
                 return cache.path(stage, key), meta
             logger.info("%s [%s]: computing%s", stage, key, " (its inputs changed)" if status == "stale" else "")

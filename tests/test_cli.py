@@ -220,6 +220,8 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     listed = capsys.readouterr().out
     assert listed.index(second) < listed.index(first) and listed.count("FINISHED") == 2
     assert "(90% CI" in listed and "(95% CI" in listed and " is best: meta-test mse " in listed
+    assert listed.count("--set significance.confidence=0.9") == 1  # the second run's override, under it only
+    assert listed.index(second) < listed.index("--set significance.confidence=0.9") < listed.index(first)
 
     assert cli.main(["compare", first, second]) == 0
     compared = capsys.readouterr().out
