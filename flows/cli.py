@@ -84,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _missing(e: FileNotFoundError, config: str) -> str:
-    """A missing input file's error, with the config field it came from when the message does not name one."""
+def _input_error(e: Exception, config: str) -> str:
+    """An input file's error found while planning or building: missing (with the config field it came from when
+    the message names none) or malformed (its message names file, column and episode)."""
+    if not isinstance(e, FileNotFoundError):
+        return str(e)
     return f"{e} (in {config})" if "family." in str(e) else f"{e} (family.path in {config})"
 
 
@@ -183,10 +186,8 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
             return _dry_run(cfg, root, only, set(force), "--from/--until" if first or last else "--stage", rerun)
         if message := _unready(cfg, root, only, rerun):  # before Prefect starts: every missing entry at once
             return fail(message, 1)
-    except FileNotFoundError as e:
-        return fail(_missing(e, config), 1)
-    except ValueError as e:  # an input file planning reads is malformed (e.g. a fixed episode file)
-        return fail(str(e), 1)
+    except (FileNotFoundError, ValueError) as e:  # an input file planning reads: missing or malformed
+        return fail(_input_error(e, config), 1)
     return _run(cfg, root, config, sorted(only, key=STAGES.index), list(force), overrides)
 
 
@@ -299,21 +300,17 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     from flows.validation import ValidationFailed
 
     start = time.perf_counter()
-    try:  # planning reads the input files: a missing one is named before anything starts
-        if not only and not force and (cached := _up_to_date(cfg, root)):
-            return _nothing_to_run(cfg, root, config, *cached)
-    except FileNotFoundError as e:
-        return fail(_missing(e, config), 1)
-    except ValueError as e:
-        return fail(str(e), 1)
-    server_ready = _start_prefect_server()  # its start overlaps the task sets' build
-    built = False
-    try:  # the task sets, when this run needs them, before Prefect: a data error is one line, not a traceback
-        if not only or "task_sets" in only:  # a later stage run alone reads the task sets from the cache
-            built = preflight(cfg, root, rebuild="task_sets" in set(force) | set(only))
-    except FileNotFoundError as e:
-        return fail(_missing(e, config), 1)
-    except (ValidationFailed, CacheWriteError, ValueError) as e:
+    try:  # the plan reads the input files, the task sets are built before Prefect: a data error is one line
+        plan, cache = _plan(cfg, root)
+        if not only and not force and _all_cached(plan, cache, cfg):
+            return _nothing_to_run(cfg, root, config, plan, cache)
+        server_ready = _start_prefect_server()  # its start overlaps the task sets' build
+        # a later stage run alone reads the task sets from the cache
+        built = (not only or "task_sets" in only) and \
+            preflight(cfg, root, rebuild="task_sets" in set(force) | set(only), plan=plan)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(_input_error(e, config), 1)
+    except (ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
     from flows.pipeline import MissingUpstream, meta_pipeline
 
@@ -331,14 +328,12 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     return 0
 
 
-def _up_to_date(cfg, root: Path) -> tuple | None:
-    """(plan, cache) when every entry of a whole run of cfg is cached (nothing stale or unfinished), else None."""
+def _all_cached(plan, cache, cfg) -> bool:
+    """Every entry of a whole run is cached: nothing missing, stale or unfinished."""
     from flows.plan import STAGES, needed_stages, stage_entries
 
-    plan, cache = _plan(cfg, root)
     action = _actions(plan, cache, set(), set(), set(needed_stages(set(), cfg)), "--stage")
-    entries = [entry for stage in STAGES for entry in stage_entries(plan, stage).values()]
-    return (plan, cache) if all(action(entry) in ("cache", "not run") for entry in entries) else None
+    return all(action(entry) in ("cache", "not run") for stage in STAGES for entry in stage_entries(plan, stage).values())
 
 
 def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
@@ -383,16 +378,17 @@ def _start_prefect_server():
     return thread.join
 
 
-def preflight(cfg, root: Path, rebuild: bool = False) -> bool:
+def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> bool:
     """What needs only the config and the data, before Prefect starts (tens of seconds here): the input files
     are read (a missing one is named), and the task sets are built and validated into the cache (again when
-    rebuild: --force or --stage task_sets), where the flow then finds them. True when it built them."""
+    rebuild: --force or --stage task_sets), where the flow then finds them. True when it built them. plan: cfg's,
+    when the caller has made it."""
     from flows.cache import StageCache
     from flows.plan import make_plan, provenance
     from flows.stages.task_sets import build_task_sets
 
     data = root / cfg.runtime.data_dir
-    plan, cache = make_plan(cfg, data / "inputs.json"), StageCache(data)
+    plan, cache = plan or make_plan(cfg, data / "inputs.json"), StageCache(data)
     key = plan.keys["task_sets"]
     with cache.lock("task_sets", key):
         if cache.is_complete("task_sets", key) and not rebuild:
@@ -445,10 +441,8 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
         return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
     try:
         plan, cache = _plan(cfg, root)
-    except FileNotFoundError as e:
-        return fail(_missing(e, config), 1)
-    except ValueError as e:
-        return fail(str(e), 1)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(_input_error(e, config), 1)
     for stage in STAGES:
         for name, (written, key) in stage_entries(plan, stage).items():
             state = plan.status(cache, written, key)
