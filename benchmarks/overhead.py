@@ -177,8 +177,7 @@ def run_pipeline(watch: Stopwatch, config: str, overrides: dict, record: dict) -
     flow, outs = pipeline.meta_pipeline, []
     pipeline.meta_pipeline = lambda **kwargs: outs.append(flow(**kwargs)) or outs[-1]
     start = time.perf_counter()
-    sets = [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
-            for key, value in values.items()]
+    sets = set_args(overrides)
     assert cli.main(["run", "--config", config, *sets]) == 0, "metapeft run failed"
     record["flow_s"] = time.perf_counter() - start
     assert outs and not any(outs[0]["hits"].values()), f"not a cold run, cache hits: {outs and outs[0]['hits']}"
@@ -280,6 +279,18 @@ def _write_entry(cache, stage: str, key: str, compute: Callable[[Path], object])
 
 # ---- parent: rounds of both children, comparison, table, JSON ----
 
+def project_env(project: Path) -> dict[str, str]:
+    """The environment of a metapeft process in `project`: its own Prefect home and MLflow store, 1 thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
+    return env | {"METAPEFT_HOME": str(project), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def set_args(overrides: dict) -> list[str]:
+    """{section: {key: value}} as `metapeft run` options: --set=section.key=<JSON, which is YAML>."""
+    return [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
+            for key, value in values.items()]
+
+
 def run_child(mode: str, config: str, overrides: dict, workdir: Path, template: Path | None = None) -> dict:
     """One cold study in a child process, in workdir/<mode>: an empty folder, or a copy of `template` (a project
     whose Prefect database and MLflow store exist, its stage cache empty)."""
@@ -288,8 +299,7 @@ def run_child(mode: str, config: str, overrides: dict, workdir: Path, template: 
         shutil.copytree(template, project)
     else:
         project.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
-    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = project_env(project)
     cmd = [sys.executable, __file__, "--child", mode, "--config", config, "--overrides", json.dumps(overrides),
            "--report", str(report)]
     load, start, cpu = os.getloadavg()[0], time.perf_counter(), children_cpu_seconds()
@@ -314,8 +324,7 @@ def initialized_project(tmp: Path, config: str) -> tuple[Path, dict]:
     and what creating them cost: the temporary server's start (wall s) in a new project against an existing one."""
     project = tmp / "template"
     project.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
-    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1")
+    env = project_env(project)
     tiny = ["--set=meta_train.iterations=2", "--set=baselines.pretrain_iterations=2"]
     done = subprocess.run([str(Path(sys.executable).with_name("metapeft")), "run", "--config", config, *tiny],
                           cwd=REPO, env=env, capture_output=True, text=True)
@@ -340,10 +349,7 @@ def _server_start_s(prefect_home: Path) -> float:
 def after_cold(project: Path, config: str, overrides: dict) -> dict[str, dict]:
     """Wall and CPU seconds of each AFTER_COLD command in the cold pipeline run's project; the cached rerun
     must take every entry from the cache (its summary line says so: asserted)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME", "MLFLOW_TRACKING_URI")}
-    env.update(METAPEFT_HOME=str(project), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    sets = [f"--set={section}.{key}={json.dumps(value)}" for section, values in overrides.items()
-            for key, value in values.items()]
+    env, sets = project_env(project), set_args(overrides)
     timings = {}
     for name, args in AFTER_COLD.items():
         cmd = [str(Path(sys.executable).with_name("metapeft")), args[0], "--config", config, *sets, *args[1:]]
