@@ -103,13 +103,13 @@ def e(gx):
 
 
 def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.DataFrame, family,
-                      fixed: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> dict:
+                      row_index: Callable, fixed: tuple[pd.DataFrame, pd.DataFrame] | None = None) -> dict:
     """Image shape and range, K + Q to 20 drawings per character (a duplicate is dropped), no class or character
     in two splits, and every episode N classes x (K + Q) distinct drawings of its own classes (episodes:
-    `episodes.episode_table` rows, row = a position in `omniglot.class_row_index` of the split); fixed: a fixed
-    episode file's meta-test episodes and images (`fixed_episode_suites`)."""
+    `episodes.episode_table` rows, row = a position in `row_index(images, class_ids)` of the split: the family's
+    `omniglot.class_row_index`, passed in so that this module, in every family's task_sets key, imports no
+    family's loader); fixed: a fixed episode file's meta-test episodes and images (`fixed_episode_suites`)."""
     from components.episodes import pixel_keys
-    from components.omniglot import class_row_index
 
     n_pixels = family.image_size ** 2
     per_image = pd.DataFrame({
@@ -123,7 +123,7 @@ def validate_omniglot(images: pd.DataFrame, classes: pd.DataFrame, episodes: pd.
     row_label = pd.Series(index=episodes.index, dtype=object)
     example = pd.Series(index=episodes.index, dtype=object)
     for split, rows in episodes.groupby("split"):
-        index, degrees, labels = class_row_index(images, classes.loc[classes["split"] == split, "class_id"].tolist())
+        index, degrees, labels = row_index(images, classes.loc[classes["split"] == split, "class_id"].tolist())
         inside = rows["row"].to_numpy() < len(labels)  # a row past the split names no class
         at = rows["row"].to_numpy()[inside]
         row_label[rows.index[inside]] = labels[at]
@@ -337,7 +337,8 @@ def _fixed(tables) -> tuple[pd.DataFrame, pd.DataFrame] | None:
 
 SUITES = {
     "SinusoidTasks": lambda f, t: validate_tasksets(pd.concat([t[s] for s in SPLITS]), f.data.tasks),
-    "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data, _fixed(t)),
+    "OmniglotTasks": lambda f, t: validate_omniglot(t["images"], t["classes"], _episodes(t), f.data, f.row_index,
+                                                    _fixed(t)),
     "ImageFolderTasks": lambda f, t: validate_image_folder(t["images"], t["classes"], _episodes(t), f.data,
                                                            _fixed(t)),
     "TextTasks": lambda f, t: validate_text(t["utterances"], t["classes"], _episodes(t), f.data),

@@ -52,7 +52,7 @@ def test_validation_rejects_a_class_in_two_splits_and_short_episodes(built):
     leaked = pd.concat([classes, classes.iloc[[0]].assign(split="meta_test")])
     short = episodes[episodes.index != 0]  # one support example of one way missing
     with pytest.raises(ValidationFailed) as err:
-        validate_omniglot(tables["images"].iloc[20:], leaked, short, family.data)
+        validate_omniglot(tables["images"].iloc[20:], leaked, short, family.data, family.row_index)
     text = str(err.value)
     assert "classes: expect_column_values_to_be_unique(class_id)" in text
     assert "character_splits" in text

@@ -144,6 +144,21 @@ def test_conv4_edits_give_new_omniglot_keys_and_leave_other_families_alone(scrat
         assert after["sinusoid"] == base["sinusoid"] and after["text"] == base["text"]
 
 
+def test_omniglot_loader_edits_leave_other_families_alone(scratch, configs):
+    """The GX suites of every family live in flows/validation.py, which is in every task_sets key: it must not
+    import a family's loader, or an Omniglot edit recomputes sinusoid and text studies from their task sets."""
+    cfgs, memo = configs
+    base = {kind: flat_keys(make_plan(cfg, memo, scratch)) for kind, cfg in cfgs.items()}
+    loader = scratch / "components" / "omniglot.py"
+    original = edit(loader)
+    try:
+        after = {kind: flat_keys(make_plan(cfg, memo, scratch)) for kind, cfg in cfgs.items()}
+    finally:
+        loader.write_text(original)
+    assert after["omniglot"]["task_sets"] != base["omniglot"]["task_sets"]
+    assert after["sinusoid"] == base["sinusoid"] and after["text"] == base["text"]
+
+
 def test_report_edit_moves_only_the_stages_that_draw(scratch, configs):
     cfgs, memo = configs
     before = flat_keys(make_plan(cfgs["sinusoid"], memo, scratch))

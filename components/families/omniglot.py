@@ -49,6 +49,11 @@ class OmniglotTasks(ImageTasks):
     expected: ClassVar[str] = ("need a file (absolute or relative to the episode file's folder) or a member of the "
                                "Omniglot archives, e.g. 'images_evaluation/<Alphabet>/<characterNN>/<id>_<rr>.png'")
 
+    @staticmethod
+    def row_index(images: pd.DataFrame, class_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A split's rows: positions in images (R,), rotation in degrees (R,), label (R,) (`omniglot.class_row_index`)."""
+        return omniglot.class_row_index(images, class_ids)
+
     def input_files(self) -> tuple[Path, ...]:
         root = Path(self.data.path)
         files = [omniglot.find_source(root, stem) for stem in omniglot.PARTS]
@@ -65,7 +70,7 @@ class OmniglotTasks(ImageTasks):
                                           f"{d.path}: identical drawings: ")
         split = self._class_split(images, seed)
         classes = pd.DataFrame([(s, c) for s in SPLITS for c in split[s]], columns=["split", "class_id"])
-        labels = {s: omniglot.class_row_index(images, split[s])[2] for s in SPLITS}
+        labels = {s: self.row_index(images, split[s])[2] for s in SPLITS}
         fixed = self.fixed_tables(images, split) if d.test_episodes else {}
         return {"images": images, "classes": classes, "cleaning": cleaning,
                 **self.episode_tables(labels, split, seed, given=["meta_test"] if fixed else []), **fixed}
