@@ -27,7 +27,7 @@ def artifact_key(*parts: str) -> str:
 class Progress:
     """A progress artifact of `total` units of work (iterations, units, baselines), in percent."""
 
-    def __init__(self, description: str, total: int, every: float = 2.0):
+    def __init__(self, description: str, total: int, every: float = 5.0):
         from prefect.artifacts import create_progress_artifact
 
         self.total, self.every, self.sent = max(int(total), 1), every, time.monotonic()

@@ -57,7 +57,7 @@ class Bar:
 class Progress(artifacts.Progress):
     """A Prefect progress artifact (flows.artifacts) and, on a terminal, a Bar of the same work."""
 
-    def __init__(self, description: str, total: int, every: float = 2.0):
+    def __init__(self, description: str, total: int, every: float = 5.0):
         super().__init__(description, total, every)
         self.bar = Bar(description, total)
 
