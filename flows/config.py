@@ -6,6 +6,7 @@ components' frozen dataclasses.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -611,4 +612,12 @@ def _problem(err) -> str:
         del loc[1]  # the family's kind tag
     if err["type"] == "value_error":
         return ".".join([*loc, err["msg"].removeprefix("Value error, ")])
+    if err["type"] == "extra_forbidden":
+        near = difflib.get_close_matches(loc[-1], sorted(_section_keys()), n=1)
+        return f"{'.'.join(loc)}: unknown key" + (f" (did you mean {near[0]}?)" if near else "")
     return f"{'.'.join(loc) or '<top>'}: {err['msg']}"
+
+
+def _section_keys(section: type[Section] = Section) -> set[str]:
+    """Every key of every config section (the section classes below `section`)."""
+    return set(section.model_fields).union(*(_section_keys(sub) for sub in section.__subclasses__()))

@@ -172,7 +172,7 @@ def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
         {name: key for name, (key, _) in after.items()}
 
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iteratons=10"]) == 2
-    assert "meta_train.iteratons: Extra inputs are not permitted (with --set meta_train.iteratons=10)" in \
+    assert "meta_train.iteratons: unknown key (did you mean iterations?) (with --set meta_train.iteratons=10)" in \
         capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--dry-run", "--set", "meta_train.iterations=many"]) == 2
     assert "meta_train.iterations: Input should be a valid integer" in capsys.readouterr().err

@@ -36,6 +36,14 @@ def test_bad_config_names_key_and_file(tmp_path, text, key):
     assert key in str(err.value) and str(path) in str(err.value)
 
 
+def test_an_unknown_key_is_called_so_with_the_nearest_known_key(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "family: {kind: sinusoid, k_shots: 5}\nmeta_train: {fastlr: 0.1, colour: 1}"))
+    assert "family.k_shots: unknown key (did you mean k_shot?)" in str(err.value)
+    assert "meta_train.fastlr: unknown key (did you mean fast_lr?)" in str(err.value)
+    assert "meta_train.colour: unknown key;" in str(err.value) + ";"  # nothing near: no guess
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
