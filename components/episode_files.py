@@ -7,6 +7,10 @@ compared only within its episode: labels need not name classes across episodes).
 K-shot with Q queries per label: K support rows of each of its N labels, Q query rows of each, the same Q in
 every episode. Episodes are numbered 0..T-1 in the order they first appear; way j of an episode is its j-th
 label in sorted order; support rows keep their file order as slots 0..K-1, queries K..K+Q-1.
+
+An optional column ``rotation`` turns an image counter-clockwise by 0, 90, 180 or 270 degrees (no column: 0
+everywhere; with it, every cell is given), as Omniglot's classes ``<character>/rot090`` etc. turn their drawings:
+an image is then the pair (image, rotation), so one file at two rotations is two images (`shown` names them).
 """
 from __future__ import annotations
 
@@ -15,15 +19,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from components.omniglot import ROTATIONS
+
 FILE_COLUMNS = ("episode", "role", "image", "label")
+ROTATION = "rotation"  # the optional column: degrees counter-clockwise, one of ROTATIONS; missing: 0
 ROLES = ("support", "query")
 READERS = {".csv": lambda p: pd.read_csv(p, dtype={"role": str, "image": str}),
            ".parquet": pd.read_parquet, ".pq": pd.read_parquet}
 
 
 def read_episode_file(path: Path) -> pd.DataFrame:
-    """The file's columns FILE_COLUMNS, rows in file order. Raises naming the file (and the column, the episode
-    and the data row, 1-based): an unknown extension, a missing file or column, an empty cell."""
+    """The file's columns FILE_COLUMNS and ROTATION (int degrees; 0 in every row without the column), rows in file
+    order. Raises naming the file (and the column, the episode and the data row, 1-based): an unknown extension, a
+    missing file or column, an empty cell, a rotation not in ROTATIONS."""
     path = Path(path)
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -39,11 +47,39 @@ def read_episode_file(path: Path) -> pd.DataFrame:
         raise ValueError(f"{path}: column(s) {missing} missing; a fixed episode file needs {list(FILE_COLUMNS)}")
     if table.empty:
         raise ValueError(f"{path}: no rows")
-    table = table[list(FILE_COLUMNS)].reset_index(drop=True)
-    for column in FILE_COLUMNS:
+    columns = [*FILE_COLUMNS, *([ROTATION] if ROTATION in table else [])]
+    table = table[columns].reset_index(drop=True)
+    for column in columns:
         if (empty := table[column].isna()).any():
             raise ValueError(f"{path}: column {column!r} is empty at {where(table, np.flatnonzero(empty)[0])}")
-    return table
+    return table.assign(**{ROTATION: rotations(table, str(path)) if ROTATION in table else 0})
+
+
+def rotations(table: pd.DataFrame, name: str) -> np.ndarray:
+    """The ROTATION column as degrees (R,) int64: 90, 90.0 and '90' are 90. Raises ValueError starting with name (the
+    file), naming the column, the episode and the row: a value not in ROTATIONS (45, 'ninety', -90)."""
+    degrees = table[ROTATION].map(_degrees)
+    if (bad := degrees.isna()).any():
+        i = np.flatnonzero(bad)[0]
+        raise ValueError(f"{name}: column {ROTATION!r}: {plain(table[ROTATION].iloc[i])!r} at {where(table, i)}; "
+                         f"need degrees counter-clockwise, one of {ROTATIONS}")
+    return degrees.to_numpy(dtype=np.int64)
+
+
+def _degrees(value) -> int | None:
+    """A rotation cell as degrees, or None unless it is one of ROTATIONS (a bool is not)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number in ROTATIONS else None
+
+
+def shown(image: str, degrees: int) -> str:
+    """An image of a file as messages name it: 'a/0965_01.png', or 'a/0965_01.png @90' when rotated."""
+    return image if degrees == 0 else f"{image} @{degrees}"
 
 
 def where(table: pd.DataFrame, i: int) -> str:
@@ -58,7 +94,7 @@ def plain(value):
 
 def episode_rows(table: pd.DataFrame, n_way: int, k_shot: int, name: str = "") -> pd.DataFrame:
     """The file's rows (`read_episode_file`) as `episodes.episode_table` rows: episode (0..T-1), way, slot, label
-    (as text), plus image and source_episode (the file's id), sorted by episode, way, slot.
+    (as text), plus image, rotation (degrees) and source_episode (the file's id), sorted by episode, way, slot.
 
     Raises ValueError starting with name (the file), naming the column and the episode: an unknown role, an
     episode whose support is not n_way labels x k_shot rows, a query label absent from its episode's support,
@@ -84,7 +120,7 @@ def episode_rows(table: pd.DataFrame, n_way: int, k_shot: int, name: str = "") -
     out = rows.assign(slot=slot).merge(ways, on=["id", "label"])
     return pd.DataFrame({"split": "meta_test", "episode": out["id"], "way": out["way"], "slot": out["slot"],
                          "label": out["label"].astype(str), "image": out["image"].astype(str),
-                         "source_episode": out["episode"].astype(str)}
+                         "rotation": out[ROTATION].astype(np.int64), "source_episode": out["episode"].astype(str)}
                         ).sort_values(["episode", "way", "slot"], ignore_index=True)
 
 

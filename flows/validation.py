@@ -190,9 +190,10 @@ def validate_image_folder(images: pd.DataFrame, classes: pd.DataFrame, episodes:
 def fixed_episode_suites(episodes: pd.DataFrame, images: pd.DataFrame, family) -> dict:
     """A fixed episode file's meta-test episodes: every episode N x K support rows (K of each of N labels), every
     query label among its episode's support labels, the same Q queries of every label in every episode, no image
-    twice in an episode (by content), and every image channels x size x size bytes. Failures name the file's own
-    episode ids. episodes: `episode_table` rows + source_episode (the file's id), row = a position in images
-    (image, pixels, channels, size)."""
+    twice in an episode (by content), every episode row's (image, rotation) that of its row in images, and every
+    image channels x size x size bytes, once per (image, rotation), rotation one of 0, 90, 180, 270. Failures name
+    the file's own episode ids. episodes: `episode_table` rows + image, rotation, source_episode (the file's id),
+    row = a position in images (image, rotation, pixels, channels, size); rotation 0 where a column is missing."""
     from components.episodes import pixel_keys
 
     k, n_bytes = family.k_shot, getattr(family, "channels", 1) * family.image_size ** 2
@@ -202,20 +203,28 @@ def fixed_episode_suites(episodes: pd.DataFrame, images: pd.DataFrame, family) -
         pd.MultiIndex.from_frame(rows.loc[rows["support"], ["episode", "label"]]))
     rows["unknown_query"] = ~rows["support"] & ~known
     rows["example"] = pd.Series(pixel_keys(images["pixels"]).to_numpy()).reindex(rows["row"].to_numpy()).to_numpy()
+    images = images.assign(rotation=images["rotation"] if "rotation" in images else 0)
+    rows["rotation"] = rows["rotation"] if "rotation" in rows else 0
+    named = images[["image", "rotation"]].reset_index(drop=True).reindex(rows["row"].to_numpy())
+    rows["misplaced"] = ((named["image"].to_numpy() != rows["image"].to_numpy())
+                         | (named["rotation"].to_numpy() != rows["rotation"].to_numpy()))
     per_episode = rows.groupby("episode", sort=False).agg(
         n_support=("support", "sum"), n_way=("support_label", "nunique"), n_unknown_query=("unknown_query", "sum"),
-        n_examples=("row", "size"), n_distinct=("example", "nunique")).reset_index()
+        n_misplaced=("misplaced", "sum"), n_examples=("row", "size"), n_distinct=("example", "nunique")).reset_index()
     per_label = rows.assign(query=~rows["support"]).groupby(["episode", "label"], sort=False).agg(
         n_support=("support", "sum"), n_query=("query", "sum")).reset_index()
     q = int(per_label["n_query"].iloc[0]) if len(per_label) else 0
     n_rows = family.n_way * k
     return {
-        "fixed_images": (images[["image"]].assign(n_bytes=images["pixels"].map(len)), lambda gx: [
-            e(gx).ExpectColumnValuesToBeBetween(column="n_bytes", min_value=n_bytes, max_value=n_bytes)]),
+        "fixed_images": (images[["image", "rotation"]].assign(n_bytes=images["pixels"].map(len)), lambda gx: [
+            e(gx).ExpectColumnValuesToBeBetween(column="n_bytes", min_value=n_bytes, max_value=n_bytes),
+            e(gx).ExpectColumnValuesToBeInSet(column="rotation", value_set=[0, 90, 180, 270]),
+            e(gx).ExpectCompoundColumnsToBeUnique(column_list=["image", "rotation"])]),
         "fixed_episodes": (per_episode, lambda gx: [
             e(gx).ExpectColumnValuesToBeBetween(column="n_support", min_value=n_rows, max_value=n_rows),
             e(gx).ExpectColumnValuesToBeBetween(column="n_way", min_value=family.n_way, max_value=family.n_way),
             e(gx).ExpectColumnValuesToBeBetween(column="n_unknown_query", min_value=0, max_value=0),
+            e(gx).ExpectColumnValuesToBeBetween(column="n_misplaced", min_value=0, max_value=0),
             e(gx).ExpectColumnValuesToBeBetween(column="n_distinct", min_value=n_rows + family.n_way * q,
                                                 max_value=n_rows + family.n_way * q)]),
         "fixed_episode_labels": (per_label, lambda gx: [

@@ -202,6 +202,88 @@ def test_images_of_meta_train_classes_are_an_error_naming_them(root, tmp_path):
         family.build(seed=0)
 
 
+def rotated_file(classes: list[str]) -> pd.DataFrame:
+    """One 5-way 1-shot episode, 2 queries per label, of Omniglot classes (ids '<character>/rotDDD'): drawing 0
+    of each at its class's rotation as support, drawings 1 and 2 as queries; labelled by the class ids."""
+    rows = []
+    for class_id in classes:
+        character, degrees = omniglot.parse_class_id(class_id)
+        number = int(character.rsplit("character", 1)[1])
+        rows += [("rot", "support" if d == 0 else "query", member(number, d), class_id, degrees) for d in range(3)]
+    return pd.DataFrame(rows, columns=["episode", "role", "image", "label", "rotation"])
+
+
+def test_rotated_images_are_the_family_s_own_rotated_classes_pixel_for_pixel(built, root, tmp_path):
+    """Vinyals-split test classes at 90, 180 and 270 degrees written out with their rotations: the fixed episode's
+    images equal the family's own class examples of those classes (a wrong direction turns 90 into 270)."""
+    family, tables = built
+    classes = [c for c in family.classes(tables, "meta_test") if not c.endswith("rot000")][:N_WAY]
+    assert {omniglot.parse_class_id(c)[1] for c in classes} == {90, 180, 270}
+    rotated_file(classes).to_csv(tmp_path / "rotated.csv", index=False)
+    _, rotated = family_with(root, tmp_path / "rotated.csv")
+    own = rotated.build(seed=0)
+    validate_family(rotated, own)
+    test = rotated.open(own, torch.device("cpu"), ("meta_test",)).test
+    labels, images = family.class_examples(tables, "meta_test", torch.device("cpu"))
+    drawings = tables["images"]["drawing"].to_numpy()[omniglot.class_row_index(tables["images"], classes)[0]]
+    ours = labels[np.isin(labels, classes)]  # the rows of classes, in their order, as drawings[...] index them
+
+    def expected(class_id: str, drawing: int) -> torch.Tensor:
+        return images[np.isin(labels, classes)][(ours == class_id) & (drawings == drawing)][0, 0]
+
+    for j, class_id in enumerate(sorted(classes)):  # way j: the j-th label in sorted order
+        assert torch.equal(test.x_spt[0, j, 0], expected(class_id, 0))
+        for q in range(QUERIES):
+            assert torch.equal(test.x_qry[0, j * QUERIES + q, 0], expected(class_id, 1 + q))
+        upright = torch.from_numpy(loader_image(own["images"], member(int(class_id.split("/")[1][-2:]), 0)))
+        assert not torch.equal(test.x_spt[0, j, 0], upright)  # turned, not read as drawn
+    assert set(own["test_images"]["rotation"]) == {90, 180, 270}
+
+
+def test_one_image_at_two_rotations_is_two_images(built, root, tmp_path):
+    family, tables = built
+    table = episode_file().assign(rotation=0)
+    again = table.index[(table["episode"] == "ep1") & (table["role"] == "support") & (table["label"] == "e")][0]
+    table.loc[again, ["image", "rotation"]] = [member(1, 0), 90]  # ep0's support of character 1, turned
+    table.to_csv(tmp_path / "episodes.csv", index=False)
+    _, twice = family_with(root, tmp_path / "episodes.csv")
+    own = twice.build(seed=0)
+    validate_family(twice, own)
+    images = own["test_images"]
+    same = images[images["image"] == member(1, 0)]
+    assert same["rotation"].tolist() == [0, 90] and member(1, 1) not in set(images["image"])
+    assert len(images) == len(tables["test_images"])  # member(1, 1) gone, member(1, 0) @90 in
+    pixels = [np.frombuffer(p, dtype=np.uint8).reshape(28, 28) for p in same["pixels"]]
+    assert np.array_equal(pixels[1], np.rot90(pixels[0])) and not np.array_equal(pixels[0], pixels[1])
+    episodes = own["episodes_meta_test"]
+    rows = episodes.loc[episodes["image"] == member(1, 0), ["source_episode", "rotation", "row"]]
+    assert rows.values.tolist() == [["ep0", 0, same.index[0]], ["ep1", 90, same.index[1]]]
+    names, _ = twice.examples(own, "meta_test", torch.device("cpu"))
+    assert f"{member(1, 0)} @90" in set(names) and member(1, 0) in set(names)
+    test = twice.open(own, torch.device("cpu"), ("meta_test",)).test
+    assert torch.equal(test.x_spt[1, 4, 0], torch.rot90(test.x_spt[0, 4, 0]))  # way 4: label 'e', character 1
+
+
+@pytest.mark.parametrize("value, shown", [(45, "45"), ("ninety", "'ninety'"), (-90, "-90"), ("", "empty")])
+def test_a_bad_rotation_names_the_file_column_episode_and_row(root, tmp_path, value, shown):
+    table = episode_file().assign(rotation=0).astype({"rotation": object})
+    table.loc[7, "rotation"] = value  # ep0's third label's support (row 7 of the data, 1-based 8)
+    path = tmp_path / "episodes.csv"
+    table.to_csv(path, index=False)
+    place = r"at episode 'ep0', row 8"
+    message = (rf"column 'rotation' is empty {place}" if value == "" else
+               rf"column 'rotation': {shown} {place}; need degrees counter-clockwise, one of \(0, 90, 180, 270\)")
+    with pytest.raises(ValueError, match=rf"{path}: {message}"):
+        make_plan(family_with(root, path)[0])  # reads and checks the table, decodes nothing
+
+
+def test_a_non_square_image_is_not_rotated():
+    from components.families.images import turned
+
+    with pytest.raises(ValueError, match=r"e.csv: 'a.png @90': 600 bytes of pixels, not a square 1 x 28 x 28"):
+        turned(bytes(600), 90, 1, 28, "e.csv: 'a.png @90'")
+
+
 def test_config_checks_the_extension_and_n_test_episodes(root, tmp_path):
     with pytest.raises(ValueError, match=r"test_episodes: a fixed episode file is \.csv or \.parquet"):
         family_with(root, tmp_path / "episodes.txt")
@@ -294,8 +376,12 @@ def test_an_image_folder_reads_a_file_too(tmp_path):
 
     first = np.frombuffer(decode_image(held / "new0" / "0.png", 8, 1), dtype=np.uint8).reshape(8, 8) / 255
     assert test.x_spt.shape == (1, 3, 1, 8, 8) and np.allclose(test.x_spt[0, 0, 0].numpy(), first)
+    pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).assign(rotation=270).to_csv(
+        tmp_path / "e.csv", index=False)  # the base class turns an image folder's images too
+    turned = family.open(family.build(seed=0), torch.device("cpu"), ("meta_test",)).test
+    assert np.allclose(turned.x_spt[0, 0, 0].numpy(), np.rot90(first, 3))
     shutil.rmtree(held / "new2")
-    with pytest.raises(FileNotFoundError, match=r"column 'image': 'held_out/new2/0.png' \(episode 'only'\)"):
+    with pytest.raises(FileNotFoundError, match=r"column 'image': 'held_out/new2/0.png @270' \(episode 'only'\)"):
         family.input_files()
 
 

@@ -8,7 +8,8 @@ of images. A split's examples are its classes' rows of the images table, in tabl
 positions among them (only the splits a stage opens are converted to float tensors).
 
 A fixed episode file (``data.test_episodes``, `families.images`) names each image by a file, absolute or relative
-to its folder (inside root or not); every image is read as the folder's images are (``image_folder.decode_image``).
+to its folder (inside root or not); every image is read as the folder's images are (``image_folder.decode_image``,
+stretched to a square), then turned by the file's optional ``rotation`` column (degrees counter-clockwise).
 """
 from __future__ import annotations
 

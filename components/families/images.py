@@ -4,9 +4,11 @@ meta-test episodes read from a fixed episode file (`data.test_episodes`, `compon
 With a fixed episode file, its episodes are the meta-test episodes, in its order: every method and baseline is
 scored on them, and the paired statistics pair them. Its images are read with the family's own transform
 (Omniglot: grayscale, strokes 1, resized; an image folder: upright, grayscale or RGB, resized), whatever their
-size, and stored once each in the `test_images` table, which the `episodes_meta_test` rows index. The family's
-own meta-test classes are then not used. An image identical to an image of a meta-train or meta-val class is an
-error naming the classes: the file is the test protocol, and its classes must be unseen before the test.
+size, then turned by the file's `rotation` (degrees counter-clockwise, `omniglot.rotate`: as Omniglot turns its
+rot090 etc. classes), and stored once per (image, rotation) in the `test_images` table, which the
+`episodes_meta_test` rows index. The family's own meta-test classes are then not used. An image identical, upright,
+to an image of a meta-train or meta-val class is an error naming the classes: the file is the test protocol, and its
+classes must be unseen before the test.
 """
 from __future__ import annotations
 
@@ -21,13 +23,14 @@ from torch import nn
 
 from components.baselines import finetune, pretrain_classifier, scratch
 from components.conv4 import Conv4, adapted_names
-from components.episode_files import episode_rows, read_episode_file
+from components.episode_files import episode_rows, read_episode_file, shown
 from components.episodes import EpisodeBatch, class_members, pixel_keys
 from components.families import ClassificationTasks, Tables, head_swap
 from components.features import episode_features
 from components.image_folder import images_to_array
+from components.omniglot import rotate
 
-FIXED_IMAGES = "test_images"  # the task-set table of a fixed episode file's images: image, pixels, channels, size
+FIXED_IMAGES = "test_images"  # a fixed episode file's images: image, rotation, pixels, channels, size
 
 
 class ImageTasks(ClassificationTasks):
@@ -54,10 +57,12 @@ class ImageTasks(ClassificationTasks):
 
     def examples(self, tables: Tables, split: str, device: torch.device) -> tuple[np.ndarray, torch.Tensor]:
         """`class_examples`; for meta-test with a fixed episode file, its images (labels: their names in the file,
-        since an image may carry a different label in each episode; the episode rows hold the labels)."""
+        'name @90' when rotated, since an image may carry a different label in each episode; the episode rows hold
+        the labels)."""
         if split == "meta_test" and FIXED_IMAGES in tables:
             test = tables[FIXED_IMAGES]
-            return test["image"].to_numpy(), torch.from_numpy(images_to_array(test)).to(device)
+            names = np.array([shown(i, d) for i, d in zip(test["image"], test["rotation"])], dtype=object)
+            return names, torch.from_numpy(images_to_array(test)).to(device)
         return self.class_examples(tables, split, device)
 
     def seen(self, images: pd.DataFrame, classes: list[str]) -> pd.Series:
@@ -75,46 +80,65 @@ class ImageTasks(ClassificationTasks):
 
     def fixed_episodes(self) -> tuple[pd.DataFrame, pd.Series] | None:
         """data.test_episodes as checked episode rows (`episode_files.episode_rows`) and where each distinct image is
-        (image name -> `locate`'s answer, in first-use order); None without a file. Reads no image; raises naming
-        the file, the column and the episode."""
+        ((image, rotation) -> `locate`'s answer for the image, in first-use order); None without a file. Reads no
+        image; raises naming the file, the column and the episode."""
         if self.data.test_episodes is None:
             return None
         path = Path(self.data.test_episodes)
         rows = episode_rows(read_episode_file(path), self.data.n_way, self.data.k_shot, str(path))
-        names = rows["image"].drop_duplicates()
-        sources = self.locate(names.reset_index(drop=True), path.parent).set_axis(names.to_numpy())
+        keys = pd.MultiIndex.from_frame(rows[["image", "rotation"]]).drop_duplicates()
+        names = keys.get_level_values("image").unique()
+        located = self.locate(pd.Series(names), path.parent).set_axis(names)
+        sources = pd.Series(located.reindex(keys.get_level_values("image")).to_numpy(), index=keys, dtype=object)
         if (missing := sources.isna()).any():
-            name = sources.index[missing][0]
-            episode = rows["source_episode"][rows["image"] == name].iloc[0]
-            raise FileNotFoundError(f"{path}: column 'image': {name!r} (episode {episode!r}) not found: {self.expected}"
-                                    f" ({int(missing.sum())} images not found)")
+            image, degrees = sources.index[missing][0]
+            episode = rows["source_episode"][(rows["image"] == image) & (rows["rotation"] == degrees)].iloc[0]
+            raise FileNotFoundError(f"{path}: column 'image': {shown(image, degrees)!r} (episode {episode!r}) not "
+                                    f"found: {self.expected} ({int(missing.sum())} images not found)")
         return rows, sources
 
     def fixed_files(self) -> tuple[Path, ...]:
-        """The fixed episode file and the image files it names (what the task sets' key hashes of it)."""
+        """The fixed episode file and the image files it names, each once (what the task sets' key hashes of it)."""
         if (fixed := self.fixed_episodes()) is None:
             return ()
-        return (Path(self.data.test_episodes), *(s for s in fixed[1] if isinstance(s, Path)))
+        return (Path(self.data.test_episodes), *dict.fromkeys(s for s in fixed[1] if isinstance(s, Path)))
 
     def fixed_tables(self, images: pd.DataFrame, split: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
-        """FIXED_IMAGES and the meta-test episodes (`episode_table` rows + image, source_episode) of data.test_episodes.
-        images: the family's images table; split: split -> its classes. Raises when a fixed image is one of a
-        meta-train or meta-val class's images (by content), naming the classes."""
+        """FIXED_IMAGES (one row per (image, rotation), its pixels turned) and the meta-test episodes (`episode_table`
+        rows + image, rotation, source_episode) of data.test_episodes. images: the family's images table; split:
+        split -> its classes. Raises when a fixed image, upright, is one of a meta-train or meta-val class's images
+        (by content), naming the classes and an image."""
         rows, sources = self.fixed_episodes()
-        test = pd.DataFrame({"image": sources.index, "pixels": self.decode(sources), "channels": self.channels,
-                             "size": self.data.image_size})
-        keys = set(pixel_keys(test["pixels"]))
+        distinct = list(dict.fromkeys(sources))  # a file at two rotations is decoded once
+        decoded = dict(zip(distinct, self.decode(pd.Series(distinct, dtype=object))))
+        upright = pd.Series([decoded[s] for s in sources])
+        names = [shown(image, degrees) for image, degrees in sources.index]
+        c, size, file = self.channels, self.data.image_size, self.data.test_episodes
+        pixels = [turned(p, d, c, size, f"{file}: column 'image': {n!r}")
+                  for p, d, n in zip(upright, sources.index.get_level_values("rotation"), names)]
+        test = pd.DataFrame({"image": sources.index.get_level_values("image"),
+                             "rotation": sources.index.get_level_values("rotation").astype(np.int64),
+                             "pixels": pixels, "channels": c, "size": size})
+        self._check_unseen(images, split, pixel_keys(upright), names)
+        position = pd.Series(np.arange(len(test)), index=sources.index)
+        at = position.reindex(pd.MultiIndex.from_frame(rows[["image", "rotation"]])).to_numpy()
+        return {FIXED_IMAGES: test, "episodes_meta_test": rows.assign(row=at)}
+
+    def _check_unseen(self, images: pd.DataFrame, split: dict[str, list[str]], keys: pd.Series,
+                      names: list[str]) -> None:
+        """Raises naming the classes and a fixed image when one of keys (the fixed images' upright `pixel_keys`, (F,);
+        names (F,): as `shown`) is an image of a meta-train or meta-val class."""
         for s in ("meta_train", "meta_val"):
             own = images[self.seen(images, split[s])]
-            shared = pixel_keys(own["pixels"]).isin(keys).to_numpy()
+            own_keys = pixel_keys(own["pixels"])
+            shared = own_keys.isin(set(keys)).to_numpy()
             if shared.any():
                 classes = sorted(own.loc[shared, self.group].unique())
-                raise ValueError(f"{self.data.test_episodes}: {int(shared.sum())} images of the fixed episodes are "
-                                 f"images of {s} classes ({self.group} {classes[:5]}); the fixed episodes are the "
-                                 f"test protocol: choose a class split (family.split) that keeps their classes out of "
-                                 f"meta-training and meta-validation")
-        position = pd.Series(np.arange(len(test)), index=test["image"])
-        return {FIXED_IMAGES: test, "episodes_meta_test": rows.assign(row=rows["image"].map(position).to_numpy())}
+                leaked = [n for n, k in zip(names, keys.isin(set(own_keys[shared]))) if k]
+                raise ValueError(f"{self.data.test_episodes}: {len(leaked)} images of the fixed episodes (e.g. "
+                                 f"{leaked[0]!r}) are images of {s} classes ({self.group} {classes[:5]}); the fixed "
+                                 f"episodes are the test protocol: choose a class split (family.split) that keeps "
+                                 f"their classes out of meta-training and meta-validation")
 
     def features(self, tables: Tables) -> pd.DataFrame:
         test = self.open(tables, torch.device("cpu"), ["meta_test"]).test
@@ -137,3 +161,16 @@ class ImageTasks(ClassificationTasks):
 
         return {"scratch": lambda: scratch(self.model, test, steps, b.scratch_lr, seed, **kw),
                 "pretrain_finetune": pretrain_finetune}
+
+
+def turned(pixels: bytes, degrees: int, channels: int, size: int, name: str) -> bytes:
+    """An image's pixels (channels x size x size uint8 bytes, row-major) turned counter-clockwise by degrees (one of
+    `omniglot.ROTATIONS`) with `omniglot.rotate`, as Omniglot's rot090 etc. classes turn their drawings. Raises
+    ValueError naming the image (name) when its pixels are not a square channels x size x size image."""
+    if len(pixels) != channels * size * size:
+        raise ValueError(f"{name}: {len(pixels)} bytes of pixels, not a square {channels} x {size} x {size} image: "
+                         f"a fixed episode image must be square to be rotated")
+    if degrees == 0:
+        return pixels
+    array = np.frombuffer(pixels, dtype=np.uint8).reshape(channels, size, size)
+    return np.ascontiguousarray(rotate(array, degrees)).tobytes()

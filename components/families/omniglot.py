@@ -7,9 +7,11 @@ drawings class by class (`omniglot.class_rows`).
 
 A fixed episode file (`data.test_episodes`, `families.images`) names each image by a file (absolute or
 relative to its folder) or an archive member as the loader names it (``images_evaluation/<Alphabet>/
-<characterNN>/<id>_<rr>.png``), used as drawn (rotation 0). Every image gets the archive's transform
-(`omniglot.decode_drawing`): grayscale, strokes 1, resized to image_size; one drawn light on dark paper is not
-inverted, so either polarity gives the training images' form.
+<characterNN>/<id>_<rr>.png``), turned by the file's optional ``rotation`` (degrees counter-clockwise; 0 without
+it). Every image gets the archive's transform (`omniglot.decode_drawing`): grayscale, strokes 1, resized to
+image_size; one drawn light on dark paper is not inverted, so either polarity gives the training images' form; then
+its rotation, turned as a class ``<character>/rot090`` etc. turns its drawings (`omniglot.class_rows`), so episodes
+of the Vinyals test classes written out with their rotations give the sampled episodes' pixels exactly.
 """
 from __future__ import annotations
 
