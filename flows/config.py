@@ -9,7 +9,8 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Literal, Union
+import typing
+from typing import Annotated, Literal, Union, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
@@ -22,6 +23,18 @@ Algorithm = Literal[tuple(VARIANTS)]  # every algorithm of components.metalearne
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, data):
+        """pydantic's lax mode reads true as 1 for a number: `--set family.k_shot=true` would run 1-shot."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and _has_bool(value) and not _allows_bool(field.annotation):
+                    raise ValueError(f"{name}: a boolean ({yaml.safe_dump(value).split(chr(10))[0]}) where a "
+                                     f"number or text is needed")
+        return data
 
 
 class SinusoidSection(Section):
@@ -174,8 +187,20 @@ class TextSection(EpisodeSection):
         return self
 
 
-def _family_kind(value) -> str:
-    return value.get("kind", "sinusoid") if isinstance(value, dict) else value.kind
+def _has_bool(value) -> bool:
+    return isinstance(value, bool) or (isinstance(value, (list, tuple)) and any(map(_has_bool, value)))
+
+
+def _allows_bool(annotation) -> bool:
+    """Whether a field's type takes a boolean anywhere (bool, bool | None, a section, ...)."""
+    if annotation is bool or isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    return any(_allows_bool(a) for a in get_args(annotation)) or annotation is typing.Any
+
+
+def _family_kind(value) -> str | None:
+    """The family section's kind (None for a value that is no section: pydantic's union_tag_not_found)."""
+    return value.get("kind", "sinusoid") if isinstance(value, dict) else getattr(value, "kind", None)
 
 
 Family = Annotated[Union[Annotated[SinusoidSection, Tag("sinusoid")], Annotated[OmniglotSection, Tag("omniglot")],
@@ -612,6 +637,21 @@ def _problem(err) -> str:
         del loc[1]  # the family's kind tag
     if err["type"] == "value_error":
         return ".".join([*loc, err["msg"].removeprefix("Value error, ")])
+    where, given = ".".join(loc) or "<top>", err.get("input")
+    if err["type"] == "union_tag_not_found":  # the family section is not a mapping
+        return f"{where}: a section (a mapping such as {{kind: omniglot, ...}}) is needed, got {given!r}"
+    if err["type"] == "union_tag_invalid":
+        kinds = FAMILY_MODELS.keys()
+        near = difflib.get_close_matches(str(err["ctx"]["tag"]), kinds, n=1)
+        return (f"{where}.kind: {err['ctx']['tag']!r} is not a family kind; one of {', '.join(kinds)}"
+                + (f" (did you mean {near[0]}?)" if near else ""))
+    if err["type"] in ("model_type", "dict_type"):
+        return f"{where}: a section (a mapping of keys) is needed, got {given!r}"
+    if err["type"] in ("tuple_type", "list_type"):
+        return f"{where}: a list such as [a, b] is needed, got {given!r}"
+    if err["type"].endswith("_parsing") and isinstance(given, str):
+        return f"{where}: {err['msg']}, got {given!r}" + (" (write numbers in YAML as 1000 or 1.0e+3)"
+                                                          if "e" in given.lower() else "")
     if err["type"] == "extra_forbidden":
         near = difflib.get_close_matches(loc[-1], sorted(_section_keys()), n=1)
         return f"{'.'.join(loc)}: unknown key" + (f" (did you mean {near[0]}?)" if near else "")

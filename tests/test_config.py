@@ -44,6 +44,25 @@ def test_an_unknown_key_is_called_so_with_the_nearest_known_key(tmp_path):
     assert "meta_train.colour: unknown key;" in str(err.value) + ";"  # nothing near: no guess
 
 
+@pytest.mark.parametrize("text, message", [
+    ("family: omniglot", "family: a section (a mapping such as {kind: omniglot, ...}) is needed, got 'omniglot'"),
+    ("family:", "family: a section (a mapping such as {kind: omniglot, ...}) is needed, got None"),
+    ("family: {kind: txt}", "family.kind: 'txt' is not a family kind; one of sinusoid, omniglot, image_folder, text "
+                            "(did you mean text?)"),
+    ("meta_train: 5", "meta_train: a section (a mapping of keys) is needed, got 5"),
+    ("meta_train: {algorithms: maml}", "meta_train.algorithms: a list such as [a, b] is needed, got 'maml'"),
+    ("meta_train: {iterations: 1e3}", "got '1e3' (write numbers in YAML as 1000 or 1.0e+3)"),
+    ("family: {kind: sinusoid, k_shot: true}", "family.k_shot: a boolean (true) where a number or text is needed"),
+    ("meta_train: {fast_lr: false}", "meta_train.fast_lr: a boolean (false) where a number or text is needed"),
+    ("family: {kind: sinusoid, amplitude: [true, 2.0]}", "family.amplitude: a boolean"),
+])
+def test_wrong_shapes_and_types_get_one_line_in_the_configs_terms(tmp_path, text, message):
+    """No pydantic internals (discriminator functions, 'valid tuple'), and no true read as 1."""
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert message in str(err.value)
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
