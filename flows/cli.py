@@ -350,7 +350,8 @@ def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
     n = sum(len(stage_entries(plan, stage)) for stage in STAGES)
     text = report.results_text(pd.read_parquet(path / "summary.parquet").set_index("method"),
                                pd.read_parquet(path / "comparisons.parquet"), family.metric, family.reference,
-                               sig.alpha, sig.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"))
+                               sig.alpha, sig.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"),
+                               report.unfinished_training(cache, cfg, plan.algorithm_keys))
     page = root / "reports" / str(source) / "report.html"
     origin = f"the results of MLflow run {source}" if source else "the cached results"
     click.echo(f"\nstudy {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or MLflow run; "
@@ -515,9 +516,10 @@ def runs(root: Path, limit: int, study: str | None) -> int:
                    f"{score}")
         if overrides := r.data.tags.get("metapeft.overrides"):  # what tells two runs of one config apart
             click.echo("    " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in flatten(json.loads(overrides)).items()))
-        note = r.data.tags.get("metapeft.verdict") or r.data.tags.get("metapeft.error")
-        if note:
-            click.echo(textwrap.fill(note, 110, initial_indent=" " * 4, subsequent_indent=" " * 4))
+        for note in (r.data.tags.get("metapeft.verdict") or r.data.tags.get("metapeft.error"),
+                     r.data.tags.get("metapeft.unfinished")):  # training a budget stopped short
+            if note:
+                click.echo(textwrap.fill(note, 110, initial_indent=" " * 4, subsequent_indent=" " * 4))
     return 0
 
 

@@ -478,8 +478,13 @@ def significance(run: Run) -> str:
         run.record_source("metapeft.results_parent", meta)
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
+    unfinished = report.unfinished_training(cache, run.cfg, run.plan.algorithm_keys)
     text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha,
-                               run.cfg.significance.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"))
+                               run.cfg.significance.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"),
+                               unfinished)
+    if unfinished:  # `metapeft runs` shows it under the verdict
+        run.tracker.set_tags(run.parent_id, {"metapeft.unfinished": "; ".join(f"{k}: {v}"
+                                                                           for k, v in unfinished.items())})
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet",
                  f"{DIVERGED}.parquet"):

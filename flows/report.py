@@ -6,7 +6,7 @@ draws its own figures with the same mapping.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -128,21 +128,42 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
     return save(fig, path)
 
 
+def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[str, str]:
+    """{unit label: "meta-training stopped by the time budget at iteration i of n"} for each meta-learner whose
+    cached training (`meta_train` entry of algorithm_keys[label]) a wall-clock budget stopped before its
+    iterations: its scores are those of a shorter training than the config says. A rerun with --budget-minutes
+    goes on from its checkpoint."""
+    notes = {}
+    for label, key in algorithm_keys.items():
+        meta = cache.manifest("meta_train", key)["meta"] if cache.is_complete("meta_train", key) else {}
+        if meta.get("stop_reason") == "budget":
+            planned = cfg.meta_train.for_algorithm(label.split("/")[0])["iterations"]
+            notes[label] = f"meta-training stopped by the time budget at iteration {meta['iterations_total']} of " \
+                           f"{planned}"
+    return notes
+
+
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
-                 alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None) -> str:
+                 alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None,
+                 unfinished: Mapping[str, str] | None = None) -> str:
     """A short fixed-width table: each method's mean +- CI and its Holm-corrected p against `reference`.
 
     `*` marks a difference to the reference significant at alpha: both Holm-adjusted paired tests (t-test and
     Wilcoxon) below it, the rule of every verdict (`components.significance.verdict_p`); p shown is that p. Methods that
-    diverged (diverged: method, stage, reason) follow, each with where and why, instead of a score.
+    diverged (diverged: method, stage, reason) follow, each with where and why, instead of a score. unfinished
+    (`unfinished_training`): units whose training a budget stopped, said below the table (`~` marks their method).
     """
     lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"]
+    short = {label.split("/")[0] for label in unfinished or {}}
     for method, row in summary.iterrows():
         p = _pair_p(comparisons, method, reference)
         p_text = "-" if np.isnan(p) else f"{p:.2e}{'*' if p < alpha else ' '}"
-        lines.append(f"{method:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}")
+        name = f"{method}{' ~' if method in short else ''}"
+        lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}")
     for row in ([] if diverged is None else diverged.to_dict("records")):
         lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
+    lines += [f"~ {label}: {note}; --budget-minutes N goes on from its checkpoint"
+              for label, note in (unfinished or {}).items()]
     return "\n".join(lines)
 
 

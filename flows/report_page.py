@@ -25,7 +25,7 @@ from components.significance import verdict_p
 from flows.answer import Answer, study_answer
 from flows.cache import DIVERGED, HISTORY, VALIDATION, StageCache
 from flows.config import StudyConfig
-from flows.report import _algorithm, _pair_p, _pyplot, method_color, method_colors
+from flows.report import _algorithm, _pair_p, _pyplot, method_color, method_colors, unfinished_training
 
 VALIDATION_PAGE = "validation.html"  # beside the report
 PACKAGES = ("torch", "prefect", "mlflow", "great_expectations", "pandas", "scipy")
@@ -106,7 +106,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
         f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; significance entry {_e(keys['significance'])}"
         f" &middot; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
         verdict_html(answer, family.lower_is_better, e.diverged, int(summary["n"].max()) if len(summary) else 0),
-        study_facts(cfg, family, summary),
+        study_facts(cfg, family, summary, unfinished_training(cache, cfg, algorithm_keys)),
         f"<h2>Results: meta-test {_e(family.metric)}</h2>",
         results_table(summary, comparisons, family.metric, reference, sig.alpha, sig.confidence, colors),
         diverged_html(e.diverged),
@@ -182,8 +182,10 @@ def diverged_names(diverged: pd.DataFrame) -> str:
     return ", ".join(f"{m} ({s})" for m, s in stages.items())
 
 
-def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame) -> str:
-    """The settings a reader needs to weigh the answer, and the code and packages that computed it."""
+def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame,
+                unfinished: dict[str, str] | None = None) -> str:
+    """The settings a reader needs to weigh the answer (unfinished: `report.unfinished_training`, training a budget
+    stopped short), and the code and packages that computed it."""
     f, mt = cfg.family, cfg.meta_train
     episodes = f"{f.n_way}-way {f.k_shot}-shot, {f.n_query} queries per class" if hasattr(f, "n_way") \
         else f"regression, K = {f.k_shot} support and {f.n_query} query points"
@@ -195,7 +197,7 @@ def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame) -> str:
         "meta-test episodes": str(int(summary["n"].max())) if len(summary) else "-",
         "model": f"{cfg.model.kind}, adapted: {cfg.model.adapted}",
         "meta-training": f"{learners}; {mt.iterations} iterations, meta-batch {mt.meta_batch_size}, "
-                         f"{mt.inner_steps} inner step(s)",
+                         f"{mt.inner_steps} inner step(s)" + "".join(f"; {k}: {v}" for k, v in (unfinished or {}).items()),
         "test-time steps": str(cfg.evaluate.steps),
         "seeds": ", ".join(map(str, cfg.seeds)) if cfg.seeds else f"{cfg.seed} (one)",
         "tests": f"paired t-test and Wilcoxon, Holm over all pairs, a difference when both agree; "

@@ -71,6 +71,28 @@ def test_pipeline_runs_then_hits_the_cache(prefect_harness, project):
     assert misses(edited) == {"evaluate", "baselines", "significance"}
 
 
+def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(prefect_harness, project):
+    """A wall-clock budget that stops meta-training before its iterations must not look like a finished run: the
+    results text, the report page and the parent run (what `metapeft runs` shows) say where it stopped."""
+    from flows.pipeline import meta_pipeline
+
+    config = write_config(project, meta_train={**TINY["meta_train"], "algorithms": ["maml", "fomaml"],
+                                               "iterations": 10**6, "budget_minutes": 0.001})
+    out = meta_pipeline(config_path=config)
+    _, parent, children = runs_of(project, out["run_id"])
+    for method in ("maml", "fomaml"):
+        stopped = int(children[method].data.metrics["meta_train_iterations"])
+        note = f"{method}: meta-training stopped by the time budget at iteration {stopped} of 1000000"
+        assert f"~ {note}" in out["results"] and note in parent.data.tags["metapeft.unfinished"]
+        assert note in (project / "reports" / out["run_id"] / "report.html").read_text()
+    assert next(line for line in out["results"].splitlines() if line.startswith("maml")).startswith("maml ~")
+    assert not next(line for line in out["results"].splitlines() if line.startswith("scratch")).startswith("scratch ~")
+
+    finished = meta_pipeline(config_path=write_config(project, name="tiny_done"))
+    assert "~" not in finished["results"]
+    assert "metapeft.unfinished" not in runs_of(project, finished["run_id"])[1].data.tags
+
+
 def test_stage_alone_without_upstream_names_it(prefect_harness, project):
     from flows.pipeline import MissingUpstream, meta_pipeline
 
