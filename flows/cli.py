@@ -597,8 +597,10 @@ RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", 
 
 
 def _results(root: Path, run_id: str):
-    """The run's results table (RESULT_COLUMNS; best method first, diverged ones last) from its significance
-    cache entry, or from the tables it logged to MLflow when that entry is gone. LookupError: no such run."""
+    """The run's results table (RESULT_COLUMNS; best method first, diverged ones last) from the significance
+    tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
+    cache entry when those artifacts are gone. LookupError: no such run, or one that never reached the
+    significance stage (its recorded key names an entry some other run computed)."""
     import pandas as pd
 
     from flows.cache import DIVERGED, StageCache
@@ -611,10 +613,16 @@ def _results(root: Path, run_id: str):
     except ConfigError as e:
         raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
     family, cache, key = family_for(cfg), StageCache(root / cfg.runtime.data_dir), keys["significance"]
-    cached = cache.is_complete("significance", key)
-    tables = {name: cache.read_table("significance", key, name) if cached else
-              _logged_table(root, run_id, f"significance/{name}.parquet")
+    tables = {name: _logged_table(root, run_id, f"significance/{name}.parquet")
               for name in ("summary", "comparisons", DIVERGED)}
+    if tables["summary"] is None or tables["comparisons"] is None:  # never logged, or the artifacts are gone
+        _require_significance(root, run_id, cache, key)
+        if not cache.is_complete("significance", key):
+            raise LookupError(f"MLflow run {run_id}: its significance artifacts are gone, and so is cache entry "
+                              f"significance/{key}; rerun it: {_rerun(root, run_id)}")
+        click.echo(f"MLflow run {run_id}: its significance artifacts are gone; results from cache entry "
+                   f"significance/{key}", err=True)
+        tables = {name: cache.read_table("significance", key, name) for name in ("summary", "comparisons", DIVERGED)}
     ref, sig = family.reference, cfg.significance
     rows = [{**{k: r[k] for k in ("method", "n", "mean", "ci_low", "ci_high")}, "diverged": "",
              "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref)}
@@ -627,8 +635,8 @@ def _results(root: Path, run_id: str):
 
 
 def _logged_table(root: Path, run_id: str, path: str):
-    """A Parquet table the run logged as an artifact (an empty frame for the diverged table, which older runs
-    did not log)."""
+    """A Parquet table the run logged as an artifact; None when it has none there (an empty frame for the
+    diverged table, which older runs did not log)."""
     import tempfile
 
     import pandas as pd
@@ -636,11 +644,40 @@ def _logged_table(root: Path, run_id: str, path: str):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             return pd.read_parquet(_client(root).download_artifacts(run_id, path, tmp))
-        except Exception as e:  # MlflowException, OSError: not logged
-            if path.endswith("diverged.parquet"):
-                return pd.DataFrame(columns=["method", "stage", "reason"])
-            raise LookupError(f"MLflow run {run_id}: no significance results in the cache or its artifacts ({path}:"
-                              f" {e}); rerun it: metapeft run --config <its config>") from None
+        except Exception:  # MlflowException, OSError: not logged, or the artifacts are gone
+            return pd.DataFrame(columns=["method", "stage", "reason"]) if path.endswith("diverged.parquet") else None
+
+
+def _require_significance(root: Path, run_id: str, cache, key: str) -> None:
+    """LookupError unless run_id reached the significance stage: it logged the significance tables, took the
+    entry from the cache (tag metapeft.results_parent), logged the study's answer, or computed the entry (its
+    manifest names the run). A partial run (`--until task_sets`) still records every stage's key, and the entry
+    of that key may be another run's: its results are not this run's."""
+    client = _client(root)
+    run = client.get_run(run_id)
+    tags, metrics = run.data.tags, run.data.metrics
+    if {"metapeft.results_parent", "metapeft.best_method"} & set(tags) or \
+            any(k.startswith("best_meta_test_") for k in metrics):
+        return
+    with contextlib.suppress(Exception):  # MlflowException, OSError: no artifacts there
+        if any(f.path.endswith("summary.parquet") for f in client.list_artifacts(run_id, "significance")):
+            return
+    if ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id") == run_id:
+        return
+    raise LookupError(f"MLflow run {run_id} did not run the significance stage: it has no results; `metapeft runs` "
+                      f"lists the runs that have")
+
+
+def _rerun(root: Path, run_id: str) -> str:
+    """The command that reruns run_id: its config file (tag metapeft.config) and its --set overrides."""
+    import json
+
+    from flows.tracking import flatten
+
+    tags = _client(root).get_run(run_id).data.tags
+    sets = flatten(json.loads(tags.get("metapeft.overrides", "null")) or {})
+    return shlex.join(["metapeft", "run", "--config", tags["metapeft.config"],
+                       *(a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}"))])
 
 
 @cli.command()
@@ -703,6 +740,11 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
     except (ConfigError, LookupError) as e:
         return fail(str(e), 2)
     cache = StageCache(root / cfg.runtime.data_dir)
+    if run_id:  # the entry of its key may be another run's
+        try:
+            _require_significance(root, run_id, cache, keys["significance"])
+        except LookupError as e:
+            return fail(str(e), 2)
     if not cache.is_complete("significance", keys["significance"]):
         return fail(f"no cached significance entry {keys['significance']} for study {cfg.name!r}; run the pipeline "
                     f"first", 1)
@@ -715,8 +757,8 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
 
 
 def _run_keys(root: Path, run_id: str | None, config: str | None):
-    """(config, stage keys, algorithm keys) of an MLflow parent run (its tags; its --set overrides applied), or
-    of a config file. LookupError: no such pipeline run."""
+    """(config, stage keys, algorithm keys) of an MLflow parent run (its tags; the config it stored, or the file
+    `config` with its --set overrides applied), or of a config file. LookupError: no such pipeline run."""
     import json
 
     from flows.config import load_config
@@ -737,8 +779,33 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     algorithm_keys = {c.info.run_name: c.data.tags["metapeft.meta_train_key"] for c in children
                       if "metapeft.meta_train_key" in c.data.tags}
-    overrides = json.loads(tags.get("metapeft.overrides", "null"))
-    return load_config(config or tags["metapeft.config"], overrides), keys, algorithm_keys
+    if config:  # --config: that file, with the run's overrides
+        return load_config(config, json.loads(tags.get("metapeft.overrides", "null"))), keys, algorithm_keys
+    return _run_config(client, run_id, tags), keys, algorithm_keys
+
+
+def _run_config(client, run_id: str, tags: dict):
+    """The settings run_id ran with: its config.json artifact (the validated config, --set overrides applied,
+    logged when the run started), never its config file, which may have changed or moved since. A run logged
+    before runs stored it gets its file as it is now (its overrides applied), and stderr says so."""
+    import json
+    import tempfile
+
+    from flows.config import ConfigError, StudyConfig, load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            stored = json.loads(Path(client.download_artifacts(run_id, "config.json", tmp)).read_text())
+        except Exception:  # MlflowException, OSError: not logged (an older run), or its artifacts are gone
+            stored = None
+    if stored is None:
+        path = tags["metapeft.config"]
+        click.echo(f"MLflow run {run_id} did not store its config: read from {path} as it is now", err=True)
+        return load_config(path, json.loads(tags.get("metapeft.overrides", "null")))
+    try:
+        return StudyConfig.model_validate(stored)
+    except ValueError as e:  # pydantic's ValidationError: a config of an older metapeft
+        raise ConfigError(f"its stored config.json no longer validates: {e}") from None
 
 
 def _client(root: Path):

@@ -259,3 +259,61 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert "from cache: nothing to run, no new Prefect or MLflow run; the results of MLflow run " + first in said
     assert said.split("--force STAGE recomputes.\n")[1].strip() == first_results.strip()
     assert cli.main(["runs"]) == 0 and capsys.readouterr().out.count("FINISHED") == 2
+
+
+def run_id_of(out: str) -> str:
+    return out.split("MLflow run ")[1].split()[0]
+
+
+@pytest.mark.slow
+def test_export_and_report_use_the_settings_the_run_stored_not_its_file_now(prefect_harness, project, capsys):
+    import yaml
+
+    config = Path(tiny(project))
+    assert cli.main(["run", "--config", str(config)]) == 0
+    run_id = run_id_of(capsys.readouterr().out)
+    edited = yaml.safe_load(config.read_text())  # the file edited after the run: another confidence and alpha
+    config.write_text(yaml.safe_dump({**edited, "significance": {"confidence": 0.9, "alpha": 0.05}}))
+
+    assert cli.main(["export", run_id, "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    records = json.loads(out)
+    assert {r["confidence"] for r in records} == {0.95} and "did not store its config" not in err
+    assert cli.main(["report", run_id]) == 0
+    page = Path(capsys.readouterr().out.strip()).read_text()
+    assert "95% CI" in page and "significant at &alpha; = 0.01" in page
+    assert "90% CI" not in page and "&alpha; = 0.05" not in page
+
+    config.rename(project / "moved.yaml")  # the file gone: the run's own config still describes it
+    assert cli.main(["export", run_id, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == records
+
+
+@pytest.mark.slow
+def test_a_run_that_never_reached_significance_has_no_results(prefect_harness, project, capsys):
+    config = tiny(project)
+    assert cli.main(["run", "--config", config]) == 0
+    full = run_id_of(capsys.readouterr().out)
+    assert cli.main(["run", "--config", config, "--force", "task_sets", "--until", "task_sets"]) == 0
+    partial = run_id_of(capsys.readouterr().out)
+    assert partial != full
+
+    refused = f"MLflow run {partial} did not run the significance stage: it has no results; `metapeft runs` lists"
+    for command in (["export", partial], ["report", partial], ["compare", full, partial]):
+        assert cli.main(command) == 2
+        out, err = capsys.readouterr()
+        assert refused in err and not out
+    assert cli.main(["export", full]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert set(table["method"]) == {"maml", "scratch", "pretrain_finetune"} and (table["run_id"] == full).all()
+
+    logged = list(project.glob(f"mlruns/artifacts/**/{full}/artifacts/significance"))
+    assert len(logged) == 1
+    for file in logged[0].iterdir():  # its significance artifacts gone
+        file.unlink()
+    assert cli.main(["export", full]) == 0  # its significance entry, which it computed
+    out, err = capsys.readouterr()
+    assert pd.read_csv(io.StringIO(out)).equals(table) and "significance artifacts are gone" in err
+    (project / "data" / "significance").rename(project / "significance.moved")  # and the entry too
+    assert cli.main(["export", full]) == 2
+    assert f"rerun it: metapeft run --config {config}" in capsys.readouterr().err
