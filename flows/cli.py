@@ -89,7 +89,8 @@ def _input_error(e: Exception, config: str) -> str:
     the message names none) or malformed (its message names file, column and episode)."""
     if not isinstance(e, FileNotFoundError):
         return str(e)
-    return f"{e} (in {config})" if "family." in str(e) else f"{e} (family.path in {config})"
+    where = f"in {config}" if "family." in str(e) else f"a file the family section of {config} names"
+    return f"{e} ({where}; relative paths are resolved from {Path.cwd()})"
 
 
 def fail(message: str, code: int) -> int:

@@ -94,7 +94,8 @@ class ImageTasks(ClassificationTasks):
             image, degrees = sources.index[missing][0]
             episode = rows["source_episode"][(rows["image"] == image) & (rows["rotation"] == degrees)].iloc[0]
             raise FileNotFoundError(f"{path}: column 'image': {shown(image, degrees)!r} (episode {episode!r}) not "
-                                    f"found: {self.expected} ({int(missing.sum())} images not found)")
+                                    f"found: {self.expected} ({int(missing.sum())} images not found; "
+                                    f"family.test_episodes)")
         return rows, sources
 
     def fixed_files(self) -> tuple[Path, ...]:

@@ -43,7 +43,7 @@ def run_cli(project, csv, *args: str, **family) -> tuple[int, list[str]]:
     (lambda: pd.concat([intents(12, 8), pd.DataFrame([{"text": "Please do task 3 in way 1", "label": "intent_05"}])]),
      {"fractions": [0.5, 0.25, 0.25]},
      ["intents.csv:27 ('intent_03'), intents.csv:98 ('intent_05')", "family.conflicting_labels: drop"]),
-    (None, {}, ["input file not found: ", "intents.csv (family.path in "]),
+    (None, {}, ["input file not found: ", "intents.csv (a file the family section of ", "relative paths are resolved from "]),
 ], ids=["class-too-small", "n_way-over-split", "text-under-two-labels", "missing-file"])
 def test_data_errors_stop_before_prefect_as_one_line(tmp_path, make, family, expected):
     csv = tmp_path / "intents.csv"
