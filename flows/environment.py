@@ -10,8 +10,6 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 
-from components.storage import write_atomic
-
 # Prefect's temporary server checks its database's migrations and registers the block types at every start
 # (about 0.9 s of its 3.8 s CPU start here); both are needed once per database and Prefect version
 SET_UP = "metapeft-database.json"  # in PREFECT_HOME: the Prefect version that set up its default database
@@ -96,4 +94,6 @@ def record_database_set_up() -> None:
     off = any(os.environ.get(v, "").lower() in ("false", "0") for env in SET_UP_SETTINGS.values() for v in env)
     found = _set_up_record()
     if found is not None and not off and Path(found[1]["database"]).is_file():
+        from components.storage import write_atomic  # components/__init__ imports torch: not at CLI start
+
         write_atomic(found[0], lambda tmp: tmp.write_text(json.dumps(found[1])))
