@@ -128,6 +128,9 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
     return save(fig, path)
 
 
+FEW_EPISODES = 30  # below this many paired episodes, say that the intervals and tests are rough
+
+
 def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[str, str]:
     """{unit label: "meta-training stopped by the time budget at iteration i of n"} for each meta-learner whose
     cached training (`meta_train` entry of algorithm_keys[label]) a wall-clock budget stopped before its
@@ -164,6 +167,9 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
         lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
     lines += [f"~ {label}: {note}; --budget-minutes N goes on from its checkpoint"
               for label, note in (unfinished or {}).items()]
+    if "n" in summary and len(summary) and (n := int(summary["n"].min())) < FEW_EPISODES:
+        lines.append(f"only {n} meta-test episodes: the t-intervals (which may pass the metric's range) and the "
+                     f"p-values are rough; use {FEW_EPISODES} or more")
     return "\n".join(lines)
 
 

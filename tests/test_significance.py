@@ -246,6 +246,19 @@ def test_stars_and_a_better_follow_one_rule():
                                                "scratch", alpha=0.05).splitlines() if r.startswith("maml"))
 
 
+def test_a_handful_of_episodes_is_called_rough():
+    """With n = 2 a t-interval of an accuracy can pass 0 and 1: the table says the numbers are rough."""
+    from flows.report import FEW_EPISODES, results_text
+
+    comparisons = pd.DataFrame({"method_a": ["maml"], "method_b": ["scratch"], "mean_diff": [0.1],
+                                "p_ttest_holm": [0.5], "p_wilcoxon_holm": [0.5]})
+    for n, rough in ((2, True), (FEW_EPISODES, False)):
+        summary = pd.DataFrame({"mean": [0.55, 0.5], "ci_half": [0.63, 0.2], "n": [n, n]},
+                               index=pd.Index(["maml", "scratch"], name="method"))
+        text = results_text(summary, comparisons, "accuracy", "scratch")
+        assert (f"only {n} meta-test episodes" in text) == rough
+
+
 def _significantly_better_row(comparisons, alpha):
     from components.significance import _significantly_better
 
