@@ -559,7 +559,19 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
         scored = all(method in t.index and not t.loc[method, "diverged"] for t in (a, b))
         diff = f"{b.loc[method, 'mean'] - a.loc[method, 'mean']:+.4g}" if scored else "-"
         click.echo(f"{method:<20} {cells[0]:>28} {cells[1]:>28} {diff:>10}")
+    if differ := _setting_differences(root, run_a, run_b):
+        click.echo("settings that differ (A -> B): " + "; ".join(differ))
     return 0
+
+
+def _setting_differences(root: Path, run_a: str, run_b: str) -> list[str]:
+    """'key: a -> b' for every config value the two runs ran with that differs (their stored configs)."""
+    from flows.tracking import flatten
+
+    client = _client(root)
+    a, b = (flatten(_run_config(client, r, client.get_run(r).data.tags).model_dump(mode="json"))
+            for r in (run_a, run_b))
+    return [f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 def _score(row) -> str:

@@ -226,8 +226,10 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert cli.main(["compare", first, second]) == 0
     compared = capsys.readouterr().out
     assert "A (95% CI)" in compared and "B (90% CI)" in compared
-    rows = {line.split()[0]: line for line in compared.splitlines()[2:]}
+    *table_lines, settings = compared.splitlines()[2:]
+    rows = {line.split()[0]: line for line in table_lines}
     assert set(rows) == {"maml", "scratch", "pretrain_finetune"} and all(r.endswith("+0") for r in rows.values())
+    assert settings == "settings that differ (A -> B): significance.confidence: 0.95 -> 0.9"
 
     assert cli.main(["export", second]) == 0
     table = pd.read_csv(io.StringIO(capsys.readouterr().out))
