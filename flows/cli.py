@@ -23,6 +23,15 @@ import click
 from flows.environment import configure
 
 DEFAULT_CONFIG = "configs/quick.yaml"
+SHIPPED = Path(__file__).resolve().parent.parent  # the checkout holding configs/
+
+
+def _default_config(ctx, param, value: str) -> str:
+    """--config left at its default outside a checkout (no configs/quick.yaml here): the shipped quick study,
+    which reads no data files, so `metapeft run` works in any project folder."""
+    if value == DEFAULT_CONFIG and not Path(value).exists() and (SHIPPED / DEFAULT_CONFIG).is_file():
+        return str(SHIPPED / DEFAULT_CONFIG)
+    return value
 
 
 class StageName(click.Choice):
@@ -131,7 +140,8 @@ def _check_sets(ctx, param, items: tuple[str, ...]) -> tuple[str, ...]:
 
 
 @cli.command()
-@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", help="The study config.")
+@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", callback=_default_config,
+              help="The study config (outside a checkout the default is the shipped one).")
 @click.option("--stage", multiple=True, type=StageName(),
               help="Run only this stage (repeatable): it is recomputed, what it reads comes from the cache.")
 @click.option("--from", "first", type=StageName(), default=None,
@@ -432,7 +442,8 @@ def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...]
 
 
 @cli.command()
-@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", help="The study config.")
+@click.option("--config", default=DEFAULT_CONFIG, metavar="PATH", callback=_default_config,
+              help="The study config (outside a checkout the default is the shipped one).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets,
               help="Override a config value, as `run --set` does (repeatable): the entries of that run.")
 @click.pass_obj

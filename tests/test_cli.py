@@ -319,3 +319,11 @@ def test_a_run_that_never_reached_significance_has_no_results(prefect_harness, p
     (project / "data" / "significance").rename(project / "significance.moved")  # and the entry too
     assert cli.main(["export", full]) == 2
     assert f"rerun it: metapeft run --config {config}" in capsys.readouterr().err
+
+
+def test_the_default_config_outside_a_checkout_is_the_shipped_quick_study(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)  # no configs/ here
+    assert cli.main(["run", "--dry-run"]) == 0
+    assert "dry run: 9 to compute" in capsys.readouterr().out
+    assert cli.main(["run", "--dry-run", "--config", "configs/other.yaml"]) == 2  # a named file is not replaced
+    assert "configs/other.yaml: config file not found" in capsys.readouterr().err
