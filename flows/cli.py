@@ -476,6 +476,13 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     return 0
 
 
+def _shown_input(inputs: dict[str, str]):
+    """name -> how to show an input file `input_content` names relative to the inputs' common folder: as it is,
+    or as an absolute path when that folder is the file system's root (inputs in unrelated places)."""
+    base = Path(os.path.commonpath([str(Path(p).parent) for p in inputs])) if inputs else None
+    return lambda name: str(base / name) if base is not None and base == Path(base.anchor) else name
+
+
 def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
     """'stale (...)' naming the input files (relative to their folder) that changed, were added or removed
     since the newest entry of the same stage built with the same settings, if there is one."""
@@ -487,8 +494,10 @@ def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
         inputs = (manifest or {}).get("meta", {}).get("inputs")
         if manifest and manifest["meta"].get("settings") == plan.settings_key(stage) and inputs:
             now, then = dict(input_content(plan.inputs)), dict(input_content(inputs))
-            changed = [f"{name} ({'added' if name not in then else 'changed'})" for name in sorted(now)
-                       if then.get(name) != now[name]] + [f"{name} (removed)" for name in sorted(set(then) - set(now))]
+            named = _shown_input(plan.inputs)
+            changed = [f"{named(name)} ({'added' if name not in then else 'changed'})" for name in sorted(now)
+                       if then.get(name) != now[name]] + [f"{named(name)} (removed)"
+                                                           for name in sorted(set(then) - set(now))]
             if changed:
                 shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
                 return f"stale (inputs changed since entry {manifest['key']}: {shown})"

@@ -327,3 +327,10 @@ def test_the_default_config_outside_a_checkout_is_the_shipped_quick_study(projec
     assert "dry run: 9 to compute" in capsys.readouterr().out
     assert cli.main(["run", "--dry-run", "--config", "configs/other.yaml"]) == 2  # a named file is not replaced
     assert "configs/other.yaml: config file not found" in capsys.readouterr().err
+
+
+def test_a_changed_input_is_named_relative_to_its_folder_or_absolute_when_inputs_share_none():
+    near = cli._shown_input({"/data/set/a.csv": "x", "/data/set/labels/b.txt": "y"})
+    assert near("labels/b.txt") == "labels/b.txt"
+    apart = cli._shown_input({"/data/set/a.csv": "x", "/tmp/episodes/test.csv": "y"})  # common folder: /
+    assert apart("tmp/episodes/test.csv") == "/tmp/episodes/test.csv"
