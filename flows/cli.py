@@ -626,7 +626,7 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
 
 
 RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", "ci_high", "confidence", "reference",
-                  "p_holm_vs_reference", "diverged")
+                  "p_holm_vs_reference", "diverged", "unfinished")
 
 
 def _results(root: Path, run_id: str):
@@ -662,9 +662,21 @@ def _results(root: Path, run_id: str):
             for r in tables["summary"].to_dict("records")]
     rows += [{"method": d["method"], "diverged": f"in {d['stage']}: {d['reason']}"}
              for d in tables[DIVERGED].to_dict("records")]
+    unfinished = _unfinished(_client(root).get_run(run_id).data.tags.get("metapeft.unfinished", ""))
+    rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
     table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
                                       reference=ref)
     return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)]
+
+
+def _unfinished(tag: str) -> dict[str, str]:
+    """method -> where a budget stopped its meta-training, from a run's metapeft.unfinished tag ("maml: meta-training
+    stopped ...; fomaml: ..."; with seeds, "maml/seed1: ..." notes join under their method)."""
+    notes: dict[str, list[str]] = {}
+    for item in filter(None, tag.split("; ")):
+        label, note = item.split(": ", 1)
+        notes.setdefault(label.split("/")[0], []).append(note if "/" not in label else f"{label}: {note}")
+    return {method: "; ".join(n) for method, n in notes.items()}
 
 
 def _logged_table(root: Path, run_id: str, path: str):

@@ -1,4 +1,5 @@
 """The whole pipeline under a temporary Prefect server and a temporary MLflow store."""
+import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,7 @@ def test_pipeline_runs_then_hits_the_cache(prefect_harness, project):
     assert misses(edited) == {"evaluate", "baselines", "significance"}
 
 
-def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(prefect_harness, project):
+def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(prefect_harness, project, capsys):
     """A wall-clock budget that stops meta-training before its iterations must not look like a finished run: the
     results text, the report page and the parent run (what `metapeft runs` shows) say where it stopped."""
     from flows.pipeline import meta_pipeline
@@ -87,6 +88,13 @@ def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(pref
         assert note in (project / "reports" / out["run_id"] / "report.html").read_text()
     assert next(line for line in out["results"].splitlines() if line.startswith("maml")).startswith("maml ~")
     assert not next(line for line in out["results"].splitlines() if line.startswith("scratch")).startswith("scratch ~")
+    from flows import cli
+
+    capsys.readouterr()
+    assert cli.main(["export", out["run_id"], "--format", "json"]) == 0
+    exported = {r["method"]: r["unfinished"] for r in json.loads(capsys.readouterr().out)}
+    assert exported["maml"].startswith("meta-training stopped by the time budget at iteration ")
+    assert exported["scratch"] == ""
 
     finished = meta_pipeline(config_path=write_config(project, name="tiny_done"))
     assert "~" not in finished["results"]
