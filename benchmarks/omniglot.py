@@ -528,7 +528,29 @@ def plot_curves(curves: dict[str, list[dict]], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def previous_curves(args) -> dict | None:
+    """With --add, the curves JSON already at the output (another session's runs), checked before any training:
+    the same settings (recipes aside), none of --algorithms in it. SystemExit naming the file otherwise."""
+    if not args.add:
+        return None
+    path = args.curves_out
+    if not path.is_file():
+        raise SystemExit(f"--add: {path} not found; run without --add first")
+    before = json.loads(path.read_text())
+    ours = {**settings(args), "points": args.points, "curve_episodes": args.curve_episodes}
+    theirs = {k: v for k, v in before["settings"].items() if k != "recipes"}
+    if differ := sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)):
+        raise SystemExit(f"--add: {path} was run with other settings: " +
+                         ", ".join(f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in differ))
+    if there := sorted(set(args.algorithms) & set(before["curves"])):
+        raise SystemExit(f"--add: {path} already has {there}; leave them out of --algorithms")
+    if before.get("smoke") != args.smoke:
+        raise SystemExit(f"--add: {path} is {'a smoke run' if before.get('smoke') else 'not a smoke run'}")
+    return before
+
+
 def curves_benchmark(args) -> None:
+    before = previous_curves(args)
     cached_table(args.data)  # decode the zips once, here, not in every worker
     machine, runs = machine_info(args), {}
     for algorithm in args.algorithms:
@@ -545,9 +567,21 @@ def curves_benchmark(args) -> None:
            "runs": {a: {k: v for k, v in r.items() if k not in ("snapshots", "algorithm")} for a, r in runs.items()}}
     for a, rows in curves.items():
         print(f"{a:<10} " + "  ".join(f"{r['seconds']:.0f}s/{r['iterations']}it {r['accuracy']:.1f}" for r in rows))
+    table = curve_table(runs)
+    for run in out["runs"].values():  # each run keeps the machine state it ran in (--add joins sessions)
+        run["machine"] = machine
+    if before is not None:
+        out = {**out, "settings": {**out["settings"], "recipes": {**before["settings"].get("recipes", {}),
+                                                                  **out["settings"]["recipes"]}},
+               "command": f"{before['command']} ; {out['command']}", "machine": before["machine"],
+               "curves": {**before["curves"], **curves},
+               "runs": {**{a: {"machine": before["machine"], **r} for a, r in before["runs"].items()},
+                        **out["runs"]}}
+        table = pd.concat([pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")), table],
+                          ignore_index=True)
     write_json_atomic(out, args.curves_out)
-    write_parquet_atomic(curve_table(runs), args.curves_out.with_suffix(".episodes.parquet"))
-    plot_curves(curves, title, args.curves_out.with_suffix(".png"))
+    write_parquet_atomic(table, args.curves_out.with_suffix(".episodes.parquet"))
+    plot_curves(out["curves"], title, args.curves_out.with_suffix(".png"))
     print(f"wrote {args.curves_out} and its .episodes.parquet and .png")
 
 
@@ -653,6 +687,8 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="2 iterations each, 20 test episodes: a < 1 min check; "
                    "with --curves: 0.2 min each, 3 points, 10 test episodes")
     p.add_argument("--curves", action="store_true", help="accuracy against training time, --points snapshots a run")
+    p.add_argument("--add", action="store_true", help="--curves: add these algorithms' curves to the JSON already "
+                   "at the output (run with the same settings, e.g. in an earlier session)")
     p.add_argument("--points", type=int, default=8, help="--curves: equally spaced snapshots of the budget")
     p.add_argument("--curve-episodes", type=int, default=200, help="--curves: the first of the --episodes test "
                    "episodes that every snapshot is tested on")
@@ -668,6 +704,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.data = args.data.resolve()
     args.algorithms = [a for a in args.algorithms.split(",") if a]
+    if args.add and not args.curves:
+        raise SystemExit("--add: only with --curves")
     if args.curves and args.max_iterations is not None and not args.worker:
         raise SystemExit("--max-iterations: not with --curves, whose points are times of the budget")
     args.max_iterations = 10**9 if args.max_iterations is None else args.max_iterations

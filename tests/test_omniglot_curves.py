@@ -126,3 +126,36 @@ def test_recipes_are_accepted_and_unknown_names_refused():
         omniglot.parse_args(["--curves", "--budget-minutes", "1", "--max-iterations", "2"])
     with pytest.raises(SystemExit, match="--curve-episodes"):
         omniglot.parse_args(["--curves", "--episodes", "20", "--curve-episodes", "50"])
+
+
+def test_add_joins_another_sessions_curves_and_refuses_other_settings(tmp_path, monkeypatch):
+    """--add: a second run's curves join the first's JSON and per-episode table; other settings or an algorithm
+    already there stop it before any training."""
+    import json
+
+    import pandas as pd
+
+    out = tmp_path / "curves.json"
+    monkeypatch.setattr(omniglot, "cached_table", lambda data: None)
+    monkeypatch.setattr(omniglot, "machine_info", lambda args: {"loadavg_start": (0.0, 0.0, 0.0)})
+
+    def fake_run(args, algorithm):
+        acc = [0.5 + i / 100 for i in range(10)]
+        return {"algorithm": algorithm, "iterations": 3, "loadavg_start": [0, 0, 0], "loadavg_end": [0, 0, 0],
+                "snapshots": [{"point_seconds": 6.0, "seconds": 6.1, "iterations": 3, "accuracy": acc}]}
+
+    monkeypatch.setattr(omniglot, "run_worker", fake_run)
+    first = omniglot.parse_args(["--curves", "--smoke", "--algorithms", "maml", "--out", str(out)])
+    omniglot.curves_benchmark(first)
+    second = omniglot.parse_args(["--curves", "--smoke", "--algorithms", "l2l_maml", "--out", str(out), "--add"])
+    omniglot.curves_benchmark(second)
+    data = json.loads(out.read_text())
+    assert set(data["curves"]) == set(data["runs"]) == {"maml", "l2l_maml"} and " ; " in data["command"]
+    assert set(pd.read_parquet(out.with_suffix(".episodes.parquet"))["method"]) == {"maml", "l2l_maml"}
+    for argv, said in ((["--algorithms", "maml"], "already has ['maml']"),
+                       (["--algorithms", "metasgd", "--seed", "1"], "other settings: seed 0 there, 1 here")):
+        with pytest.raises(SystemExit, match=said.replace("[", r"\[").replace("]", r"\]")):
+            omniglot.curves_benchmark(omniglot.parse_args(["--curves", "--smoke", "--out", str(out), "--add",
+                                                           *argv]))
+    with pytest.raises(SystemExit, match="only with --curves"):
+        omniglot.parse_args(["--smoke", "--add"])
