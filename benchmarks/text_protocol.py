@@ -54,6 +54,10 @@ FOREIGN = ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "METAPEFT_H
 # Each algorithm's grid, chosen on fold 01's meta-val loss (the same iterations for every candidate). Four
 # candidates for every algorithm with an inner loop; ProtoNet has none, so nothing to choose (its config values).
 INNER = {"inner_steps": (1, 3), "fast_lr": (0.1, 0.5)}
+# First-order methods whose head the zeroing trick (Kao et al., ICLR 2022: every task's head starts at zero) may
+# help: after the grid, the chosen values are trained once more with zero_head flipped from the config's, and the
+# lower meta-val loss decides (recorded in the JSON): the choice is measured, not assumed.
+ZEROING = ("fomaml",)
 GRIDS = {"maml": INNER, "fomaml": INNER, "protomaml": INNER, "metasgd": INNER,  # metasgd: the rates' start
          "anil_maml": {"inner_steps": (1, 3), "fast_lr": (0.5, 1.0)},  # the head alone adapts: larger steps
          "protonet": {}}
@@ -98,6 +102,16 @@ def choose_candidate(candidates: list[dict]) -> dict:
         raise RuntimeError(f"every grid candidate diverged: {[c['values'] for c in candidates]}")
     return min(finite, key=lambda c: (round(c["val_loss"], 9), c["values"].get("inner_steps", 0),
                                       c["values"].get("fast_lr", 0.0)))
+
+
+def zero_head_choice(chosen: dict, flipped: dict) -> dict:
+    """The grid's chosen candidate and the same values with zero_head flipped ({"values", "val_loss"} each): the
+    one with the lower meta-val loss (a tie keeps the grid's); the record says both losses and the choice."""
+    kept = choose_candidate([chosen, flipped]) if flipped["val_loss"] is not None else chosen
+    if kept is not chosen and kept["val_loss"] == chosen["val_loss"]:
+        kept = chosen
+    return {"values": kept["values"], "zero_head": bool(kept["values"]["zero_head"]),
+            "val_loss": {str(bool(c["values"]["zero_head"])).lower(): c["val_loss"] for c in (chosen, flipped)}}
 
 
 def best_meta_learner(summary: list[dict], methods: list[str]) -> str:
@@ -236,35 +250,45 @@ def run_grid(setting: Setting, methods: list[str], fold: str, common: dict, proj
     from flows.plan import make_plan, unready_upstream
 
     fold_set = {"family.split_dir": fold_dirs(load_config(setting.config, overrides_of(common)))[fold]}
+
+    def trained(algorithm: str, values: dict) -> dict:
+        """One candidate meta-trained (or found in the cache): its values, key, meta-val loss and costs."""
+        sets = common | fold_set | {"meta_train.algorithms": [algorithm]} \
+            | {f"meta_train.overrides.{algorithm}.{k}": v for k, v in values.items()}
+        cfg = load_config(setting.config, overrides_of(sets))
+        data = project / cfg.runtime.data_dir
+        plan, cache = make_plan(cfg, data / "inputs.json"), StageCache(data)
+        key, seconds = plan.algorithm_keys[algorithm], None
+        meta = (cache.manifest("meta_train", key) or {}).get("meta", {})
+        cached = cache.is_complete("meta_train", key) and meta.get("stop_reason") != "budget"
+        if not cached:
+            stage = ["--until" if unready_upstream(plan, cache, {"meta_train"}, cfg) else "--stage", "meta_train"]
+            seconds, _ = metapeft(["--config", setting.config, *set_args(sets), *stage], project,
+                                  project / "logs" / f"grid-{setting.dataset}-{setting.shot}-{key}.log")
+            ledger.record(f"meta_train/{key}", seconds)
+            meta = cache.manifest("meta_train", key)["meta"]
+        return {"values": values, "meta_train_key": key, "val_loss": val_loss(cache, key, meta),
+                "best_iteration": meta.get("best_iteration"), "stop_reason": meta.get("stop_reason"),
+                "iterations": meta.get("iterations_total"), "train_seconds": meta.get("seconds"),
+                "wall_seconds": seconds, "cached": cached,
+                "wall_seconds_when_computed": ledger.data.get(f"meta_train/{key}"),
+                "zero_head": bool(cfg.meta_train.for_algorithm(algorithm).get("zero_head", False))}
+
     out = {}
     for algorithm in methods:
-        candidates = []
-        for values in grid_candidates(algorithm)[:limit]:
-            sets = common | fold_set | {"meta_train.algorithms": [algorithm]} \
-                | {f"meta_train.overrides.{algorithm}.{k}": v for k, v in values.items()}
-            cfg = load_config(setting.config, overrides_of(sets))
-            data = project / cfg.runtime.data_dir
-            plan, cache = make_plan(cfg, data / "inputs.json"), StageCache(data)
-            key, seconds = plan.algorithm_keys[algorithm], None
-            meta = (cache.manifest("meta_train", key) or {}).get("meta", {})
-            cached = cache.is_complete("meta_train", key) and meta.get("stop_reason") != "budget"
-            if not cached:
-                stage = ["--until" if unready_upstream(plan, cache, {"meta_train"}, cfg) else "--stage", "meta_train"]
-                seconds, _ = metapeft(["--config", setting.config, *set_args(sets), *stage], project,
-                                      project / "logs" / f"grid-{setting.dataset}-{setting.shot}-{key}.log")
-                ledger.record(f"meta_train/{key}", seconds)
-                meta = cache.manifest("meta_train", key)["meta"]
-            candidates.append({"values": values, "meta_train_key": key, "val_loss": val_loss(cache, key, meta),
-                               "best_iteration": meta.get("best_iteration"), "stop_reason": meta.get("stop_reason"),
-                               "iterations": meta.get("iterations_total"), "train_seconds": meta.get("seconds"),
-                               "wall_seconds": seconds, "cached": cached,
-                               "wall_seconds_when_computed": ledger.data.get(f"meta_train/{key}")})
+        candidates = [trained(algorithm, values) for values in grid_candidates(algorithm)[:limit]]
         chosen = choose_candidate(candidates)
         out[algorithm] = {"candidates": candidates, "chosen": chosen["values"],
                           "rule": "lowest meta-val loss of the kept state; ties: fewer inner steps, then smaller rate"}
+        if algorithm in ZEROING:  # the zeroing trick, measured at the chosen values
+            flipped = trained(algorithm, {**chosen["values"], "zero_head": not chosen["zero_head"]})
+            choice = zero_head_choice({**chosen, "values": {**chosen["values"], "zero_head": chosen["zero_head"]}},
+                                      flipped)
+            out[algorithm] |= {"chosen": choice["values"], "zero_head": choice, "candidates": [*candidates, flipped]}
         print(f"  grid {setting.dataset} {setting.shot}-shot {algorithm}: "
-              + ", ".join(f"{c['values'] or 'config values'} -> {c['val_loss'] or 'diverged'}" for c in candidates)
-              + f"; chosen {chosen['values'] or 'config values'}", flush=True)
+              + ", ".join(f"{c['values'] or 'config values'} -> {c['val_loss'] or 'diverged'}"
+                          for c in out[algorithm]["candidates"])
+              + f"; chosen {out[algorithm]['chosen'] or 'config values'}", flush=True)
     return out
 
 
@@ -395,7 +419,7 @@ def estimate(results: list[dict], iterations: int | None = None, n_folds: int = 
     rate = {a: measured.get(a, max(measured.values())) for a in META_LEARNERS}
     episode = statistics.median(per_episode)
     iters = iterations or max(r["iterations"] for r in results)
-    grid = sum(len(grid_candidates(a)) * rate[a] for a in META_LEARNERS) * iters
+    grid = sum((len(grid_candidates(a)) + (a in ZEROING)) * rate[a] for a in META_LEARNERS) * iters
     fold_all = sum(rate.values()) * iters + episodes * episode * (1 + len(META_LEARNERS) / 3)
     fold_best = max(rate.values()) * iters + episodes * episode * (1 + 1 / 3)
     settings = len(DATASETS) * len(SHOTS)
@@ -442,15 +466,16 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--iterations", type=int, default=None, help="meta-iterations per unit  [default: the configs']")
     p.add_argument("--episodes", type=int, default=EPISODES, help="meta-test episodes per fold")
     p.add_argument("--threads", type=int, default=None, help="runtime.threads  [default: the configs']")
-    p.add_argument("--smoke", action="store_true", help="BANKING77 1-shot, fold 01, maml + protonet, 2 grid "
-                                                        "candidates, 2 iterations, 10 episodes, 1 thread")
+    p.add_argument("--smoke", action="store_true", help="BANKING77 1-shot, fold 01, fomaml (its zero_head check "
+                                                        "too) + protonet, 2 grid candidates, 2 iterations, 10 "
+                                                        "episodes, 1 thread")
     p.add_argument("--project", type=Path, default=None, help="METAPEFT_HOME  [default: data/text-protocol, "
                                                               "data/text-protocol-smoke with --smoke]")
     p.add_argument("--out", type=Path, default=None, help="[default: benchmarks/results/text-protocol.json, "
                                                           "text-protocol-smoke.json with --smoke]")
     args = p.parse_args(argv)
     if args.smoke:
-        args.datasets, args.shots, args.folds, args.methods = "banking77", "1", "01", "maml,protonet"
+        args.datasets, args.shots, args.folds, args.methods = "banking77", "1", "01", "fomaml,protonet"
         args.iterations, args.episodes, args.threads = args.iterations or 2, 10, args.threads or 1
         args.grid_limit, args.reduced = args.grid_limit or 2, True
     args.datasets, args.folds, args.methods = (v.split(",") for v in (args.datasets, args.folds, args.methods))

@@ -110,6 +110,17 @@ def test_the_grids_give_every_inner_loop_algorithm_the_same_budget():
     assert {"inner_steps": 3, "fast_lr": 0.1} in tp.grid_candidates("maml")
 
 
+def test_the_zeroing_trick_is_kept_only_where_it_lowers_the_meta_val_loss():
+    grid = {"values": {"inner_steps": 1, "fast_lr": 0.5, "zero_head": True}, "val_loss": 0.40}
+    off = {"values": {"inner_steps": 1, "fast_lr": 0.5, "zero_head": False}, "val_loss": 0.38}
+    choice = tp.zero_head_choice(grid, off)
+    assert choice["zero_head"] is False and choice["values"] == off["values"]
+    assert choice["val_loss"] == {"true": 0.40, "false": 0.38}
+    assert tp.zero_head_choice(grid, {**off, "val_loss": 0.40})["zero_head"] is True  # a tie keeps the grid's
+    assert tp.zero_head_choice(grid, {**off, "val_loss": None})["zero_head"] is True  # flipped diverged
+    assert set(tp.ZEROING) <= set(tp.META_LEARNERS)
+
+
 def test_the_lowest_meta_val_loss_wins_and_ties_go_to_the_cheaper_candidate():
     c = [{"values": {"inner_steps": 3, "fast_lr": 0.5}, "val_loss": 0.40},
          {"values": {"inner_steps": 1, "fast_lr": 0.5}, "val_loss": 0.35},
