@@ -261,7 +261,8 @@ def text_protocol(jsons: list[dict]) -> list[str]:
         setting = f"{PROTOCOL_DATASETS[r['dataset']]} {r['shot']}-shot"
         for row in r["rows"]:
             chosen = r["chosen"].get(row["method"])
-            grid = ("config values" if not chosen else ", ".join(f"{k} {v:g}" for k, v in chosen.items())) \
+            grid = ("config values" if not chosen else ", ".join(
+                f"{k} {str(v).lower() if isinstance(v, bool) else f'{v:g}'}" for k, v in chosen.items())) \
                 if row["method"] in r["chosen"] else "-"
             rows.append([setting, bold_if(label(PROTOCOL, row["method"]), row["method"] == r["best_meta_learner"]),
                          protocol_accuracy(row), ", ".join(row["folds"]), grid])
