@@ -372,8 +372,10 @@ def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
 
 def _start_prefect_server():
     """Start Prefect's temporary server (about 5 s here, 9 s in a new project, where it creates its database) in
-    a thread now, so that its start overlaps what runs before the flow; returns the wait for it. Nothing to start when PREFECT_API_URL names a
-    server. A start that fails here is tried again, and reported, by the flow's own client."""
+    a thread now, so that its start overlaps what runs before the flow; returns the wait for it. Once this Prefect
+    version has set the project's database up, the server skips migrations and block registration
+    (`environment.temporary_server_settings`). Nothing to start when PREFECT_API_URL names a server. A start that
+    fails here is tried again, and reported, by the flow's own client."""
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():

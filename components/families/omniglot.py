@@ -53,7 +53,8 @@ class OmniglotTasks(ImageTasks):
 
     @staticmethod
     def row_index(images: pd.DataFrame, class_ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A split's rows: positions in images (R,), rotation in degrees (R,), label (R,) (`omniglot.class_row_index`)."""
+        """A split's rows: positions in images (R,), rotation in degrees (R,), label (R,)
+        (`omniglot.class_row_index`)."""
         return omniglot.class_row_index(images, class_ids)
 
     def input_files(self) -> tuple[Path, ...]:
