@@ -202,9 +202,12 @@ def fixed_episode_suites(episodes: pd.DataFrame, images: pd.DataFrame, family) -
     known = pd.MultiIndex.from_frame(rows[["episode", "label"]]).isin(
         pd.MultiIndex.from_frame(rows.loc[rows["support"], ["episode", "label"]]))
     rows["unknown_query"] = ~rows["support"] & ~known
-    rows["example"] = pd.Series(pixel_keys(images["pixels"]).to_numpy()).reindex(rows["row"].to_numpy()).to_numpy()
     images = images.assign(rotation=images["rotation"] if "rotation" in images else 0)
     rows["rotation"] = rows["rotation"] if "rotation" in rows else 0
+    # an example is its pixels at its rotation, as the sampled episodes' suite counts them: a drawing that looks the
+    # same turned by 180 degrees is still two examples at 0 and 180
+    examples = pixel_keys(images["pixels"]).to_numpy().astype(object) + "@" + images["rotation"].astype(str).to_numpy()
+    rows["example"] = pd.Series(examples).reindex(rows["row"].to_numpy()).to_numpy()
     named = images[["image", "rotation"]].reset_index(drop=True).reindex(rows["row"].to_numpy())
     rows["misplaced"] = ((named["image"].to_numpy() != rows["image"].to_numpy())
                          | (named["rotation"].to_numpy() != rows["rotation"].to_numpy()))

@@ -399,3 +399,26 @@ def test_a_malformed_file_is_one_line_from_every_command(root, tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "column 'role': 'train' at episode 'ep0'" in err[0]
     assert not (tmp_path / "mlruns").exists() and not (tmp_path / ".prefect").exists()
+
+
+def test_a_drawing_that_looks_the_same_turned_is_two_examples_at_two_rotations():
+    """The GX suite counts an example as its pixels at its rotation (as the sampled episodes' suite does): the same
+    pixels at 0 and 180 (a symmetric drawing) are two examples; the same image at the same rotation twice is one."""
+    import types
+
+    from flows.validation import fixed_episode_suites
+
+    family = types.SimpleNamespace(k_shot=1, n_way=2, image_size=2)
+    same = bytes([0, 255, 255, 0])
+    images = pd.DataFrame({"image": ["a.png", "a.png", "b.png"], "rotation": [0, 180, 0],
+                           "pixels": [same, same, bytes([255, 0, 0, 0])], "channels": 1, "size": 2})
+
+    def episode(rows):  # (label, slot, images row) per episode row
+        return pd.DataFrame([{"split": "meta_test", "episode": 0, "way": w, "slot": slot, "label": label,
+                              "image": images["image"][row], "rotation": images["rotation"][row], "row": row,
+                              "source_episode": "e0"} for w, (label, slot, row) in enumerate(rows)])
+
+    distinct = fixed_episode_suites(episode([("x", 0, 0), ("y", 0, 1), ("x", 1, 2)]), images, family)
+    assert distinct["fixed_episodes"][0]["n_distinct"].tolist() == [3]
+    repeated = fixed_episode_suites(episode([("x", 0, 0), ("y", 0, 2), ("x", 1, 0)]), images, family)
+    assert repeated["fixed_episodes"][0]["n_distinct"].tolist() == [2]
