@@ -88,9 +88,10 @@ def check_test_episodes(section: EpisodeSection) -> None:
     if Path(section.test_episodes).suffix.lower() not in READERS:
         raise ValueError(f"test_episodes: a fixed episode file is {' or '.join(READERS)}, got "
                          f"{section.test_episodes!r}")
-    if "n_test_episodes" in section.model_fields_set:
-        raise ValueError("n_test_episodes: read only without test_episodes (the file's episodes are the meta-test "
-                         "episodes)")
+    default = type(section).model_fields["n_test_episodes"].default
+    if "n_test_episodes" in section.model_fields_set and section.n_test_episodes != default:
+        raise ValueError(f"n_test_episodes: read only without test_episodes (the file's episodes are the meta-test "
+                         f"episodes); leave it out or at its default {default}")
 
 
 class OmniglotSection(EpisodeSection):

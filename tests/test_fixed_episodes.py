@@ -292,6 +292,11 @@ def test_config_checks_the_extension_and_n_test_episodes(root, tmp_path):
                     "model: {kind: conv4}\n")
     with pytest.raises(ConfigError, match="family.n_test_episodes: read only without test_episodes"):
         load_config(path)
+    from flows.versions import ROOT
+
+    shipped = load_config(ROOT / "configs" / "omniglot-5w1s.yaml", {"family": {"test_episodes": "e.csv"}})
+    assert shipped.family.test_episodes == "e.csv"  # its n_test_episodes is the default: --set works on it
+    assert type(shipped).model_validate(shipped.model_dump(mode="json")) == shipped  # a stored config.json
     path.write_text(f"family: {{kind: omniglot, path: {root}, test_episodes: e.csv}}\nmodel: {{kind: conv4}}\n"
                     "transfer: {n_groups: 3}\n")
     with pytest.raises(ConfigError, match="family.test_episodes: the transfer study"):
