@@ -655,6 +655,7 @@ def _results(root: Path, run_id: str):
         if not cache.is_complete("significance", key):
             raise LookupError(f"MLflow run {run_id}: its significance artifacts are gone, and so is cache entry "
                               f"significance/{key}; rerun it: {_rerun(root, run_id)}")
+        _require_own_entry(root, run_id, cache, key)
         click.echo(f"MLflow run {run_id}: its significance artifacts are gone; results from cache entry "
                    f"significance/{key}", err=True)
         tables = {name: cache.read_table("significance", key, name) for name in ("summary", "comparisons", DIVERGED)}
@@ -713,6 +714,19 @@ def _require_significance(root: Path, run_id: str, cache, key: str) -> None:
         return
     raise LookupError(f"MLflow run {run_id} did not run the significance stage: it has no results; `metapeft runs` "
                       f"lists the runs that have")
+
+
+def _require_own_entry(root: Path, run_id: str, cache, key: str) -> None:
+    """LookupError unless the significance entry now cached under key holds run_id's results: computed by it, or
+    the entry it took from the cache (tag metapeft.results_parent). A later run rewrites an entry under the same
+    key when what it reads was rewritten (a meta-training continued with --budget-minutes)."""
+    computed_by = ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id")
+    tags = _client(root).get_run(run_id).data.tags
+    if computed_by is None or computed_by in (run_id, tags.get("metapeft.results_parent")):
+        return
+    raise LookupError(f"MLflow run {run_id}: cache entry significance/{key} now holds the results of run "
+                      f"{computed_by}, computed after it (e.g. a meta-training continued with --budget-minutes); "
+                      f"this run's own report is the report.html logged to it (reports/{run_id}/report.html)")
 
 
 def _rerun(root: Path, run_id: str) -> str:
@@ -790,6 +804,7 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
     if run_id:  # the entry of its key may be another run's
         try:
             _require_significance(root, run_id, cache, keys["significance"])
+            _require_own_entry(root, run_id, cache, keys["significance"])
         except LookupError as e:
             return fail(str(e), 2)
     if not cache.is_complete("significance", keys["significance"]):

@@ -92,9 +92,20 @@ def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(pref
 
     capsys.readouterr()
     assert cli.main(["export", out["run_id"], "--format", "json"]) == 0
-    exported = {r["method"]: r["unfinished"] for r in json.loads(capsys.readouterr().out)}
+    before = json.loads(capsys.readouterr().out)
+    exported = {r["method"]: r["unfinished"] for r in before}
     assert exported["maml"].startswith("meta-training stopped by the time budget at iteration ")
     assert exported["scratch"] == ""
+
+    going_on = meta_pipeline(config_path=config)  # a rerun continues the training: entries rewritten, same keys
+    assert going_on["keys"] == out["keys"] and {"meta_train", "significance"} <= misses(going_on)
+    capsys.readouterr()
+    assert cli.main(["report", out["run_id"]]) == 2  # the cache now holds the later run's results
+    assert f"now holds the results of run {going_on['run_id']}" in capsys.readouterr().err
+    assert cli.main(["report", going_on["run_id"]]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", out["run_id"], "--format", "json"]) == 0  # its own logged tables, still its own
+    assert json.loads(capsys.readouterr().out) == before
 
     finished = meta_pipeline(config_path=write_config(project, name="tiny_done"))
     assert "~" not in finished["results"]
