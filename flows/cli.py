@@ -581,6 +581,10 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
         scored = all(method in t.index and not t.loc[method, "diverged"] for t in (a, b))
         diff = f"{b.loc[method, 'mean'] - a.loc[method, 'mean']:+.4g}" if scored else "-"
         click.echo(f"{method:<20} {cells[0]:>28} {cells[1]:>28} {diff:>10}")
+    for name, t in (("A", a), ("B", b)):  # ~: training a time budget stopped short
+        for method, note in t["unfinished"].items():
+            if note:
+                click.echo(f"~ {name} {method}: {note}")
     if differ := _setting_differences(root, run_a, run_b):
         click.echo("settings that differ (A -> B): " + "; ".join(differ))
     return 0
@@ -599,7 +603,7 @@ def _setting_differences(root: Path, run_a: str, run_b: str) -> list[str]:
 def _score(row) -> str:
     if row["diverged"]:
         return "DIVERGED"
-    return f"{row['mean']:.4g} [{row['ci_low']:.4g}, {row['ci_high']:.4g}]"
+    return f"{row['mean']:.4g} [{row['ci_low']:.4g}, {row['ci_high']:.4g}]{' ~' if row['unfinished'] else ''}"
 
 
 @cli.command()

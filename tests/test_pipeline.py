@@ -100,6 +100,11 @@ def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(pref
     going_on = meta_pipeline(config_path=config)  # a rerun continues the training: entries rewritten, same keys
     assert going_on["keys"] == out["keys"] and {"meta_train", "significance"} <= misses(going_on)
     capsys.readouterr()
+    assert cli.main(["compare", out["run_id"], going_on["run_id"]]) == 0
+    compared = capsys.readouterr().out
+    assert "~ A maml: meta-training stopped by the time budget" in compared
+    assert "~ B maml: meta-training stopped by the time budget" in compared
+    assert next(line for line in compared.splitlines() if line.startswith("maml ")).count(" ~") == 2
     assert cli.main(["report", out["run_id"]]) == 2  # the cache now holds the later run's results
     assert f"now holds the results of run {going_on['run_id']}" in capsys.readouterr().err
     assert cli.main(["report", going_on["run_id"]]) == 0
