@@ -154,7 +154,7 @@ def _check_sets(ctx, param, items: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", callback=_check_sets,
               help="Override a config value (repeatable); KEY is dotted (seed, meta_train.iterations, "
                    "family.n_tasks.meta_train); VALUE is YAML: 10, 0.5, true, '[maml, reptile]'.")
-@click.option("--budget-minutes", type=float, default=None, metavar="M",
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True), default=None, metavar="M",
               help="Stop each algorithm's meta-training after M minutes; a rerun goes on from the checkpoint.  "
                    "[default: meta_train.budget_minutes]")
 @click.option("--dry-run", is_flag=True,
@@ -610,7 +610,7 @@ def _score(row) -> str:
 @click.argument("run_id", metavar="RUN")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", help="The file format.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write it to this file.  [default: standard output]")
+              help="Write it to this file (- : standard output).  [default: standard output]")
 @click.pass_obj
 def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
     """A run's results table, as CSV or JSON.
@@ -623,7 +623,7 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
         return fail(str(e), 2)
     text = table.to_csv(index=False) if fmt == "csv" else \
         table.to_json(orient="records", indent=2, double_precision=15) + "\n"
-    if out is None:
+    if out is None or str(out) == "-":
         click.echo(text, nl=False)
     else:
         out.write_text(text)

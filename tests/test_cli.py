@@ -232,7 +232,10 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert settings == "settings that differ (A -> B): significance.confidence: 0.95 -> 0.9"
 
     assert cli.main(["export", second]) == 0
-    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    csv_text = capsys.readouterr().out
+    assert cli.main(["export", second, "--out", "-"]) == 0 and capsys.readouterr().out == csv_text
+    assert not (Path.cwd() / "-").exists()
+    table = pd.read_csv(io.StringIO(csv_text))
     assert list(table.columns) == list(cli.RESULT_COLUMNS) and set(table["method"]) == set(rows)
     assert (table["confidence"] == 0.9).all() and (table["reference"] == "scratch").all()
     assert table.set_index("method")["p_holm_vs_reference"].isna().to_dict() == {
@@ -334,3 +337,8 @@ def test_a_changed_input_is_named_relative_to_its_folder_or_absolute_when_inputs
     assert near("labels/b.txt") == "labels/b.txt"
     apart = cli._shown_input({"/data/set/a.csv": "x", "/tmp/episodes/test.csv": "y"})  # common folder: /
     assert apart("tmp/episodes/test.csv") == "/tmp/episodes/test.csv"
+
+
+def test_a_budget_that_is_not_positive_is_refused_naming_the_option(capsys):
+    assert cli.main(["run", "--dry-run", "--budget-minutes", "0"]) == 2
+    assert "Invalid value for '--budget-minutes'" in capsys.readouterr().err
