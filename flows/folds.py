@@ -33,6 +33,7 @@ from flows.config import StudyConfig, fold_overrides, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.pipeline import config_hash, meta_pipeline  # noqa: E402
 from flows.plan import Plan, make_plan  # noqa: E402
+from flows.report import unfinished_training  # noqa: E402
 from flows.tracking import PARENT_TAG, Tracker  # noqa: E402
 from flows.versions import code_version  # noqa: E402
 
@@ -135,8 +136,16 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
                 raise RuntimeError(f"fold {fold}: the pipeline ran under other keys than planned (a file changed "
                                    "while the study ran?); run it again")
             tracker.set_tags(outs[fold]["run_id"], {PARENT_TAG: parent, "metapeft.fold": fold})
-        path = summarize(cfg, StageCache(root / cfg.runtime.data_dir), plans)
-        text = (path / SUMMARY_TEXT).read_text()
+        cache = StageCache(root / cfg.runtime.data_dir)
+        path = summarize(cfg, cache, plans)
+        text = (path / SUMMARY_TEXT).read_text().rstrip("\n")
+        unfinished = {f"fold {fold} {label}": note for fold, changes in fold_overrides(cfg, overrides).items()
+                      for label, note in unfinished_training(cache, load_config(config_path, changes),
+                                                             plans[fold].algorithm_keys).items()}
+        if unfinished:  # the means over folds include training a time budget stopped short: say where
+            text += "".join(f"\n~ {k}: {v}; --budget-minutes N goes on from its checkpoint"
+                            for k, v in unfinished.items())
+            tracker.set_tags(parent, {"metapeft.unfinished": "; ".join(f"{k}: {v}" for k, v in unfinished.items())})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
         status = "FINISHED"
     except KeyboardInterrupt:

@@ -466,3 +466,9 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     second = fold_study(config_path=str(path))
     assert all(all(out["hits"].values()) for out in second["folds"].values())
     assert second["results"] == first["results"] and second["key"] == first["key"]
+    assert "~ fold" not in first["results"] and "metapeft.unfinished" not in study.data.tags
+
+    short = fold_study(config_path=str(path), overrides={"meta_train": {"iterations": 10**6, "budget_minutes": 1e-4}})
+    for fold in ("01", "02"):  # the means over folds hold training a budget stopped short: the study says where
+        assert f"~ fold {fold} maml: meta-training stopped by the time budget at iteration " in short["results"]
+    assert "fold 02 protonet: meta-training stopped" in client.get_run(short["run_id"]).data.tags["metapeft.unfinished"]
