@@ -11,6 +11,9 @@ import pandas as pd
 from components.significance import verdict_p
 
 
+TIE = 1e-6  # relative: means closer than this differ by float32 rounding (one query of 75,000 is 1.3e-5)
+
+
 @dataclass(frozen=True)
 class Gap:
     """best - other on the paired meta-test episodes: mean difference, its CI and the Holm-adjusted t-test p."""
@@ -55,9 +58,18 @@ class Answer:
             out["metapeft.best_meta_learner"] = self.meta_learner.other
         return out
 
+    def tied(self, gap: Gap | None) -> bool:
+        """Whether gap's means differ by rounding only (two methods with the same scores, e.g. the same predictions
+        from the same frozen features): then neither is best."""
+        return gap is not None and abs(gap.diff) <= TIE * max(1.0, abs(self.mean))
+
+    def leader(self) -> str:
+        """'maml is best', or 'protonet and linear_head tie' when the runner-up differs by rounding only."""
+        return f"{self.best} and {self.runner_up.other} tie" if self.tied(self.runner_up) else f"{self.best} is best"
+
     def sentence(self) -> str:
         level = f"{self.confidence:.0%}"
-        text = f"{self.best} is best: meta-test {self.metric} {self.mean:.4g} ({level} CI {self.ci_low:.4g} to " \
+        text = f"{self.leader()}: meta-test {self.metric} {self.mean:.4g} ({level} CI {self.ci_low:.4g} to " \
                f"{self.ci_high:.4g})."
         for what, gap in self.gaps():
             sure = "significant" if gap.p_holm < self.alpha else "not significant"

@@ -55,7 +55,7 @@ def publish_results(study: str, summary: pd.DataFrame, answer: Answer | None, te
     table = summary.reset_index().round(6).to_dict("records")
     create_table_artifact(table, key=artifact_key(study, "results"),
                           description=f"{study}: meta-test score per method (MLflow run {mlflow_run})")
-    title = f"{answer.best} is best" if answer else "no method finished"
+    title = answer.leader() if answer else "no method finished"
     verdict = answer.sentence() if answer else "Every method diverged: see the table below."
     create_markdown_artifact(f"# {study}: {title}\n\n{verdict}\n\n```\n{text}\n```\n\nMLflow run: `{mlflow_run}`\n",
                              key=artifact_key(study, "verdict"), description=f"{study}: the verdict")

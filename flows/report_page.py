@@ -159,7 +159,9 @@ def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.Data
     if answer is None:
         return f"<p class='verdict'>No method finished: every method diverged ({_e(gone)}).</p>"
     level = f"{answer.confidence:.0%}"
-    text = (f"<b>{_e(answer.best)}</b> scores best: meta-test {_e(answer.metric)} {_num(answer.mean)} "
+    lead = f"<b>{_e(answer.best)}</b> scores best" if not answer.tied(answer.runner_up) else \
+        f"<b>{_e(answer.best)}</b> and <b>{_e(answer.runner_up.other)}</b> tie (their means differ by rounding only)"
+    text = (f"{lead}: meta-test {_e(answer.metric)} {_num(answer.mean)} "
             f"({level} CI {_num(answer.ci_low)} to {_num(answer.ci_high)}) over {n_episodes} meta-test episodes"
             f" ({'lower' if lower_is_better else 'higher'} is better).")
     for what, gap in answer.gaps():

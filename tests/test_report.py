@@ -42,6 +42,17 @@ def test_verdict_names_the_best_method_and_its_gaps_with_ci_and_p_at_the_configu
     assert "Diverged, with no score: metasgd (meta_train)." in text
 
 
+def test_means_that_differ_by_rounding_only_are_a_tie_not_a_best_method():
+    """Two frozen-feature baselines with the same predictions differ by ~1e-9 (float sums): neither is best."""
+    comparisons = COMPARISONS.copy()
+    comparisons.loc[0, ["mean_diff", "ci_low", "ci_high", "p_ttest_holm", "p_wilcoxon_holm"]] = [4.967e-9, 0, 1e-8, 1, 1]
+    summary = SUMMARY.assign(mean=[0.80 + 4.967e-9, 0.80, 0.70, 0.50])
+    answer = study_answer(summary, comparisons, "accuracy", {"maml", "fomaml"}, 0.95, 0.01)
+    assert answer.sentence().startswith("maml and fomaml tie: meta-test accuracy 0.8")
+    assert "<b>maml</b> and <b>fomaml</b> tie" in report_page.verdict_html(answer, False, DIVERGED, 50)
+    assert study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml"}, 0.95, 0.01).sentence().startswith("maml is best")
+
+
 def test_verdict_when_a_baseline_is_best_names_the_best_meta_learner():
     summary = SUMMARY.loc[["pretrain_finetune", "scratch"]]
     comparisons = COMPARISONS[COMPARISONS.method_a == "pretrain_finetune"].query("method_b == 'scratch'")
