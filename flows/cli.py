@@ -462,6 +462,8 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     except ConfigError as e:
         return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
     try:
+        if cfg.transfer is not None:
+            return _transfer_stages(cfg, root)
         plan, cache = _plan(cfg, root)
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
@@ -475,6 +477,21 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
                 meta = cache.manifest(written, key)["meta"]
                 state = f"cached, unfinished (budget at iteration {meta.get('iterations_total')}; a rerun continues)"
             click.echo(f"{name:<28} {key}  {state}")
+    return 0
+
+
+def _transfer_stages(cfg, root: Path) -> int:
+    """`stages` of a transfer study: its own entries (`flows.transfer_stages.STAGES`, one meta-training per source
+    group and the pooled one), cached or missing."""
+    from flows.cache import StageCache
+    from flows.transfer_stages import STAGES, make_transfer_plan
+
+    plan, cache = make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    for stage in ("prefix", *STAGES) if "prefix" in plan.keys else STAGES:
+        entries = {f"{stage}[{s}]": k for s, k in plan.source_keys.items()} if stage == "transfer_train" else \
+            {stage: plan.keys[stage]}
+        for name, key in entries.items():
+            click.echo(f"{name:<28} {key}  {'cached' if cache.is_complete(stage, key) else 'missing'}")
     return 0
 
 

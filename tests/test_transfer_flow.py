@@ -1,4 +1,6 @@
 """The transfer study end to end: a tiny Omniglot study under the temporary Prefect server and MLflow store."""
+import contextlib
+import io
 from pathlib import Path
 
 import pandas as pd
@@ -62,6 +64,15 @@ def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
     second = transfer_study(config_path=str(path))
     assert second["hits"] and all(second["hits"].values())
     assert second["results"] == first["results"]
+    from flows import cli
+
+    with contextlib.redirect_stdout(io.StringIO()) as shown:  # `stages` lists the transfer study's own entries
+        assert cli.main(["stages", "--config", str(path)]) == 0
+    listed = dict(line.split(None, 1) for line in shown.getvalue().splitlines())
+    assert {name.split("[")[0] for name in listed} == {"transfer_sets", "transfer_train", "transfer_matrix",
+                                                       "transfer_embeddings", "transfer_encoder",
+                                                       "transfer_correlation", "nearest_task"}
+    assert all(state.endswith("cached") for state in listed.values()) and "transfer_train[pooled]" in listed
     again = cache.read_table("transfer_correlation", second["keys"]["transfer_correlation"], "rho")
     pd.testing.assert_frame_equal(again, rho)
 
