@@ -461,6 +461,7 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     study = client.get_run(first["run_id"])
     assert study.data.tags["metapeft.kind"] == "fold_study" and "protonet.meta_test_accuracy_ci95" in study.data.metrics
+    assert {m.name for m in client.search_registered_models()} >= {"folds-tiny-fold01-maml", "folds-tiny-fold02-maml"}
     fold_run = client.get_run(first["folds"]["02"]["run_id"])
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
     second = fold_study(config_path=str(path))
