@@ -28,6 +28,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from components.significance import compare_folds, verdict_p  # noqa: E402
+from flows.answer import study_answer  # noqa: E402
 from flows.cache import DIVERGED, RESULTS, SUMMARY_TEXT, StageCache, content_key, write_table  # noqa: E402
 from flows.config import StudyConfig, fold_overrides, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
@@ -147,6 +148,13 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
                             for k, v in unfinished.items())
             tracker.set_tags(parent, {"metapeft.unfinished": "; ".join(f"{k}: {v}" for k, v in unfinished.items())})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
+        summary = pd.read_parquet(path / "summary.parquet").set_index("method")
+        answer = study_answer(summary, pd.read_parquet(path / "comparisons.parquet"),
+                              plans[cfg.folds[0]].family.metric, set(cfg.meta_train.algorithms),
+                              cfg.significance.confidence, cfg.significance.alpha)
+        if answer is not None:  # `metapeft runs` shows the study's answer: means over folds, pooled-episode tests
+            tracker.log_metrics(parent, answer.metrics())
+            tracker.set_tags(parent, answer.tags())
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -461,6 +461,9 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     client = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     study = client.get_run(first["run_id"])
     assert study.data.tags["metapeft.kind"] == "fold_study" and "protonet.meta_test_accuracy_ci95" in study.data.metrics
+    assert study.data.tags["metapeft.best_method"] == lines[1].split()[0]  # the answer `metapeft runs` shows
+    assert study.data.tags["metapeft.verdict"].startswith(lines[1].split()[0]) and \
+        "best_meta_test_accuracy" in study.data.metrics
     assert {m.name for m in client.search_registered_models()} >= {"folds-tiny-fold01-maml", "folds-tiny-fold02-maml"}
     fold_run = client.get_run(first["folds"]["02"]["run_id"])
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
