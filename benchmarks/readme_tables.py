@@ -437,7 +437,7 @@ def overhead(jsons: list[dict]) -> list[str]:
 TABLES = {
     "overhead": Table(("overhead.json",), "benchmarks/overhead.py", overhead),
     "omniglot-accuracy": Table(("omniglot-5w1s.json",), "benchmarks/omniglot.py", omniglot),
-    "omniglot-curves": Table(("omniglot-curves-5w1s-smoke.json",), "benchmarks/omniglot.py", omniglot_curves),
+    "omniglot-curves": Table(("omniglot-curves-5w1s.json",), "benchmarks/omniglot.py", omniglot_curves),
     "omniglot-throughput": Table(("omniglot-throughput-5w1s.json",), "benchmarks/omniglot.py", omniglot_throughput),
     "quick": Table(("quick.json",), "benchmarks/quick.py", quick),
     "text-lora-1shot": Table(("text-lora-clinc150.json", "text-lora-banking77.json"), "benchmarks/text_lora.py",
