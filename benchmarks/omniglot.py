@@ -446,6 +446,14 @@ def run_worker(args, worker: str, extra: list[str] = ()) -> dict:
         return json.loads(out.read_text())
 
 
+def git_state() -> dict | None:
+    """{"commit", "dirty"} of this checkout (the README's provenance line), None outside a git checkout."""
+    from flows.tracking import code_commit
+
+    found = code_commit()
+    return {"commit": found[0], "dirty": found[1]} if found else None
+
+
 def machine_info(args) -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "threads": args.threads, "cpu_count": os.cpu_count(), "allocator": args.allocator,
@@ -563,17 +571,18 @@ def curves_benchmark(args) -> None:
     out = {"settings": {**settings(args), "points": args.points, "curve_episodes": args.curve_episodes,
                         "recipes": {a: RECIPES[a] for a in args.algorithms if a in RECIPES}},
            "smoke": args.smoke, "command": shlex.join(["python", "benchmarks/omniglot.py", *sys.argv[1:]]),
-           "machine": machine, "curves": curves,
+           "git": git_state(), "machine": machine, "curves": curves,
            "runs": {a: {k: v for k, v in r.items() if k not in ("snapshots", "algorithm")} for a, r in runs.items()}}
     for a, rows in curves.items():
         print(f"{a:<10} " + "  ".join(f"{r['seconds']:.0f}s/{r['iterations']}it {r['accuracy']:.1f}" for r in rows))
     table = curve_table(runs)
-    for run in out["runs"].values():  # each run keeps the machine state it ran in (--add joins sessions)
-        run["machine"] = machine
+    for run in out["runs"].values():  # each run keeps the machine state and code it ran with (--add joins sessions)
+        run["machine"], run["git"] = machine, out["git"]
     if before is not None:
         out = {**out, "settings": {**out["settings"], "recipes": {**before["settings"].get("recipes", {}),
                                                                   **out["settings"]["recipes"]}},
                "command": f"{before['command']} ; {out['command']}", "machine": before["machine"],
+               "git": before.get("git"),  # the first session's (each run's machine state is in its runs entry)
                "curves": {**before["curves"], **curves},
                "runs": {**{a: {"machine": before["machine"], **r} for a, r in before["runs"].items()},
                         **out["runs"]}}

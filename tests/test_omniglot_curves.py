@@ -151,6 +151,7 @@ def test_add_joins_another_sessions_curves_and_refuses_other_settings(tmp_path, 
     omniglot.curves_benchmark(second)
     data = json.loads(out.read_text())
     assert set(data["curves"]) == set(data["runs"]) == {"maml", "l2l_maml"} and " ; " in data["command"]
+    assert len(data["git"]["commit"]) == 40 and all(len(r["git"]["commit"]) == 40 for r in data["runs"].values())
     assert set(pd.read_parquet(out.with_suffix(".episodes.parquet"))["method"]) == {"maml", "l2l_maml"}
     for argv, said in ((["--algorithms", "maml"], "already has ['maml']"),
                        (["--algorithms", "metasgd", "--seed", "1"], "other settings: seed 0 there, 1 here")):
