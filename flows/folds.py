@@ -34,7 +34,7 @@ from flows.config import StudyConfig, fold_overrides, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.pipeline import config_hash, meta_pipeline  # noqa: E402
 from flows.plan import Plan, make_plan  # noqa: E402
-from flows.report import unfinished_training  # noqa: E402
+from flows.report import unfinished_lines, unfinished_tag, unfinished_training  # noqa: E402
 from flows.tracking import PARENT_TAG, Tracker  # noqa: E402
 from flows.versions import code_version  # noqa: E402
 
@@ -144,9 +144,8 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
                       for label, note in unfinished_training(cache, load_config(config_path, changes),
                                                              plans[fold].algorithm_keys).items()}
         if unfinished:  # the means over folds include training a time budget stopped short: say where
-            text += "".join(f"\n~ {k}: {v}; --budget-minutes N goes on from its checkpoint"
-                            for k, v in unfinished.items())
-            tracker.set_tags(parent, {"metapeft.unfinished": "; ".join(f"{k}: {v}" for k, v in unfinished.items())})
+            text = "\n".join([text, *unfinished_lines(unfinished)])
+            tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(unfinished)})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
         summary = pd.read_parquet(path / "summary.parquet").set_index("method")
         answer = study_answer(summary, pd.read_parquet(path / "comparisons.parquet"),

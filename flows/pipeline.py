@@ -485,8 +485,7 @@ def significance(run: Run) -> str:
                                run.cfg.significance.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"),
                                unfinished)
     if unfinished:  # `metapeft runs` shows it under the verdict
-        run.tracker.set_tags(run.parent_id, {"metapeft.unfinished": "; ".join(f"{k}: {v}"
-                                                                           for k, v in unfinished.items())})
+        run.tracker.set_tags(run.parent_id, {"metapeft.unfinished": report.unfinished_tag(unfinished)})
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet",
                  f"{DIVERGED}.parquet"):

@@ -146,6 +146,16 @@ def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[s
     return notes
 
 
+def unfinished_lines(unfinished: Mapping[str, str]) -> list[str]:
+    """The lines under a results table for `unfinished_training`'s notes (any labels, e.g. "fold 01 maml")."""
+    return [f"~ {label}: {note}; --budget-minutes N goes on from its checkpoint" for label, note in unfinished.items()]
+
+
+def unfinished_tag(unfinished: Mapping[str, str]) -> str:
+    """The notes as one MLflow tag value, "label: note; label: note" (`metapeft runs` shows it, export reads it)."""
+    return "; ".join(f"{label}: {note}" for label, note in unfinished.items())
+
+
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
                  alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None,
                  unfinished: Mapping[str, str] | None = None) -> str:
@@ -165,8 +175,7 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
         lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}")
     for row in ([] if diverged is None else diverged.to_dict("records")):
         lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
-    lines += [f"~ {label}: {note}; --budget-minutes N goes on from its checkpoint"
-              for label, note in (unfinished or {}).items()]
+    lines += unfinished_lines(unfinished or {})
     if "n" in summary and len(summary) and (n := int(summary["n"].min())) < FEW_EPISODES:
         lines.append(f"only {n} meta-test episodes: the t-intervals (which may pass the metric's range) and the "
                      f"p-values are rough; use {FEW_EPISODES} or more")
