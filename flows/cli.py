@@ -582,7 +582,7 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
 
     Each method's meta-test mean [CI] in run A and run B (pipeline runs, e.g. from `metapeft runs`), and B - A."""
     try:
-        a, b = _results(root, run_a), _results(root, run_b)
+        (a, cfg_a), (b, cfg_b) = _results(root, run_a), _results(root, run_b)
     except LookupError as e:
         return fail(str(e), 2)
     if a["metric"].iloc[0] != b["metric"].iloc[0]:
@@ -602,18 +602,16 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
         for method, note in t["unfinished"].items():
             if note:
                 click.echo(f"~ {name} {method}: {note}")
-    if differ := _setting_differences(root, run_a, run_b):
+    if differ := _setting_differences(cfg_a, cfg_b):
         click.echo("settings that differ (A -> B): " + "; ".join(differ))
     return 0
 
 
-def _setting_differences(root: Path, run_a: str, run_b: str) -> list[str]:
-    """'key: a -> b' for every config value the two runs ran with that differs (their stored configs)."""
+def _setting_differences(cfg_a, cfg_b) -> list[str]:
+    """'key: a -> b' for every config value that differs between two runs' configs (`_run_config`)."""
     from flows.tracking import flatten
 
-    client = _client(root)
-    a, b = (flatten(_run_config(client, r, client.get_run(r).data.tags).model_dump(mode="json"))
-            for r in (run_a, run_b))
+    a, b = (flatten(cfg.model_dump(mode="json")) for cfg in (cfg_a, cfg_b))
     return [f"{k}: {a.get(k, '-')} -> {b.get(k, '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -635,7 +633,7 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
     One row per method: the meta-test metric's mean and confidence interval, the Holm-adjusted paired t-test p
     against the family's reference method, or where the method diverged."""
     try:
-        table = _results(root, run_id)
+        table, _ = _results(root, run_id)
     except LookupError as e:
         return fail(str(e), 2)
     text = table.to_csv(index=False) if fmt == "csv" else \
@@ -653,7 +651,8 @@ RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", 
 
 
 def _results(root: Path, run_id: str):
-    """The run's results table (RESULT_COLUMNS; best method first, diverged ones last) from the significance
+    """(the run's results table, its config). The table (RESULT_COLUMNS; best method first, diverged ones last) from
+    the significance
     tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
     cache entry when those artifacts are gone. LookupError: no such run, or one that never reached the
     significance stage (its recorded key names an entry some other run computed)."""
@@ -665,18 +664,19 @@ def _results(root: Path, run_id: str):
     from flows.report import _pair_p
 
     try:
-        cfg, keys, _ = _run_keys(root, run_id, None)
+        cfg, keys, _, tags = _run_keys(root, run_id, None)
     except ConfigError as e:
         raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
     family, cache, key = family_for(cfg), StageCache(root / cfg.runtime.data_dir), keys["significance"]
-    tables = {name: _logged_table(root, run_id, f"significance/{name}.parquet")
+    client = _client(root)
+    tables = {name: _logged_table(client, run_id, f"significance/{name}.parquet")
               for name in ("summary", "comparisons", DIVERGED)}
     if tables["summary"] is None or tables["comparisons"] is None:  # never logged, or the artifacts are gone
-        _require_significance(root, run_id, cache, key)
+        _require_significance(client, run_id, tags, cache, key)
         if not cache.is_complete("significance", key):
             raise LookupError(f"MLflow run {run_id}: its significance artifacts are gone, and so is cache entry "
-                              f"significance/{key}; rerun it: {_rerun(root, run_id)}")
-        _require_own_entry(root, run_id, cache, key)
+                              f"significance/{key}; rerun it: {_rerun(tags)}")
+        _require_own_entry(run_id, tags, cache, key)
         click.echo(f"MLflow run {run_id}: its significance artifacts are gone; results from cache entry "
                    f"significance/{key}", err=True)
         tables = {name: cache.read_table("significance", key, name) for name in ("summary", "comparisons", DIVERGED)}
@@ -686,11 +686,11 @@ def _results(root: Path, run_id: str):
             for r in tables["summary"].to_dict("records")]
     rows += [{"method": d["method"], "diverged": f"in {d['stage']}: {d['reason']}"}
              for d in tables[DIVERGED].to_dict("records")]
-    unfinished = _unfinished(_client(root).get_run(run_id).data.tags.get("metapeft.unfinished", ""))
+    unfinished = _unfinished(tags.get("metapeft.unfinished", ""))
     rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
     table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
                                       reference=ref)
-    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)]
+    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg
 
 
 def _unfinished(tag: str) -> dict[str, str]:
@@ -703,7 +703,7 @@ def _unfinished(tag: str) -> dict[str, str]:
     return {method: "; ".join(n) for method, n in notes.items()}
 
 
-def _logged_table(root: Path, run_id: str, path: str):
+def _logged_table(client, run_id: str, path: str):
     """A Parquet table the run logged as an artifact; None when it has none there (an empty frame for the
     diverged table, which older runs did not log)."""
     import tempfile
@@ -712,37 +712,35 @@ def _logged_table(root: Path, run_id: str, path: str):
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            return pd.read_parquet(_client(root).download_artifacts(run_id, path, tmp))
+            return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
         except Exception:  # MlflowException, OSError: not logged, or the artifacts are gone
             return pd.DataFrame(columns=["method", "stage", "reason"]) if path.endswith("diverged.parquet") else None
 
 
-def _require_significance(root: Path, run_id: str, cache, key: str) -> None:
-    """LookupError unless run_id reached the significance stage: it logged the significance tables, took the
-    entry from the cache (tag metapeft.results_parent), logged the study's answer, or computed the entry (its
-    manifest names the run). A partial run (`--until task_sets`) still records every stage's key, and the entry
-    of that key may be another run's: its results are not this run's."""
-    client = _client(root)
-    run = client.get_run(run_id)
-    tags, metrics = run.data.tags, run.data.metrics
-    if {"metapeft.results_parent", "metapeft.best_method"} & set(tags) or \
-            any(k.startswith("best_meta_test_") for k in metrics):
+def _computed_by(cache, key: str) -> str | None:
+    """The MLflow run that computed the significance entry now cached under key (None: no entry, or an old one)."""
+    return ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id")
+
+
+def _require_significance(client, run_id: str, tags: dict, cache, key: str) -> None:
+    """LookupError unless run_id (tags: its tags) reached the significance stage: it took the entry from the cache
+    (tag metapeft.results_parent), logged the study's answer, logged the significance tables, or computed the
+    entry. A partial run (`--until task_sets`) still records every stage's key, and the entry of that key may be
+    another run's: its results are not this run's."""
+    if {"metapeft.results_parent", "metapeft.best_method"} & set(tags) or _computed_by(cache, key) == run_id:
         return
     with contextlib.suppress(Exception):  # MlflowException, OSError: no artifacts there
         if any(f.path.endswith("summary.parquet") for f in client.list_artifacts(run_id, "significance")):
             return
-    if ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id") == run_id:
-        return
     raise LookupError(f"MLflow run {run_id} did not run the significance stage: it has no results; `metapeft runs` "
                       f"lists the runs that have")
 
 
-def _require_own_entry(root: Path, run_id: str, cache, key: str) -> None:
+def _require_own_entry(run_id: str, tags: dict, cache, key: str) -> None:
     """LookupError unless the significance entry now cached under key holds run_id's results: computed by it, or
     the entry it took from the cache (tag metapeft.results_parent). A later run rewrites an entry under the same
     key when what it reads was rewritten (a meta-training continued with --budget-minutes)."""
-    computed_by = ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id")
-    tags = _client(root).get_run(run_id).data.tags
+    computed_by = _computed_by(cache, key)
     if computed_by is None or computed_by in (run_id, tags.get("metapeft.results_parent")):
         return
     raise LookupError(f"MLflow run {run_id}: cache entry significance/{key} now holds the results of run "
@@ -750,13 +748,12 @@ def _require_own_entry(root: Path, run_id: str, cache, key: str) -> None:
                       f"this run's own report is the report.html logged to it (reports/{run_id}/report.html)")
 
 
-def _rerun(root: Path, run_id: str) -> str:
-    """The command that reruns run_id: its config file (tag metapeft.config) and its --set overrides."""
+def _rerun(tags: dict) -> str:
+    """The command that reruns a run (tags: its tags): its config file (tag metapeft.config), its --set overrides."""
     import json
 
     from flows.tracking import flatten
 
-    tags = _client(root).get_run(run_id).data.tags
     sets = flatten(json.loads(tags.get("metapeft.overrides", "null")) or {})
     return shlex.join(["metapeft", "run", "--config", tags["metapeft.config"],
                        *(a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}"))])
@@ -818,14 +815,14 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
     from flows.report_page import study_report
 
     try:
-        cfg, keys, algorithm_keys = _run_keys(root, run_id, config)
+        cfg, keys, algorithm_keys, tags = _run_keys(root, run_id, config)
     except (ConfigError, LookupError) as e:
         return fail(str(e), 2)
     cache = StageCache(root / cfg.runtime.data_dir)
     if run_id:  # the entry of its key may be another run's
         try:
-            _require_significance(root, run_id, cache, keys["significance"])
-            _require_own_entry(root, run_id, cache, keys["significance"])
+            _require_significance(_client(root), run_id, tags, cache, keys["significance"])
+            _require_own_entry(run_id, tags, cache, keys["significance"])
         except LookupError as e:
             return fail(str(e), 2)
     if not cache.is_complete("significance", keys["significance"]):
@@ -840,8 +837,9 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
 
 
 def _run_keys(root: Path, run_id: str | None, config: str | None):
-    """(config, stage keys, algorithm keys) of an MLflow parent run (its tags; the config it stored, or the file
-    `config` with its --set overrides applied), or of a config file. LookupError: no such pipeline run."""
+    """(config, stage keys, algorithm keys, tags) of an MLflow parent run (its tags; the config it stored, or the
+    file `config` with its --set overrides applied), or of a config file (no tags). LookupError: no such pipeline
+    run."""
     import json
 
     from flows.config import load_config
@@ -849,7 +847,7 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
 
     if run_id is None:
         plan = make_plan(cfg := load_config(config or DEFAULT_CONFIG))
-        return cfg, plan.keys, plan.algorithm_keys
+        return cfg, plan.keys, plan.algorithm_keys, {}
     client = _client(root)
     try:
         run = client.get_run(run_id)
@@ -863,8 +861,8 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
     algorithm_keys = {c.info.run_name: c.data.tags["metapeft.meta_train_key"] for c in children
                       if "metapeft.meta_train_key" in c.data.tags}
     if config:  # --config: that file, with the run's overrides
-        return load_config(config, json.loads(tags.get("metapeft.overrides", "null"))), keys, algorithm_keys
-    return _run_config(client, run_id, tags), keys, algorithm_keys
+        return load_config(config, json.loads(tags.get("metapeft.overrides", "null"))), keys, algorithm_keys, tags
+    return _run_config(client, run_id, tags), keys, algorithm_keys, tags
 
 
 def _run_config(client, run_id: str, tags: dict):
