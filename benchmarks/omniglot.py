@@ -53,7 +53,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import write_json_atomic, write_parquet_atomic  # noqa: E402
+from benchmarks.common import git_state, write_json_atomic, write_parquet_atomic  # noqa: E402
 from components.conv4 import Conv4, Conv4Config  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig
 from components.omniglot import (EpisodeBatch, build_class_pool, load_omniglot,  # noqa: E402
@@ -444,14 +444,6 @@ def run_worker(args, worker: str, extra: list[str] = ()) -> dict:
         cmd = [sys.executable, __file__, *args.passthrough, "--worker", worker, "--worker-out", str(out), *extra]
         subprocess.run(cmd, env=worker_env(args), check=True, cwd=ROOT)
         return json.loads(out.read_text())
-
-
-def git_state() -> dict | None:
-    """{"commit", "dirty"} of this checkout (the README's provenance line), None outside a git checkout."""
-    from flows.tracking import code_commit
-
-    found = code_commit()
-    return {"commit": found[0], "dirty": found[1]} if found else None
 
 
 def machine_info(args) -> dict:

@@ -51,7 +51,7 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import write_json_atomic  # noqa: E402
+from benchmarks.common import git_state, write_json_atomic  # noqa: E402
 MODES = ("pipeline", "bare")
 def tracker_methods(tracker: type) -> tuple[str, ...]:
     """Every method of flows.tracking.Tracker that talks to MLflow: its public ones and __init__."""
@@ -430,7 +430,7 @@ def main() -> None:
 
 def write_result(args, overrides: dict, rounds: list[dict], summary, first_run: dict | None) -> dict:
     """The JSON of the rounds so far (rewritten after each round: a cut-short run keeps what it measured)."""
-    result = {"config": args.config, "overrides": overrides, "git": _git(),
+    result = {"config": args.config, "overrides": overrides, "git": git_state(),
               "command": " ".join(["python", "benchmarks/overhead.py", *sys.argv[1:]]),
               "project": "new each round" if args.fresh_project else "first run over, stage cache cleared",
               "first_run_in_a_new_project": first_run, "wall": summarize(rounds, "wall"),
@@ -474,13 +474,6 @@ def _machine() -> dict:
 
     return {"python": platform.python_version(), "cpus": os.cpu_count(), "torch": torch.__version__, "threads": 1,
             "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
-
-
-def _git() -> dict | None:
-    from flows.tracking import code_commit
-
-    found = code_commit()
-    return {"commit": found[0], "dirty": found[1]} if found else None
 
 
 def _parser() -> argparse.ArgumentParser:
