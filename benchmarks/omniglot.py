@@ -19,7 +19,10 @@ like everyone else's.
 `--curves`: accuracy against training time. Each run keeps a copy of its meta-parameters at `--points` equally
 spaced times of the budget (the first iteration boundary at or after each; the training clock stops while the
 copy is taken), and every copy is tested on the first `--curve-episodes` of the same meta-test episodes, so
-learn2learn's MAML and the others are compared at each point of the curve. One PNG per setting.
+learn2learn's MAML and the others are compared at each point of the curve. One PNG per setting. Each
+algorithm's curve is also logged to MLflow (experiment `benchmark-omniglot-curves` of the project's store, or
+$MLFLOW_TRACKING_URI), one run per curve, once: `--log-mlflow` logs a curves JSON written earlier (or by
+another session) without training. Smoke runs log only with `--mlflow`.
 `--algorithms` takes the names above and the recipes of `RECIPES` (MetaLearnerConfig options), e.g. maml++.
 
 learn2learn is optional: `bash benchmarks/install_learn2learn.sh`. Only `learn2learn.algorithms.maml`
@@ -584,6 +587,60 @@ def curves_benchmark(args) -> None:
     write_parquet_atomic(table, args.curves_out.with_suffix(".episodes.parquet"))
     plot_curves(out["curves"], title, args.curves_out.with_suffix(".png"))
     print(f"wrote {args.curves_out} and its .episodes.parquet and .png")
+    if args.mlflow:
+        logged = log_curves_mlflow(out, args.curves_out)
+        print(f"MLflow experiment {MLFLOW_EXPERIMENT!r}: " + ", ".join(f"{a} run {i}" for a, i in logged.items()))
+
+
+MLFLOW_EXPERIMENT = "benchmark-omniglot-curves"
+
+
+def log_curves_mlflow(out: dict, path: Path, root: Path = ROOT) -> dict[str, str]:
+    """Each curve of a curves JSON (`out`, read from or written to `path`) as one MLflow run of the experiment
+    `MLFLOW_EXPERIMENT`: the settings and recipe as params; per point `test_accuracy` and `test_accuracy_ci95` (%)
+    at step = iterations and `test_accuracy_by_second` at step = the point's training seconds, each stamped at the
+    run's start + its training seconds (MLflow's relative-time axis is the training clock); the JSON and figure
+    as artifacts; the commit the curve was trained at as a tag. A curve already logged (the same file name,
+    algorithm and numbers) is not logged again. Returns {algorithm: run id}, the new and the found."""
+    from mlflow.entities import Metric
+
+    from flows.tracking import Tracker, flatten
+
+    tracker, ids = Tracker(root, MLFLOW_EXPERIMENT), {}
+    for algorithm, rows in out["curves"].items():
+        digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+        tags = {"metapeft.benchmark": "omniglot-curves", "metapeft.curves_file": path.name,
+                "metapeft.algorithm": algorithm, "metapeft.curve_digest": digest}
+        if found := tracker.find_run(tags):
+            ids[algorithm] = found
+            continue
+        run = out["runs"].get(algorithm, {})
+        git = run.get("git") or {}
+        run_id = tracker.start_run(f"{path.stem} {algorithm}", tags={
+            **tags, "metapeft.smoke": str(bool(out.get("smoke"))).lower(),
+            "metapeft.trained_at_commit": git.get("commit") or "not recorded",
+            "metapeft.trained_dirty": str(git.get("dirty", "not recorded")).lower()})
+        recipe = out["settings"].get("recipes", {}).get(algorithm, {})
+        tracker.log_params(run_id, {**flatten({k: v for k, v in out["settings"].items() if k != "recipes"}),
+                                    **flatten({"recipe": recipe}), "algorithm": algorithm,
+                                    "threads": run.get("machine", out["machine"]).get("threads"),
+                                    "command": out["command"]})
+        start = tracker.client.get_run(run_id).info.start_time
+        points = []
+        for r in rows:
+            stamp = start + int(1000 * r["seconds"])
+            points += [Metric("test_accuracy", r["accuracy"], stamp, r["iterations"]),
+                       Metric("test_accuracy_ci95", r["ci95"], stamp, r["iterations"]),
+                       Metric("test_accuracy_by_second", r["accuracy"], stamp, round(r["point_seconds"]))]
+        tracker.log_points(run_id, points)
+        tracker.log_metrics(run_id, {k: run[k] for k in ("iterations", "tasks_per_s", "train_seconds")
+                                     if isinstance(run.get(k), (int, float))})
+        for artifact in (path, path.with_suffix(".png")):
+            if artifact.is_file():
+                tracker.log_artifact(run_id, artifact)
+        tracker.end_run(run_id)
+        ids[algorithm] = run_id
+    return ids
 
 
 def settings(args) -> dict:
@@ -693,6 +750,10 @@ def parse_args(argv=None):
     p.add_argument("--points", type=int, default=8, help="--curves: equally spaced snapshots of the budget")
     p.add_argument("--curve-episodes", type=int, default=200, help="--curves: the first of the --episodes test "
                    "episodes that every snapshot is tested on")
+    p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None, help="--curves: log each "
+                   f"curve to MLflow (experiment {MLFLOW_EXPERIMENT!r}); default on, off for --smoke")
+    p.add_argument("--log-mlflow", action="store_true", help="log the curves JSON at --out (default: this "
+                   "setting's) to MLflow, each curve once, and exit: no training")
     p.add_argument("--throughput", action="store_true", help="MAML tasks/s and peak RSS, metapeft vs learn2learn")
     p.add_argument("--allocators", default="tcmalloc,default", help="--throughput: allocators to compare under")
     p.add_argument("--chunks", default=None, help="--throughput: metapeft task x query chunks, e.g. 16x2,1x1")
@@ -705,6 +766,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.data = args.data.resolve()
     args.algorithms = [a for a in args.algorithms.split(",") if a]
+    args.curves = args.curves or args.log_mlflow
+    args.mlflow = (not args.smoke) if args.mlflow is None else args.mlflow
     if args.add and not args.curves:
         raise SystemExit("--add: only with --curves")
     if args.curves and args.max_iterations is not None and not args.worker:
@@ -743,6 +806,11 @@ def main(argv=None) -> None:
         work = {"_machine": measure_machine, "_throughput": throughput, "_peak": peak_of}.get(
             args.worker, run_curve if args.curves else run_algorithm)
         write_json_atomic(work(args), args.worker_out)
+    elif args.log_mlflow:
+        if not args.curves_out.is_file():
+            raise SystemExit(f"--log-mlflow: {args.curves_out} not found")
+        logged = log_curves_mlflow(json.loads(args.curves_out.read_text()), args.curves_out)
+        print(f"MLflow experiment {MLFLOW_EXPERIMENT!r}: " + ", ".join(f"{a} run {i}" for a, i in logged.items()))
     elif args.throughput:
         throughput_benchmark(args)
     elif args.budget_minutes is None:

@@ -160,3 +160,47 @@ def test_add_joins_another_sessions_curves_and_refuses_other_settings(tmp_path, 
                                                            *argv]))
     with pytest.raises(SystemExit, match="only with --curves"):
         omniglot.parse_args(["--smoke", "--add"])
+
+
+def test_curves_are_logged_to_mlflow_once_each_against_iterations_and_training_seconds(tmp_path, monkeypatch):
+    """--log-mlflow: one MLflow run per curve, its points at step = iterations and at step = training seconds,
+    stamped start + training seconds; logging the same JSON again adds no run; a changed curve is a new run."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rows = [{"point_seconds": 60.0, "seconds": 61.5, "iterations": 40, "accuracy": 90.0, "ci95": 1.5},
+            {"point_seconds": 120.0, "seconds": 120.25, "iterations": 95, "accuracy": 93.5, "ci95": 1.0}]
+    out = {"settings": {"ways": 5, "shots": 1, "recipes": {"protomaml": {"algorithm": "protomaml"}}},
+           "smoke": False, "command": "python benchmarks/omniglot.py --curves", "machine": {"threads": 2},
+           "curves": {"protomaml": rows, "l2l_maml": rows[:1]},
+           "runs": {"protomaml": {"iterations": 95, "tasks_per_s": 50.0, "git": {"commit": "a" * 40, "dirty": False}},
+                    "l2l_maml": {"iterations": 40}}}
+    path = tmp_path / "curves.json"
+    path.write_text(json.dumps(out))
+    ids = omniglot.log_curves_mlflow(out, path, root=tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    run = client.get_run(ids["protomaml"])
+    assert run.data.params["recipe.algorithm"] == "protomaml" and run.data.params["ways"] == "5"
+    assert run.data.tags["metapeft.trained_at_commit"] == "a" * 40
+    assert client.get_run(ids["l2l_maml"]).data.tags["metapeft.trained_at_commit"] == "not recorded"
+    history = sorted(client.get_metric_history(ids["protomaml"], "test_accuracy"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in history] == [(40, 90.0), (95, 93.5)]
+    assert [m.timestamp - run.info.start_time for m in history] == [61500, 120250]
+    by_second = client.get_metric_history(ids["protomaml"], "test_accuracy_by_second")
+    assert sorted((m.step, m.value) for m in by_second) == [(60, 90.0), (120, 93.5)]
+    assert {a.path for a in client.list_artifacts(ids["protomaml"])} == {"curves.json"}
+    assert omniglot.log_curves_mlflow(out, path, root=tmp_path) == ids  # logged once
+    out["curves"]["l2l_maml"] = rows  # a longer curve (e.g. rerun) is a new run
+    again = omniglot.log_curves_mlflow(out, path, root=tmp_path)
+    assert again["protomaml"] == ids["protomaml"] and again["l2l_maml"] != ids["l2l_maml"]
+    experiment = client.get_experiment_by_name(omniglot.MLFLOW_EXPERIMENT)
+    assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_log_mlflow_option_needs_the_json(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        omniglot.main(["--log-mlflow", "--out", str(tmp_path / "none.json")])
+    assert omniglot.parse_args(["--curves", "--smoke"]).mlflow is False
+    assert omniglot.parse_args(["--curves", "--budget-minutes", "1"]).mlflow is True
