@@ -83,8 +83,10 @@ def shown(image: str, degrees: int) -> str:
 
 
 def where(table: pd.DataFrame, i: int) -> str:
-    """'episode 3, row 12': an error's place in the file (row: 1-based data row, the CSV line after the header)."""
-    return f"episode {plain(table['episode'].iloc[i])!r}, row {i + 1}"
+    """'episode 3, row 12': an error's place in the file (row: 1-based data row, the CSV line after the header);
+    'row 12 (no episode)' when its episode cell is empty."""
+    episode = table["episode"].iloc[i]
+    return f"row {i + 1} (no episode)" if pd.isna(episode) else f"episode {plain(episode)!r}, row {i + 1}"
 
 
 def plain(value):
@@ -105,6 +107,7 @@ def episode_rows(table: pd.DataFrame, n_way: int, k_shot: int, name: str = "") -
         raise ValueError(f"{name}: column 'role': {plain(table['role'].iloc[i])!r} at {where(table, i)}; "
                          f"need one of {ROLES}")
     rows = table.assign(role=roles, id=pd.factorize(table["episode"])[0], at=np.arange(len(table)))
+    _check_distinct(rows, name)
     support, query = rows[rows["role"] == "support"], rows[rows["role"] == "query"]
     shots = support.groupby(["id", "label"]).size()  # (episode, label) -> support rows
     _check_support(rows, shots, n_way, k_shot, name)
@@ -122,6 +125,20 @@ def episode_rows(table: pd.DataFrame, n_way: int, k_shot: int, name: str = "") -
                          "label": out["label"].astype(str), "image": out["image"].astype(str),
                          "rotation": out[ROTATION].astype(np.int64), "source_episode": out["episode"].astype(str)}
                         ).sort_values(["episode", "way", "slot"], ignore_index=True)
+
+
+def _check_distinct(rows: pd.DataFrame, name: str) -> None:
+    """No image (at a rotation) twice in an episode: a query that is also a support image is answered by memory,
+    and a support image given twice is one shot, not two. Another name for the same picture is caught once the
+    images are decoded (`families.images`)."""
+    twice = rows.duplicated(["id", "image", ROTATION], keep=False)
+    if twice.any():
+        first = rows[twice].iloc[0]
+        same = rows[twice & (rows["id"] == first["id"]) & (rows["image"] == first["image"])
+                    & (rows[ROTATION] == first[ROTATION])]
+        raise ValueError(f"{name}: column 'image': {shown(first['image'], int(first[ROTATION]))!r} is in "
+                         f"{_episode(rows, first['id'])} {len(same)} times (rows {list(same['at'] + 1)}, as "
+                         f"{list(same['role'])}); an episode's images must be distinct")
 
 
 def _check_support(rows: pd.DataFrame, shots: pd.Series, n_way: int, k_shot: int, name: str) -> None:

@@ -1,8 +1,8 @@
 """A user's own images as a few-shot task family: ``<root>/<class>/<image>``, one folder per class.
 
 Any file Pillow reads counts as an image, of any size and mode. Each is read once, turned upright by its
-EXIF orientation, converted to grayscale ('L') or RGB (alpha dropped), and resized to size x size with
-LANCZOS, the filter ``components.omniglot`` uses; the aspect ratio is not kept (a non-square image is
+EXIF orientation, converted to grayscale ('L') or RGB (transparent pixels on white paper, `on_white`), and
+resized to size x size with LANCZOS, the filter ``components.omniglot`` uses; the aspect ratio is not kept (a non-square image is
 stretched). Pixels are not inverted (Omniglot's strokes-are-1 convention is Omniglot's own).
 
 The image table has one row per image: ``class_id, file, pixels, channels, size``. ``class_id`` is the
@@ -82,6 +82,15 @@ def load_image_folder(root: Path, image_size: int, channels: int) -> pd.DataFram
     return table.assign(pixels=pixels, channels=channels, size=image_size)
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency (an alpha band, or a palette's transparent colour) composited on white paper,
+    as a viewer shows it; others as they are. Without this, transparent paper stored as black reads as ink."""
+    if "A" not in image.getbands() and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
 def decode_image(path: Path, size: int, channels: int) -> bytes:
     """(C, size, size) uint8 bytes of one image file, read as the folder's images are (module docstring)."""
     mode = MODES[channels]
@@ -92,7 +101,7 @@ def decode_image(path: Path, size: int, channels: int) -> bytes:
                 image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).round().astype(np.uint8))
             elif image.mode in ("I", "F"):
                 raise ValueError(f"mode {image.mode!r} (32-bit) has no fixed range; save it as 8 or 16 bits")
-            resized = image.convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+            resized = on_white(image).convert(mode).resize((size, size), Image.Resampling.LANCZOS)
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: image failed to decode ({e})") from e
     hwc = np.asarray(resized, dtype=np.uint8).reshape(size, size, -1)

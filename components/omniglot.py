@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from components.episodes import EpisodeBatch, class_split, sample_rows
+from components.image_folder import on_white
 
 PARTS = {"images_background": True, "images_evaluation": False}  # archive stem -> `background` flag
 VINYALS_SPLITS = ("train", "val", "test")
@@ -87,22 +88,31 @@ def _read_pngs(src: Path, pattern: re.Pattern, alphabets: set[str] | None) -> It
 
 
 def _decode(data: bytes, size: int, name: str, any_polarity: bool = False) -> bytes:
-    """size * size uint8 bytes, strokes 255: grayscale, inverted, resized (LANCZOS). any_polarity: an image whose
-    paper (the majority of its pixels) is already dark is not inverted."""
+    """size * size uint8 bytes, strokes 255: grayscale (transparent pixels on white paper), inverted, resized
+    (LANCZOS). any_polarity: an image whose paper is dark (`dark_paper`) is not inverted."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            gray = np.asarray(image.convert("L"))
+            gray = np.asarray(on_white(image).convert("L"))
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{name}: image failed to decode ({e})") from e
-    light_paper = not any_polarity or gray.mean() >= 127.5
+    light_paper = not any_polarity or not dark_paper(gray)
     inverted = Image.fromarray(255 - gray if light_paper else gray)  # the files draw strokes black (0) on white
     return np.asarray(inverted.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8).tobytes()
+
+
+def dark_paper(gray: np.ndarray) -> bool:
+    """Whether a drawing's paper is dark, judged by its outermost ring of pixels (the paper around the strokes;
+    a bold character cropped to its strokes may be mostly ink, but its border is still mostly paper): their
+    median below 127.5. gray: (H, W) uint8."""
+    ring = np.concatenate([gray[0], gray[-1], gray[1:-1, 0], gray[1:-1, -1]])
+    return bool(np.median(ring) < 127.5)
 
 
 def decode_drawing(data: bytes, size: int, name: str) -> bytes:
     """An image from outside the archive (a fixed episode's file, any size or format Pillow reads) in the table's
     form: the archive's transform (grayscale, strokes 255, LANCZOS to size x size), whichever way it draws its
-    strokes: an image mostly dark (mean < 127.5) is taken as light strokes on dark paper and not inverted."""
+    strokes: an image whose paper (its border, `dark_paper`) is dark is taken as light strokes on dark paper and
+    not inverted; transparent pixels are paper (`on_white`)."""
     return _decode(data, size, name, any_polarity=True)
 
 

@@ -634,7 +634,8 @@ def load_config(path: str | Path, overrides: dict | None = None) -> StudyConfig:
 def _problem(err) -> str:
     """One pydantic error as `key: message`; our validators' messages start with the key, relative to err's loc."""
     loc = [str(part) for part in err["loc"]]
-    if loc[:1] == ["family"] and len(loc) > 1:
+    kind = loc[1] if loc[:1] == ["family"] and len(loc) > 1 else None
+    if kind is not None:
         del loc[1]  # the family's kind tag
     if err["type"] == "value_error":
         return ".".join([*loc, err["msg"].removeprefix("Value error, ")])
@@ -654,7 +655,12 @@ def _problem(err) -> str:
         return f"{where}: {err['msg']}, got {given!r}" + (" (write numbers in YAML as 1000 or 1.0e+3)"
                                                           if "e" in given.lower() else "")
     if err["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(loc[-1], sorted(_section_keys()), n=1)
+        sections = {"sinusoid": SinusoidSection, "omniglot": OmniglotSection, "image_folder": ImageFolderSection,
+                    "text": TextSection}
+        owners = [k for k, section in sections.items() if loc[-1] in section.model_fields] if kind else []
+        if owners and len(loc) == 2:  # a key of other families: say whose
+            return f"{'.'.join(loc)}: not a key of a {kind} family; a key of {', '.join(owners)}"
+        near = difflib.get_close_matches(loc[-1], sorted(_section_keys() - {loc[-1]}), n=1)
         return f"{'.'.join(loc)}: unknown key" + (f" (did you mean {near[0]}?)" if near else "")
     return f"{'.'.join(loc) or '<top>'}: {err['msg']}"
 

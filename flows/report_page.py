@@ -191,12 +191,16 @@ def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame,
     f, mt = cfg.family, cfg.meta_train
     episodes = f"{f.n_way}-way {f.k_shot}-shot, {f.n_query} queries per class" if hasattr(f, "n_way") \
         else f"regression, K = {f.k_shot} support and {f.n_query} query points"
+    fixed = getattr(f, "test_episodes", None)
+    if fixed:  # the file sets the meta-test episodes and their queries; n_query is meta-training's and meta-val's
+        episodes += f" at meta-train and meta-val; meta-test: the fixed episode file {fixed} (its own queries)"
     learners = ", ".join(mt.algorithms)
     facts = {
         "family": f"{f.kind}{' (' + f.dataset + ')' if hasattr(f, 'dataset') else ''}, metric {family.metric} "
                   f"({'lower' if family.lower_is_better else 'higher'} is better)",
         "episodes": episodes,
-        "meta-test episodes": str(int(summary["n"].max())) if len(summary) else "-",
+        "meta-test episodes": (str(int(summary["n"].max())) if len(summary) else "-") +
+                              (f", from {fixed}" if fixed else ""),
         "model": f"{cfg.model.kind}, adapted: {cfg.model.adapted}",
         "meta-training": f"{learners}; {mt.iterations} iterations, meta-batch {mt.meta_batch_size}, "
                          f"{mt.inner_steps} inner step(s)" + "".join(f"; {k}: {v}" for k, v in (unfinished or {}).items()),

@@ -55,6 +55,8 @@ def test_an_unknown_key_is_called_so_with_the_nearest_known_key(tmp_path):
     ("family: {kind: sinusoid, k_shot: true}", "family.k_shot: a boolean (true) where a number or text is needed"),
     ("meta_train: {fast_lr: false}", "meta_train.fast_lr: a boolean (false) where a number or text is needed"),
     ("family: {kind: sinusoid, amplitude: [true, 2.0]}", "family.amplitude: a boolean"),
+    ("family: {kind: sinusoid, test_episodes: e.csv}", "family.test_episodes: not a key of a sinusoid family; a key of "
+                                                       "omniglot, image_folder"),  # not "did you mean test_episodes"
 ])
 def test_wrong_shapes_and_types_get_one_line_in_the_configs_terms(tmp_path, text, message):
     """No pydantic internals (discriminator functions, 'valid tuple'), and no true read as 1."""

@@ -172,6 +172,11 @@ def rewrite(table: pd.DataFrame, change: str) -> pd.DataFrame:
         t.loc[t.index[(t["episode"] == "ep1") & (t["role"] == "query")][0], "label"] = "zz"
     elif change == "uneven queries":
         return t.drop(index=t.index[(t["episode"] == "ep2") & (t["role"] == "query")][0])
+    elif change == "support image as a query":
+        t.loc[t.index[(t["episode"] == "ep1") & (t["role"] == "query")][0], "image"] = t.loc[
+            t.index[(t["episode"] == "ep1") & (t["role"] == "support")][0], "image"]
+    elif change == "empty episode cell":
+        t.loc[3, "episode"] = None
     return t
 
 
@@ -183,6 +188,9 @@ def rewrite(table: pd.DataFrame, change: str) -> pd.DataFrame:
     ("2-shot label", ValueError, r"column 'label': episode 'ep2' has support rows per label .*'a': 2"),
     ("query label not in support", ValueError, r"column 'label': query label 'zz' at episode 'ep1'"),
     ("uneven queries", ValueError, r"column 'role': episode 'ep2' has query rows per label"),
+    ("support image as a query", ValueError, r"column 'image': '.*' is in episode 'ep1' 2 times \(rows \[\d+, \d+\], "
+                                             r"as \['support', 'query'\]\)"),
+    ("empty episode cell", ValueError, r"column 'episode' is empty at row 4 \(no episode\)"),
 ])
 def test_a_malformed_file_is_named_before_any_image_is_read(root, tmp_path, change, error, message):
     path = tmp_path / "episodes.csv"
@@ -427,3 +435,70 @@ def test_a_drawing_that_looks_the_same_turned_is_two_examples_at_two_rotations()
     assert distinct["fixed_episodes"][0]["n_distinct"].tolist() == [3]
     repeated = fixed_episode_suites(episode([("x", 0, 0), ("y", 0, 2), ("x", 1, 0)]), images, family)
     assert repeated["fixed_episodes"][0]["n_distinct"].tolist() == [2]
+
+
+def test_a_fixed_file_changes_no_table_or_key_of_meta_training(built, root, tmp_path):
+    """The file is the test protocol: the tables meta-training reads (all but the family's test_tables) are the
+    same with it, without it and with another file, and so are the train_sets and meta_train keys; the task sets'
+    key and what reads the meta-test episodes change."""
+    family, with_file = built
+    _, plain_family = family_with(root, None)
+    without = plain_family.build(seed=0)
+    training = set(with_file) - set(family.test_tables)
+    assert training == set(without) - set(family.test_tables) and "images" in training
+    for name in training:
+        pd.testing.assert_frame_equal(with_file[name], without[name])
+    path = tmp_path / "episodes.csv"
+    table = episode_file()
+    table.to_csv(path, index=False)
+    plans = [make_plan(family_with(root, path)[0])]
+    table.loc[1, "image"] = member(1, 19)  # another query drawing
+    table.to_csv(path, index=False)
+    plans += [make_plan(family_with(root, path)[0]), make_plan(family_with(root, None)[0])]
+    assert len({p.keys["task_sets"] for p in plans}) == len({p.keys["evaluate"] for p in plans}) == 3
+    assert len({p.keys["train_sets"] for p in plans}) == len({p.keys["meta_train"] for p in plans}) == 1
+    assert len({tuple(p.checkpoint_keys.values()) for p in plans}) == 1
+
+
+def test_transparent_blank_bold_and_copied_images(built, root, tmp_path):
+    """Files as users make them: strokes on transparent paper read as the drawing; a bold drawing cropped to its
+    strokes (mostly ink) is still strokes 1 on paper 0 (the paper is judged by the border); a white or fully
+    transparent image, and one picture under two names in an episode, are errors naming the file and the image."""
+    from PIL import ImageFilter
+
+    family, tables = built
+    expected = family.open(tables, torch.device("cpu"), ("meta_test",)).test
+    with zipfile.ZipFile(root / "images_evaluation.zip") as z:
+        support = Image.open(io.BytesIO(z.read(member(1, 0)))).convert("L")
+    gray = np.asarray(support)
+    own = tmp_path / "own"
+    own.mkdir()
+    rgba = np.zeros((*gray.shape, 4), np.uint8)
+    rgba[..., 3] = 255 - gray  # black strokes, opaque; paper transparent (RGBA 0, 0, 0, 0)
+    Image.fromarray(rgba, "RGBA").save(own / "transparent.png")
+    bold = support.filter(ImageFilter.MinFilter(11))
+    bold = bold.crop(Image.fromarray(255 - np.asarray(bold)).getbbox())
+    assert (np.asarray(bold) < 128).mean() > 0.5  # mostly ink: the old rule (mean < 127.5) took it for dark paper
+    bold.save(own / "bold.png")
+    Image.new("L", (105, 105), 255).save(own / "white.png")
+    Image.new("RGBA", (105, 105), (0, 0, 0, 0)).save(own / "clear.png")
+    shutil.copy(own / "transparent.png", own / "copy.png")
+
+    def build_with(changes: dict) -> dict:
+        table = episode_file()
+        for old, new in changes.items():
+            table.loc[table["image"] == old, "image"] = new
+        table.to_csv(tmp_path / "episodes.csv", index=False)
+        return family_with(root, tmp_path / "episodes.csv")[1].build(seed=0)
+
+    test = family.open(build_with({member(1, 0): "own/transparent.png", member(2, 0): "own/bold.png"}),
+                       torch.device("cpu"), ("meta_test",)).test
+    assert torch.equal(test.x_spt[0, 4], expected.x_spt[0, 4])  # way 4 (label 'e'): character 1, exactly
+    drawn = test.x_spt[0, 3, 0]  # way 3: character 2, bold
+    assert drawn.mean() > 0.5  # mostly strokes, as drawn (taken for dark paper, it would be mostly 0)
+    for image in ("own/white.png", "own/clear.png"):
+        with pytest.raises(ValueError, match=rf"episodes.csv: column 'image': '{image}' \(episode 'ep0'\) is blank"):
+            build_with({member(1, 0): image})
+    with pytest.raises(ValueError, match=r"\['own/transparent.png', 'own/copy.png'\] in episode 'ep0' are the same "
+                                         r"picture"):
+        build_with({member(1, 0): "own/transparent.png", member(1, 10): "own/copy.png"})

@@ -199,3 +199,22 @@ def test_progress_draws_a_bar_on_a_terminal_and_stops_at_the_total(monkeypatch):
     assert terminal.Bar._display is None  # finished at the total: the display is stopped
     bar.update(4)  # later updates are ignored
     assert "meta-training maml" in err.getvalue() and "4/4" in err.getvalue() and out.getvalue() == ""
+
+
+def test_the_facts_say_where_fixed_meta_test_episodes_come_from():
+    """With a fixed episode file, n_query is meta-training's and meta-val's: the report names the file as the
+    meta-test episodes' source instead of implying the config's queries per class."""
+    import types
+
+    from flows.config import StudyConfig
+    from flows.report_page import study_facts
+
+    family = types.SimpleNamespace(metric="accuracy", lower_is_better=False)
+    summary = pd.DataFrame({"n": [10, 10]})
+    fixed = StudyConfig.model_validate({"family": {"kind": "omniglot", "test_episodes": "episodes/good.csv"},
+                                        "model": {"kind": "conv4"}})
+    text = study_facts(fixed, family, summary)
+    assert "meta-test: the fixed episode file episodes/good.csv" in text and "10, from episodes/good.csv" in text
+    sampled = study_facts(fixed.model_copy(update={"family": fixed.family.model_copy(update={"test_episodes": None})}),
+                          family, summary)
+    assert "fixed episode file" not in sampled and "15 queries per class</dd>" in sampled

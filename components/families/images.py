@@ -33,6 +33,31 @@ from components.omniglot import rotate
 FIXED_IMAGES = "test_images"  # a fixed episode file's images: image, rotation, pixels, channels, size
 
 
+def _check_pictures(test: pd.DataFrame, upright: pd.Series, rows: pd.DataFrame, file: str) -> None:
+    """Every fixed image shows something, and no two of an episode are the same picture. test: FIXED_IMAGES;
+    upright: `pixel_keys` of its images before turning (F,); rows: the episode rows with `row` (their image's
+    position in test). Raises naming the file, the images and the episode: a blank image (every pixel one value
+    after the family's transform: a white or transparent file) would be scored as if it were a drawing; one
+    picture at one rotation under two names (a copy, './a.png' beside 'a.png') in one episode answers its query
+    by memory. (One drawing at two rotations is two images, as the GX suite counts examples.)"""
+    blank = [i for i, p in enumerate(test["pixels"]) if np.ptp(np.frombuffer(p, np.uint8)) == 0]
+    if blank:
+        i = blank[0]
+        episode = rows["source_episode"][rows["row"] == i].iloc[0]
+        raise ValueError(f"{file}: column 'image': {shown(test['image'][i], int(test['rotation'][i]))!r} (episode "
+                         f"{episode!r}) is blank after the family's transform (every pixel "
+                         f"{np.frombuffer(test['pixels'][i], np.uint8)[0]}); {len(blank)} blank images in all")
+    keys = upright.to_numpy().astype(object) + "@" + test["rotation"].astype(str).to_numpy()
+    keyed = rows.assign(key=keys[rows["row"].to_numpy()])
+    twice = keyed.duplicated(["episode", "key"], keep=False)
+    if twice.any():
+        first = keyed[twice].iloc[0]
+        same = keyed[twice & (keyed["episode"] == first["episode"]) & (keyed["key"] == first["key"])]
+        names = [shown(i, int(d)) for i, d in zip(same["image"], same["rotation"])]
+        raise ValueError(f"{file}: column 'image': {names} in episode {first['source_episode']!r} are the same "
+                         f"picture after the family's transform; an episode's images must be distinct")
+
+
 class ImageTasks(ClassificationTasks):
     """Image classification with conv4 (the MAML paper's network, channels from the data): its adapted set,
     dataset-statistics features, and the two image baselines: scratch and pretrain_finetune (a conv4
@@ -42,6 +67,16 @@ class ImageTasks(ClassificationTasks):
     channels: ClassVar[int] = 1
     group: ClassVar[str] = "class_id"  # the images table's column naming what a class is drawn from
     expected: ClassVar[str] = "need a file, absolute or relative to the episode file's folder"  # what `locate` reads
+    test_tables: ClassVar[tuple[str, ...]] = ("episodes_meta_test", FIXED_IMAGES)
+
+    def training_data(self) -> dict:
+        """Without the fixed episode file: its images may not be in a meta-train or meta-val class (`fixed_tables`
+        refuses them), so it changes no table meta-training reads."""
+        return {k: v for k, v in super().training_data().items() if k != "test_episodes"}
+
+    def training_files(self) -> tuple[Path, ...]:
+        fixed = set(self.fixed_files())
+        return tuple(f for f in self.input_files() if f not in fixed)
 
     def model(self, tables: Tables | None = None, seed: int = 0, n_out: int | None = None) -> nn.Module:
         return Conv4(self.model_settings.config(n_out or self.data.n_way, self.channels, self.data.image_size))
@@ -123,6 +158,7 @@ class ImageTasks(ClassificationTasks):
         self._check_unseen(images, split, pixel_keys(upright), names)
         position = pd.Series(np.arange(len(test)), index=sources.index)
         at = position.reindex(pd.MultiIndex.from_frame(rows[["image", "rotation"]])).to_numpy()
+        _check_pictures(test, pixel_keys(upright), rows.assign(row=at), str(file))
         return {FIXED_IMAGES: test, "episodes_meta_test": rows.assign(row=at)}
 
     def _check_unseen(self, images: pd.DataFrame, split: dict[str, list[str]], keys: pd.Series,
