@@ -242,7 +242,7 @@ def bare_study(cfg, root: Path, plan, cache, stages, write_table) -> None:
         family, tables, tuple(cfg.embedding.metrics), cfg.embedding.n_similarity_tasks, out))
     for label in plan.units:
         key = plan.algorithm_keys[label]
-        checkpoint = cache.root / "checkpoints" / plan.checkpoint_keys[label] / "checkpoint.pt"
+        checkpoint = cache.checkpoint(plan.checkpoint_keys[label])
         entry("meta_train", key, lambda out: stages.train_unit(family, tables, plan.settings[label], dev, out,
                                                                checkpoint))
     for label, (algorithm, _) in plan.units.items():

@@ -20,7 +20,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import pandas as pd
 from filelock import UnixFileLock
@@ -149,6 +149,10 @@ class StageCache:
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
 
+    def checkpoint(self, trajectory: str) -> Path:
+        """A meta-training's checkpoint file, keyed by its trajectory (`flows.plan`: no iterations or budget)."""
+        return self.root / "checkpoints" / trajectory / CHECKPOINT
+
     def read_table(self, stage: str, key: str, name: str) -> pd.DataFrame:
         return pd.read_parquet(self.path(stage, key) / f"{name}.parquet")
 
@@ -253,3 +257,12 @@ def write_table(df: pd.DataFrame, folder: Path, name: str) -> Path:
     path = folder / f"{name}.parquet"
     df.to_parquet(path, index=False)
     return path
+
+
+def copy_tables(source: Path, folder: Path, leave_out: Iterable[str] = ()) -> list[str]:
+    """Copy the tables of the entry at source into folder (an entry being written), but those named in leave_out;
+    the copies are byte-identical, so entries that read them see the same digest. Returns the names copied."""
+    names = sorted(p.stem for p in source.glob("*.parquet") if p.stem not in set(leave_out))
+    for name in names:
+        shutil.copyfile(source / f"{name}.parquet", folder / f"{name}.parquet")
+    return names

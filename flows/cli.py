@@ -224,7 +224,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
     from flows.folds import fold_study
 
     out = fold_study(config_path=config, overrides=overrides or None, force=list(force) or None,
-                     prebuilt=["task_sets"])
+                     prebuilt=["task_sets", "train_sets"])
     click.echo(f"\nfold study {config}: {len(cfg.folds)} folds, {time.perf_counter() - start:.1f} s; "
                f"MLflow run {out['run_id']}\n{out['results']}")
     return 0
@@ -242,9 +242,12 @@ def _plan(cfg, root: Path):
 def _unready(cfg, root: Path, only: set[str], rerun: str) -> str | None:
     from flows.plan import unready_message, unready_upstream
 
+    from flows.stages.task_sets import write_train_sets
+
     if not only:  # a whole run computes what is missing
         return None
     plan, cache = _plan(cfg, root)
+    write_train_sets(cache, plan)  # from cached task sets of a project older than the train_sets entry
     unready = unready_upstream(plan, cache, only, cfg)
     return unready_message(unready, rerun) if unready else None
 
@@ -270,28 +273,37 @@ def _dry_run(cfg, root: Path, only: set[str], force: set[str], chosen: str, reru
     return 0
 
 
-OWNER = {"prefix": "embeddings", "evaluate_parts": "evaluate"}  # the stage that writes these entries
-
-
 def _actions(plan, cache, only: set[str], force: set[str], needed: set[str], chosen: str):
     """entry -> what `run` would do with it, decided as the flow decides: an entry of a --stage or --force stage
     is recomputed (the text prefix only when not cached); a partial run reads the stages before it from the
     cache; an entry downstream of one recomputed is recomputed only if what it reads changes."""
+    from flows.plan import WRITTEN_BESIDE
+
+    from flows.stages.meta_train import resume_note
+
     graph, memo = plan.graph, {}
+    owner = {**WRITTEN_BESIDE, "evaluate_parts": "evaluate"}  # the stage that writes these entries
+    unit = {k: label for label, k in plan.algorithm_keys.items()}
+
+    def resume(key: str) -> str:  # how a unit's training would start: from a checkpoint, or afresh beside one
+        label = unit[key]
+        return resume_note(cache.checkpoint(plan.checkpoint_keys[label]),
+                           plan.settings[label].train.iterations)
 
     def decide(entry) -> str:
         kind, key = entry
-        stage, status = OWNER.get(kind, kind), plan.status(cache, kind, key)
+        stage, status = owner.get(kind, kind), plan.status(cache, kind, key)
         if stage not in needed:
             return "not run"
         if only and stage not in only:
             return "cache" if status == "cached" else f"{status}: needed from the cache"
-        if stage in force and kind != "prefix":
+        if stage in force and kind not in WRITTEN_BESIDE:
             return "compute (--force)"
-        if stage in only and kind != "prefix":
+        if stage in only and kind not in WRITTEN_BESIDE:
             return f"compute ({chosen})"
         if status != "cached":
-            return f"compute ({status})"
+            note = resume(key) if kind == "meta_train" and "meta_train" not in force else ""
+            return f"compute ({status}{'; ' + note if note else ''})"
         if kind == "meta_train" and cache.manifest(kind, key)["meta"].get("stop_reason") == "budget":
             return "compute (unfinished: goes on from its checkpoint)"
         if any(action(read) != "cache" for read in graph.get(entry, ())):
@@ -317,8 +329,8 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
             return _nothing_to_run(cfg, root, config, plan, cache)
         server_ready = _start_prefect_server()  # its start overlaps the task sets' build
         # a later stage run alone reads the task sets from the cache
-        built = (not only or "task_sets" in only) and \
-            preflight(cfg, root, rebuild="task_sets" in set(force) | set(only), plan=plan)
+        built = preflight(cfg, root, rebuild="task_sets" in set(force) | set(only), plan=plan) \
+            if not only or "task_sets" in only else ()
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
     except (ValidationFailed, CacheWriteError) as e:
@@ -328,7 +340,7 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     try:
         server_ready()
         out = meta_pipeline(config_path=config, stages=only or None, force=force or None,
-                            overrides=overrides or None, prebuilt=["task_sets"] if built else None)
+                            overrides=overrides or None, prebuilt=list(built) or None)
     except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
     hits = sum(out["hits"].values())
@@ -399,27 +411,27 @@ def _start_prefect_server():
     return thread.join
 
 
-def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> bool:
+def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> tuple[str, ...]:
     """What needs only the config and the data, before Prefect starts (tens of seconds here): the input files
     are read (a missing one is named), and the task sets are built and validated into the cache (again when
-    rebuild: --force or --stage task_sets), where the flow then finds them. True when it built them. plan: cfg's,
-    when the caller has made it."""
+    rebuild: --force or --stage task_sets), where the flow then finds them. Returns the entries it wrote
+    ("task_sets", "train_sets"), for the flow's `prebuilt`. plan: cfg's, when the caller has made it."""
     from flows.cache import StageCache
     from flows.plan import make_plan, provenance
-    from flows.stages.task_sets import build_task_sets
+    from flows.stages.task_sets import build_task_sets, write_train_sets
 
     data = root / cfg.runtime.data_dir
     plan, cache = plan or make_plan(cfg, data / "inputs.json"), StageCache(data)
     key = plan.keys["task_sets"]
     with cache.lock("task_sets", key):
         if cache.is_complete("task_sets", key) and not rebuild:
-            return False
+            return ("train_sets",) if write_train_sets(cache, plan) else ()  # (task sets older than train_sets)
         print(f"task sets [{key}]: building and validating before the flow starts", file=sys.stderr)
         start, meta = time.perf_counter(), {}
         with cache.writing("task_sets", key, meta) as out:
             meta.update(build_task_sets(plan.family, cfg.seed, out) | provenance(plan, "task_sets"))
             meta["seconds"] = round(time.perf_counter() - start, 3)
-    return True
+        return ("task_sets", "train_sets") if write_train_sets(cache, plan) else ("task_sets",)
 
 
 def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:
@@ -455,7 +467,7 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     States: cached, missing, stale (an entry it reads changed since; for the task sets, an input file), or
     unfinished (a meta-training stopped by its budget: a rerun continues it)."""
     from flows.config import ConfigError, load_config
-    from flows.plan import STAGES, stage_entries
+    from flows.plan import STAGES, WRITTEN_BESIDE, stage_entries
 
     try:
         cfg = load_config(config, parse_sets(sets))
@@ -470,7 +482,7 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     for stage in STAGES:
         for name, (written, key) in stage_entries(plan, stage).items():
             state = plan.status(cache, written, key)
-            if state == "missing" and written in ("task_sets", "prefix"):
+            if state == "missing" and written in ("task_sets", *WRITTEN_BESIDE):
                 state = _changed_inputs(cache, written, key, plan) or state
             elif state == "cached" and written == "meta_train" and \
                     cache.manifest(written, key)["meta"].get("stop_reason") == "budget":

@@ -37,7 +37,7 @@ from components.significance import across_seeds, mean_ci  # noqa: E402
 from flows import report, report_page  # noqa: E402
 from flows.answer import study_answer  # noqa: E402
 from flows.artifacts import publish_results  # noqa: E402
-from flows.cache import (CHECKPOINT, DIVERGED, RESULTS, STATE, VALIDATION, StageCache, content_key,  # noqa: E402
+from flows.cache import (DIVERGED, RESULTS, STATE, VALIDATION, StageCache, content_key,  # noqa: E402
                          write_table)
 from flows.config import ConfigError, StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
@@ -45,10 +45,10 @@ from flows.plan import Plan, make_plan, needed_stages, unit_label, unready_messa
 from flows.stages.baselines import run_baselines  # noqa: E402
 from flows.stages.embeddings import build_embeddings  # noqa: E402
 from flows.stages.evaluate import evaluate_unit as score_unit  # noqa: E402
-from flows.stages.meta_train import train_unit  # noqa: E402
+from flows.stages.meta_train import resume_note, train_unit  # noqa: E402
 from flows.stages.prefix import build_prefix  # noqa: E402
 from flows.stages.significance import compare  # noqa: E402
-from flows.stages.task_sets import build_task_sets  # noqa: E402
+from flows.stages.task_sets import build_task_sets, write_train_sets  # noqa: E402
 from flows.terminal import Progress  # noqa: E402  (the artifact, and a bar on a terminal)
 from flows.tracking import CurveLog, Tracker, baseline_params, study_params, task_set_inputs, unit_params  # noqa: E402
 from flows.validation import ValidationFailed  # noqa: E402
@@ -92,9 +92,10 @@ class Run:
     def family(self):
         return self.plan.family
 
-    def tables(self):
-        """The family's tables: its task sets and (text) the cached prefix."""
-        return self.cache.tables(*self.plan.data)
+    def tables(self, training: bool = False):
+        """The family's tables: its task sets and (text) the cached prefix; training: the tables meta-training
+        reads (the train_sets entry in place of the task sets)."""
+        return self.cache.tables(*(self.plan.train_data if training else self.plan.data))
 
     def device(self) -> torch.device:
         if self.cfg.runtime.device == "auto":
@@ -154,7 +155,8 @@ class Run:
                             "built just before the flow" if stage in self.prebuilt else "cache hit")
                 self.hits[f"{stage}/{key}"] = stage not in self.prebuilt  # built by the caller just before: computed
                 return cache.path(stage, key), meta
-            logger.info("%s [%s]: computing%s", stage, key, " (its inputs changed)" if status == "stale" else "")
+            why = {"stale": " (its inputs changed)", "cached": " (continuing: stopped by its budget last time)"}
+            logger.info("%s [%s]: computing%s", stage, key, "" if forced else why.get(status, ""))
             start, meta = time.perf_counter(), {}
             with cache.writing(stage, key, meta, reads) as out:
                 result = compute(out)
@@ -192,6 +194,8 @@ def prepare_task_sets(run: Run) -> str:
         failed.write_text(pd.Series(e.report).to_json())
         run.tracker.log_artifact(run.parent_id, failed, "task_sets")
         raise
+    written = write_train_sets(run.cache, run.plan)
+    run.hits[f"train_sets/{run.plan.keys['train_sets']}"] = not written and "train_sets" not in run.prebuilt
     run.tracker.log_artifact(run.parent_id, path / VALIDATION, "task_sets")
     run.tracker.log_metrics(run.parent_id, numeric(meta))
     return cached(key, new_hits(run, before))
@@ -236,7 +240,7 @@ def _tracker(root: Path, experiment: str, uri: str) -> Tracker:
 
 def checkpoint_path(run: Run, label: str) -> Path:
     """The unit's checkpoint: keyed by its trajectory (not iterations or budget), so a rerun goes on from it."""
-    return run.cache.root / "checkpoints" / run.plan.checkpoint_keys[label] / CHECKPOINT
+    return run.cache.checkpoint(run.plan.checkpoint_keys[label])
 
 
 def unfinished(meta: dict) -> bool:
@@ -270,9 +274,11 @@ def meta_train_algorithm(run: Run, label: str) -> dict[str, dict]:
                 logger.info("%s: iteration %d/%d %s", label, iteration, settings.train.iterations,
                             " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
+        if note := resume_note(checkpoint, settings.train.iterations):
+            logger.info("%s: %s", label, note)
         with run.tracker.system_metrics(child):
             try:
-                meta = train_unit(run.family, run.tables(), settings, run.device(), out, checkpoint, log)
+                meta = train_unit(run.family, run.tables(training=True), settings, run.device(), out, checkpoint, log)
             finally:
                 curve.flush()
         progress.finish()
@@ -583,6 +589,7 @@ def ending(run: Run):
 def _require_cached(run: Run, config_path: str) -> None:
     """A partial run reads its upstream entries from the cache: every one missing or stale is named at once
     (`metapeft run` checks the same before Prefect starts)."""
+    write_train_sets(run.cache, run.plan)  # from cached task sets of a project older than the train_sets entry
     if unready := unready_upstream(run.plan, run.cache, set(run.only), run.cfg):
         raise MissingUpstream(unready_message(unready, f"metapeft run --config {config_path}"))
 

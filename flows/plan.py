@@ -26,9 +26,13 @@ from flows.versions import ROOT, code_version, input_digests
 
 STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
 MODULES = {stage: f"flows.stages.{stage}" for stage in (*STAGES, "prefix")}  # the code each stage runs
+MODULES["train_sets"] = MODULES["task_sets"]
 # Text families also cache a "prefix" entry (the frozen lower encoder layers' hidden states per utterance),
-# computed by the embeddings stage and read by meta_train, evaluate and baselines.
+# computed by the embeddings stage and read by meta_train, evaluate and baselines. The task_sets stage also
+# writes "train_sets": its tables but the family's `test_tables`, keyed without the settings and files that only
+# the meta-test episodes depend on; meta-training reads it, so a new test protocol keeps the meta-training.
 DATA = ("task_sets", "prefix")
+WRITTEN_BESIDE = {"prefix": "embeddings", "train_sets": "task_sets"}  # entry -> the stage that writes it when missing
 UPSTREAM = {
     "task_sets": (),
     "embeddings": ("task_sets",),
@@ -52,6 +56,7 @@ class Plan:
     settings: dict[str, AlgorithmSettings]  # unit label -> what it trains with
     inputs: dict[str, str]  # input file -> sha256
     data: tuple[Entry, ...]  # the entries the family's tables come from
+    train_data: tuple[Entry, ...]  # the entries meta-training reads its tables from (train_sets, maybe the prefix)
     settings_keys: dict[str, str]  # data stage -> its key without the input files' content
 
     def settings_key(self, stage: str) -> str:
@@ -65,7 +70,9 @@ class Plan:
         """The entries a stage's entry (a unit's, given label) is computed from."""
         if stage in DATA:
             return ()
-        if stage in ("embeddings", "baselines") or (stage == "meta_train" and label):
+        if stage == "meta_train" and label:
+            return self.train_data
+        if stage in ("embeddings", "baselines"):
             return self.data
         if stage == "meta_train":
             return tuple(("meta_train", k) for k in self.algorithm_keys.values())
@@ -79,7 +86,7 @@ class Plan:
     @functools.cached_property
     def graph(self) -> dict[Entry, tuple[Entry, ...]]:
         """Every entry of the study and the entries it is computed from."""
-        g: dict[Entry, tuple[Entry, ...]] = {entry: () for entry in self.data}
+        g: dict[Entry, tuple[Entry, ...]] = {entry: () for entry in (*self.data, *self.train_data)}
         for stage in ("embeddings", "baselines", "evaluate", "significance"):
             g[(stage, self.keys[stage])] = self.reads(stage)
         for label, key in self.algorithm_keys.items():
@@ -152,7 +159,11 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
         data = ("task_sets", "prefix")
     for stage in data:
         keys[stage] = key(stage, {**settings[stage], "inputs": prefix_content if stage == "prefix" else content})
-    settings_keys = {stage: key(stage, settings[stage]) for stage in data}
+    training = {p: inputs[p] for p in (str(Path(f).resolve()) for f in family.training_files())}
+    settings["train_sets"] = {"data": family.training_data(), "seed": cfg.seed}
+    keys["train_sets"] = key("train_sets", {**settings["train_sets"], "inputs": input_content(training)})
+    train_data = ("train_sets", *data[1:])
+    settings_keys = {stage: key(stage, settings[stage]) for stage in (*data, "train_sets")}
     e = cfg.embedding
     keys["embeddings"] = key("embeddings", {"metrics": list(e.metrics), "n_similarity_tasks": e.n_similarity_tasks},
                              *data)
@@ -165,7 +176,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
                  if k != "budget_seconds" and not (trajectory and k in ("iterations", "checkpoint_every"))}
         config = {"learner": plain(s.learner), "train": train, "zero_head": s.zero_head,
                   "model": plain(family.model_settings)}
-        return key("meta_train", config | ({"trajectory": True} if trajectory else {}), *data)
+        return key("meta_train", config | ({"trajectory": True} if trajectory else {}), *train_data)
 
     algorithm_keys = {label: unit(label, False) for label in units}
     checkpoint_keys = {label: unit(label, True) for label in units}
@@ -178,7 +189,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
                                                 "alpha": cfg.significance.alpha, "metric": family.metric,
                                                 "lower_is_better": family.lower_is_better}, "evaluate", "baselines")
     return Plan(family, keys, algorithm_keys, checkpoint_keys, units, trains, inputs,
-                tuple((s, keys[s]) for s in data), settings_keys)
+                tuple((s, keys[s]) for s in data), tuple((s, keys[s]) for s in train_data), settings_keys)
 
 
 def upstream(stage: str, cfg: StudyConfig | None = None) -> tuple[str, ...]:
@@ -213,11 +224,12 @@ def stage_range(first: str | None = None, last: str | None = None) -> list[str]:
 
 def stage_entries(plan: Plan, stage: str) -> dict[str, Entry]:
     """The cache entries a stage writes, by the names `metapeft stages` prints: one per unit for meta_train
-    ("meta_train[maml]"); the embeddings stage also writes a text family's prefix."""
+    ("meta_train[maml]"); the embeddings stage also writes a text family's prefix, the task_sets stage the
+    training side of the task sets (train_sets)."""
     if stage == "meta_train":
         return {f"meta_train[{label}]": ("meta_train", key) for label, key in plan.algorithm_keys.items()}
-    prefix = {"prefix": ("prefix", plan.keys["prefix"])} if stage == "embeddings" and "prefix" in plan.keys else {}
-    return prefix | {stage: (stage, plan.keys[stage])}
+    beside = {e: (e, plan.keys[e]) for e, owner in WRITTEN_BESIDE.items() if owner == stage and e in plan.keys}
+    return {stage: (stage, plan.keys[stage])} | beside
 
 
 def unready_upstream(plan: Plan, cache, only: set[str], cfg: StudyConfig) -> list[tuple[str, str, str, str]]:

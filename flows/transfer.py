@@ -57,7 +57,7 @@ def train_source(run: Run, source: str) -> str:
     """Meta-train one source (a group, or pooled) from the shared initialisation; a nested MLflow run."""
     set_threads(run.cfg)
     key, logger = run.plan.source_keys[source], get_run_logger()
-    checkpoint = run.cache.root / "checkpoints" / key / "checkpoint.pt"
+    checkpoint = run.cache.checkpoint(key)
 
     def progress(iteration: int, metrics: dict[str, float]) -> None:
         if "val_loss" in metrics:

@@ -28,7 +28,8 @@ def tiny(project, **sections) -> str:
 def entries(out: str) -> dict[str, tuple[str, str]]:
     """name -> (key, state or action), from the lines of `stages` or `run --dry-run`."""
     lines = [line.split(None, 2) for line in out.splitlines()]
-    return {name: (key, what) for name, key, what in (x for x in lines if x and x[0].split("[")[0] in STAGES)}
+    names = (*STAGES, "train_sets", "prefix")
+    return {name: (key, what) for name, key, what in (x for x in lines if x and x[0].split("[")[0] in names)}
 
 
 def test_no_arguments_prints_the_help_and_succeeds(capsys):
@@ -77,7 +78,7 @@ def test_help_version_and_dry_run_start_neither_prefect_nor_mlflow(project):
     assert quick[-1] == "[]"  # not even torch: flows.plan is read when a stage option is
     dry = run_python(project, f"import sys; from flows.cli import main; assert main(['run', '--config', "
                               f"{tiny(project)!r}, '--dry-run']) == 0; {loaded}")
-    assert dry[-1] == "['torch']" and dry[-2].startswith("dry run: 6 to compute")
+    assert dry[-1] == "['torch']" and dry[-2].startswith("dry run: 7 to compute")
     assert not (project / "mlruns").exists() and not (project / ".prefect").exists()
 
 
@@ -108,13 +109,15 @@ def test_from_until_in_a_dry_run(project, capsys):
     assert cli.main(["run", "--config", config, "--dry-run", "--until", "meta_train"]) == 0
     plan = entries(capsys.readouterr().out)
     assert {name: what for name, (_, what) in plan.items()} == {
-        "task_sets": "compute (--from/--until)", "embeddings": "compute (--from/--until)",
+        "task_sets": "compute (--from/--until)", "train_sets": "compute (missing)",
+        "embeddings": "compute (--from/--until)",
         "meta_train[maml]": "compute (--from/--until)", "evaluate": "not run", "baselines": "not run",
         "significance": "not run"}
     assert cli.main(["run", "--config", config, "--dry-run", "--from", "meta_train", "--until", "evaluate"]) == 1
     out, err = capsys.readouterr()
     plan = {name: what for name, (_, what) in entries(out).items()}
-    assert plan["task_sets"] == "missing: needed from the cache" and plan["embeddings"] == "not run"
+    assert plan["task_sets"] == plan["train_sets"] == "missing: needed from the cache"
+    assert plan["embeddings"] == "not run"
     assert plan["evaluate"] == "compute (--from/--until)" and plan["baselines"] == "not run"
     assert "'task_sets' (missing" in err
 
@@ -327,7 +330,7 @@ def test_a_run_that_never_reached_significance_has_no_results(prefect_harness, p
 def test_the_default_config_outside_a_checkout_is_the_shipped_quick_study(project, monkeypatch, capsys):
     monkeypatch.chdir(project)  # no configs/ here
     assert cli.main(["run", "--dry-run"]) == 0
-    assert "dry run: 9 to compute" in capsys.readouterr().out
+    assert "dry run: 10 to compute" in capsys.readouterr().out
     assert cli.main(["run", "--dry-run", "--config", "configs/other.yaml"]) == 2  # a named file is not replaced
     assert "configs/other.yaml: config file not found" in capsys.readouterr().err
 

@@ -198,3 +198,63 @@ def test_duplicated_utterances_never_sit_in_support_and_query(tmp_path):
     assert episodes["episode"].nunique() == 200
     distinct = episodes.assign(t=texts[episodes["row"]]).groupby("episode")["t"].nunique()
     assert (distinct == 2 * (1 + 5)).all()
+
+
+def assert_training_tables_unchanged(family: TaskFamily, other: TaskFamily) -> None:
+    """Two families that differ only in their test protocol: the same training_data and training_files, and every
+    table outside test_tables identical (what the train_sets entry, and so meta-training, is keyed by), while
+    some test table differs."""
+    assert family.training_data() == other.training_data() and family.training_files() == other.training_files()
+    a, b = family.build(seed=0), other.build(seed=0)
+    assert set(a) - set(family.test_tables) == set(b) - set(family.test_tables)
+    for name in set(a) - set(family.test_tables):
+        pd.testing.assert_frame_equal(a[name].reset_index(drop=True), b[name].reset_index(drop=True))
+    assert any(name not in b or not a[name].equals(b[name]) for name in set(a) & set(family.test_tables))
+
+
+def test_the_test_protocol_changes_only_the_test_tables_sinusoid():
+    def family(n_test):
+        return family_for(StudyConfig.model_validate({"family": {
+            "kind": "sinusoid", "n_tasks": {"meta_train": 50, "meta_val": 10, "meta_test": n_test}}}))
+    assert_training_tables_unchanged(family(20), family(30))
+    assert family(20).training_data() != family_for(StudyConfig.model_validate({"family": {
+        "kind": "sinusoid", "n_tasks": {"meta_train": 50, "meta_val": 11, "meta_test": 20}}})).training_data()
+
+
+def test_the_test_protocol_changes_only_the_test_tables_text(tmp_path):
+    intent_table().to_csv(tmp_path / "intents.csv", index=False)
+    assert_training_tables_unchanged(family_for(text_config(tmp_path / "intents.csv")),
+                                     family_for(text_config(tmp_path / "intents.csv", n_test_episodes=9)))
+
+
+def test_the_test_protocol_changes_only_the_test_tables_omniglot(built):
+    family, _ = built
+    assert_training_tables_unchanged(family, family_for(omniglot_cfg(n_val_episodes=10, n_test_episodes=25)))
+
+
+def test_the_test_protocol_changes_only_the_test_tables_image_folder(tmp_path):
+    from PIL import Image
+
+    root, rng = tmp_path / "images", np.random.default_rng(0)
+    for c in range(12):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    held, rows = tmp_path / "held_out", []
+    for c in range(3):
+        (held / f"new{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(held / f"new{c}" / f"{i}.png")
+            rows.append(("only", "support" if i == 0 else "query", f"held_out/new{c}/{i}.png", c))
+    pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).to_csv(tmp_path / "e.csv", index=False)
+
+    def family(**test):
+        return family_for(StudyConfig.model_validate({
+            "family": {"kind": "image_folder", "path": str(root), "n_way": 3, "k_shot": 1, "n_query": 1,
+                       "n_val_episodes": 2, "image_size": 8, "fractions": [0.5, 0.25, 0.25], **test},
+            "model": {"kind": "conv4"}}))
+
+    with_file = family(test_episodes=str(tmp_path / "e.csv"))
+    assert set(with_file.input_files()) - set(with_file.training_files()) == {
+        tmp_path / "e.csv", *(held / f"new{c}" / f"{i}.png" for c in range(3) for i in range(2))}
+    assert_training_tables_unchanged(with_file, family(n_test_episodes=4))

@@ -19,7 +19,8 @@ from flows.versions import ROOT, input_digests, module_closure
 
 CONFIGS = {"sinusoid": "quick", "omniglot": "omniglot-5w1s", "text": "clinc150-lora"}
 DOWNSTREAM = {  # entry -> the entries whose keys hash its key
-    "task_sets": {"embeddings", "meta_train", "evaluate", "baselines", "significance"},
+    "task_sets": {"embeddings", "evaluate", "baselines", "significance"},
+    "train_sets": {"meta_train", "evaluate", "significance"},  # the task sets' tables that meta-training reads
     "prefix": {"embeddings", "meta_train", "evaluate", "baselines", "significance"},
     "embeddings": set(), "meta_train": {"evaluate", "significance"}, "evaluate": {"significance"},
     "baselines": {"significance"}, "significance": set()}
@@ -195,8 +196,32 @@ def test_an_edited_input_file_moves_the_task_sets_and_everything_after(tmp_path)
     edited.loc[edited["label"] == "intent_3", "label"] = "intent_renamed"
     edited.to_csv(csv, index=False)
     after = flat_keys(make_plan(cfg, memo))
-    assert changed_stages(before, after) == {"task_sets", "prefix", *DOWNSTREAM["task_sets"]}
+    assert changed_stages(before, after) == {"task_sets", "train_sets", "prefix", *DOWNSTREAM["task_sets"],
+                                             *DOWNSTREAM["train_sets"]}
     assert all(before[k] != after[k] for k in before)
+
+
+@pytest.mark.parametrize("kind, change", [
+    ("sinusoid", {"family": {"n_tasks": {"meta_train": 20000, "meta_val": 200, "meta_test": 100}}}),
+    ("omniglot", {"family": {"n_test_episodes": 1000}}),
+    ("text", {"family": {"n_test_episodes": 50}})])
+def test_a_new_test_protocol_keeps_the_meta_training_keys(configs, kind, change):
+    """More or fewer meta-test episodes change the task sets and what reads the meta-test episodes, never the
+    tables meta-training reads (train_sets) or meta-training itself; meta-val episodes do."""
+    cfgs, memo = configs
+    cfg = cfgs[kind]
+    before = flat_keys(make_plan(cfg, memo))
+    after = flat_keys(make_plan(cfg.model_validate(deep_merge(cfg.model_dump(), change)), memo))
+    assert changed_stages(before, after) == {"task_sets", *DOWNSTREAM["task_sets"]}
+    val = {"family": {"n_tasks": {"meta_train": 20000, "meta_val": 100, "meta_test": 600}}} if kind == "sinusoid" \
+        else {"family": {"n_val_episodes": 7}}
+    after_val = flat_keys(make_plan(cfg.model_validate(deep_merge(cfg.model_dump(), val)), memo))
+    assert {"train_sets", "meta_train"} <= changed_stages(before, after_val)
+
+
+def deep_merge(base: dict, change: dict) -> dict:
+    return {k: deep_merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            for k, v in {**base, **change}.items()}
 
 
 def test_each_input_file_is_hashed_once_per_size_and_mtime(tmp_path, monkeypatch):

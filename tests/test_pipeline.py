@@ -46,7 +46,8 @@ def test_pipeline_runs_then_hits_the_cache(prefect_harness, project):
 
     config = write_config(project)
     first = meta_pipeline(config_path=config)
-    assert misses(first) == {"task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance"}
+    assert misses(first) == {"task_sets", "train_sets", "embeddings", "meta_train", "evaluate", "baselines",
+                             "significance"}
     assert "maml" in first["results"] and "scratch" in first["results"]
 
     client, parent, children = runs_of(project, first["run_id"])
@@ -70,6 +71,17 @@ def test_pipeline_runs_then_hits_the_cache(prefect_harness, project):
 
     edited = meta_pipeline(config_path=write_config(project, evaluate={"steps": 4}))
     assert misses(edited) == {"evaluate", "baselines", "significance"}
+
+    # another test protocol (more meta-test tasks) keeps the meta-training: only what reads the test tasks reruns
+    more = write_config(project, family={"n_tasks": {**TINY["family"]["n_tasks"], "meta_test": 50}})
+    retested = meta_pipeline(config_path=more)
+    assert misses(retested) == {"task_sets", "embeddings", "evaluate", "baselines", "significance"}
+    assert retested["keys"]["train_sets"] == first["keys"]["train_sets"]
+    from flows.cache import RESULTS, StageCache
+
+    scored = StageCache(project / "data").read_table("evaluate", retested["keys"]["evaluate"], RESULTS)
+    assert scored.groupby("method")["episode"].nunique().to_dict() == {m: 50 for m in METHODS - {
+        "scratch", "pretrain_finetune"}}
 
 
 def test_training_a_budget_stopped_short_is_marked_wherever_the_results_are(prefect_harness, project, capsys):

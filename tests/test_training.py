@@ -219,3 +219,22 @@ def test_the_last_state_is_validated_whatever_ends_training(pools):
     validated = result.history.loc[result.history["metric"] == "val_loss", "iteration"].tolist()
     assert validated == [0, 3, 6, 9, 12, 14] and result.stop_reason == "iterations"
     assert result.best_iteration in validated
+
+
+def test_resume_note_says_how_a_unit_will_start(tmp_path):
+    """What the log and `run --dry-run` say of a meta-training about to run: afresh, going on from the trajectory's
+    checkpoint, or from the start beside a checkpoint past its iterations (which is kept for the longer run)."""
+    import torch
+
+    from flows.stages.meta_train import resume_note, resume_point
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    assert resume_note(checkpoint, 400) == "" and resume_point(checkpoint, 400) == (checkpoint, 0)
+    torch.save({"iteration": 349}, checkpoint)
+    assert resume_note(checkpoint, 400) == "goes on from its checkpoint at iteration 349"
+    torch.save({"iteration": 664}, checkpoint)
+    assert resume_note(checkpoint, 400) == ("from the start: its checkpoint at iteration 664 is past iterations 400 "
+                                            "(kept for the longer run)")
+    torch.save({"iteration": 120}, tmp_path / "upto-400.pt")  # an earlier run of 400 beside it
+    assert resume_point(checkpoint, 400) == (tmp_path / "upto-400.pt", 120)
+    assert resume_note(checkpoint, 400) == "goes on from its checkpoint at iteration 120"

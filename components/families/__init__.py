@@ -12,7 +12,7 @@ Adding a family: one module here with one `TaskFamily` subclass, one config sect
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
@@ -59,9 +59,22 @@ class TaskFamily(ABC):
 
     # ---- data
 
+    # The tables of `build` that only the meta-test episodes read. Meta-training reads the others, cached as their
+    # own entry keyed by `training_data` and `training_files`: a new test protocol keeps the meta-training.
+    test_tables: ClassVar[tuple[str, ...]] = ()
+
     def input_files(self) -> tuple[Path, ...]:
         """Every file the family's `build` reads; their content enters the task sets' cache key."""
         return ()
+
+    def training_data(self) -> dict:
+        """`data` as a dict, without the settings that change only `test_tables` (the number of meta-test
+        episodes, a fixed episode file): what the tables meta-training reads are keyed by."""
+        return asdict(self.data)
+
+    def training_files(self) -> tuple[Path, ...]:
+        """The input files the tables outside `test_tables` are built from (all of `input_files` by default)."""
+        return self.input_files()
 
     @abstractmethod
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
@@ -152,6 +165,10 @@ class ClassificationTasks(TaskFamily):
     loss_fn = staticmethod(F.cross_entropy)
     score_fn = staticmethod(accuracy)
     class_column: ClassVar[str] = "class_id"  # the classes table's column naming a class (beside `split`)
+    test_tables: ClassVar[tuple[str, ...]] = ("episodes_meta_test",)  # sampled from their own seed stream
+
+    def training_data(self) -> dict:
+        return {k: v for k, v in super().training_data().items() if k != "n_test_episodes"}
 
     def classes(self, tables: Tables, split: str) -> list[str]:
         classes = tables["classes"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,11 @@ class SinusoidTasks(TaskFamily):
     metric, lower_is_better = "mse", True
     loss_fn = staticmethod(F.mse_loss)
     score_fn = staticmethod(F.mse_loss)
+    test_tables: ClassVar[tuple[str, ...]] = ("meta_test",)  # one generator draws meta-train, meta-val, then meta-test
+
+    def training_data(self) -> dict:
+        data = super().training_data()
+        return {**data, "n_tasks": {s: n for s, n in data["n_tasks"].items() if s != "meta_test"}}
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """The three disjoint task sets, one table each (task_id, split, role, point, x, y, amplitude, phase)."""

@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from components.families import TaskFamily
-from flows.cache import VALIDATION, write_tables
+from flows.cache import VALIDATION, StageCache, copy_tables, write_tables
 from flows.validation import validate_family
 
 
@@ -42,3 +42,18 @@ def summary(tables) -> dict:
     if "classes" in tables:
         return {f"n_classes_{s}": int(n) for s, n in tables["classes"].groupby("split").size().items()} | cleaned
     return {f"n_tasks_{s}": int(t["task_id"].nunique()) for s, t in tables.items()}
+
+
+def write_train_sets(cache: StageCache, plan) -> bool:
+    """The training side of the task sets as its own entry ("train_sets", `flows.plan`): the tables of the complete
+    task_sets entry but the family's `test_tables`, which meta-training reads. Written only when missing (an entry
+    of the same key holds the same tables), so a rebuilt task_sets entry (a new test protocol) leaves it, and the
+    meta-training after it, as they are. Nothing without a complete task_sets entry. True when it wrote it."""
+    key = plan.keys["train_sets"]
+    with cache.lock("train_sets", key):
+        if cache.is_complete("train_sets", key) or not cache.is_complete("task_sets", plan.keys["task_sets"]):
+            return False
+        meta = {"settings": plan.settings_key("train_sets"), "inputs": plan.inputs}
+        with cache.writing("train_sets", key, meta) as out:
+            meta["tables"] = copy_tables(cache.path("task_sets", plan.keys["task_sets"]), out, plan.family.test_tables)
+    return True
