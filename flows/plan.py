@@ -137,6 +137,19 @@ def plain(value) -> object:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+def without_paths(settings: dict, fields: tuple[str, ...]) -> dict:
+    """settings without the (dotted) fields that name input files or folders (`TaskFamily.path_fields`): keys hash
+    those files' content, so a path written relative, absolute or from another folder gives the same keys."""
+    out = dict(settings)
+    for field in fields:
+        head, _, rest = field.partition(".")
+        if rest and isinstance(out.get(head), dict):
+            out[head] = without_paths(out[head], (rest,))
+        elif not rest:
+            out.pop(head, None)
+    return out
+
+
 def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT) -> Plan:
     """Every key of the study; memo: the digest memo of input files (default: none, every file is hashed);
     code_root: the folder holding components/ and flows/ whose source the keys hash."""
@@ -152,15 +165,16 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
         return content_key({"stage": stage, "config": config, "upstream": [keys[u] for u in upstream], "code": code})
 
     keys: dict[str, str] = {}
-    settings = {"task_sets": {"data": plain(family.data), "seed": cfg.seed}}
+    paths = family.path_fields
+    settings = {"task_sets": {"data": without_paths(plain(family.data), paths), "seed": cfg.seed}}
     data: tuple[str, ...] = ("task_sets",)
     if has_prefix(family):  # the family says what its prefix depends on (not k_shot etc.)
-        settings["prefix"] = family.prefix_settings()
+        settings["prefix"] = without_paths(family.prefix_settings(), paths)
         data = ("task_sets", "prefix")
     for stage in data:
         keys[stage] = key(stage, {**settings[stage], "inputs": prefix_content if stage == "prefix" else content})
     training = {p: inputs[p] for p in (str(Path(f).resolve()) for f in family.training_files())}
-    settings["train_sets"] = {"data": family.training_data(), "seed": cfg.seed}
+    settings["train_sets"] = {"data": without_paths(family.training_data(), paths), "seed": cfg.seed}
     keys["train_sets"] = key("train_sets", {**settings["train_sets"], "inputs": input_content(training)})
     train_data = ("train_sets", *data[1:])
     settings_keys = {stage: key(stage, settings[stage]) for stage in (*data, "train_sets")}

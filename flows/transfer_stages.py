@@ -37,7 +37,7 @@ from flows import report
 from flows.cache import StageCache, content_key, write_table
 from flows.config import StudyConfig
 from flows.families import algorithm_settings, family_for
-from flows.plan import input_content, make_plan
+from flows.plan import input_content, make_plan, without_paths
 from flows.versions import code_version
 
 
@@ -71,7 +71,8 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
 
     keys: dict[str, str] = {}
     inputs = input_content(pipeline.inputs)
-    keys["transfer_sets"] = key("transfer_sets", {"family": cfg.family.model_dump(), "seed": cfg.seed, "inputs": inputs,
+    family = without_paths(cfg.family.model_dump(), ("path", "split_dir", "split_root"))  # content: in inputs
+    keys["transfer_sets"] = key("transfer_sets", {"family": family, "seed": cfg.seed, "inputs": inputs,
                                                   **t.model_dump(
         include={"groups", "n_groups", "test_fraction", "val_episodes", "test_episodes", "embed_episodes",
                  "embed_shots"})})

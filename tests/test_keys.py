@@ -219,6 +219,25 @@ def test_a_new_test_protocol_keeps_the_meta_training_keys(configs, kind, change)
     assert {"train_sets", "meta_train"} <= changed_stages(before, after_val)
 
 
+@pytest.mark.parametrize("kind, field", [("omniglot", ("path",)), ("text", ("path",))])
+def test_a_path_written_another_way_gives_the_same_keys(configs, kind, field, tmp_path, monkeypatch):
+    """Keys hash the input files' content, not how their path is written: relative, absolute, or relative from
+    another folder (a scheduled deployment runs elsewhere than the CLI) all give the same keys."""
+    cfgs, memo = configs
+    cfg = cfgs[kind]
+    before = flat_keys(make_plan(cfg, memo))
+    dumped = cfg.model_dump()
+    section = dumped["family"]
+    for part in field[:-1]:
+        section = section[part]
+    written = section[field[-1]]
+    section[field[-1]] = str(Path(written).resolve())
+    assert flat_keys(make_plan(cfg.model_validate(dumped), memo)) == before
+    monkeypatch.chdir(tmp_path)
+    section[field[-1]] = os.path.relpath(ROOT / written, tmp_path)
+    assert flat_keys(make_plan(cfg.model_validate(dumped), memo)) == before
+
+
 def deep_merge(base: dict, change: dict) -> dict:
     return {k: deep_merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
             for k, v in {**base, **change}.items()}

@@ -62,6 +62,10 @@ class TaskFamily(ABC):
     # The tables of `build` that only the meta-test episodes read. Meta-training reads the others, cached as their
     # own entry keyed by `training_data` and `training_files`: a new test protocol keeps the meta-training.
     test_tables: ClassVar[tuple[str, ...]] = ()
+    # The `data` fields (dotted: "source.path") that name input files or folders. Cache keys hash the files'
+    # content (`input_files`), not these names: a path written relative or absolute, or from another folder, is the
+    # same data.
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     def input_files(self) -> tuple[Path, ...]:
         """Every file the family's `build` reads; their content enters the task sets' cache key."""

@@ -43,6 +43,7 @@ class ImageFolderTasks(ImageTasks):
     data: ImageFolderData  # no default: the images are the user's
     model_settings: Conv4Model = Conv4Model()
     baselines: BaselineConfig = BaselineConfig()
+    path_fields = ("path", "test_episodes")
 
     # ---- data
 

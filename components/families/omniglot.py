@@ -47,6 +47,7 @@ class OmniglotTasks(ImageTasks):
     data: OmniglotData = OmniglotData()
     model_settings: Conv4Model = Conv4Model()
     baselines: BaselineConfig = BaselineConfig()
+    path_fields = ("path", "test_episodes")
     group: ClassVar[str] = "character"  # a class is a character at a rotation
     expected: ClassVar[str] = ("need a file (absolute or relative to the episode file's folder) or a member of the "
                                "Omniglot archives, e.g. 'images_evaluation/<Alphabet>/<characterNN>/<id>_<rr>.png'")

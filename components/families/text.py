@@ -74,6 +74,7 @@ class TextTasks(ClassificationTasks):
 
     reference = "prototypes"
     class_column = "label"
+    path_fields = ("source.path", "split_dir")
 
     # ---- data
 
