@@ -66,6 +66,8 @@ class TrainResult:
     stop_reason: str  # one of STOP_REASONS
     best_iteration: int  # iteration whose meta-parameters are `state`: the best validated, the last state included
     seconds: float  # wall-clock seconds of this call
+    seconds_total: float  # wall-clock seconds of training the meta-parameters have seen, across resumes (a run
+    # killed between checkpoints counts up to its last checkpoint, the work a resume replays)
 
 
 def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch, cfg: TrainConfig,
@@ -88,11 +90,13 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
     else:
         run = _fresh_run(learner, cfg)
         _validate(learner, val, run, log)
-    first = run["iteration"]
+    first, before = run["iteration"], run.get("seconds", 0.0)  # (a checkpoint older than the field: 0)
     while (stop := _stop_reason(run, cfg, start)) is None:
         _iterate(learner, opt, schedule, train, val, run, cfg, log)
         if path is not None and cfg.checkpoint_every and run["iteration"] % cfg.checkpoint_every == 0:
+            run["seconds"] = before + time.perf_counter() - start
             _save(path, run, learner, opt, schedule)
+    run["seconds"] = before + time.perf_counter() - start
     if path is not None:
         _save(path, run, learner, opt, schedule)  # the trajectory as an uninterrupted run has it: a resume goes on
     final = run
@@ -102,7 +106,7 @@ def meta_train(learner: MetaLearner, train: TaskBatch | Sampler, val: TaskBatch,
     return TrainResult(
         state=final["best_state"], final_state=learner.state_dict(), history=pd.DataFrame(final["history"]),
         iterations_run=run["iteration"] - first, iterations_total=run["iteration"], stop_reason=stop,
-        best_iteration=final["best_iteration"], seconds=time.perf_counter() - start)
+        best_iteration=final["best_iteration"], seconds=time.perf_counter() - start, seconds_total=run["seconds"])
 
 
 def meta_batch_indices(n_tasks: int, meta_batch_size: int, seed: int, iteration: int) -> torch.Tensor:
@@ -206,7 +210,7 @@ _DEFAULTS = {"train": asdict(TrainConfig()), "learner": _plain(asdict(MetaLearne
 
 
 def _fresh_run(learner: MetaLearner, cfg: TrainConfig) -> dict[str, Any]:
-    return {"version": TRAINING_VERSION, "config": _run_config(learner, cfg), "iteration": 0,
+    return {"version": TRAINING_VERSION, "config": _run_config(learner, cfg), "iteration": 0, "seconds": 0.0,
             "best_state": learner.state_dict(), "best_val": float("inf"), "best_iteration": 0,
             "bad_validations": 0, "history": {"iteration": [], "metric": [], "value": []}}
 

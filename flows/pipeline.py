@@ -306,7 +306,9 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
                                  **({"metapeft.diverged": meta["diverged"]} if "diverged" in meta else {})})
     run.tracker.log_metrics(child, {"meta_train_iterations": meta["iterations_total"],
                                     "meta_train_iterations_this_run": meta["iterations_run"],
-                                    "meta_train_seconds": meta["seconds"], "best_iteration": meta["best_iteration"]})
+                                    "meta_train_seconds": meta["seconds"], "best_iteration": meta["best_iteration"],
+                                    **({"meta_train_seconds_total": meta["train_seconds_total"]}
+                                       if "train_seconds_total" in meta else {})})
     run.tracker.end_run(child)
     if "diverged" in meta:
         get_run_logger().warning("%s diverged: %s", label, meta["diverged"])

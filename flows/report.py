@@ -132,7 +132,9 @@ FEW_EPISODES = 30  # below this many paired episodes, say that the intervals and
 
 
 def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[str, str]:
-    """{unit label: "meta-training stopped by the time budget at iteration i of n"} for each meta-learner whose
+    """{unit label: "meta-training stopped by the time budget at iteration i of n after m min of training in all"}
+    (the minutes across every budgeted run that continued it; absent for entries older than the count) for each
+    meta-learner whose
     cached training (`meta_train` entry of algorithm_keys[label]) a wall-clock budget stopped before its
     iterations: its scores are those of a shorter training than the config says. A rerun with --budget-minutes
     goes on from its checkpoint."""
@@ -141,8 +143,10 @@ def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[s
         meta = cache.manifest("meta_train", key)["meta"] if cache.is_complete("meta_train", key) else {}
         if meta.get("stop_reason") == "budget":
             planned = cfg.meta_train.for_algorithm(label.split("/")[0])["iterations"]
+            spent = f" after {meta['train_seconds_total'] / 60:.1f} min of training in all" \
+                if "train_seconds_total" in meta else ""
             notes[label] = f"meta-training stopped by the time budget at iteration {meta['iterations_total']} of " \
-                           f"{planned}"
+                           f"{planned}{spent}"
     return notes
 
 

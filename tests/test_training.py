@@ -145,6 +145,20 @@ def test_budget_stops_and_next_call_goes_on(pools, tmp_path):
     assert_same_run(resumed, meta_train(make_learner(), train, val, cfg_for()))
 
 
+def test_seconds_total_adds_up_across_budgeted_pieces(pools, tmp_path):
+    """A training continued over several budgets counts every piece's seconds (seconds: this call's only)."""
+    train, val = pools
+    ckpt = tmp_path / "run.pt"
+    meta_train(make_learner(), train, val, cfg_for(iterations=2))  # warm-up: the first call's setup is slow
+    pieces = [meta_train(make_learner(), train, val, cfg_for(iterations=10**6, budget_seconds=0.3), ckpt)
+              for _ in range(3)]
+    assert all(p.stop_reason == "budget" for p in pieces) and pieces[-1].iterations_run > 0
+    assert pieces[0].seconds_total == pytest.approx(pieces[0].seconds, abs=0.05)
+    for before, after in zip(pieces, pieces[1:]):
+        assert after.seconds_total == pytest.approx(before.seconds_total + after.seconds, abs=0.05)
+    assert pieces[-1].seconds_total > 0.85  # three budgets of 0.3 s
+
+
 def test_log_gets_every_train_loss_and_val_loss(pools):
     train, val = pools
     calls = []

@@ -60,6 +60,7 @@ def train_unit(family: TaskFamily, tables: Tables, settings, device: torch.devic
     torch.save(result.state, out / STATE)
     write_table(result.history, out, HISTORY)
     return {"iterations_run": result.iterations_run, "iterations_total": result.iterations_total,
+            "train_seconds_total": round(result.seconds_total, 3),
             "stop_reason": result.stop_reason, "best_iteration": result.best_iteration,
             "kept_state": f"iteration {result.best_iteration} of {result.iterations_total}: the lowest meta-val "
                           f"loss of the validated states (the last one included)"}
