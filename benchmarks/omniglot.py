@@ -509,6 +509,30 @@ def curve_table(runs: dict[str, dict]) -> pd.DataFrame:
                          for a, r in runs.items() for s in r["snapshots"] for e, v in enumerate(s["accuracy"])])
 
 
+REFERENCE = "l2l_maml"  # the curves every other algorithm is compared with, point by point
+
+
+def curve_comparisons(table: pd.DataFrame, reference: str = REFERENCE) -> list[dict]:
+    """Each algorithm against the reference at every point both have, paired over the same test episodes
+    (`components.significance.paired_comparison`, accuracy in points): algorithm, point_seconds, n, mean_diff,
+    ci_low, ci_high, p_ttest, p_wilcoxon. table: `curve_table`'s rows (several sessions' joined). [] without the
+    reference."""
+    from components.significance import paired_comparison
+
+    if reference not in set(table["method"]):
+        return []
+    scores = table.pivot_table(index=["point_seconds", "episode"], columns="method", values="value")
+    rows = []
+    for (point, frame) in scores.groupby(level="point_seconds"):
+        for algorithm in (c for c in frame.columns if c != reference):
+            pair = frame[[algorithm, reference]].dropna()
+            if len(pair):
+                test = paired_comparison(pair[algorithm].to_numpy(), pair[reference].to_numpy())
+                rows.append({"algorithm": algorithm, "reference": reference, "point_seconds": float(point),
+                             **{k: test[k] for k in ("n", "mean_diff", "ci_low", "ci_high", "p_ttest", "p_wilcoxon")}})
+    return rows
+
+
 def plot_curves(curves: dict[str, list[dict]], title: str, path: Path) -> None:
     """Accuracy against training seconds, one line per algorithm with its 95% band; written atomically."""
     import matplotlib
@@ -583,6 +607,7 @@ def curves_benchmark(args) -> None:
                         **out["runs"]}}
         table = pd.concat([pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")), table],
                           ignore_index=True)
+    out["comparisons"] = curve_comparisons(table)
     write_json_atomic(out, args.curves_out)
     write_parquet_atomic(table, args.curves_out.with_suffix(".episodes.parquet"))
     plot_curves(out["curves"], title, args.curves_out.with_suffix(".png"))
@@ -613,6 +638,7 @@ def log_curves_mlflow(out: dict, path: Path, root: Path = ROOT) -> dict[str, str
                 "metapeft.algorithm": algorithm, "metapeft.curve_digest": digest}
         if found := tracker.find_run(tags):
             ids[algorithm] = found
+            log_comparisons(tracker, found, out, algorithm)  # (a run logged before its comparison existed)
             continue
         run = out["runs"].get(algorithm, {})
         git = run.get("git") or {}
@@ -635,12 +661,27 @@ def log_curves_mlflow(out: dict, path: Path, root: Path = ROOT) -> dict[str, str
         tracker.log_points(run_id, points)
         tracker.log_metrics(run_id, {k: run[k] for k in ("iterations", "tasks_per_s", "train_seconds")
                                      if isinstance(run.get(k), (int, float))})
+        log_comparisons(tracker, run_id, out, algorithm)
         for artifact in (path, path.with_suffix(".png")):
             if artifact.is_file():
                 tracker.log_artifact(run_id, artifact)
         tracker.end_run(run_id)
         ids[algorithm] = run_id
     return ids
+
+
+def log_comparisons(tracker, run_id: str, out: dict, algorithm: str) -> None:
+    """The algorithm's paired difference from the reference (`curve_comparisons`, points) at every point as metric
+    `accuracy_minus_<reference>_by_second` (step: the point's training seconds), unless the run has it already."""
+    from mlflow.entities import Metric
+
+    rows = [c for c in out.get("comparisons", []) if c["algorithm"] == algorithm]
+    name = f"accuracy_minus_{REFERENCE}_by_second"
+    if not rows or name in tracker.client.get_run(run_id).data.metrics:
+        return
+    start = tracker.client.get_run(run_id).info.start_time
+    tracker.log_points(run_id, [Metric(name, c["mean_diff"], start + int(1000 * c["point_seconds"]),
+                                       round(c["point_seconds"])) for c in rows])
 
 
 def settings(args) -> dict:
@@ -753,7 +794,8 @@ def parse_args(argv=None):
     p.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None, help="--curves: log each "
                    f"curve to MLflow (experiment {MLFLOW_EXPERIMENT!r}); default on, off for --smoke")
     p.add_argument("--log-mlflow", action="store_true", help="log the curves JSON at --out (default: this "
-                   "setting's) to MLflow, each curve once, and exit: no training")
+                   "setting's) to MLflow, each curve once, and exit: no training (a JSON written before the paired "
+                   "comparisons were gets them, from its .episodes.parquet)")
     p.add_argument("--throughput", action="store_true", help="MAML tasks/s and peak RSS, metapeft vs learn2learn")
     p.add_argument("--allocators", default="tcmalloc,default", help="--throughput: allocators to compare under")
     p.add_argument("--chunks", default=None, help="--throughput: metapeft task x query chunks, e.g. 16x2,1x1")
@@ -809,7 +851,11 @@ def main(argv=None) -> None:
     elif args.log_mlflow:
         if not args.curves_out.is_file():
             raise SystemExit(f"--log-mlflow: {args.curves_out} not found")
-        logged = log_curves_mlflow(json.loads(args.curves_out.read_text()), args.curves_out)
+        out = json.loads(args.curves_out.read_text())
+        if "comparisons" not in out:  # written before the comparisons were: from its per-episode table
+            out["comparisons"] = curve_comparisons(pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")))
+            write_json_atomic(out, args.curves_out)
+        logged = log_curves_mlflow(out, args.curves_out)
         print(f"MLflow experiment {MLFLOW_EXPERIMENT!r}: " + ", ".join(f"{a} run {i}" for a, i in logged.items()))
     elif args.throughput:
         throughput_benchmark(args)

@@ -170,17 +170,25 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
     points = sorted({r["point_seconds"] for rows in data["curves"].values() for r in rows})
     at = {a: {r["point_seconds"]: r for r in curve} for a, curve in data["curves"].items()}
     clock = (lambda t: f"{t / 60:g} min") if points[-1] >= 600 else (lambda t: f"{t:g} s")
+    versus = {(c["algorithm"], c["point_seconds"]): c for c in data.get("comparisons", [])}
+    against = [a for a in at if any(k[0] == a for k in versus)]  # algorithms with a paired difference from the reference
     rows = [[clock(t), *(f"{at[a][t]['accuracy']:.2f} +- {at[a][t]['ci95']:.2f} ({at[a][t]['iterations']} it)"
-                         if t in at[a] else "-" for a in at)] for t in points]
+                         if t in at[a] else "-" for a in at),
+             *(f"{c['mean_diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}], p {c['p_ttest']:.1e} / "
+               f"{c['p_wilcoxon']:.1e}" if (c := versus.get((a, t))) else "-" for a in against)] for t in points]
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
     loads = "; ".join(f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
                       for a, r in data["runs"].items())
-    lines = [*markdown(["training time", *(label(names, a) for a in at)], rows), "",
+    reference = label(names, next(iter(versus.values()))["reference"]) if versus else ""
+    lines = [*markdown(["training time", *(label(names, a) for a in at),
+                        *(f"{label(names, a)} - {reference} (95% CI), p t / Wilcoxon" for a in against)], rows), "",
              f"{smoke}accuracy % (95% CI) on the first {s['curve_episodes']} meta-test episodes of the meta-"
              f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
              f"boundary at or after it; the training clock stops while a copy is taken); figure "
              f"`benchmarks/results/omniglot-curves-{s['ways']}w{s['shots']}s{'-smoke' if data.get('smoke') else ''}"
-             f".png`. Load average (1 min) at the start / end of each run: {loads}."]
+             f".png`. Load average (1 min) at the start / end of each run: {loads}." +
+             (" Differences: accuracy points on the same episodes, paired t-interval; p of the paired t-test and "
+              "the Wilcoxon signed-rank test." if versus else "")]
     goal = CURVE_GOALS.get((s["ways"], s["shots"]))
     if goal is not None and not data.get("smoke"):
         for a, curve in data["curves"].items():
@@ -198,7 +206,6 @@ def omniglot_throughput(jsons: list[dict]) -> list[str]:
     rows = [[names.get(r["allocator"], r["allocator"]), r["implementation"].replace("metapeft_", "metapeft "),
              f"{r['tasks_per_s']:.1f}", f"{r['vs_l2l']:.2f}x", f"{r['peak_rss_mb']:.0f} (+{r['peak_rss_over_start_mb']:.0f})",
              f"{r['conv_rate_fraction']:.0%} / {r['matmul_rate_fraction']:.0%}"] for r in data["rows"]]
-    loads = [x for r in data["rows"] for x in r.get("loadavg", ())] or [None]
     rates = data["rows"][0]
     return [*markdown(["allocator", "implementation", "tasks/s", "x learn2learn", "peak RSS MB (+ over start)",
                        "of conv / matmul peak"], rows), "",

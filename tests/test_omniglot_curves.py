@@ -192,6 +192,12 @@ def test_curves_are_logged_to_mlflow_once_each_against_iterations_and_training_s
     assert sorted((m.step, m.value) for m in by_second) == [(60, 90.0), (120, 93.5)]
     assert {a.path for a in client.list_artifacts(ids["protomaml"])} == {"curves.json"}
     assert omniglot.log_curves_mlflow(out, path, root=tmp_path) == ids  # logged once
+    out["comparisons"] = [{"algorithm": "protomaml", "reference": "l2l_maml", "point_seconds": 60.0, "n": 600,
+                           "mean_diff": 2.5, "ci_low": 2.0, "ci_high": 3.0, "p_ttest": 1e-9, "p_wilcoxon": 1e-8}]
+    assert omniglot.log_curves_mlflow(out, path, root=tmp_path) == ids  # the found run gets the comparison
+    assert omniglot.log_curves_mlflow(out, path, root=tmp_path) == ids
+    versus = client.get_metric_history(ids["protomaml"], "accuracy_minus_l2l_maml_by_second")
+    assert [(m.step, m.value) for m in versus] == [(60, 2.5)]  # once
     out["curves"]["l2l_maml"] = rows  # a longer curve (e.g. rerun) is a new run
     again = omniglot.log_curves_mlflow(out, path, root=tmp_path)
     assert again["protomaml"] == ids["protomaml"] and again["l2l_maml"] != ids["l2l_maml"]
@@ -204,3 +210,24 @@ def test_log_mlflow_option_needs_the_json(tmp_path):
         omniglot.main(["--log-mlflow", "--out", str(tmp_path / "none.json")])
     assert omniglot.parse_args(["--curves", "--smoke"]).mlflow is False
     assert omniglot.parse_args(["--curves", "--budget-minutes", "1"]).mlflow is True
+
+
+def test_each_algorithm_is_compared_with_learn2learn_at_every_point_on_the_same_episodes():
+    """curve_comparisons pairs episodes by number at each point: the difference, its t-interval and both p."""
+    from components.significance import paired_comparison
+
+    rng = np.random.default_rng(0)
+    l2l = rng.uniform(0.6, 1.0, size=(2, 30))
+    ours = np.clip(l2l + rng.normal(0.05, 0.05, size=l2l.shape), 0, 1)
+    runs = {a: {"snapshots": [{"point_seconds": 60.0 * (i + 1), "seconds": 60.0 * (i + 1) + 1, "iterations": 10 * i,
+                               "accuracy": acc[i].tolist()} for i in range(2)]} for a, acc in
+            (("l2l_maml", l2l), ("protomaml", ours))}
+    table = curve_table(runs).sample(frac=1.0, random_state=0)  # row order must not matter
+    rows = omniglot.curve_comparisons(table)
+    assert [(r["algorithm"], r["point_seconds"]) for r in rows] == [("protomaml", 60.0), ("protomaml", 120.0)]
+    for i, r in enumerate(rows):
+        expected = paired_comparison(100 * ours[i], 100 * l2l[i])
+        assert r["n"] == 30 and r["mean_diff"] == pytest.approx(expected["mean_diff"])
+        assert (r["ci_low"], r["ci_high"], r["p_wilcoxon"]) == pytest.approx(
+            (expected["ci_low"], expected["ci_high"], expected["p_wilcoxon"]))
+    assert omniglot.curve_comparisons(curve_table({"protomaml": runs["protomaml"]})) == []
