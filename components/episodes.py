@@ -105,10 +105,12 @@ def read_class_lists(folder: Path, files: Mapping[str, str]) -> dict[str, list[s
 
 
 def numbered_lines(path: Path) -> list[tuple[int, str]]:
-    """(1-based line number, stripped text) of the non-blank lines of a class list."""
+    """(1-based line number, stripped text) of the non-blank lines of a class list (UTF-8; a byte-order mark, as
+    some editors write, is not part of the first class)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: class list not found (one class per line)")
-    return [(i, s) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if (s := line.strip())]
+    text = path.read_text(encoding="utf-8-sig")
+    return [(i, s) for i, line in enumerate(text.splitlines(), 1) if (s := line.strip())]
 
 
 def class_members(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:

@@ -76,7 +76,7 @@ def load_text_csv(path: Path, text_col: str = "text", label_col: str = "label",
     1-based position in the array), what error messages and the validation report name.
     """
     path = Path(path)
-    table = _read_table(path, text_col, label_col, extra=[c for c in (domain_col, "split") if c])
+    table = _read_table(path, text_col, label_col, extra=["split"], domain_col=domain_col)
     if domain_col:
         table = table.rename(columns={domain_col: "domain"})
     return table if "split" in table else table.assign(split=path.stem)
@@ -86,35 +86,58 @@ def _read_json(file: Path):
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
 
 
-def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] = ()) -> pd.DataFrame:
-    """file's text_col, label_col (+ extra, where present) as ``text, label, ...``, checked."""
+def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[int]]:
+    """One JSON object a line (UTF-8, a byte-order mark allowed, blank lines skipped): the table and each row's
+    1-based line. Raises naming file:line: a line that is not JSON, or not an object."""
+    rows, lines = [], []
+    with open(file, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{file}:{number}: need one JSON object a line, got {type(row).__name__}")
+            rows.append(row)
+            lines.append(number)
+    return pd.DataFrame(rows), lines
+
+
+def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] = (),
+                domain_col: str | None = None, fix: str = "set family.{role}_col") -> pd.DataFrame:
+    """file's text_col, label_col (+ domain_col, which must be there when given; + extra, where present) as
+    ``text, label, ...``, checked. Raises naming the file: no rows, a missing column."""
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
     if file.suffix == ".csv":
         raw = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
-        first_line = 2  # line 1 is the header
+        lines = list(range(2, len(raw) + 2))  # line 1 is the header
     elif file.suffix == ".jsonl":
-        raw, first_line = pd.read_json(file, lines=True, dtype=False), 1
+        raw, lines = _read_jsonl(file)
     elif file.suffix == ".json":
         data = _read_json(file)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{file}: a .json file must hold an array of objects ({text_col!r}, {label_col!r}, ...); "
                              f"for one object a line, name it .jsonl")
-        raw, first_line = pd.DataFrame(data), 1
+        raw, lines = pd.DataFrame(data), list(range(1, len(data) + 1))
     else:
         raise ValueError(f"{file}: need a .csv, .jsonl or .json file, got {file.suffix!r}")
-    for role, col in (("text", text_col), ("label", label_col)):
-        if col not in raw:
-            raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}; set family."
-                             f"{role}_col")
-    keep = [text_col, label_col] + [c for c in extra if c in raw and c not in (text_col, label_col)]
+    if raw.empty:
+        raise ValueError(f"{file}: no rows (one utterance a row: {text_col!r}, {label_col!r})")
+    for role, col in (("text", text_col), ("label", label_col), ("domain", domain_col)):
+        if col is not None and col not in raw:
+            raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}; "
+                             f"{fix.format(role=role)}")
+    keep = [text_col, label_col] + [c for c in (domain_col, *extra) if c and c in raw and c not in (text_col, label_col)]
     table = raw[keep].rename(columns={text_col: "text", label_col: "label"})
-    return _check_table(table.assign(source=[f"{file.name}:{first_line + i}" for i in range(len(table))]), file)
+    return _check_table(table.assign(source=[f"{file.name}:{line}" for line in lines]), file)
 
 
 def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
@@ -169,7 +192,8 @@ def pool_rows(file: Path, utterances: pd.DataFrame, train: Sequence[str], text_c
     """(R,) object: for each row of the utterance table the pool line naming it ('<file>:<line>'), None for rows
     not in the pool (text compared after case and whitespace normalisation, within the intent). Raises naming
     file and line: an intent that is not one of ``train``, an utterance the data does not hold under that intent."""
-    pool = _read_table(Path(file), text_col, label_col)
+    pool = _read_table(Path(file), text_col, label_col,
+                       fix="a pool names its columns as the data file does (family.{role}_col)")
     pool["label"] = pool["label"].str.strip()
     if (stray := ~pool["label"].isin(set(train))).any():
         row = pool[stray].iloc[0]

@@ -516,23 +516,27 @@ def _shown_input(inputs: dict[str, str]):
 
 def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
     """'stale (...)' naming the input files (relative to their folder) that changed, were added or removed
-    since the newest entry of the same stage built with the same settings, if there is one."""
+    since the newest entry of the same stage built with the same settings from the same files (else from any),
+    if there is one."""
     from flows.plan import input_content
 
     entries = sorted((p for p in (cache.root / stage).glob("[!.]*") if (p / "manifest.json").exists()),
                      key=lambda p: (p / "manifest.json").stat().st_mtime, reverse=True)
-    for manifest in (cache.manifest(stage, p.name) for p in entries):
-        inputs = (manifest or {}).get("meta", {}).get("inputs")
-        if manifest and manifest["meta"].get("settings") == plan.settings_key(stage) and inputs:
-            now, then = dict(input_content(plan.inputs)), dict(input_content(inputs))
-            named = _shown_input(plan.inputs)
-            changed = [f"{named(name)} ({'added' if name not in then else 'changed'})" for name in sorted(now)
-                       if then.get(name) != now[name]] + [f"{named(name)} (removed)"
-                                                           for name in sorted(set(then) - set(now))]
-            if changed:
-                shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-                return f"stale (inputs changed since entry {manifest['key']}: {shown})"
-    return None
+    now = dict(input_content(plan.inputs))
+    same = [m for m in (cache.manifest(stage, p.name) for p in entries)
+            if m and m["meta"].get("settings") == plan.settings_key(stage) and m["meta"].get("inputs")]
+    # the newest built from the same files (their content changed) before the newest from other files (the study
+    # now reads another data file or fold: the settings key leaves paths out)
+    same.sort(key=lambda m: set(dict(input_content(m["meta"]["inputs"]))) != set(now))  # (a stable sort)
+    if not same:
+        return None
+    then, named = dict(input_content(same[0]["meta"]["inputs"])), _shown_input(plan.inputs)
+    changed = [f"{named(name)} ({'added' if name not in then else 'changed'})" for name in sorted(now)
+               if then.get(name) != now[name]] + [f"{named(name)} (removed)" for name in sorted(set(then) - set(now))]
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return f"stale (inputs changed since entry {same[0]['key']}: {shown})"
 
 
 @cli.command()

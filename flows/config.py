@@ -521,7 +521,7 @@ class StudyConfig(Section):
             dirs = fold_dirs(self)
             if len({Path(d).name for d in dirs.values()}) != len(dirs):
                 raise ValueError(f"folds: every fold's folder needs its own name, got {list(dirs.values())}")
-            if f.split_dir is not None and Path(f.split_dir) not in {Path(d) for d in dirs.values()}:
+            if f.split_dir is not None and Path(f.split_dir).resolve() not in {Path(d).resolve() for d in dirs.values()}:
                 raise ValueError(f"family.split_dir: with folds, it names one fold's folder "
                                  f"({', '.join(dirs.values())}), got {f.split_dir!r}; leave it out to run every fold")
         elif files and f.split_root is not None:

@@ -345,3 +345,23 @@ def test_a_changed_input_is_named_relative_to_its_folder_or_absolute_when_inputs
 def test_a_budget_that_is_not_positive_is_refused_naming_the_option(capsys):
     assert cli.main(["run", "--dry-run", "--budget-minutes", "0"]) == 2
     assert "Invalid value for '--budget-minutes'" in capsys.readouterr().err
+
+
+def test_stages_names_the_edited_file_against_the_entry_built_from_the_same_files(project, capsys, monkeypatch):
+    """After studies of two data files (the task-set key leaves paths out, so both entries share its settings), an
+    edited file is named as changed against its own earlier entry, not as 'added' against the other file's."""
+    rows = [f"utterance {i} of intent {c},intent_{c}" for c in range(10) for i in range(6)]
+    for name in ("a.csv", "b.csv"):
+        (project / name).write_text("text,label\n" + "\n".join(rows) + "\n")
+    (project / "b.csv").write_text((project / "b.csv").read_text().replace("utterance 0 of", "sentence 0 of"))
+    config = project / "text.yaml"
+    config.write_text("family: {kind: text, dataset: csv, path: a.csv, n_way: 2, k_shot: 1, n_query: 2, "
+                      "n_val_episodes: 2, n_test_episodes: 3}\nmodel: {kind: minilm, adapted: lora}\n")
+    monkeypatch.chdir(project)
+    for name in ("a.csv", "b.csv"):
+        cli.preflight(load_config(config, {"family": {"path": name}}), project)
+    (project / "a.csv").write_text((project / "a.csv").read_text().replace("utterance 5 of intent 9", "hello"))
+    capsys.readouterr()
+    assert cli.main(["stages", "--config", str(config)]) == 0
+    state = entries(capsys.readouterr().out)["task_sets"][1]
+    assert state.startswith("stale (inputs changed since entry") and state.endswith(": a.csv (changed))"), state

@@ -169,6 +169,9 @@ def test_pool_errors_name_file_line_and_intent(tmp_path):
                      r"\.jsonl, fewer than k_shot \+ n_query: 4", build_error(tmp_path))
     write_pool(fold, [r for r in lines if r["label"] != "c"])
     assert re_search(r"labels\.train\.txt:3: intent 'c' has 0 usable", build_error(tmp_path))
+    write_pool(fold, [{"text": r["sentence"], "intent": r["label"]} for r in lines])  # its own column names
+    assert re_search(r"train\.4samples\.jsonl: no text column 'sentence'; columns are \['text', 'intent'\]; a pool "
+                     r"names its columns as the data file does", build_error(tmp_path))
     assert family_of(tmp_path, train_pool="full").build(seed=0)  # the full setting needs no pool
 
 
@@ -225,6 +228,10 @@ def test_folds_run_each_fold_with_its_own_split_dir_and_keys(tmp_path):
     plans = {f: make_plan(load_config(path, o)) for f, o in overrides.items()}
     assert plans["01"].keys["task_sets"] != plans["02"].keys["task_sets"]
     assert plans["01"].family.prefix_settings() == plans["02"].family.prefix_settings()
+    import os
+
+    relative = os.path.relpath(tmp_path / "02", Path.cwd())  # the same folder written relative, split_root absolute
+    assert load_config(path, {"family": {"split_dir": relative}}).family.split_dir == relative
 
 
 @pytest.mark.parametrize("folds, family, message", [
@@ -476,3 +483,15 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     for fold in ("01", "02"):  # the means over folds hold training a budget stopped short: the study says where
         assert f"~ fold {fold} maml: meta-training stopped by the time budget at iteration " in short["results"]
     assert "fold 02 protonet: meta-training stopped" in client.get_run(short["run_id"]).data.tags["metapeft.unfinished"]
+
+
+def test_too_few_classes_in_a_split_file_gets_a_hint_that_applies(tmp_path):
+    """Split files have no fractions to set: the hint says to list more classes, not family.fractions."""
+    from flows.stages.task_sets import build_task_sets
+
+    write_dataset(tmp_path, intents={"meta_train": ["a", "b", "c"], "meta_val": ["d"], "meta_test": ["e", "f", "g"]})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ValueError) as err:
+        build_task_sets(family_of(tmp_path), 0, tmp_path / "out")
+    assert "labels.valid.txt: n_way: 2 exceeds" in str(err.value) and "list more classes in that split's file" in str(
+        err.value) and "fractions" not in str(err.value)

@@ -131,6 +131,33 @@ def test_load_text_csv_and_jsonl(tmp_path):
         load_text_csv(tmp_path / "x.txt")
 
 
+def test_files_as_editors_and_exports_write_them_are_read_or_named(tmp_path):
+    """A byte-order mark and blank lines in a .jsonl (lines still numbered as in the file), a malformed line named
+    by file:line, a file with no rows, a domain column that is not there, a BOM in a class list."""
+    from components.episodes import numbered_lines
+
+    rows = [{"t": "hi there", "l": "greet"}, {"t": "bye", "l": "leave"}]
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + "\n\n" + json.dumps(rows[1]) + "\n",
+                                      encoding="utf-8-sig")
+    table = load_text_csv(tmp_path / "u.jsonl", "t", "l")
+    assert table["text"].tolist() == ["hi there", "bye"] and table["source"].tolist() == ["u.jsonl:1", "u.jsonl:3"]
+    (tmp_path / "cut.jsonl").write_text(json.dumps(rows[0]) + "\n" + '{"t": "by' + "\n")
+    with pytest.raises(ValueError, match=r"cut.jsonl:2: not valid JSON"):
+        load_text_csv(tmp_path / "cut.jsonl", "t", "l")
+    (tmp_path / "list.jsonl").write_text('["hi", "greet"]\n')
+    with pytest.raises(ValueError, match=r"list.jsonl:1: need one JSON object a line, got list"):
+        load_text_csv(tmp_path / "list.jsonl", "t", "l")
+    for name, text in (("header.csv", "text,label\n"), ("zero.jsonl", ""), ("empty.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: no rows"):
+            load_text_csv(tmp_path / name)
+    with pytest.raises(ValueError, match=r"u.jsonl: no domain column 'Area'; columns are \['t', 'l'\]; "
+                                         r"set family.domain_col"):
+        load_text_csv(tmp_path / "u.jsonl", "t", "l", domain_col="Area")
+    (tmp_path / "labels.train.txt").write_text("timer\r\n\r\nalarm\r\n", encoding="utf-8-sig")
+    assert numbered_lines(tmp_path / "labels.train.txt") == [(1, "timer"), (3, "alarm")]
+
+
 # ---------------------------------------------------------------- class splits and episodes
 
 def test_class_split_is_disjoint_covering_and_seeded():

@@ -20,10 +20,12 @@ def build_task_sets(family: TaskFamily, seed: int, out: Path) -> dict:
     """Build, validate (a failure raises ValidationFailed and caches nothing) and write the task sets.
 
     A family's ValueError about episode sizes gets the settings to change appended."""
+    hints = HINTS if getattr(family.data, "split", None) != "files" else {
+        **HINTS, "n_way:": "lower family.n_way, or list more classes in that split's file"}  # (no fractions to set)
     try:
         tables = family.build(seed)
     except ValueError as e:
-        hint = next((h for k, h in HINTS.items() if k in str(e)), "")
+        hint = next((h for k, h in hints.items() if k in str(e)), "")
         raise ValueError(f"{e}; {hint}" if hint else str(e)) from None
     report = validate_family(family, tables)
     (out / VALIDATION).write_text(json.dumps(report, default=str))
