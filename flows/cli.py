@@ -870,6 +870,14 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
     except Exception as e:  # MlflowException: unknown run id
         raise LookupError(f"MLflow run {run_id}: {e}") from None
     tags = run.data.tags
+    if tags.get("metapeft.kind") in ("fold_study", "transfer"):  # studies of their own kind: say so, name the pipelines
+        folds = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        named = ", ".join(f"fold {r.data.tags.get('metapeft.fold', '?')}: {r.info.run_id}"
+                          for r in sorted(folds, key=lambda r: r.data.tags.get("metapeft.fold", ""))
+                          if "metapeft.key.significance" in r.data.tags)
+        kind = {"fold_study": "fold study", "transfer": "transfer study"}[tags["metapeft.kind"]]
+        raise LookupError(f"MLflow run {run_id} is a {kind}: report, export and compare take one pipeline's run"
+                          + (f" ({named})" if named else "") + "; the study's own table is in its run's artifacts")
     if "metapeft.key.significance" not in tags:
         raise LookupError(f"MLflow run {run_id} is not a metapeft pipeline run (no metapeft.key.* tags)")
     keys = {k.removeprefix("metapeft.key."): v for k, v in tags.items() if k.startswith("metapeft.key.")}

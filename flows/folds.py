@@ -83,6 +83,9 @@ def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan]) -> Pa
     return cache.path("folds", key)
 
 
+FEW_FOLDS = 5  # below this many folds, say the interval over fold means is wide (the published protocol has 5)
+
+
 def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, confidence: float, alpha: float) -> str:
     """Each method's mean over folds +- the CI half-width, its fold means, and the pooled-episode paired tests
     (Holm) against the reference; `*`: significant at alpha (`verdict_p`: both tests below it)."""
@@ -101,6 +104,9 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
                      + " ".join(f"{means.loc[m, f]:>7.4f}" for f in folds) + f"  {p:>30}")
     for row in tables["diverged"].to_dict("records"):
         lines.append(f"{row['method']:<16} DIVERGED in fold {row['fold']}: left out")
+    if len(folds) < FEW_FOLDS:
+        lines.append(f"only {len(folds)} folds: the interval over the fold means has {len(folds) - 1} degree(s) of "
+                     f"freedom and may pass the metric's range; the pooled-episode tests are the firmer evidence")
     return "\n".join(lines)
 
 

@@ -434,7 +434,7 @@ def test_chunked_encoding_equals_one_shot_encoding(tmp_path):
 # ---------------------------------------------------------------- a fold study end to end
 
 @pytest.mark.slow  # MiniLM, a Prefect server, two folds' pipelines twice: about 35 s here
-def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project):
+def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project, capsys):
     from flows.folds import fold_study
 
     data = json.loads((DATA / "clinc150" / "data_full.json").read_text())
@@ -461,6 +461,8 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     first = fold_study(config_path=str(path))
     assert first["folds"]["01"]["keys"]["task_sets"] != first["folds"]["02"]["keys"]["task_sets"]
     lines = first["results"].splitlines()
+    assert lines[-1].startswith("only 2 folds: the interval over the fold means has 1 degree(s) of freedom")
+    lines = lines[:-1]
     assert {line.split()[0] for line in lines[1:]} == {"protonet", "maml", "prototypes", "linear_head",
                                                        "lora_finetune"}
     from mlflow.tracking import MlflowClient
@@ -474,6 +476,11 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project)
     assert {m.name for m in client.search_registered_models()} >= {"folds-tiny-fold01-maml", "folds-tiny-fold02-maml"}
     fold_run = client.get_run(first["folds"]["02"]["run_id"])
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
+    from flows import cli
+
+    assert cli.main(["export", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
+    said = capsys.readouterr().err
+    assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
     second = fold_study(config_path=str(path))
     assert all(all(out["hits"].values()) for out in second["folds"].values())
     assert second["results"] == first["results"] and second["key"] == first["key"]
