@@ -578,6 +578,7 @@ def previous_curves(args) -> dict | None:
 
 def curves_benchmark(args) -> None:
     before = previous_curves(args)
+    git = git_state()  # the code the runs start with (a 2-hour run outlives later commits)
     cached_table(args.data)  # decode the zips once, here, not in every worker
     machine, runs = machine_info(args), {}
     for algorithm in args.algorithms:
@@ -590,7 +591,7 @@ def curves_benchmark(args) -> None:
     out = {"settings": {**settings(args), "points": args.points, "curve_episodes": args.curve_episodes,
                         "recipes": {a: RECIPES[a] for a in args.algorithms if a in RECIPES}},
            "smoke": args.smoke, "command": shlex.join(["python", "benchmarks/omniglot.py", *sys.argv[1:]]),
-           "git": git_state(), "machine": machine, "curves": curves,
+           "git": git, "machine": machine, "curves": curves,
            "runs": {a: {k: v for k, v in r.items() if k not in ("snapshots", "algorithm")} for a, r in runs.items()}}
     for a, rows in curves.items():
         print(f"{a:<10} " + "  ".join(f"{r['seconds']:.0f}s/{r['iterations']}it {r['accuracy']:.1f}" for r in rows))

@@ -179,6 +179,8 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
     loads = "; ".join(f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
                       for a, r in data["runs"].items())
+    commits = "; ".join(f"{label(names, a)} {r['git']['commit'][:7]}{' (uncommitted changes)' if r['git']['dirty'] else ''}"
+                        if r.get("git") else f"{label(names, a)} not recorded" for a, r in data["runs"].items())
     reference = label(names, next(iter(versus.values()))["reference"]) if versus else ""
     lines = [*markdown(["training time", *(label(names, a) for a in at),
                         *(f"{label(names, a)} - {reference} (95% CI), p t / Wilcoxon" for a in against)], rows), "",
@@ -186,7 +188,7 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
              f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
              f"boundary at or after it; the training clock stops while a copy is taken); figure "
              f"`benchmarks/results/omniglot-curves-{s['ways']}w{s['shots']}s{'-smoke' if data.get('smoke') else ''}"
-             f".png`. Load average (1 min) at the start / end of each run: {loads}." +
+             f".png`. Load average (1 min) at the start / end of each run: {loads}. Code of each run: {commits}." +
              (" Differences: accuracy points on the same episodes, paired t-interval; p of the paired t-test and "
               "the Wilcoxon signed-rank test." if versus else "")]
     goal = CURVE_GOALS.get((s["ways"], s["shots"]))
