@@ -181,7 +181,8 @@ def test_dask_local_cluster_gives_the_sequential_results(servers, project, monke
 
     assert runners == ["NoneType", "NoneType", "DaskTaskRunner", "DaskTaskRunner"]  # meta_train, evaluate
     assert first["keys"] == second["keys"] and set(first["hits"]) == set(second["hits"])
-    assert misses(second) == {"task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance"}
+    assert misses(second) == {"task_sets", "train_sets", "embeddings", "meta_train", "evaluate", "baselines",
+                              "significance"}
     seq, par = StageCache(project / "data-seq"), StageCache(project / "data-dask")
     for entry in second["hits"]:
         stage, key = entry.split("/")
