@@ -233,20 +233,9 @@ def test_the_test_protocol_changes_only_the_test_tables_omniglot(built):
 
 
 def test_the_test_protocol_changes_only_the_test_tables_image_folder(tmp_path):
-    from PIL import Image
+    from test_fixed_episodes import image_folder_with_held_out
 
-    root, rng = tmp_path / "images", np.random.default_rng(0)
-    for c in range(12):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    held, rows = tmp_path / "held_out", []
-    for c in range(3):
-        (held / f"new{c}").mkdir(parents=True)
-        for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (9, 9), dtype=np.uint8)).save(held / f"new{c}" / f"{i}.png")
-            rows.append(("only", "support" if i == 0 else "query", f"held_out/new{c}/{i}.png", c))
-    pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).to_csv(tmp_path / "e.csv", index=False)
+    root, held, _ = image_folder_with_held_out(tmp_path, n_classes=12, held_size=9)
 
     def family(**test):
         return family_for(StudyConfig.model_validate({

@@ -360,23 +360,29 @@ def test_every_method_and_baseline_is_scored_and_paired_on_the_file_s_episodes(b
     assert (pairs["n"] == N_EPISODES).all()
 
 
-def test_an_image_folder_reads_a_file_too(tmp_path):
-    """image_folder: paths relative to the file's folder, read as the folder's images are; the meta-test classes
-    need not be in the folder."""
-    root = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for c in range(8):
+def image_folder_with_held_out(tmp_path: Path, n_classes: int, held_size: int):
+    """<tmp_path>/images: n_classes folders of 4 random 12 x 12 images; <tmp_path>/held_out: 3 classes of 2 random
+    held_size images each; <tmp_path>/e.csv: one 3-way 1-shot episode of the held-out images (paths relative to it).
+    Returns (root, held, the episode rows)."""
+    root, held, rows, rng = tmp_path / "images", tmp_path / "held_out", [], np.random.default_rng(0)
+    for c in range(n_classes):
         (root / f"class{c}").mkdir(parents=True)
         for i in range(4):
             Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    held = tmp_path / "held_out"
-    rows = []
     for c in range(3):
         (held / f"new{c}").mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(held / f"new{c}" / f"{i}.png")
+            image = rng.integers(0, 256, (held_size, held_size), dtype=np.uint8)
+            Image.fromarray(image).save(held / f"new{c}" / f"{i}.png")
             rows.append(("only", "support" if i == 0 else "query", f"held_out/new{c}/{i}.png", c))
     pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).to_csv(tmp_path / "e.csv", index=False)
+    return root, held, rows
+
+
+def test_an_image_folder_reads_a_file_too(tmp_path):
+    """image_folder: paths relative to the file's folder, read as the folder's images are; the meta-test classes
+    need not be in the folder."""
+    root, held, rows = image_folder_with_held_out(tmp_path, n_classes=8, held_size=20)
     cfg = StudyConfig.model_validate({
         "family": {"kind": "image_folder", "path": str(root), "n_way": 3, "k_shot": 1, "n_query": 1,
                    "n_val_episodes": 2, "image_size": 8, "fractions": [0.5, 0.375, 0.125],

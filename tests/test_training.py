@@ -243,12 +243,12 @@ def test_resume_note_says_how_a_unit_will_start(tmp_path):
     from flows.stages.meta_train import resume_note, resume_point
 
     checkpoint = tmp_path / "checkpoint.pt"
-    assert resume_note(checkpoint, 400) == "" and resume_point(checkpoint, 400) == (checkpoint, 0)
+    assert resume_note(checkpoint, 400) == "" and resume_point(checkpoint, 400) == (checkpoint, 0, 0)
     torch.save({"iteration": 349}, checkpoint)
     assert resume_note(checkpoint, 400) == "goes on from its checkpoint at iteration 349"
     torch.save({"iteration": 664}, checkpoint)
     assert resume_note(checkpoint, 400) == ("from the start: its checkpoint at iteration 664 is past iterations 400 "
                                             "(kept for the longer run)")
     torch.save({"iteration": 120}, tmp_path / "upto-400.pt")  # an earlier run of 400 beside it
-    assert resume_point(checkpoint, 400) == (tmp_path / "upto-400.pt", 120)
+    assert resume_point(checkpoint, 400) == (tmp_path / "upto-400.pt", 120, 664)
     assert resume_note(checkpoint, 400) == "goes on from its checkpoint at iteration 120"

@@ -17,23 +17,25 @@ from components.training import checkpoint_iteration, meta_train
 from flows.cache import DIVERGED, HISTORY, STATE, write_table
 
 
-def resume_point(checkpoint: Path, iterations: int) -> tuple[Path, int]:
+def resume_point(checkpoint: Path, iterations: int) -> tuple[Path, int, int]:
     """The checkpoint file a unit of `iterations` iterations goes on from (the trajectory's, or `upto-<iterations>.pt`
-    beside it when the trajectory's is past them) and the iteration it holds (0: none, training starts afresh)."""
-    if checkpoint_iteration(checkpoint) > iterations:
-        checkpoint = checkpoint.with_name(f"upto-{iterations}.pt")
-    return checkpoint, checkpoint_iteration(checkpoint)
+    beside it when the trajectory's is past them), the iteration it holds (0: none, training starts afresh) and the
+    iteration the trajectory's own checkpoint holds. Each file is read once."""
+    held = checkpoint_iteration(checkpoint)
+    if held <= iterations:
+        return checkpoint, held, held
+    beside = checkpoint.with_name(f"upto-{iterations}.pt")
+    return beside, checkpoint_iteration(beside), held
 
 
 def resume_note(checkpoint: Path, iterations: int) -> str:
     """How a unit's training will start, for logs and dry runs: '' (afresh, no checkpoint), 'goes on from its
     checkpoint at iteration N', or 'from the start: its checkpoint at iteration N is past iterations M'."""
-    path, at = resume_point(checkpoint, iterations)
+    _, at, held = resume_point(checkpoint, iterations)
     if at:
         return f"goes on from its checkpoint at iteration {at}"
-    if path != checkpoint:
-        return (f"from the start: its checkpoint at iteration {checkpoint_iteration(checkpoint)} is past "
-                f"iterations {iterations} (kept for the longer run)")
+    if held:
+        return f"from the start: its checkpoint at iteration {held} is past iterations {iterations} (kept for the longer run)"
     return ""
 
 
@@ -48,7 +50,7 @@ def train_unit(family: TaskFamily, tables: Tables, settings, device: torch.devic
     """
     data = family.open(tables, device, ("meta_train", "meta_val"), settings.train.meta_batch_size,
                        settings.train.seed)
-    checkpoint, _ = resume_point(checkpoint, settings.train.iterations)
+    checkpoint, _, _ = resume_point(checkpoint, settings.train.iterations)
     checkpoint.parent.mkdir(parents=True, exist_ok=True)
     learner = family.learner(tables, settings.learner, device, settings.train.seed, settings.zero_head)
     try:
