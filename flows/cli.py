@@ -2,7 +2,8 @@
 
 A click group. Prefect and MLflow are imported inside the commands that need them, so `--help`, `--version`,
 `stages` and `run --dry-run` start neither. `main(argv)` returns the exit status: 0 ok, 1 a run that failed
-(or a check that stopped it before Prefect started), 2 a usage or config error.
+(or a check that stopped it before Prefect started), or a run that has no results to read now (`NoResults`), 2 a
+usage or config error (an unknown run id, a run of another kind).
 """
 from __future__ import annotations
 
@@ -100,6 +101,17 @@ def _input_error(e: Exception, config: str) -> str:
         return str(e)
     where = f"in {config}" if "family." in str(e) else f"a file the family section of {config} names"
     return f"{e} ({where}; relative paths are resolved from {Path.cwd()})"
+
+
+class NoResults(LookupError):
+    """A pipeline run that has no results to read now: it stopped before the significance stage, or its results
+    are gone or were rewritten by a later run. Not a usage error: exit status 1."""
+
+
+def lookup_failed(e: LookupError) -> int:
+    """A LookupError's message on stderr; its exit status: 1 for `NoResults`, 2 for a run that is not there or
+    not a pipeline's."""
+    return fail(str(e), 1 if isinstance(e, NoResults) else 2)
 
 
 def fail(message: str, code: int) -> int:
@@ -600,7 +612,7 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
     try:
         (a, cfg_a), (b, cfg_b) = _results(root, run_a), _results(root, run_b)
     except LookupError as e:
-        return fail(str(e), 2)
+        return lookup_failed(e)
     if a["metric"].iloc[0] != b["metric"].iloc[0]:
         return fail(f"the runs score different metrics ({a['metric'].iloc[0]}, {b['metric'].iloc[0]}): "
                     f"nothing to compare", 2)
@@ -651,7 +663,7 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
     try:
         table, _ = _results(root, run_id)
     except LookupError as e:
-        return fail(str(e), 2)
+        return lookup_failed(e)
     text = table.to_csv(index=False) if fmt == "csv" else \
         table.to_json(orient="records", indent=2, double_precision=15) + "\n"
     if out is None or str(out) == "-":
@@ -670,7 +682,7 @@ def _results(root: Path, run_id: str):
     """(the run's results table, its config). The table (RESULT_COLUMNS; best method first, diverged ones last) from
     the significance
     tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
-    cache entry when those artifacts are gone. LookupError: no such run, or one that never reached the
+    cache entry when those artifacts are gone. LookupError: no such run; NoResults: one that never reached the
     significance stage (its recorded key names an entry some other run computed)."""
     import pandas as pd
 
@@ -690,7 +702,7 @@ def _results(root: Path, run_id: str):
     if tables["summary"] is None or tables["comparisons"] is None:  # never logged, or the artifacts are gone
         _require_significance(client, run_id, tags, cache, key)
         if not cache.is_complete("significance", key):
-            raise LookupError(f"MLflow run {run_id}: its significance artifacts are gone, and so is cache entry "
+            raise NoResults(f"MLflow run {run_id}: its significance artifacts are gone, and so is cache entry "
                               f"significance/{key}; rerun it: {_rerun(tags)}")
         _require_own_entry(run_id, tags, cache, key)
         click.echo(f"MLflow run {run_id}: its significance artifacts are gone; results from cache entry "
@@ -739,7 +751,7 @@ def _computed_by(cache, key: str) -> str | None:
 
 
 def _require_significance(client, run_id: str, tags: dict, cache, key: str) -> None:
-    """LookupError unless run_id (tags: its tags) reached the significance stage: it took the entry from the cache
+    """NoResults unless run_id (tags: its tags) reached the significance stage: it took the entry from the cache
     (tag metapeft.results_parent), logged the study's answer, logged the significance tables, or computed the
     entry. A partial run (`--until task_sets`) still records every stage's key, and the entry of that key may be
     another run's: its results are not this run's."""
@@ -748,18 +760,18 @@ def _require_significance(client, run_id: str, tags: dict, cache, key: str) -> N
     with contextlib.suppress(Exception):  # MlflowException, OSError: no artifacts there
         if any(f.path.endswith("summary.parquet") for f in client.list_artifacts(run_id, "significance")):
             return
-    raise LookupError(f"MLflow run {run_id} did not run the significance stage: it has no results; `metapeft runs` "
+    raise NoResults(f"MLflow run {run_id} did not run the significance stage: it has no results; `metapeft runs` "
                       f"lists the runs that have")
 
 
 def _require_own_entry(run_id: str, tags: dict, cache, key: str) -> None:
-    """LookupError unless the significance entry now cached under key holds run_id's results: computed by it, or
+    """NoResults unless the significance entry now cached under key holds run_id's results: computed by it, or
     the entry it took from the cache (tag metapeft.results_parent). A later run rewrites an entry under the same
     key when what it reads was rewritten (a meta-training continued with --budget-minutes)."""
     computed_by = _computed_by(cache, key)
     if computed_by is None or computed_by in (run_id, tags.get("metapeft.results_parent")):
         return
-    raise LookupError(f"MLflow run {run_id}: cache entry significance/{key} now holds the results of run "
+    raise NoResults(f"MLflow run {run_id}: cache entry significance/{key} now holds the results of run "
                       f"{computed_by}, computed after it (e.g. a meta-training continued with --budget-minutes); "
                       f"this run's own report is the report.html logged to it (reports/{run_id}/report.html)")
 
@@ -832,15 +844,17 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
 
     try:
         cfg, keys, algorithm_keys, tags = _run_keys(root, run_id, config)
-    except (ConfigError, LookupError) as e:
+    except ConfigError as e:
         return fail(str(e), 2)
+    except LookupError as e:
+        return lookup_failed(e)
     cache = StageCache(root / cfg.runtime.data_dir)
     if run_id:  # the entry of its key may be another run's
         try:
             _require_significance(_client(root), run_id, tags, cache, keys["significance"])
             _require_own_entry(run_id, tags, cache, keys["significance"])
         except LookupError as e:
-            return fail(str(e), 2)
+            return lookup_failed(e)
     if not cache.is_complete("significance", keys["significance"]):
         return fail(f"no cached significance entry {keys['significance']} for study {cfg.name!r}; run the pipeline "
                     f"first", 1)
