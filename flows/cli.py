@@ -582,6 +582,8 @@ def runs(root: Path, limit: int, study: str | None) -> int:
         best, score = r.data.tags.get("metapeft.best_method", "-"), _best_score(r.data.metrics)
         click.echo(f"{r.info.run_id:<32}  {started:<16}  {r.info.status:<8}  {r.info.run_name:<16}  {best:<18}  "
                    f"{score}")
+        if part := _study_part(r.data.tags):
+            click.echo(f"    {part}")
         if overrides := r.data.tags.get("metapeft.overrides"):  # what tells two runs of one config apart
             click.echo("    " + " ".join(f"--set {k}={json.dumps(v)}" for k, v in flatten(json.loads(overrides)).items()))
         for note in (r.data.tags.get("metapeft.verdict") or r.data.tags.get("metapeft.error"),
@@ -589,6 +591,19 @@ def runs(root: Path, limit: int, study: str | None) -> int:
             if note:
                 click.echo(textwrap.fill(note, 110, initial_indent=" " * 4, subsequent_indent=" " * 4))
     return 0
+
+
+def _study_part(tags: dict[str, str]) -> str:
+    """What a run is part of, or is, when it is not a lone pipeline: a fold study, one of its folds, a transfer
+    study ('' otherwise)."""
+    if tags.get("metapeft.kind") == "fold_study":
+        return (f"fold study over folds {tags.get('metapeft.folds', '?').replace(',', ', ')}: its folds are pipeline "
+                f"runs of their own (report, export and compare take those)")
+    if fold := tags.get("metapeft.fold"):
+        return f"fold {fold} of fold study {tags.get('mlflow.parentRunId', '?')}"
+    if tags.get("metapeft.kind") == "transfer":
+        return "transfer study: its table is in the run's artifacts"
+    return ""
 
 
 def _best_score(metrics: dict[str, float]) -> str:

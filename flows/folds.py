@@ -169,7 +169,7 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
         raise
     finally:
         tracker.end_run(parent, status)
-    get_run_logger().info("%s over folds %s:\n%s", cfg.name, ", ".join(cfg.folds), text)
+    get_run_logger().info("%s over folds %s: summary in MLflow run %s", cfg.name, ", ".join(cfg.folds), parent)
     return {"run_id": parent, "folds": outs, "results": text, "key": summary_key(cfg, plans)}
 
 

@@ -481,6 +481,11 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert cli.main(["export", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
     said = capsys.readouterr().err
     assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
+    assert cli.main(["runs", "-n", "3"]) == 0  # the study and its folds, each marked
+    listed = capsys.readouterr().out.splitlines()
+    marks = {line.split()[0]: listed[i + 1].strip() for i, line in enumerate(listed[1:], 1) if not line[0].isspace()}
+    assert marks[first["run_id"]].startswith("fold study over folds 01, 02: its folds are pipeline runs")
+    assert marks[first["folds"]["02"]["run_id"]] == f"fold 02 of fold study {first['run_id']}"
     second = fold_study(config_path=str(path))
     assert all(all(out["hits"].values()) for out in second["folds"].values())
     assert second["results"] == first["results"] and second["key"] == first["key"]
