@@ -227,6 +227,9 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
                           "with --set family.split_dir=<its folder>")
     start = time.perf_counter()
     try:  # every fold's task sets: built (again with --force task_sets) and validated, or already cached
+        if not force and (cached := _folds_cached(cfg, root, config, overrides)) is not None:
+            click.echo(cached)
+            return 0
         for fold_set in fold_overrides(cfg, overrides).values():
             preflight(load_config(config, fold_set), root, rebuild="task_sets" in force)
     except FileNotFoundError as e:
@@ -392,6 +395,27 @@ def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
     click.echo(f"\nstudy {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or MLflow run; "
                f"{origin}{f' (report: {page})' if page.exists() else ''}. --force STAGE recomputes.\n{text}")
     return 0
+
+
+def _folds_cached(cfg, root: Path, config: str, overrides: dict) -> str | None:
+    """A fold study whose every fold's entries and summary over folds are cached has nothing to do: as
+    `_nothing_to_run`, what to print (the cached summary, the MLflow run that computed it) with nothing started;
+    None when something is to run."""
+    from flows.cache import SUMMARY_TEXT, StageCache
+    from flows.config import fold_overrides, load_config
+    from flows.folds import fold_plans, summary_key, summary_reads  # imports Prefect, starts nothing
+
+    plans, cache = fold_plans(cfg, config, overrides, root), StageCache(root / cfg.runtime.data_dir)
+    if not all(_all_cached(plans[fold], cache, load_config(config, changes))
+               for fold, changes in fold_overrides(cfg, overrides).items()):
+        return None
+    key = summary_key(cfg, plans)
+    if cache.status("folds", key, summary_reads(plans)) != "cached":
+        return None
+    source = cache.manifest("folds", key)["meta"].get("mlflow_run_id")
+    origin = f"the results of MLflow run {source}" if source else "the cached results"
+    return (f"\nfold study {config}: {len(plans)} folds, every entry cached: nothing to run, no new Prefect or MLflow "
+            f"run; {origin}. --force STAGE recomputes.\n{(cache.path('folds', key) / SUMMARY_TEXT).read_text().rstrip()}")
 
 
 def _start_prefect_server():

@@ -63,8 +63,9 @@ def summary_reads(plans: dict[str, Plan]) -> list[tuple[str, str]]:
 
 
 @task(name="fold_summary", cache_policy=NO_CACHE)
-def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan]) -> Path:
-    """The folds' results compared (`components.significance.compare_folds`), cached as the "folds" entry."""
+def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan], run_id: str | None = None) -> Path:
+    """The folds' results compared (`components.significance.compare_folds`), cached as the "folds" entry (run_id:
+    the study's MLflow run, recorded in the entry's manifest)."""
     key, family, sig = summary_key(cfg, plans), next(iter(plans.values())).family, cfg.significance
     reads = summary_reads(plans)
     with cache.lock("folds", key):
@@ -75,7 +76,7 @@ def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan]) -> Pa
                                    ignore_index=True) for f, p in plans.items()} for t in (RESULTS, DIVERGED)}
         out_tables = compare_folds(tables[RESULTS], tables[DIVERGED], family.metric, family.lower_is_better,
                                    sig.confidence, sig.alpha)
-        with cache.writing("folds", key, {"folds": list(plans)}, reads=reads) as out:
+        with cache.writing("folds", key, {"folds": list(plans), "mlflow_run_id": run_id}, reads=reads) as out:
             for name, table in out_tables.items():
                 write_table(table, out, name)
             (out / SUMMARY_TEXT).write_text(folds_text(out_tables, family.metric, family.reference, sig.confidence,
@@ -144,7 +145,7 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
                                    "while the study ran?); run it again")
             tracker.set_tags(outs[fold]["run_id"], {PARENT_TAG: parent, "metapeft.fold": fold})
         cache = StageCache(root / cfg.runtime.data_dir)
-        path = summarize(cfg, cache, plans)
+        path = summarize(cfg, cache, plans, parent)
         text = (path / SUMMARY_TEXT).read_text().rstrip("\n")
         unfinished = {f"fold {fold} {label}": note for fold, changes in fold_overrides(cfg, overrides).items()
                       for label, note in unfinished_training(cache, load_config(config_path, changes),

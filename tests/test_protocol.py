@@ -489,6 +489,12 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     second = fold_study(config_path=str(path))
     assert all(all(out["hits"].values()) for out in second["folds"].values())
     assert second["results"] == first["results"] and second["key"] == first["key"]
+    runs_before = len(client.search_runs([study.info.experiment_id]))
+    assert cli.main(["run", "--config", str(path)]) == 0  # every entry cached: like make, nothing is started
+    said = capsys.readouterr().out
+    assert f"every entry cached: nothing to run, no new Prefect or MLflow run; the results of MLflow run " \
+           f"{first['run_id']}" in said and first["results"] in said
+    assert len(client.search_runs([study.info.experiment_id])) == runs_before
     assert "~ fold" not in first["results"] and "metapeft.unfinished" not in study.data.tags
 
     short = fold_study(config_path=str(path), overrides={"meta_train": {"iterations": 10**6, "budget_minutes": 1e-4}})
