@@ -467,7 +467,7 @@ def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> tuple[str, .
         with cache.writing("task_sets", key, meta) as out:
             meta.update(build_task_sets(plan.family, cfg.seed, out) | provenance(plan, "task_sets"))
             meta["seconds"] = round(time.perf_counter() - start, 3)
-        return ("task_sets", "train_sets") if write_train_sets(cache, plan) else ("task_sets",)
+        return ("task_sets", "train_sets") if write_train_sets(cache, plan, rebuild) else ("task_sets",)
 
 
 def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:

@@ -194,7 +194,8 @@ def prepare_task_sets(run: Run) -> str:
         failed.write_text(pd.Series(e.report).to_json())
         run.tracker.log_artifact(run.parent_id, failed, "task_sets")
         raise
-    written = write_train_sets(run.cache, run.plan)
+    rebuilt = "task_sets" in run.force | run.only and "task_sets" not in run.prebuilt  # (else the caller rebuilt it)
+    written = write_train_sets(run.cache, run.plan, rebuild=rebuilt)
     run.hits[f"train_sets/{run.plan.keys['train_sets']}"] = not written and "train_sets" not in run.prebuilt
     run.tracker.log_artifact(run.parent_id, path / VALIDATION, "task_sets")
     run.tracker.log_metrics(run.parent_id, numeric(meta))

@@ -22,7 +22,7 @@ from components.families import TaskFamily
 from flows.cache import content_key
 from flows.config import StudyConfig
 from flows.families import AlgorithmSettings, algorithm_settings, family_for
-from flows.versions import ROOT, code_version, input_digests
+from flows.versions import ROOT, code_version, input_digests, input_path
 
 STAGES = ("task_sets", "embeddings", "meta_train", "evaluate", "baselines", "significance")
 MODULES = {stage: f"flows.stages.{stage}" for stage in (*STAGES, "prefix")}  # the code each stage runs
@@ -173,7 +173,7 @@ def make_plan(cfg: StudyConfig, memo: Path | None = None, code_root: Path = ROOT
         data = ("task_sets", "prefix")
     for stage in data:
         keys[stage] = key(stage, {**settings[stage], "inputs": prefix_content if stage == "prefix" else content})
-    training = {p: inputs[p] for p in (str(Path(f).resolve()) for f in family.training_files())}
+    training = {p: inputs[p] for p in map(input_path, family.training_files())}
     settings["train_sets"] = {"data": without_paths(family.training_data(), paths), "seed": cfg.seed}
     keys["train_sets"] = key("train_sets", {**settings["train_sets"], "inputs": input_content(training)})
     train_data = ("train_sets", *data[1:])

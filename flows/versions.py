@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -127,24 +128,32 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_path(path: Path | str) -> str:
+    """An input file's name in the digests: absolute, '..' folded, symbolic links kept, never resolved: the name
+    says what the file is (an image's class folder), so a link moved to another class folder changes the keys."""
+    return os.path.abspath(path)
+
+
 def input_digests(paths: Iterable[Path], memo: Path | None = None) -> dict[str, str]:
-    """{path: sha256} of the input files, hashing only those whose (size, mtime_ns) the memo file has not seen.
+    """{`input_path`: sha256} of the input files (a link: of the file it points to), hashing only those whose
+    (size, mtime_ns) the memo file has not seen (the memo names files resolved, so links to one file share it).
 
     A missing file raises FileNotFoundError naming it. memo (a JSON file) is rewritten atomically when it grows.
     """
     known = _read_memo(memo)
     digests, changed = {}, False
     for path in paths:
-        path = Path(path).resolve()
+        name, target = input_path(path), str(Path(path).resolve())
         try:
-            stat = path.stat()
+            stat = os.stat(target)
         except FileNotFoundError:
-            raise FileNotFoundError(f"input file not found: {path}") from None
+            raise FileNotFoundError(f"input file not found: {name}"
+                                    + (f" (a link to {target})" if target != name else "")) from None
         stamp = [stat.st_size, stat.st_mtime_ns]
-        entry = known.get(str(path))
+        entry = known.get(target)
         if entry is None or entry["stamp"] != stamp:
-            known[str(path)], changed = {"stamp": stamp, "sha256": file_sha256(path)}, True
-        digests[str(path)] = known[str(path)]["sha256"]
+            known[target], changed = {"stamp": stamp, "sha256": file_sha256(Path(target))}, True
+        digests[name] = known[target]["sha256"]
     if changed and memo is not None:
         _write_memo(memo, known)
     return digests

@@ -365,3 +365,39 @@ def test_stages_names_the_edited_file_against_the_entry_built_from_the_same_file
     assert cli.main(["stages", "--config", str(config)]) == 0
     state = entries(capsys.readouterr().out)["task_sets"][1]
     assert state.startswith("stale (inputs changed since entry") and state.endswith(": a.csv (changed))"), state
+
+
+def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
+    """An image changed with its size and time kept (the memo cannot see it: the keys stay): --force task_sets
+    rebuilds the train_sets entry from the new pixels too, not only the task sets beside it."""
+    import numpy as np
+    from PIL import Image
+
+    from flows.cache import StageCache
+    from flows.config import StudyConfig
+
+    root, rng = project / "images", np.random.default_rng(0)
+    for c in range(6):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.bmp")
+    cfg = StudyConfig.model_validate({
+        "family": {"kind": "image_folder", "path": str(root), "n_way": 2, "k_shot": 1, "n_query": 1,
+                   "n_val_episodes": 2, "n_test_episodes": 2, "image_size": 8, "fractions": [0.34, 0.33, 0.33]},
+        "model": {"kind": "conv4"}})
+    assert cli.preflight(cfg, project) == ("task_sets", "train_sets")
+    plan, cache = cli._plan(cfg, project)
+
+    def pixels() -> set[bytes]:
+        return set(cache.read_table("train_sets", plan.keys["train_sets"], "images")["pixels"])
+
+    before, image = pixels(), root / "class0" / "0.bmp"
+    stat = image.stat()
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(image)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert image.stat().st_size == stat.st_size and cli._plan(cfg, project)[0].keys == plan.keys  # unseen
+    assert cli.preflight(cfg, project) == () and pixels() == before  # cached, as far as the keys can tell
+    assert cli.preflight(cfg, project, rebuild=True) == ("task_sets", "train_sets")
+    after = pixels()
+    assert len(after - before) == 1 and after == set(cache.read_table("task_sets", plan.keys["task_sets"],
+                                                                      "images")["pixels"])

@@ -277,3 +277,72 @@ def test_omniglot_keys_read_the_archives_and_the_split_files(tmp_path):
     lines = split.read_text().splitlines()
     split.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same classes in another order
     assert make_plan(cfg).keys["task_sets"] != plan.keys["task_sets"]
+
+
+def image_folder_plan(root: Path, **family) -> "Plan":
+    from flows.config import StudyConfig
+
+    return make_plan(StudyConfig.model_validate({
+        "family": {"kind": "image_folder", "path": str(root), "n_way": 2, "k_shot": 1, "n_query": 1,
+                   "n_val_episodes": 2, "image_size": 8, **family}, "model": {"kind": "conv4"}}))
+
+
+def linked_image_folder(tmp_path: Path) -> Path:
+    """<tmp_path>/pool: 4 images; <tmp_path>/linked/<class>/: links into the pool, two a class."""
+    from PIL import Image
+
+    (pool := tmp_path / "pool").mkdir()
+    for i in range(4):
+        Image.new("L", (8, 8), 40 * i + 10).save(pool / f"{i}.png")
+    for c, images in (("circle", (0, 1)), ("square", (2, 3))):
+        (tmp_path / "linked" / c).mkdir(parents=True)
+        for i in images:
+            (tmp_path / "linked" / c / f"{i}.png").symlink_to(pool / f"{i}.png")
+    return tmp_path / "linked"
+
+
+def test_a_linked_image_is_keyed_by_its_class_folder_not_its_target(tmp_path):
+    """Links into one flat folder: the class is in the link's path only. Moving a link to another class folder,
+    or renaming a class folder, changes the task sets' and the training keys (resolving the links would not see
+    either, and meta-training would keep a split whose meta-test classes it was trained on)."""
+    root = linked_image_folder(tmp_path)
+    before = image_folder_plan(root)
+    assert sorted(Path(p).relative_to(root).as_posix() for p in before.inputs) == \
+        ["circle/0.png", "circle/1.png", "square/2.png", "square/3.png"]
+    (root / "circle" / "1.png").rename(root / "square" / "1.png")
+    moved = image_folder_plan(root)
+    (root / "square").rename(root / "box")
+    renamed = image_folder_plan(root)
+    for stage in ("task_sets", "train_sets"):
+        assert len({before.keys[stage], moved.keys[stage], renamed.keys[stage]}) == 3, stage
+    (root / "box" / "1.png").rename(root / "circle" / "1.png")
+    (root / "box").rename(root / "square")
+    assert image_folder_plan(root).keys == before.keys  # the same links again: the same keys
+
+
+def test_a_link_to_a_missing_file_is_named_with_its_target(tmp_path):
+    (tmp_path / "a.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(FileNotFoundError, match=r"input file not found: .*a.png \(a link to .*gone.png\)"):
+        input_digests([tmp_path / "a.png"])
+
+
+def test_a_fixed_episode_file_of_the_folders_own_images_keeps_the_training_key(tmp_path):
+    """Episode files naming images of the data folder itself (its meta-test classes): changing the file changes
+    the test protocol only; those images are still data, in the training key whichever episodes name them."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for c in range(6):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * c + 10 * i).save(root / f"class{c}" / f"{i}.png")
+    files = {}
+    for name, images in (("e1.csv", [0, 1]), ("e2.csv", [2, 1])):
+        rows = [("only", role, f"images/class{c}/{i}.png", c) for c in (4, 5)
+                for role, i in zip(("support", "query"), images)]
+        pd.DataFrame(rows, columns=["episode", "role", "image", "label"]).to_csv(tmp_path / name, index=False)
+        files[name] = image_folder_plan(root, test_episodes=str(tmp_path / name))
+    plain = image_folder_plan(root)
+    assert files["e1.csv"].keys["task_sets"] != files["e2.csv"].keys["task_sets"] != plain.keys["task_sets"]
+    assert files["e1.csv"].keys["train_sets"] == files["e2.csv"].keys["train_sets"] == plain.keys["train_sets"]
+    assert files["e1.csv"].algorithm_keys == plain.algorithm_keys

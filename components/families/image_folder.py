@@ -47,13 +47,13 @@ class ImageFolderTasks(ImageTasks):
 
     # ---- data
 
-    def input_files(self) -> tuple[Path, ...]:
+    def data_files(self) -> tuple[Path, ...]:
         """Every image (Pillow-readable, so a broken file fails here, at plan time) and the class lists."""
         root = Path(self.data.path)
         files = [root / f for f in image_folder.scan_image_folder(root)["file"]]
         if self.data.split == "files":
             files += [root / name for name in image_folder.CLASS_LIST_FILES.values()]
-        return (*files, *self.fixed_files())
+        return tuple(files)
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """images (class_id, file, pixels, channels, size), classes (split, class_id) and the fixed meta-val /

@@ -74,9 +74,18 @@ class ImageTasks(ClassificationTasks):
         refuses them), so it changes no table meta-training reads."""
         return {k: v for k, v in super().training_data().items() if k != "test_episodes"}
 
+    @abstractmethod
+    def data_files(self) -> tuple[Path, ...]:
+        """The files the family's images and class split are read from (not the fixed episode file's)."""
+
+    def input_files(self) -> tuple[Path, ...]:
+        """`data_files` and `fixed_files`."""
+        return (*self.data_files(), *self.fixed_files())
+
     def training_files(self) -> tuple[Path, ...]:
-        fixed = set(self.fixed_files())
-        return tuple(f for f in self.input_files() if f not in fixed)
+        """`data_files`: a fixed episode file, and the images it names, are read for the meta-test only (an image of
+        the data it names stays in the training key as data, whichever episodes name it)."""
+        return self.data_files()
 
     def model(self, tables: Tables | None = None, seed: int = 0, n_out: int | None = None) -> nn.Module:
         return Conv4(self.model_settings.config(n_out or self.data.n_way, self.channels, self.data.image_size))

@@ -58,13 +58,13 @@ class OmniglotTasks(ImageTasks):
         (`omniglot.class_row_index`)."""
         return omniglot.class_row_index(images, class_ids)
 
-    def input_files(self) -> tuple[Path, ...]:
+    def data_files(self) -> tuple[Path, ...]:
         root = Path(self.data.path)
         files = [omniglot.find_source(root, stem) for stem in omniglot.PARTS]
         if self.data.split == "vinyals":
             files += [root / "splits_vinyals" / f"{name}.txt" for name in VINYALS_FILES.values()]
         files = [f for path in files for f in ([path] if path.is_file() else sorted(path.rglob("*.png")))]
-        return (*files, *self.fixed_files())
+        return tuple(files)
 
     def build(self, seed: int) -> dict[str, pd.DataFrame]:
         """images (resized once), classes (split, class_id) and the fixed meta-val / meta-test episode tables."""

@@ -46,14 +46,17 @@ def summary(tables) -> dict:
     return {f"n_tasks_{s}": int(t["task_id"].nunique()) for s, t in tables.items()}
 
 
-def write_train_sets(cache: StageCache, plan) -> bool:
+def write_train_sets(cache: StageCache, plan, rebuild: bool = False) -> bool:
     """The training side of the task sets as its own entry ("train_sets", `flows.plan`): the tables of the complete
-    task_sets entry but the family's `test_tables`, which meta-training reads. Written only when missing (an entry
-    of the same key holds the same tables), so a rebuilt task_sets entry (a new test protocol) leaves it, and the
-    meta-training after it, as they are. Nothing without a complete task_sets entry. True when it wrote it."""
+    task_sets entry but the family's `test_tables`, which meta-training reads. Written when missing (an entry of the
+    same key holds the same tables), so task sets of a new key (a new test protocol) leave it, and the meta-training
+    after it, as they are; and again when rebuild (the task sets forced: a file changed that the keys did not see),
+    after which a meta-training that read other tables is stale. Nothing without a complete task_sets entry. True
+    when it wrote it."""
     key = plan.keys["train_sets"]
     with cache.lock("train_sets", key):
-        if cache.is_complete("train_sets", key) or not cache.is_complete("task_sets", plan.keys["task_sets"]):
+        if not cache.is_complete("task_sets", plan.keys["task_sets"]) or \
+                (cache.is_complete("train_sets", key) and not rebuild):
             return False
         meta = {"settings": plan.settings_key("train_sets"), "inputs": plan.inputs}
         with cache.writing("train_sets", key, meta) as out:
