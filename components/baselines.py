@@ -34,7 +34,7 @@ def scratch(model_factory: Callable[[], nn.Module], tasks: TaskBatch, steps: int
         model = model_factory().to(device)  # only its structure is used: functional_call swaps the weights
     init = {k: torch.stack([p[k].detach() for p in inits]).to(device) for k in inits[0]}  # (T, *shape)
     return evaluate_params(model, init, _constant_lrs(model, lr), tasks, steps, loss_fn, chunk, score_fn=score_fn,
-                           score_steps=score_steps)
+                           score_steps=score_steps, rate_name="baselines.scratch_lr")
 
 
 def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: int, lr: float, seed: int,
@@ -61,10 +61,11 @@ def pretrain(model: nn.Module, train: TaskBatch, iterations: int, batch_size: in
 
 def finetune(model: nn.Module, params: Params, tasks: TaskBatch, steps: int, lr: float, loss_fn: LossFn,
              chunk: int = 200, score_fn: LossFn | None = None, adapted: Sequence[str] | None = None,
-             score_steps: Sequence[int] | None = None) -> np.ndarray:
+             score_steps: Sequence[int] | None = None, rate_name: str = "baselines.finetune_lr") -> np.ndarray:
     """Query loss after 0..steps SGD steps (rate lr) from shared weights params {name: shape}: (steps + 1, T).
 
-    adapted: the weights the steps change (e.g. LoRA factors and head); default all of them.
+    adapted: the weights the steps change (e.g. LoRA factors and head); default all of them. rate_name: the
+    setting lr comes from, named when adaptation diverges.
     """
     lrs = _constant_lrs(model, lr)
     if adapted is not None:
@@ -73,7 +74,7 @@ def finetune(model: nn.Module, params: Params, tasks: TaskBatch, steps: int, lr:
         lrs = {k: lrs[k] for k in adapted}
     params = {k: v.detach() for k, v in params.items()}
     return evaluate_params(model, params, lrs, tasks, steps, loss_fn, chunk, per_task=False, score_fn=score_fn,
-                           score_steps=score_steps)
+                           score_steps=score_steps, rate_name=rate_name)
 
 
 def pooled_points(tasks: TaskBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,15 +33,17 @@ def evaluate_init(learner: MetaLearner, tasks: TaskBatch, steps: int, chunk: int
 
 def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatch, steps: int, loss_fn: LossFn,
                     chunk: int = 200, per_task: bool = True, score_fn: LossFn | None = None,
-                    score_steps: Sequence[int] | None = None) -> np.ndarray:
+                    score_steps: Sequence[int] | None = None, rate_name: str = "fast_lr") -> np.ndarray:
     """Query score after 0..steps SGD steps (theta - lrs * grad) on each task's support set.
 
     The inner steps descend loss_fn; the curve holds score_fn(prediction, y_qry) (default loss_fn),
     e.g. accuracy for classification.
 
     init: starting weights, {name: (T, *shape)} one per task if per_task else {name: shape} shared.
-    lrs: {name: shape} inner rates. Tasks are processed chunk at a time. Returns (steps + 1, T), or
-    (len(score_steps), T) with the rows of the sorted score_steps (a subset of 0..steps).
+    lrs: {name: shape} inner rates, named rate_name (the setting that gave them) when adaptation diverges.
+    Tasks are processed chunk at a time. Returns (steps + 1, T), or (len(score_steps), T) with the rows of the
+    sorted score_steps (a subset of 0..steps). Raises Diverged (`_finite`): a non-finite score, or one that blew
+    up.
     """
     score_steps = _checked_steps(steps, score_steps)
     parts = []
@@ -49,7 +51,7 @@ def evaluate_params(model: nn.Module, init: Params, lrs: Params, tasks: TaskBatc
         part = {k: v[lo:lo + chunk] for k, v in init.items()} if per_task else init
         parts.append(_loss_curve(model, part, lrs, tasks.index(slice(lo, lo + chunk)), score_steps, loss_fn,
                                  per_task, score_fn or loss_fn))
-    return _finite(np.concatenate(parts, axis=1), score_steps, lrs)
+    return _finite(np.concatenate(parts, axis=1), score_steps, lrs, rate_name)
 
 
 def _checked_steps(steps: int, score_steps: Sequence[int] | None) -> list[int]:
@@ -61,12 +63,27 @@ def _checked_steps(steps: int, score_steps: Sequence[int] | None) -> list[int]:
     return score_steps
 
 
-def _finite(curve: np.ndarray, score_steps: list[int], lrs: Params) -> np.ndarray:
-    if not np.isfinite(curve).all():  # raised here: a non-finite score never reaches a results table
+BLOW_UP = 1e6  # a mean query score this many times its start's scale (at least 1) is adaptation diverging
+
+
+def _finite(curve: np.ndarray, score_steps: list[int], lrs: Params, rate_name: str = "fast_lr") -> np.ndarray:
+    """curve (len(score_steps), T), checked: raised here, a diverged adaptation never reaches a results table.
+
+    Diverged: a non-finite score, or a finite blow-up: the mean |score| over episodes at some step above BLOW_UP
+    times max(1, its mean at the first scored step). Scores bounded by 1 (accuracy) can never pass it; a loss that
+    adaptation multiplies a million-fold (an inner rate too large for the test-time steps) is no result."""
+    rates = rates_in_force(lrs, rate_name)
+    if not np.isfinite(curve).all():
         row = int(np.flatnonzero(~np.isfinite(curve).all(1))[0])
         bad = int((~np.isfinite(curve[row])).sum())
         raise Diverged(f"the query score is non-finite on {bad} of {curve.shape[1]} episodes", step=score_steps[row],
-                       rates=rates_in_force(lrs))
+                       rates=rates)
+    size = np.abs(curve).mean(1)
+    if (grown := size > BLOW_UP * max(1.0, size[0])).any():
+        row = int(np.flatnonzero(grown)[0])
+        raise Diverged(f"the mean query score grew from {curve[0].mean():.4g} at step {score_steps[0]} to "
+                       f"{curve[row].mean():.4g} (over {BLOW_UP:g} times its start)", step=score_steps[row],
+                       rates=rates)
     return curve
 
 

@@ -91,14 +91,15 @@ class Diverged(ArithmeticError):
                 **{f"rate_{k}": v for k, v in self.rates.items()}}
 
 
-def rates_in_force(lrs: "Rates") -> dict[str, float]:
-    """The inner rates in force, for Diverged reports: {fast_lr} when one rate, else their min and max (Meta-SGD)."""
+def rates_in_force(lrs: "Rates", name: str = "fast_lr") -> dict[str, float]:
+    """The inner rates in force, for Diverged reports: {name: rate} when one rate, else their min and max
+    (Meta-SGD); name: the setting that gave them (a baseline's, e.g. baselines.scratch_lr)."""
     values = torch.cat([torch.as_tensor(v, dtype=torch.float64).detach().flatten().cpu() for v in lrs.values()]) \
         if lrs else torch.zeros(0)
     if values.numel() == 0:
         return {}
     lo, hi = float(values.min()), float(values.max())
-    return {"fast_lr": lo} if lo == hi else {"fast_lr_min": lo, "fast_lr_max": hi}
+    return {name: lo} if lo == hi else {f"{name}_min": lo, f"{name}_max": hi}
 
 
 @dataclass(frozen=True)

@@ -699,17 +699,28 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
 
     One row per method: the meta-test metric's mean and confidence interval, the Holm-adjusted paired t-test p
     against the family's reference method, or where the method diverged."""
+    import json
+
+    from components.storage import write_atomic
+
+    to_file = out is not None and str(out) != "-"
+    if to_file and not out.parent.is_dir():  # before reading anything
+        return fail(f"--out {out}: no folder {out.parent}", 2)
     try:
         table, _ = _results(root, run_id)
     except LookupError as e:
         return lookup_failed(e)
+    # JSON numbers as Python writes floats (shortest exact repr; pandas' to_json rounds 2.5e-11 to fixed decimals)
     text = table.to_csv(index=False) if fmt == "csv" else \
-        table.to_json(orient="records", indent=2, double_precision=15) + "\n"
-    if out is None or str(out) == "-":
+        json.dumps(table.astype(object).where(table.notna(), None).to_dict("records"), indent=2) + "\n"
+    if not to_file:
         click.echo(text, nl=False)
-    else:
-        out.write_text(text)
-        click.echo(out)
+        return 0
+    try:
+        write_atomic(out, lambda tmp: tmp.write_text(text))
+    except OSError as e:
+        return fail(f"--out {out}: {e.strerror or e}", 1)
+    click.echo(out)
     return 0
 
 
@@ -803,12 +814,17 @@ def _require_significance(client, run_id: str, tags: dict, cache, key: str) -> N
                       f"lists the runs that have")
 
 
-def _require_own_entry(run_id: str, tags: dict, cache, key: str) -> None:
-    """NoResults unless the significance entry now cached under key holds run_id's results: computed by it, or
-    the entry it took from the cache (tag metapeft.results_parent). A later run rewrites an entry under the same
-    key when what it reads was rewritten (a meta-training continued with --budget-minutes)."""
+def _require_own_entry(run_id: str, tags: dict, cache, key: str, client=None) -> None:
+    """NoResults unless the significance entry now cached under key holds run_id's results: computed by it, the
+    entry it took from the cache (tag metapeft.results_parent), or (client given) tables equal to those the run
+    logged. A later run rewrites an entry under the same key when what it reads was rewritten (a meta-training
+    continued with --budget-minutes; `--stage significance`, which may give the same numbers)."""
     computed_by = _computed_by(cache, key)
     if computed_by is None or computed_by in (run_id, tags.get("metapeft.results_parent")):
+        return
+    if client is not None and all(
+            (logged := _logged_table(client, run_id, f"significance/{name}.parquet")) is not None
+            and logged.equals(cache.read_table("significance", key, name)) for name in ("summary", "comparisons")):
         return
     raise NoResults(f"MLflow run {run_id}: cache entry significance/{key} now holds the results of run "
                       f"{computed_by}, computed after it (e.g. a meta-training continued with --budget-minutes); "
@@ -891,7 +907,7 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
     if run_id:  # the entry of its key may be another run's
         try:
             _require_significance(_client(root), run_id, tags, cache, keys["significance"])
-            _require_own_entry(run_id, tags, cache, keys["significance"])
+            _require_own_entry(run_id, tags, cache, keys["significance"], _client(root))
         except LookupError as e:
             return lookup_failed(e)
     if not cache.is_complete("significance", keys["significance"]):
@@ -915,7 +931,13 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
     from flows.plan import make_plan
 
     if run_id is None:
-        plan = make_plan(cfg := load_config(config or DEFAULT_CONFIG))
+        cfg = load_config(config or DEFAULT_CONFIG)
+        if cfg.transfer is not None or (cfg.folds is not None and cfg.family.split_dir is None):
+            kind = "a transfer study" if cfg.transfer is not None else "a fold study"
+            raise LookupError(f"{config or DEFAULT_CONFIG} is {kind}: report takes one pipeline (a fold study's fold: "
+                              f"its run, from `metapeft runs`); the study's own table is printed by `metapeft run` "
+                              f"and logged to its MLflow run")
+        plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")
         return cfg, plan.keys, plan.algorithm_keys, {}
     client = _client(root)
     try:
@@ -937,8 +959,14 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     algorithm_keys = {c.info.run_name: c.data.tags["metapeft.meta_train_key"] for c in children
                       if "metapeft.meta_train_key" in c.data.tags}
-    if config:  # --config: that file, with the run's overrides
-        return load_config(config, json.loads(tags.get("metapeft.overrides", "null"))), keys, algorithm_keys, tags
+    if config:  # --config: that file, with the run's overrides, when it describes the run's results
+        cfg = load_config(config, json.loads(tags.get("metapeft.overrides", "null")))
+        mine = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json").keys["significance"]
+        if mine != keys["significance"]:
+            raise LookupError(f"--config {config}: its study (significance entry {mine}) is not MLflow run {run_id}'s "
+                              f"({keys['significance']}): its settings, data or code differ; leave --config out to "
+                              f"use the run's own settings")
+        return cfg, keys, algorithm_keys, tags
     return _run_config(client, run_id, tags), keys, algorithm_keys, tags
 
 

@@ -23,7 +23,7 @@ import pandas as pd
 from components.significance import verdict_p
 
 from flows.answer import Answer, study_answer
-from flows.cache import DIVERGED, HISTORY, VALIDATION, StageCache
+from flows.cache import DIVERGED, HISTORY, MANIFEST, VALIDATION, StageCache
 from flows.config import StudyConfig
 from flows.report import _algorithm, _pair_p, _pyplot, method_color, method_colors, unfinished_training
 
@@ -88,6 +88,11 @@ class Entries:
                    sorted(cache.path("embeddings", keys["embeddings"]).glob("similarity_*.png")) if embeddings else [])
 
 
+def _utc(file: Path) -> str:
+    """When a cache entry was written: its manifest's modification time (the entry's last, atomic write), UTC."""
+    return f"{datetime.fromtimestamp(file.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
+
+
 def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algorithm_keys: dict[str, str],
                  out: Path, run_id: str | None = None) -> Path:
     """Write the report of one study run to `out` (an .html file) from its significance, meta-training,
@@ -104,7 +109,8 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
     parts = [
         f"<h1>{_e(cfg.name)}</h1>",
         f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; significance entry {_e(keys['significance'])}"
-        f" &middot; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
+        f", computed {_utc(e.significance / MANIFEST)} &middot; page written {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
+        f" UTC</p>",
         verdict_html(answer, family.lower_is_better, e.diverged, int(summary["n"].max()) if len(summary) else 0),
         study_facts(cfg, family, summary, unfinished_training(cache, cfg, algorithm_keys)),
         f"<h2>Results: meta-test {_e(family.metric)}</h2>",

@@ -248,6 +248,14 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert capsys.readouterr().out.strip() == str(out)
     records = json.loads(out.read_text())
     assert {r["method"] for r in records} == set(rows) and {r["confidence"] for r in records} == {0.95}
+    assert cli.main(["export", first]) == 0
+    as_csv = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index("method")
+    for r in records:  # JSON holds the CSV's numbers to the last digit (pandas' to_json rounded p to 15 decimals)
+        for column in ("mean", "ci_low", "ci_high", "p_holm_vs_reference"):
+            assert r[column] == as_csv.loc[r["method"], column] or (r[column] is None and
+                                                                    pd.isna(as_csv.loc[r["method"], column]))
+    assert cli.main(["export", first, "--out", str(project / "no" / "x.csv")]) == 2
+    assert f"--out {project / 'no' / 'x.csv'}: no folder" in capsys.readouterr().err
 
     significance = project / "data" / "significance"  # the cache entry gone: the tables the run logged to MLflow
     significance.rename(project / "significance.moved")
@@ -291,6 +299,15 @@ def test_export_and_report_use_the_settings_the_run_stored_not_its_file_now(pref
     page = Path(capsys.readouterr().out.strip()).read_text()
     assert "95% CI" in page and "significant at &alpha; = 0.01" in page
     assert "90% CI" not in page and "&alpha; = 0.05" not in page
+    assert cli.main(["report", run_id, "--config", str(config)]) == 2  # a file of another study: never its title
+    assert f"--config {config}: its study (significance entry " in capsys.readouterr().err
+    (same := project / "same.yaml").write_text(yaml.safe_dump(edited))
+    assert cli.main(["report", run_id, "--config", str(same)]) == 0
+    capsys.readouterr()
+    assert cli.main(["run", "--config", str(same), "--stage", "significance"]) == 0  # rewritten: the same numbers
+    assert run_id_of(capsys.readouterr().out) != run_id
+    assert cli.main(["report", run_id]) == 0  # still its results: its report
+    capsys.readouterr()
 
     config.rename(project / "moved.yaml")  # the file gone: the run's own config still describes it
     assert cli.main(["export", run_id, "--format", "json"]) == 0
@@ -401,3 +418,10 @@ def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
     after = pixels()
     assert len(after - before) == 1 and after == set(cache.read_table("task_sets", plan.keys["task_sets"],
                                                                       "images")["pixels"])
+
+
+@pytest.mark.parametrize("name, kind", [("transfer-omniglot", "a transfer study"),
+                                        ("banking77-protaugment-1shot", "a fold study")])
+def test_report_of_a_study_of_another_kind_says_what_to_report(project, capsys, name, kind):
+    assert cli.main(["report", "--config", str(REPO / "configs" / f"{name}.yaml")]) == 2
+    assert f"{name}.yaml is {kind}: report takes one pipeline" in capsys.readouterr().err

@@ -140,3 +140,18 @@ def test_pretrain_lowers_pooled_loss_and_finetune_starts_from_it(train, tasks):
     curve = finetune(model, params, tasks, STEPS, 0.05, F.mse_loss)
     lrs = [torch.full_like(p, 0.05) for p in trained.parameters()]
     np.testing.assert_allclose(curve[:, 2], reference_curve(trained, lrs, *(x[2] for x in tasks), STEPS), rtol=1e-10)
+
+
+def test_a_finite_blow_up_of_the_query_score_is_divergence_not_a_score(tasks):
+    """Fine-tuning with a rate far too large multiplies the query MSE without overflowing (float64): a finite
+    number that means nothing. It is Diverged, naming where, how far and the setting of the rate; a sane rate on
+    the same tasks gives its curve."""
+    from components.metalearners import Diverged
+
+    model = make_model()
+    params = dict(model.named_parameters())
+    with pytest.raises(Diverged, match=r"the mean query score grew from [\d.]+ at step 0 to [\d.e+]+ \(over 1e\+06 "
+                                       r"times its start\) at test-time step \d+ \(baselines.finetune_lr 3\)"):
+        finetune(model, params, tasks, 40, 3.0, F.mse_loss)
+    sane = finetune(model, params, tasks, 40, 0.01, F.mse_loss)  # no error: it moves, it does not blow up
+    assert np.isfinite(sane).all() and sane.max() < 10 * sane[0].mean()

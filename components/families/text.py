@@ -284,7 +284,8 @@ class TextTasks(ClassificationTasks):
 
         def linear_head() -> np.ndarray:
             head = text.CachedEmbeddingHead(emb, n_way).to(emb.device)
-            return finetune(head, dict(head.named_parameters()), test, steps, b.head_lr, **kw)
+            return finetune(head, dict(head.named_parameters()), test, steps, b.head_lr, rate_name="baselines.head_lr",
+                            **kw)
 
         def lora_finetune() -> np.ndarray:
             usual = self.model(tables, seed, lora_b_std=0.0).to(emb.device)

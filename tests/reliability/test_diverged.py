@@ -25,7 +25,7 @@ def test_a_diverging_algorithm_and_baseline_are_marked_and_the_others_finish(pre
     maml = next(line for line in text.splitlines() if line.startswith("maml"))
     scratch = next(line for line in text.splitlines() if line.startswith("scratch"))
     assert "DIVERGED" in maml and "fast_lr 5" in maml and ("step" in maml or "iteration" in maml)
-    assert "DIVERGED in baselines" in scratch and "fast_lr 1000" in scratch
+    assert "DIVERGED in baselines" in scratch and "baselines.scratch_lr 1000" in scratch
 
     data = project / "data"
     for stage in ("evaluate", "baselines", "evaluate_parts"):  # nothing non-finite cached as a result
