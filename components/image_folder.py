@@ -12,10 +12,12 @@ Pillow resizes 8-bit images to 8 bits: float32 would hold no more and take 4x th
 scales them to float32 in [0, 1].
 
 Meta-splits come either from ``components.episodes.class_split`` (seeded, by fractions) or from class lists
-``classes.train.txt``, ``classes.val.txt``, ``classes.test.txt`` (one class per line).
+``classes.train.txt``, ``classes.val.txt``, ``classes.test.txt`` (one class per line). Class names are compared
+in Unicode NFC (``class_name``): macOS writes 'é' in folder names decomposed (NFD), most editors composed.
 """
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Iterable
 
@@ -29,31 +31,54 @@ from components.episodes import class_split
 MODES = {1: "L", 3: "RGB"}  # channels -> Pillow mode
 CLASS_LIST_FILES = {"meta_train": "classes.train.txt", "meta_val": "classes.val.txt", "meta_test": "classes.test.txt"}
 _LAYOUT = "<root>/<class>/<image>"
+SKIPPED_FOLDERS = {"__MACOSX"}  # the resource forks unzipping an archive made on macOS leaves beside the classes
+# Pillow refuses an image over 2 x Image.MAX_IMAGE_PIXELS, and warns over 1 x (an error under `-W error`)
+TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
 def scan_image_folder(root: Path) -> pd.DataFrame:
     """Every image of every class folder: columns ``class_id, file`` (file relative to root), sorted.
 
-    Hidden files and folders (name starting with '.') are skipped, and so are plain files directly in root
-    (the class lists live there). Raises naming the path: root missing, no class folder, a class folder
-    holding no image or a nested folder, a file Pillow cannot identify.
+    Hidden files and folders (name starting with '.') and ``__MACOSX`` folders are skipped, and so are plain
+    files directly in root (the class lists live there). ``class_id`` is the folder's name in NFC
+    (``class_name``), ``file`` keeps the folder's own. Raises naming the path: root missing, no class folder,
+    two folders of one NFC name, a class folder holding no image or a nested folder, a file Pillow cannot
+    identify or one over Pillow's size limit.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found (need {_LAYOUT})")
-    classes = sorted(p for p in root.iterdir() if p.is_dir() and not _hidden(p))
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p))
     if not classes:
         raise ValueError(f"{root}: no class folders (need {_LAYOUT})")
-    rows = [(folder.name, f"{folder.name}/{path.name}") for folder in classes for path in _class_images(folder)]
+    seen: dict[str, Path] = {}
+    for folder in classes:
+        if (name := class_name(folder.name)) in seen:
+            raise ValueError(f"{seen[name]} and {folder}: two class folders named {name!r} (in Unicode NFC); "
+                             f"rename or merge one")
+        seen[name] = folder
+    rows = [(class_name(folder.name), f"{folder.name}/{path.name}") for folder in classes
+            for path in _class_images(folder)]
     return pd.DataFrame(rows, columns=["class_id", "file"])
 
 
-def _hidden(path: Path) -> bool:
-    return path.name.startswith(".")
+def class_name(name: str) -> str:
+    """A class folder's or class list line's name in Unicode NFC, the form names are compared in."""
+    return unicodedata.normalize("NFC", name)
+
+
+def _skipped(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in SKIPPED_FOLDERS
+
+
+def too_large(where: object, e: Exception) -> ValueError:
+    """The error for an image Pillow refuses to open as a possible decompression bomb (``TOO_LARGE``)."""
+    return ValueError(f"{where}: image too large for Pillow to open: {str(e).rstrip('.')} "
+                      "(PIL.Image.MAX_IMAGE_PIXELS); shrink the image")
 
 
 def _class_images(folder: Path) -> list[Path]:
-    entries = sorted(p for p in folder.iterdir() if not _hidden(p))
+    entries = sorted(p for p in folder.iterdir() if not _skipped(p))
     if nested := [p for p in entries if p.is_dir()]:
         raise ValueError(f"{nested[0]}: nested folders are not read; put the images directly in {folder}/")
     if not entries:
@@ -62,6 +87,8 @@ def _class_images(folder: Path) -> list[Path]:
         try:
             with Image.open(path):  # reads the header only
                 pass
+        except TOO_LARGE as e:
+            raise too_large(path, e) from e
         except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
             raise ValueError(f"{path}: not an image Pillow can read ({e})") from e
     return entries
@@ -102,6 +129,8 @@ def decode_image(path: Path, size: int, channels: int) -> bytes:
             elif image.mode in ("I", "F"):
                 raise ValueError(f"mode {image.mode!r} (32-bit) has no fixed range; save it as 8 or 16 bits")
             resized = on_white(image).convert(mode).resize((size, size), Image.Resampling.LANCZOS)
+    except TOO_LARGE as e:
+        raise too_large(path, e) from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"{path}: image failed to decode ({e})") from e
     hwc = np.asarray(resized, dtype=np.uint8).reshape(size, size, -1)
@@ -126,24 +155,26 @@ def split_classes(table: pd.DataFrame, fractions: dict[str, float], seed: int) -
 
 
 def read_class_lists(folder: Path) -> dict[str, list[str]]:
-    """meta_train / meta_val / meta_test -> class ids in file order, from ``CLASS_LIST_FILES`` in folder
-    (``episodes.read_class_lists``: a missing file, a class listed twice or in two lists is named by file and line)."""
-    return episodes.read_class_lists(folder, CLASS_LIST_FILES)
+    """meta_train / meta_val / meta_test -> class ids (NFC, ``class_name``) in file order, from ``CLASS_LIST_FILES``
+    in folder (``episodes.read_class_lists``: a missing file, a class listed twice or in two lists is named by
+    file and line)."""
+    lists = episodes.read_class_lists(folder, CLASS_LIST_FILES)
+    return {split: [class_name(c) for c in listed] for split, listed in lists.items()}
 
 
 def check_class_lists(lists: dict[str, list[str]], classes: Iterable[str], folder: Path | None = None) -> None:
     """Raise unless every listed class is one of ``classes`` (e.g. ``scan_image_folder(root)["class_id"]``).
 
     folder: where the lists were read from, to name the file and line of the first unknown class.
-    Classes in no list are allowed (held out).
+    Classes in no list are allowed (held out). Names are compared in NFC (``class_name``).
     """
-    known = set(classes)
+    known = set(map(class_name, classes))
     for split, listed in lists.items():
-        if unknown := [c for c in listed if c not in known]:
+        if unknown := [c for c in listed if class_name(c) not in known]:
             name = CLASS_LIST_FILES.get(split, split)
             where = name
             if folder is not None:
-                lines = {cls: i for i, cls in episodes.numbered_lines(Path(folder) / name)}
-                where = f"{Path(folder) / name}:{lines.get(unknown[0], '?')}"
+                lines = {class_name(cls): i for i, cls in episodes.numbered_lines(Path(folder) / name)}
+                where = f"{Path(folder) / name}:{lines.get(class_name(unknown[0]), '?')}"
             raise ValueError(f"{where}: class {unknown[0]!r} is not a class folder "
                              f"({len(unknown)} unknown in {name}, {len(known)} class folders)")

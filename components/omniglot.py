@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from components.episodes import EpisodeBatch, class_split, sample_rows
-from components.image_folder import on_white
+from components.image_folder import TOO_LARGE, on_white, too_large
 
 PARTS = {"images_background": True, "images_evaluation": False}  # archive stem -> `background` flag
 VINYALS_SPLITS = ("train", "val", "test")
@@ -93,6 +93,8 @@ def _decode(data: bytes, size: int, name: str, any_polarity: bool = False) -> by
     try:
         with Image.open(io.BytesIO(data)) as image:
             gray = np.asarray(on_white(image).convert("L"))
+    except TOO_LARGE as e:
+        raise too_large(name, e) from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"{name}: image failed to decode ({e})") from e
     light_paper = not any_polarity or not dark_paper(gray)

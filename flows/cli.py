@@ -342,6 +342,10 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
         plan, cache = _plan(cfg, root)
         if not only and not force and _all_cached(plan, cache, cfg):
             return _nothing_to_run(cfg, root, config, plan, cache)
+        if cfg.runtime.runner == "dask" and cfg.runtime.dask_address:  # a scheduler that is not there: one line
+            from flows.pipeline import check_scheduler
+
+            check_scheduler(cfg.runtime.dask_address)
         server_ready = _start_prefect_server()  # its start overlaps the task sets' build
         # a later stage run alone reads the task sets from the cache
         built = preflight(cfg, root, rebuild="task_sets" in set(force) | set(only), plan=plan) \
@@ -877,8 +881,10 @@ def serve(names: tuple[str, ...], prefect_file: Path | None) -> int:
 
     try:
         serve_deployments(list(names), prefect_file or PREFECT_FILE)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # no such file or deployment, PREFECT_API_URL unset
         return fail(str(e), 2)
+    except ConnectionError as e:  # no server answers at PREFECT_API_URL
+        return fail(str(e), 1)
     return 0
 
 

@@ -555,6 +555,8 @@ def task_runner(cfg: StudyConfig, root: Path):
     if cfg.runtime.runner != "dask":
         yield None
         return
+    if cfg.runtime.dask_address:  # before any stage: the runner itself would find out at its first submit
+        check_scheduler(cfg.runtime.dask_address)
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect_dask import DaskTaskRunner
@@ -565,6 +567,25 @@ def task_runner(cfg: StudyConfig, root: Path):
         "dashboard_address": "127.0.0.1:0", "env": {"METAPEFT_HOME": str(root)}})  # None still binds :8787
     with temporary_settings(updates={PREFECT_API_URL: str(get_client(sync_client=True).api_url)}), runner:
         yield runner
+
+
+def check_scheduler(address: str, timeout: float = 5) -> None:
+    """Raise (ValueError naming `runtime.dask_address`) unless a TCP connection to the Dask scheduler at address
+    (tcp:// or tls://, port 8786 by default) opens within timeout seconds; other schemes are not checked.
+    Without it, DaskTaskRunner finds out at its first submit, after a 30 s wait, in a long traceback."""
+    import socket
+
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme not in ("tcp", "tls"):
+        return
+    host, port = parse_host_port(location, 8786)
+    try:
+        socket.create_connection((host, port), timeout).close()
+    except OSError as e:
+        raise ValueError(f"runtime.dask_address: no Dask scheduler answers at {address} ({e}); start one "
+                         f"(`dask scheduler`), or leave dask_address out for a LocalCluster") from e
 
 
 @contextlib.contextmanager

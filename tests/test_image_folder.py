@@ -7,7 +7,11 @@ import copy
 import io
 import os
 import shutil
+import struct
+import unicodedata
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +23,7 @@ from PIL import Image
 
 from components.conv4 import Conv4, Conv4Config, adapted_names
 from components.episodes import clean_examples, pixel_keys
-from components.image_folder import (check_class_lists, images_to_array, load_image_folder,
+from components.image_folder import (check_class_lists, decode_image, images_to_array, load_image_folder,
                                      read_class_lists, scan_image_folder, split_classes)
 from components.metalearners import MetaLearner, MetaLearnerConfig
 from components.omniglot import EpisodeBatch
@@ -179,6 +183,41 @@ def test_truncated_image_is_named_when_decoded(folder, tmp_path):
         load_image_folder(root, 28, 1)
 
 
+def oversized_png(side: int) -> bytes:
+    """A 1 x 1 grayscale PNG whose header says side x side: Pillow's size check trips on opening it."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height (after signature, length, type)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the chunk's CRC over type + data
+    return bytes(data)
+
+
+def test_an_image_over_pillows_size_limit_is_named_with_its_size_and_the_limit(folder, tmp_path):
+    root = copy_folder(folder, tmp_path)
+    big = root / "magi_04" / "big.png"
+    big.write_bytes(oversized_png(20000))
+    message = r"magi_04/big\.png: .*400000000 pixels.* limit of 178956970 pixels"
+    with pytest.raises(ValueError, match=message):
+        scan_image_folder(root)
+    with pytest.raises(ValueError, match=message):
+        decode_image(big, 28, 1)
+    big.write_bytes(oversized_png(10000))  # over MAX_IMAGE_PIXELS, under twice it: a warning, here an error
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(ValueError, match=r"magi_04/big\.png: .*100000000 pixels.* limit of 89478485 pixels"):
+            scan_image_folder(root)
+
+
+def test_macosx_resource_folder_is_not_a_class(folder, tmp_path):
+    root = copy_folder(folder, tmp_path)
+    (root / "__MACOSX" / "magi_01").mkdir(parents=True)  # what unzipping a zip made on macOS leaves
+    (root / "__MACOSX" / "magi_01" / "._img0.png").write_bytes(b"\0\5\26\7resource fork")
+    (root / ".Trashes").mkdir()
+    table = scan_image_folder(root)
+    assert sorted(table["class_id"].unique()) == CLASSES and len(table) == N_CLASSES * N_IMAGES
+
+
 def test_empty_class_and_nested_folder(folder, tmp_path):
     root = copy_folder(folder, tmp_path)
     (root / "magi_06").mkdir()
@@ -225,6 +264,23 @@ def test_unknown_class_is_named_with_file_and_line(folder, tmp_path):
         check_class_lists(lists, classes, tmp_path)
     with pytest.raises(ValueError, match=r"^classes\.test\.txt: class 'magi_9'"):
         check_class_lists(lists, classes)
+
+
+def test_class_names_match_in_unicode_nfc_whatever_form_folder_and_list_use(folder, tmp_path):
+    nfc, nfd = unicodedata.normalize("NFC", "étoile"), unicodedata.normalize("NFD", "étoile")
+    assert nfc != nfd
+    root = copy_folder(folder, tmp_path)
+    (root / "magi_01").rename(root / nfd)  # as macOS names folders
+    write_lists(root, f"{nfc}\nmagi_02\n", "magi_03\n", f"{unicodedata.normalize('NFD', 'magi_04')}\n")
+    lists = read_class_lists(root)
+    table = load_image_folder(root, 28, 1)
+    check_class_lists(lists, table["class_id"], root)
+    assert lists["meta_train"] == [nfc, "magi_02"] and nfc in set(table["class_id"])
+    assert table.loc[table["class_id"] == nfc, "file"].str.startswith(f"{nfd}/").all()  # the folder's own name
+    (root / nfc).mkdir()
+    shutil.copy(root / "magi_02" / "img0.png", root / nfc / "img0.png")
+    with pytest.raises(ValueError, match=f"{nfd} and .*{nfc}: two class folders named {nfc!r}"):
+        scan_image_folder(root)
 
 
 def test_seeded_class_split_is_disjoint_and_reproducible(gray):

@@ -120,6 +120,15 @@ def test_undecodable_png_is_named(tmp_path):
         load_omniglot(tmp_path / "zips")
 
 
+def test_oversized_png_is_named_with_its_size(tmp_path):
+    from test_image_folder import oversized_png
+
+    synthetic_tree(tmp_path / "tree")
+    (tmp_path / "tree" / "images_evaluation" / "Beta" / "character01" / "0001_02.png").write_bytes(oversized_png(20000))
+    with pytest.raises(ValueError, match=r"images_evaluation/Beta/character01/0001_02\.png: .*400000000 pixels"):
+        load_omniglot(tmp_path / "tree")
+
+
 # --- class splits ---
 
 def test_vinyals_split_sizes_and_disjointness():

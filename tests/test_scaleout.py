@@ -1,5 +1,7 @@
 """Seeds, the Dask hand-off and the deployment file, without servers (the end-to-end checks: test_servers.py)."""
 import pickle
+import socket
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -88,3 +90,51 @@ def test_every_study_config_has_a_scheduled_deployment():
     assert transfer.flow_name == "transfer_study"
     with pytest.raises(ValueError, match="no deployment named nope"):
         to_deployments(["nope"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def nothing_served(project, monkeypatch):
+    """`prefect.serve` replaced by a failure: serving must not start, with or without a server."""
+    import prefect
+
+    def served(*deployments, **kw):
+        raise AssertionError(f"served {len(deployments)} deployments")
+
+    monkeypatch.setattr(prefect, "serve", served)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+
+
+@pytest.mark.parametrize("url, status, said", [
+    (None, 2, "PREFECT_API_URL is not set"),
+    ("http://127.0.0.1:{port}/api", 1, "PREFECT_API_URL=http://127.0.0.1:{port}/api: no Prefect server answers"),
+])
+def test_serve_needs_a_prefect_server_and_says_so_in_one_line(nothing_served, capsys, url, status, said):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import cli
+
+    port = free_port()  # nothing listens there
+    settings = {"updates": {PREFECT_API_URL: url.format(port=port)}} if url else {"restore_defaults": {PREFECT_API_URL}}
+    with temporary_settings(**settings):
+        assert cli.main(["serve", "quick"]) == status
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert said.format(port=port) in err and "prefect server start --host 127.0.0.1" in err
+
+
+def test_an_unreachable_dask_scheduler_is_named_within_seconds(tmp_path):
+    from flows.pipeline import task_runner
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    cfg = config(tmp_path, runtime={"runner": "dask", "dask_address": address})
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=f"runtime.dask_address: no Dask scheduler answers at {address} "):
+        with task_runner(cfg, tmp_path):
+            pass
+    assert time.monotonic() - start < 10
