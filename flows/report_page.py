@@ -89,7 +89,10 @@ class Entries:
 
 
 def _utc(file: Path) -> str:
-    """When a cache entry was written: its manifest's modification time (the entry's last, atomic write), UTC."""
+    """When a cache entry was written: its manifest's modification time (the entry's last, atomic write), UTC;
+    'at a time not recorded' for a folder without one."""
+    if not file.is_file():
+        return "at a time not recorded"
     return f"{datetime.fromtimestamp(file.stat().st_mtime, timezone.utc):%Y-%m-%d %H:%M} UTC"
 
 

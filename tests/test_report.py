@@ -218,3 +218,26 @@ def test_the_facts_say_where_fixed_meta_test_episodes_come_from():
     sampled = study_facts(fixed.model_copy(update={"family": fixed.family.model_copy(update={"test_episodes": None})}),
                           family, summary)
     assert "fixed episode file" not in sampled and "15 queries per class</dd>" in sampled
+
+
+def test_training_that_is_not_what_the_config_asks_for_is_said(tmp_path):
+    """A budget stopped short, or the initial state kept (no validated state beat iteration 0): each gets a note
+    with what it means; a training that improved on its start gets none."""
+    from flows.cache import StageCache
+    from flows.config import StudyConfig
+
+    cache, cfg = StageCache(tmp_path), StudyConfig.model_validate({"meta_train": {"iterations": 300}})
+    metas = {"maml": {"stop_reason": "budget", "iterations_total": 40, "best_iteration": 40,
+                      "train_seconds_total": 90.0},
+             "fomaml": {"stop_reason": "iterations", "iterations_total": 300, "best_iteration": 0},
+             "reptile": {"stop_reason": "iterations", "iterations_total": 300, "best_iteration": 250}}
+    for label, meta in metas.items():
+        with cache.writing("meta_train", label, meta) as out:
+            (out / "state.pt").write_bytes(b"x")
+    notes = report.unfinished_training(cache, cfg, {label: label for label in metas})
+    assert notes == {
+        "maml": "meta-training stopped by the time budget at iteration 40 of 300 after 1.5 min of training in all; "
+                "--budget-minutes N goes on from its checkpoint",
+        "fomaml": "kept its initial state: no meta-val loss in 300 iterations was below iteration 0's, so its "
+                  "scores are the untrained start's"}
+    assert report.unfinished_lines(notes)[1].startswith("~ fomaml: kept its initial state")
