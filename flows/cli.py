@@ -418,8 +418,9 @@ def _folds_cached(cfg, root: Path, config: str, overrides: dict) -> str | None:
         return None
     source = cache.manifest("folds", key)["meta"].get("mlflow_run_id")
     origin = f"the results of MLflow run {source}" if source else "the cached results"
+    summary = (cache.path("folds", key) / SUMMARY_TEXT).read_text().rstrip()
     return (f"\nfold study {config}: {len(plans)} folds, every entry cached: nothing to run, no new Prefect or MLflow "
-            f"run; {origin}. --force STAGE recomputes.\n{(cache.path('folds', key) / SUMMARY_TEXT).read_text().rstrip()}")
+            f"run; {origin}. --force STAGE recomputes.\n{summary}")
 
 
 def _start_prefect_server():
@@ -604,12 +605,13 @@ def runs(root: Path, limit: int, study: str | None) -> int:
     if not found:
         click.echo(f"no pipeline runs in {client.tracking_uri}" + (f" for study {study!r}" if study else ""))
         return 0
-    click.echo(f"{'RUN':<32}  {'STARTED':<16}  {'STATUS':<8}  {'STUDY':<16}  {'BEST':<18}  SCORE")
+    width = max(16, *(len(r.info.run_name or "") for r in found))  # columns stay aligned under long names
+    click.echo(f"{'RUN':<32}  {'STARTED':<16}  {'STATUS':<8}  {'STUDY':<{width}}  {'BEST':<18}  SCORE")
     for r in found:
         started = datetime.fromtimestamp(r.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
         best, score = r.data.tags.get("metapeft.best_method", "-"), _best_score(r.data.metrics)
-        click.echo(f"{r.info.run_id:<32}  {started:<16}  {r.info.status:<8}  {r.info.run_name:<16}  {best:<18}  "
-                   f"{score}")
+        click.echo(f"{r.info.run_id:<32}  {started:<16}  {r.info.status:<8}  {r.info.run_name or '':<{width}}  "
+                   f"{best:<18}  {score}")
         if part := _study_part(r.data.tags):
             click.echo(f"    {part}")
         if overrides := r.data.tags.get("metapeft.overrides"):  # what tells two runs of one config apart
@@ -631,6 +633,8 @@ def _study_part(tags: dict[str, str]) -> str:
         return f"fold {fold} of fold study {tags.get('mlflow.parentRunId', '?')}"
     if tags.get("metapeft.kind") == "transfer":
         return "transfer study: its table is in the run's artifacts"
+    if stages := tags.get("metapeft.stages"):  # --stage, --from, --until
+        return f"ran stages {stages.replace(',', ', ')} only"
     return ""
 
 

@@ -41,7 +41,8 @@ from flows.cache import (DIVERGED, RESULTS, STATE, VALIDATION, StageCache, conte
                          write_table)
 from flows.config import ConfigError, StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.plan import Plan, make_plan, needed_stages, unit_label, unready_message, unready_upstream  # noqa: E402
+from flows.plan import (STAGES, Plan, make_plan, needed_stages, unit_label, unready_message,  # noqa: E402
+                        unready_upstream)
 from flows.stages.baselines import run_baselines  # noqa: E402
 from flows.stages.embeddings import build_embeddings  # noqa: E402
 from flows.stages.evaluate import evaluate_unit as score_unit  # noqa: E402
@@ -653,9 +654,11 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     tracker = Tracker(root, cfg.runtime.experiment)
     warn_tracking(tracker)
     plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")
+    ran = ",".join(s for s in STAGES if s in only)  # --stage, --from, --until: `metapeft runs` says so
     parent = tracker.start_run(cfg.name, tags={"metapeft.config": str(config_path),
                                                **({"metapeft.overrides": json.dumps(overrides)} if overrides else {}),
                                                "metapeft.config_hash": config_hash(cfg),
+                                               **({"metapeft.stages": ran} if only else {}),
                                                **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, only, frozenset(force or ()), prebuilt=frozenset(prebuilt or ()))
     text = ""

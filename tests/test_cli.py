@@ -322,6 +322,11 @@ def test_a_run_that_never_reached_significance_has_no_results(prefect_harness, p
     assert cli.main(["run", "--config", config, "--force", "task_sets", "--until", "task_sets"]) == 0
     partial = run_id_of(capsys.readouterr().out)
     assert partial != full
+    assert cli.main(["runs"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    row = next(i for i, line in enumerate(listed) if line.startswith(partial))
+    assert listed[row + 1].strip() == "ran stages task_sets only"
+    assert not listed[next(i for i, line in enumerate(listed) if line.startswith(full)) + 1].startswith("    ran")
 
     refused = f"MLflow run {partial} did not run the significance stage: it has no results; `metapeft runs` lists"
     for command in (["export", partial], ["report", partial], ["compare", full, partial]):
