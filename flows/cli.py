@@ -557,8 +557,9 @@ def _shown_input(inputs: dict[str, str]):
 
 def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
     """'stale (...)' naming the input files (relative to their folder) that changed, were added or removed
-    since the newest entry of the same stage built with the same settings from the same files (else from any),
-    if there is one."""
+    since the entry of the same stage built with the same settings whose inputs differ least from these (the
+    newest of those), if there is one: an image edited or removed in one dataset is named against that dataset's
+    entry, not against the newest entry of another folder read with the same settings."""
     from flows.plan import input_content
 
     entries = sorted((p for p in (cache.root / stage).glob("[!.]*") if (p / "manifest.json").exists()),
@@ -566,9 +567,14 @@ def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
     now = dict(input_content(plan.inputs))
     same = [m for m in (cache.manifest(stage, p.name) for p in entries)
             if m and m["meta"].get("settings") == plan.settings_key(stage) and m["meta"].get("inputs")]
-    # the newest built from the same files (their content changed) before the newest from other files (the study
-    # now reads another data file or fold: the settings key leaves paths out)
-    same.sort(key=lambda m: set(dict(input_content(m["meta"]["inputs"]))) != set(now))  # (a stable sort)
+    # the fewest files changed, added or removed first, the newest first among equals (a stable sort); the
+    # settings key leaves paths out, so entries of other data files or folds are candidates too
+
+    def apart(m: dict) -> int:
+        then = dict(input_content(m["meta"]["inputs"]))
+        return sum(then.get(name) != now.get(name) for name in then.keys() | now.keys())
+
+    same.sort(key=apart)
     if not same:
         return None
     then, named = dict(input_content(same[0]["meta"]["inputs"])), _shown_input(plan.inputs)

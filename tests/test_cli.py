@@ -389,6 +389,34 @@ def test_stages_names_the_edited_file_against_the_entry_built_from_the_same_file
     assert state.startswith("stale (inputs changed since entry") and state.endswith(": a.csv (changed))"), state
 
 
+def test_stages_names_a_removed_image_against_its_own_folders_entry(project, capsys, monkeypatch):
+    """Two image folders read with the same settings, the other one's entry the newest: an image removed from the
+    first is named as removed against the first's entry (the one its inputs differ least from), not as every file
+    of both folders against the newest."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for folder in ("shapes", "other"):
+        for c in range(6):
+            (project / folder / f"class{c}").mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(
+                    project / folder / f"class{c}" / f"{i}.png")
+    config = project / "images.yaml"
+    config.write_text("family: {kind: image_folder, path: shapes, n_way: 2, k_shot: 1, n_query: 1, image_size: 8, "
+                      "n_val_episodes: 2, n_test_episodes: 2, fractions: [0.34, 0.33, 0.33]}\nmodel: {kind: conv4}\n")
+    monkeypatch.chdir(project)
+    for folder in ("shapes", "other"):  # other's entry written last
+        cli.preflight(load_config(config, {"family": {"path": folder}}), project)
+    (project / "shapes" / "class0" / "2.png").unlink()
+    capsys.readouterr()
+    assert cli.main(["stages", "--config", str(config)]) == 0
+    state = entries(capsys.readouterr().out)["task_sets"][1]
+    assert state.startswith("stale (inputs changed since entry") and state.endswith(": class0/2.png (removed))"), \
+        state
+
+
 def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
     """An image changed with its size and time kept (the memo cannot see it: the keys stay): --force task_sets
     rebuilds the train_sets entry from the new pixels too, not only the task sets beside it."""
