@@ -113,6 +113,14 @@ def within_target_correlation(gains: pd.DataFrame, distances: pd.DataFrame) -> p
     return pd.DataFrame(rows, columns=["embedding", "metric", "target", "rho", "n_sources"])
 
 
+def within_target_mean(within: pd.DataFrame) -> pd.DataFrame:
+    """The mean over targets of `within_target_correlation`'s rho, per embedding x metric, and how many targets
+    entered it: a target's rho is undefined (NaN) when its distances or gains are constant over the sources.
+    Returns (embedding, metric, rho_within_target, n_targets_defined, n_targets)."""
+    by = within.groupby(["embedding", "metric"], sort=False)["rho"]
+    return by.agg(rho_within_target="mean", n_targets_defined="count", n_targets="size").reset_index()
+
+
 def _replicates(pairs: pd.DataFrame, n_boot: int, resample: str, rng: np.random.Generator) -> list[np.ndarray]:
     """n_boot arrays of pair rows, one per bootstrap replicate."""
     if resample == "pairs":

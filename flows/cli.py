@@ -59,6 +59,8 @@ class StageName(click.Choice):
 
             if value in TRANSFER_STAGES:
                 return value
+            self.fail(f"{value!r} is not a stage: a pipeline's are {', '.join(self.choices)}; a transfer study's "
+                      f"are {', '.join(TRANSFER_STAGES)}", param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -487,8 +489,13 @@ def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...]
         raise ConfigError("--set, --budget-minutes: a transfer study takes its settings from its file")
     if unknown := sorted(set(force) - set(STAGES)):
         raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    from flows.transfer import transfer_study
+    from flows.config import load_config
+    from flows.transfer import check_transfer, transfer_study
 
+    try:  # what needs only the config and the data, one line each, before Prefect starts
+        check_transfer(load_config(config))
+    except (FileNotFoundError, ValueError) as e:
+        return fail(_input_error(e, config), 1)
     start = time.perf_counter()
     out = transfer_study(config_path=config, force=list(force) or None)
     click.echo(f"\ntransfer study {config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
@@ -516,6 +523,8 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
         return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
     try:
         if cfg.transfer is not None:
+            if sets:  # as `run` refuses them: no keys of a run that cannot be
+                return fail("--set: a transfer study takes its settings from its file", 2)
             return _transfer_stages(cfg, root)
         plan, cache = _plan(cfg, root)
     except (FileNotFoundError, ValueError) as e:
@@ -535,16 +544,19 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
 
 def _transfer_stages(cfg, root: Path) -> int:
     """`stages` of a transfer study: its own entries (`flows.transfer_stages.STAGES`, one meta-training per source
-    group and the pooled one), cached or missing."""
+    group and the pooled one), cached, unfinished (a source training its time budget stopped: a rerun goes on
+    from its checkpoint) or missing."""
     from flows.cache import StageCache
-    from flows.transfer_stages import STAGES, make_transfer_plan
+    from flows.transfer_stages import STAGES, make_transfer_plan, unfinished_sources
 
     plan, cache = make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    unfinished = unfinished_sources(cfg, cache, plan.source_keys)
     for stage in ("prefix", *STAGES) if "prefix" in plan.keys else STAGES:
-        entries = {f"{stage}[{s}]": k for s, k in plan.source_keys.items()} if stage == "transfer_train" else \
-            {stage: plan.keys[stage]}
-        for name, key in entries.items():
-            click.echo(f"{name:<28} {key}  {'cached' if cache.is_complete(stage, key) else 'missing'}")
+        entries = {f"{stage}[{s}]": (k, unfinished.get(f"source {s}")) for s, k in plan.source_keys.items()} \
+            if stage == "transfer_train" else {stage: (plan.keys[stage], None)}
+        for name, (key, note) in entries.items():
+            state = f"unfinished ({note})" if note else "cached" if cache.is_complete(stage, key) else "missing"
+            click.echo(f"{name:<28} {key}  {state}")
     return 0
 
 

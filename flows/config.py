@@ -491,6 +491,9 @@ class StudyConfig(Section):
         if self.transfer is not None and self.family.kind not in ("omniglot", "text"):
             raise ValueError(f"transfer: needs groups of classes (Omniglot alphabets, text domains), i.e. the "
                              f"omniglot or text family; this is {self.family.kind!r}")
+        if self.transfer is not None and self.seeds is not None:  # would be ignored: one shared initialisation
+            raise ValueError(f"seeds: a transfer study uses `seed` (one shared initialisation for every source); "
+                             f"remove seeds {list(self.seeds)}")
         zero_head = self.meta_train.zero_head or any(o.zero_head for o in self.meta_train.overrides.values())
         if zero_head and self.family.kind == "sinusoid":
             raise ValueError("meta_train.zero_head: the sinusoid family is regression; it has no classification head")

@@ -24,9 +24,10 @@ from components.transfer import transfer_pairs  # noqa: E402
 from flows.families import family_for  # noqa: E402
 from flows.stages.prefix import build_prefix  # noqa: E402
 from flows import transfer_stages as ts  # noqa: E402
-from flows.config import load_config  # noqa: E402
+from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
-from flows.pipeline import Run, ending, flow_run_name, set_threads  # noqa: E402
+from flows.pipeline import Run, ending, flow_run_name, set_threads, unfinished, warn_tracking  # noqa: E402
+from flows.report import unfinished_tag  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 
 
@@ -54,18 +55,23 @@ def transfer_sets(run: Run) -> str:
 
 @task(name="transfer_train", task_run_name="transfer_train[{source}]", cache_policy=NO_CACHE)
 def train_source(run: Run, source: str) -> str:
-    """Meta-train one source (a group, or pooled) from the shared initialisation; a nested MLflow run."""
+    """Meta-train one source (a group, or pooled) from the shared initialisation; a nested MLflow run. As the
+    pipeline's meta_train: an entry its budget stopped is continued from its checkpoint, and --force
+    transfer_train starts again from the shared initialisation."""
     set_threads(run.cfg)
     key, logger = run.plan.source_keys[source], get_run_logger()
     checkpoint = run.cache.checkpoint(key)
+    if "transfer_train" in run.force:
+        checkpoint.unlink(missing_ok=True)
 
     def progress(iteration: int, metrics: dict[str, float]) -> None:
         if "val_loss" in metrics:
             logger.info("%s: iteration %d val_loss=%.4f", source, iteration, metrics["val_loss"])
 
     path, meta = run.stage("transfer_train", key, lambda out: ts.train_source(
-        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress), _reads(run, "transfer_sets", "prefix"))
-    child = run.method_run(f"transfer/{source if source == ts.POOLED else meta['groups']}", "transfer_source")
+        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress), _reads(run, "transfer_sets", "prefix"),
+        redo=unfinished)
+    child = run.method_run(f"transfer/{source}", "transfer_source")
     run.tracker.set_tags(child, {"metapeft.transfer_train_key": key, "metapeft.groups": meta["groups"],
                                  "metapeft.stop_reason": meta["stop_reason"]})
     history = pd.read_parquet(path / "history.parquet")
@@ -141,6 +147,16 @@ def nearest_task(run: Run) -> str:
     return nearest_text(summary, comparisons, run.cfg.significance.confidence)
 
 
+def check_transfer(cfg: StudyConfig) -> None:
+    """Raise what the transfer study would fail on later, from the config and its data alone (no Prefect, no
+    MLflow, no cache): ValueError for an unknown group, n_groups above the groups available, a test_fraction
+    leaving a group too few training classes, a damaged data file; FileNotFoundError for a missing one. Each
+    message is one line naming the config field or the file."""
+    if cfg.transfer is None:
+        raise ValueError("transfer: the config has no transfer section")
+    ts.check_sets(cfg)
+
+
 def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame, confidence: float = 0.95) -> str:
     lines = [f"{'start':<14} {f'accuracy ({confidence:.0%} CI)':>24}"]
     lines += [f"{m:<14} {r['mean']:>12.4f} +- {r['ci_half']:<8.4f}" for m, r in summary.iterrows()]
@@ -158,8 +174,7 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         raise ValueError(f"{config_path}: no transfer section; run it with meta_pipeline")
     set_threads(cfg)
     tracker, plan = Tracker(root, cfg.runtime.experiment), ts.make_transfer_plan(cfg)
-    if tracker.restored:
-        get_run_logger().warning(tracker.restored)
+    warn_tracking(tracker)  # e.g. an earlier run killed by SIGKILL: marked KILLED
     parent = tracker.start_run(f"{cfg.name}", tags={"metapeft.kind": "transfer", "metapeft.config": str(config_path),
                                                     **{f"metapeft.key.{s}": k for s, k in plan.keys.items()}})
     run = Run(cfg, root, plan, tracker, parent, force=frozenset(force or ()))
@@ -172,7 +187,10 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         task_embeddings(run)
         task_encoder(run)
         text = "Spearman rho(distance, transfer gain)\n" + correlation(run)
-        text += "\n\nnearest-task initialisation (Task2Vec)\n" + nearest_task(run)
+        text += f"\n\n{ts.nearest_title(cfg)}\n" + nearest_task(run)
+        if notes := ts.unfinished_sources(cfg, run.cache, plan.source_keys):  # uneven starts: say so
+            text = "\n".join([text, *ts.unfinished_lines(notes)])
+            tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(notes)})
         (root / "mlruns").mkdir(exist_ok=True)
         (root / "mlruns" / "transfer.txt").write_text(text + "\n")
         tracker.log_artifact(parent, root / "mlruns" / "transfer.txt", "transfer")

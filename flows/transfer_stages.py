@@ -32,7 +32,7 @@ from components.task2vec import Task2VecConfig, conv4_task2vec, module_probe
 from components.task_encoder import EncoderTrainConfig, TaskEmbeddingNetwork, TaskEncoderConfig, fit_contrastive
 from components.training import TrainConfig, meta_train
 from components.transfer import (distance_table, gain_matrix, group_means, nearest_sources, transfer_correlation,
-                                 within_target_correlation, zscore_columns)
+                                 within_target_correlation, within_target_mean, zscore_columns)
 from flows import report
 from flows.cache import StageCache, content_key, write_table
 from flows.config import StudyConfig
@@ -49,6 +49,7 @@ def device(cfg: StudyConfig) -> torch.device:
 POOLED, SCRATCH = "pooled", "scratch"
 ITEMS = {"omniglot": "images", "text": "utterances"}  # the items table's name (TextTasks reads "utterances")
 PURPOSES = ("val", "test", "embed")  # val / test: training / test classes; embed: every class, embed_shots, no query
+EMBEDDING_NAMES = {"task2vec": "Task2Vec", "encoder": "encoder", "features": "features"}  # as printed
 STAGES = ("transfer_sets", "transfer_train", "transfer_matrix", "transfer_embeddings", "transfer_encoder",
           "transfer_correlation", "nearest_task")
 
@@ -56,12 +57,14 @@ STAGES = ("transfer_sets", "transfer_train", "transfer_matrix", "transfer_embedd
 @dataclass(frozen=True)
 class TransferPlan:
     keys: dict[str, str]  # stage -> key (transfer_train: a hash of the per-source keys)
-    source_keys: dict[str, str]  # "source{i}" (the i-th group) or "pooled" -> its transfer_train key
+    source_keys: dict[str, str]  # source group's name (config order) or "pooled" -> its transfer_train key
 
 
 def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
     """Keys hash the stage's config, its upstream keys and its code (this module, the family's and what they
-    import), as flows/plan.py does for the pipeline; the transfer sets also the family's input files."""
+    import), as flows/plan.py does for the pipeline; the transfer sets also the family's input files. As the
+    pipeline's, a training key leaves out the wall-clock budget: a rerun continues a training it stopped.
+    Sources are named by group; with `n_groups` (no `groups` listed) the names come from the data."""
     t, pipeline = cfg.transfer, make_plan(cfg)
     code = code_version([__name__, type(pipeline.family).__module__])
 
@@ -81,8 +84,8 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
         keys["prefix"] = pipeline.keys["prefix"]  # the pipeline's own prefix entry, shared
         data = ("transfer_sets", "prefix")
     train = {"train": cfg.meta_train.for_algorithm(t.algorithm), "model": cfg.model.model_dump(), "seed": cfg.seed,
-             **t.model_dump(include={"algorithm", "iterations", "budget_minutes"})}
-    sources = [f"source{i}" for i in range(len(t.groups) or t.n_groups)]
+             **t.model_dump(include={"algorithm", "iterations"})}
+    sources = list(t.groups) or study_groups(cfg, group_classes(cfg))
     source_keys = {s: key("transfer_train", {**train, "source": s}, *data) for s in sources}
     source_keys[POOLED] = key("transfer_train", {**train, "iterations": t.pooled_iterations, "source": POOLED}, *data)
     keys["transfer_train"] = content_key(source_keys)
@@ -102,15 +105,57 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
 
 # ---------------------------------------------------------------- groups, classes and fixed episodes
 
+def group_classes(cfg: StudyConfig) -> dict[str, list[str]]:
+    """Every group the family's data holds -> its classes: Omniglot alphabets of images_background -> their
+    characters (from the archive's listing; nothing decoded), text domains -> their intents. A missing or
+    damaged file raises FileNotFoundError / ValueError naming it."""
+    f, by_group = cfg.family, {}
+    if f.kind == "omniglot":
+        for name in omniglot.archive_members(Path(f.path)):  # images_background/<Alphabet>/<character>/<id>.png
+            parts = name.split("/")
+            if len(parts) == 4 and parts[0] == "images_background":
+                by_group.setdefault(parts[1], set()).add(f"{parts[1]}/{parts[2]}")
+    else:
+        utterances, _ = family_for(cfg).clean_utterances()
+        if "domain" not in utterances:
+            raise ValueError(f"transfer: {f.path} gives no domains to group intents by (set family.domain_col)")
+        for label, domain in zip(utterances["label"], utterances["domain"]):
+            by_group.setdefault(domain, set()).add(label)
+    return {g: sorted(c) for g, c in sorted(by_group.items())}
+
+
+def study_groups(cfg: StudyConfig, by_group: dict[str, list[str]]) -> list[str]:
+    """The groups the study compares: transfer.groups (config order), else the first n_groups by name; each
+    checked against the data's groups (by_group: `group_classes`)."""
+    t, path = cfg.transfer, cfg.family.path
+    if missing := [g for g in t.groups if g not in by_group]:
+        raise ValueError(f"transfer.groups: {missing} are not groups of {path} (it has {', '.join(by_group)})")
+    if not t.groups and len(by_group) < t.n_groups:
+        raise ValueError(f"transfer.n_groups: {t.n_groups}, but {path} has only {len(by_group)} groups")
+    return list(t.groups) or list(by_group)[:t.n_groups]
+
+
+def check_sets(cfg: StudyConfig) -> list[str]:
+    """What building the transfer sets would reject, from the config and the data alone (no cache, nothing
+    decoded): unknown groups, too few groups, a test_fraction leaving a group too few training classes, a
+    missing or damaged data file. Returns the study's groups."""
+    by_group = group_classes(cfg)
+    names = study_groups(cfg, by_group)
+    _split_classes(cfg, {g: by_group[g] for g in names})
+    return names
+
+
 def build_sets(cfg: StudyConfig, out: Path) -> dict:
     """Items (images or utterances), each group's training / test classes, and the fixed episodes."""
+    names = check_sets(cfg) if cfg.family.kind == "omniglot" else None  # before any image is decoded
     items, group_of = _load_items(cfg)
-    names = list(cfg.transfer.groups) or sorted(set(group_of.values()))[:cfg.transfer.n_groups]
-    if missing := sorted(set(names) - set(group_of.values())):
-        raise ValueError(f"transfer.groups: {missing} are not groups of {cfg.family.path}")
-    if len(names) < cfg.transfer.n_groups and not cfg.transfer.groups:
-        raise ValueError(f"transfer.n_groups: {cfg.family.path} has only {len(names)} groups")
-    classes = _split_classes(cfg, {g: sorted(c for c, h in group_of.items() if h == g) for g in names})
+    by_group: dict[str, list[str]] = {}
+    for label, group in sorted(group_of.items()):
+        by_group.setdefault(group, []).append(label)
+    names = names or study_groups(cfg, dict(sorted(by_group.items())))
+    if missing := [g for g in names if g not in by_group]:  # e.g. every drawing dropped as conflicting
+        raise ValueError(f"transfer.groups: {missing} have no items left in {cfg.family.path}")
+    classes = _split_classes(cfg, {g: by_group[g] for g in names})
     labels = items["label"].to_numpy()
     episodes = pd.concat([_episode_table(cfg, labels, classes, g, i) for i, g in enumerate(names)], ignore_index=True)
     write_table(items, out, ITEMS[cfg.family.kind])
@@ -139,9 +184,13 @@ def _split_classes(cfg: StudyConfig, by_group: dict[str, list[str]]) -> pd.DataF
     n_way, rng, rows = cfg.family.n_way, np.random.default_rng(cfg.seed), []
     for group, classes in by_group.items():
         n_test = max(n_way, round(cfg.transfer.test_fraction * len(classes)))
-        if len(classes) - n_test < n_way:
+        if len(classes) < 2 * n_way:
             raise ValueError(f"transfer.groups: {group!r} has {len(classes)} classes; {n_way}-way episodes need "
                              f"{n_way} training and {n_way} test classes")
+        if len(classes) - n_test < n_way:
+            raise ValueError(f"transfer.test_fraction: {cfg.transfer.test_fraction} holds out {n_test} of the "
+                             f"{len(classes)} classes of {group!r}, leaving {len(classes) - n_test} to train on; "
+                             f"{n_way}-way episodes need {n_way}")
         order = rng.permutation(len(classes))
         rows += [(group, classes[i], "test" if rank < n_test else "train") for rank, i in enumerate(order)]
     return pd.DataFrame(rows, columns=["group", "class_id", "role"]).sort_values(["group", "role", "class_id"],
@@ -218,8 +267,8 @@ class GroupTasks:
 
 
 def source_groups(tasks: GroupTasks, source: str) -> list[str]:
-    """The groups a source trains on: "source{i}" is the i-th group, "pooled" all of them."""
-    return tasks.groups if source == POOLED else [tasks.groups[int(source.removeprefix("source"))]]
+    """The groups a source trains on: a group's name, or "pooled": all of them."""
+    return tasks.groups if source == POOLED else [source]
 
 
 # ---------------------------------------------------------------- meta-training per source
@@ -240,8 +289,28 @@ def train_source(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], sour
                         train_cfg, checkpoint, log)
     torch.save(result.state, out / "state.pt")
     write_table(result.history, out, "history")
-    return {"groups": ",".join(groups), "iterations_total": result.iterations_total,
-            "stop_reason": result.stop_reason, "best_iteration": result.best_iteration}
+    return {"groups": ",".join(groups), "iterations": iterations, "iterations_run": result.iterations_run,
+            "iterations_total": result.iterations_total, "stop_reason": result.stop_reason,
+            "best_iteration": result.best_iteration}
+
+
+def unfinished_sources(cfg: StudyConfig, cache: StageCache, source_keys: dict[str, str]) -> dict[str, str]:
+    """{"source <name>": "meta-training stopped by the time budget at iteration i of n"} for each cached source
+    training that transfer.budget_minutes stopped short (as `flows.report.unfinished_training` for the
+    pipeline): the study's gains, rho and nearest-task picks then compare unevenly trained starts."""
+    notes = {}
+    for source, key in source_keys.items():
+        meta = cache.manifest("transfer_train", key)["meta"] if cache.is_complete("transfer_train", key) else {}
+        if meta.get("stop_reason") == "budget":
+            planned = cfg.transfer.pooled_iterations if source == POOLED else cfg.transfer.iterations
+            notes[f"source {source}"] = (f"meta-training stopped by the time budget at iteration "
+                                         f"{meta['iterations_total']} of {planned}")
+    return notes
+
+
+def unfinished_lines(notes: dict[str, str]) -> list[str]:
+    """The `~` lines under the study's tables for `unfinished_sources`' notes."""
+    return [f"~ {label}: {note}; a rerun goes on from its checkpoint" for label, note in notes.items()]
 
 
 def _concat(batches: list):
@@ -257,8 +326,7 @@ def score_matrix(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], sour
     Writes scores (source, target, episode, value) and gains (source x target, mean gain over scratch).
     """
     tasks = GroupTasks(cfg, cache, keys, device(cfg))
-    names = {s: s if s == POOLED else tasks.groups[int(s.removeprefix("source"))] for s in source_keys}
-    starts = {SCRATCH: None} | {names[s]: cache.path("transfer_train", k) / "state.pt" for s, k in source_keys.items()}
+    starts = {SCRATCH: None} | {s: cache.path("transfer_train", k) / "state.pt" for s, k in source_keys.items()}
     tests = {g: tasks.fixed(g, "test") for g in tasks.groups}
     steps, frames, learner = cfg.evaluate.steps, [], tasks.learner()
     init = learner.state_dict()
@@ -369,8 +437,7 @@ def correlate(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path, o
     distances = distance_table(group_embeddings(cfg, embeddings, encoder), {e: t.metrics[e] for e in t.embeddings})
     rho = transfer_correlation(gains, distances, t.n_boot, t.confidence, t.resample, cfg.seed)
     within = within_target_correlation(gains, distances)
-    rho = rho.merge(within.groupby(["embedding", "metric"], sort=False, as_index=False)["rho"].mean().rename(
-        columns={"rho": "rho_within_target"}), how="left")  # mean over targets of the per-target rho
+    rho = rho.merge(within_target_mean(within), how="left")  # mean over the targets whose rho is defined
     write_table(within, out, "rho_by_target")
     write_table(distances, out, "distances")
     write_table(rho, out, "rho")
@@ -402,9 +469,7 @@ def nearest_task(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path
     """Per target, the nearest other group by Task2Vec normalized cosine (else the first embedding and metric);
     its checkpoint's scores against the meta-learned start (pooled) and scratch, paired over every target's
     episodes (significance: paired t and Wilcoxon, Holm). Writes nearest, comparisons, summary."""
-    t = cfg.transfer
-    name = "task2vec" if "task2vec" in t.embeddings else t.embeddings[0]
-    metric = "normalized_cosine" if "normalized_cosine" in t.metrics[name] else t.metrics[name][0]
+    name, metric = nearest_choice(cfg)
     emb = group_embeddings(cfg, embeddings, encoder)[name]
     picks = nearest_sources(emb, metric).assign(embedding=name, metric=metric)
     scores = pd.read_parquet(matrix / "scores.parquet")
@@ -424,13 +489,35 @@ def nearest_task(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path
     return comparisons
 
 
+def nearest_choice(cfg: StudyConfig) -> tuple[str, str]:
+    """(embedding, metric) nearest-task initialisation ranks sources by: Task2Vec normalized cosine when the
+    config has them, else the first embedding and its first metric."""
+    t = cfg.transfer
+    name = "task2vec" if "task2vec" in t.embeddings else t.embeddings[0]
+    return name, "normalized_cosine" if "normalized_cosine" in t.metrics[name] else t.metrics[name][0]
+
+
+def nearest_title(cfg: StudyConfig) -> str:
+    """The nearest-task table's header, naming the embedding and metric actually used."""
+    name, metric = nearest_choice(cfg)
+    return f"nearest-task initialisation ({EMBEDDING_NAMES[name]}, {metric.replace('_', ' ')} distance)"
+
+
 def rho_text(rho: pd.DataFrame, confidence: float = 0.95) -> str:
     """A fixed-width table: one line per embedding x metric, rho over pairs and its CI (`*`: excludes 0), and
-    the mean over targets of the within-target rho."""
+    the mean over targets of the within-target rho, and how many targets it is over when a target's rho is
+    undefined (its distances or gains constant over the sources)."""
     level = f"{confidence:.0%}"
     lines = [f"{'embedding':<10} {'metric':<18} {'rho':>7}  {level + ' CI':<18} {'pairs':>5}  {'within-target':>13}"]
     for r in rho.itertuples():
         mark = "*" if r.ci_high < 0 or r.ci_low > 0 else " "
         lines.append(f"{r.embedding:<10} {r.metric:<18} {r.rho:>7.3f}  [{r.ci_low:>6.3f}, {r.ci_high:>6.3f}]{mark} "
-                     f"{r.n_pairs:>5}  {r.rho_within_target:>13.3f}")
+                     f"{r.n_pairs:>5}  {r.rho_within_target:>13.3f}{_within_note(r)}")
     return "\n".join(lines)
+
+
+def _within_note(r) -> str:
+    defined, n = getattr(r, "n_targets_defined", None), getattr(r, "n_targets", None)
+    if defined is None or defined == n:
+        return ""
+    return f"  mean over {defined} of {n} targets; {n - defined} undefined (constant ranks)"

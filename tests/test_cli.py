@@ -458,3 +458,36 @@ def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
 def test_report_of_a_study_of_another_kind_says_what_to_report(project, capsys, name, kind):
     assert cli.main(["report", "--config", str(REPO / "configs" / f"{name}.yaml")]) == 2
     assert f"{name}.yaml is {kind}: report takes one pipeline" in capsys.readouterr().err
+
+
+def transfer_config(project, **transfer) -> str:
+    """The shipped Omniglot transfer study, its data path made absolute, transfer settings changed."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "configs" / "transfer-omniglot.yaml").read_text())
+    raw["family"]["path"] = str(REPO.parent / "shared" / "data" / "omniglot")
+    raw["transfer"] |= transfer
+    (path := project / "transfer.yaml").write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_transfer_study_that_cannot_run_says_why_before_prefect_starts(project, capsys):
+    config = transfer_config(project, groups=["Latin", "Greek", "Klingon"])
+    assert cli.main(["run", "--config", config]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("metapeft: transfer.groups: ['Klingon'] are not groups of ") and err.count("\n") == 1
+    assert not (project / ".prefect").exists() or not any((project / ".prefect").iterdir())
+    config = transfer_config(project, test_fraction=0.9)
+    assert cli.main(["run", "--config", config]) == 1
+    assert "transfer.test_fraction: 0.9 holds out" in capsys.readouterr().err
+
+
+def test_a_transfer_study_takes_its_own_stage_names_and_no_set(project, capsys):
+    config = transfer_config(project)
+    with pytest.raises(click.BadParameter, match="'bogus' is not a stage: a pipeline's are task_sets, .*; a "
+                                                 "transfer study's are .*transfer_train"):
+        cli.cli.main(["run", "--config", config, "--force", "bogus"], standalone_mode=False)
+    assert cli.main(["stages", "--config", config, "--set", "seed=5"]) == 2
+    assert "--set: a transfer study takes its settings from its file" in capsys.readouterr().err
+    assert cli.main(["stages", "--config", config]) == 0
+    assert "transfer_train[Latin]" in capsys.readouterr().out
