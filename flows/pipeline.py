@@ -199,8 +199,13 @@ def prepare_task_sets(run: Run) -> str:
     written = write_train_sets(run.cache, run.plan, rebuild=rebuilt)
     run.hits[f"train_sets/{run.plan.keys['train_sets']}"] = not written and "train_sets" not in run.prebuilt
     run.tracker.log_artifact(run.parent_id, path / VALIDATION, "task_sets")
+    if (split := report.class_split(run.family, path)) is not None:  # which classes each meta-split holds, in MLflow
+        with tempfile.TemporaryDirectory() as tmp:
+            split.to_csv(Path(tmp) / "classes.csv", index=False)
+            run.tracker.log_artifact(run.parent_id, Path(tmp) / "classes.csv", "task_sets")
     run.tracker.log_metrics(run.parent_id, numeric(meta))
     return cached(key, new_hits(run, before))
+
 
 
 def provenance(run: Run, stage: str) -> dict:

@@ -131,6 +131,17 @@ def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
 FEW_EPISODES = 30  # below this many paired episodes, say that the intervals and tests are rough
 
 
+def class_split(family, entry: Path) -> pd.DataFrame | None:
+    """The task sets' class split (columns split, class; meta-train, meta-val, meta-test in turn) from a task_sets
+    entry's `classes` table; None for a family without classes (sinusoid)."""
+    table = entry / "classes.parquet"
+    if not table.exists() or not hasattr(family, "class_column"):
+        return None
+    classes = pd.read_parquet(table)
+    order = {s: i for i, s in enumerate(("meta_train", "meta_val", "meta_test"))}
+    return (classes[["split", family.class_column]].rename(columns={family.class_column: "class"})
+            .sort_values("split", key=lambda s: s.map(order), kind="stable").reset_index(drop=True))
+
 def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[str, str]:
     """{unit label: note} for each meta-learner whose cached training (`meta_train` entry of algorithm_keys[label])
     is not the training the config asks for, so that its scores are not what its name promises:

@@ -25,7 +25,8 @@ from components.significance import verdict_p
 from flows.answer import Answer, study_answer
 from flows.cache import DIVERGED, HISTORY, MANIFEST, VALIDATION, StageCache
 from flows.config import StudyConfig
-from flows.report import _algorithm, _pair_p, _pyplot, method_color, method_colors, unfinished_training
+from flows.report import (_algorithm, _pair_p, _pyplot, class_split, method_color, method_colors,
+                          unfinished_training)
 
 VALIDATION_PAGE = "validation.html"  # beside the report
 PACKAGES = ("torch", "prefect", "mlflow", "great_expectations", "pandas", "scipy")
@@ -116,6 +117,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
         f" UTC</p>",
         verdict_html(answer, family.lower_is_better, e.diverged, int(summary["n"].max()) if len(summary) else 0),
         study_facts(cfg, family, summary, unfinished_training(cache, cfg, algorithm_keys)),
+        classes_html(class_split(family, cache.path("task_sets", keys["task_sets"])) if "task_sets" in keys else None),
         f"<h2>Results: meta-test {_e(family.metric)}</h2>",
         results_table(summary, comparisons, family.metric, reference, sig.alpha, sig.confidence, colors),
         diverged_html(e.diverged),
@@ -191,6 +193,22 @@ def diverged_names(diverged: pd.DataFrame) -> str:
         return ""
     stages = diverged.groupby("method", sort=True)["stage"].agg(lambda s: ", ".join(dict.fromkeys(s)))
     return ", ".join(f"{m} ({s})" for m, s in stages.items())
+
+
+def classes_html(split: pd.DataFrame | None, shown: int = 30) -> str:
+    """The class split (`report.class_split`): per meta-split its number of classes and their names (the first
+    `shown`, the rest counted), said disjoint only when they are; '' without one."""
+    if split is None or split.empty:
+        return ""
+    groups = {name: part["class"].astype(str).tolist() for name, part in split.groupby("split", sort=False)}
+    spread = split.groupby(split["class"].astype(str))["split"].nunique()
+    overlap = sorted(spread.index[spread > 1])
+    head = ", ".join(f"{name.replace('_', '-')} {len(c)}" for name, c in groups.items())
+    lines = [f"<li><b>{_e(name.replace('_', '-'))}</b>: " + _e(", ".join(c[:shown]))
+             + (f" and {len(c) - shown} more" if len(c) > shown else "") + "</li>" for name, c in groups.items()]
+    said = "in no two splits" if not overlap else f"<span class='fail'>shared by splits: {_e(', '.join(overlap))}</span>"
+    return (f"<details><summary>Classes: {_e(head)} ({said})</summary><ul>{''.join(lines)}</ul>"
+            f"<p class='meta'>the full table: MLflow artifact task_sets/classes.csv</p></details>")
 
 
 def study_facts(cfg: StudyConfig, family, summary: pd.DataFrame,

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -161,6 +162,14 @@ def test_omniglot_study_runs_end_to_end(prefect_harness, project, tiny_conv4_stu
     for run in children.values():
         assert 0 <= run.data.metrics["meta_test_accuracy"] <= 1
         assert "meta_test_accuracy_ci95" in run.data.metrics
+    logged = list(project.glob(f"mlruns/artifacts/**/{out['run_id']}/artifacts/task_sets/classes.csv"))
+    split = pd.read_csv(logged[0])  # which characters each meta-split holds, where a user looks: MLflow, the report
+    assert list(split.columns) == ["split", "class"] and split.groupby("class")["split"].nunique().max() == 1
+    assert set(split["split"]) == {"meta_train", "meta_val", "meta_test"}
+    page = (project / "reports" / out["run_id"] / "report.html").read_text()
+    counts = split["split"].value_counts()
+    assert (f"Classes: meta-train {counts['meta_train']}, meta-val {counts['meta_val']}, meta-test "
+            f"{counts['meta_test']} (in no two splits)") in page
 
 
 def intent_csv(tmp_path, n_intents=12, per_intent=12):

@@ -241,3 +241,21 @@ def test_training_that_is_not_what_the_config_asks_for_is_said(tmp_path):
         "fomaml": "kept its initial state: no meta-val loss in 300 iterations was below iteration 0's, so its "
                   "scores are the untrained start's"}
     assert report.unfinished_lines(notes)[1].startswith("~ fomaml: kept its initial state")
+
+
+def test_the_class_split_is_listed_and_an_overlap_is_flagged(tmp_path):
+    from flows.report import class_split
+
+    class Family:
+        class_column = "label"
+
+    pd.DataFrame({"split": ["meta_test", "meta_train", "meta_train", "meta_val"],
+                  "label": ["d", "a", "b", "c"]}).to_parquet(tmp_path / "classes.parquet")
+    split = class_split(Family(), tmp_path)
+    assert split.to_dict("list") == {"split": ["meta_train", "meta_train", "meta_val", "meta_test"],
+                                     "class": ["a", "b", "c", "d"]}
+    page = report_page.classes_html(split, shown=1)
+    assert "Classes: meta-train 2, meta-val 1, meta-test 1 (in no two splits)" in page and "a and 1 more" in page
+    leaked = pd.concat([split, pd.DataFrame({"split": ["meta_test"], "class": ["a"]})], ignore_index=True)
+    assert "shared by splits: a" in report_page.classes_html(leaked)
+    assert class_split(object(), tmp_path) is None and report_page.classes_html(None) == ""
