@@ -533,6 +533,21 @@ def curve_comparisons(table: pd.DataFrame, reference: str = REFERENCE) -> list[d
     return rows
 
 
+# what a recipe's options add: each recipe against metapeft's algorithm it sets options on, where both ran
+OPTION_BASE = {"protomaml": "maml", "maml++": "maml"}
+
+
+def all_comparisons(table: pd.DataFrame) -> list[dict]:
+    """`curve_comparisons` against learn2learn's MAML, then each recipe of OPTION_BASE against its base algorithm
+    (what its options add, on the same episodes at the same wall-clock points) where both are in the table."""
+    rows = curve_comparisons(table)
+    methods = set(table["method"])
+    for recipe, base in OPTION_BASE.items():
+        if {recipe, base} <= methods:
+            rows += curve_comparisons(table[table["method"].isin([recipe, base])], reference=base)
+    return rows
+
+
 def plot_curves(curves: dict[str, list[dict]], title: str, path: Path) -> None:
     """Accuracy against training seconds, one line per algorithm with its 95% band; written atomically."""
     import matplotlib
@@ -608,7 +623,7 @@ def curves_benchmark(args) -> None:
                         **out["runs"]}}
         table = pd.concat([pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")), table],
                           ignore_index=True)
-    out["comparisons"] = curve_comparisons(table)
+    out["comparisons"] = all_comparisons(table)
     write_json_atomic(out, args.curves_out)
     write_parquet_atomic(table, args.curves_out.with_suffix(".episodes.parquet"))
     plot_curves(out["curves"], title, args.curves_out.with_suffix(".png"))
@@ -672,17 +687,16 @@ def log_curves_mlflow(out: dict, path: Path, root: Path = ROOT) -> dict[str, str
 
 
 def log_comparisons(tracker, run_id: str, out: dict, algorithm: str) -> None:
-    """The algorithm's paired difference from the reference (`curve_comparisons`, points) at every point as metric
-    `accuracy_minus_<reference>_by_second` (step: the point's training seconds), unless the run has it already."""
+    """The algorithm's paired differences (`all_comparisons`, points) at every point, one metric per reference:
+    `accuracy_minus_<reference>_by_second` (step: the point's training seconds), each unless the run has it."""
     from mlflow.entities import Metric
 
     rows = [c for c in out.get("comparisons", []) if c["algorithm"] == algorithm]
-    name = f"accuracy_minus_{REFERENCE}_by_second"
-    if not rows or name in tracker.client.get_run(run_id).data.metrics:
-        return
-    start = tracker.client.get_run(run_id).info.start_time
-    tracker.log_points(run_id, [Metric(name, c["mean_diff"], start + int(1000 * c["point_seconds"]),
-                                       round(c["point_seconds"])) for c in rows])
+    logged, start = tracker.client.get_run(run_id).data.metrics, tracker.client.get_run(run_id).info.start_time
+    for reference in dict.fromkeys(c["reference"] for c in rows):
+        if (name := f"accuracy_minus_{reference}_by_second") not in logged:
+            tracker.log_points(run_id, [Metric(name, c["mean_diff"], start + int(1000 * c["point_seconds"]),
+                                               round(c["point_seconds"])) for c in rows if c["reference"] == reference])
 
 
 def settings(args) -> dict:
@@ -853,8 +867,10 @@ def main(argv=None) -> None:
         if not args.curves_out.is_file():
             raise SystemExit(f"--log-mlflow: {args.curves_out} not found")
         out = json.loads(args.curves_out.read_text())
-        if "comparisons" not in out:  # written before the comparisons were: from its per-episode table
-            out["comparisons"] = curve_comparisons(pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")))
+        # from its per-episode table: a JSON written before the comparisons (or some of them) were gets them
+        compared = all_comparisons(pd.read_parquet(args.curves_out.with_suffix(".episodes.parquet")))
+        if out.get("comparisons") != compared:
+            out["comparisons"] = compared
             write_json_atomic(out, args.curves_out)
         logged = log_curves_mlflow(out, args.curves_out)
         print(f"MLflow experiment {MLFLOW_EXPERIMENT!r}: " + ", ".join(f"{a} run {i}" for a, i in logged.items()))

@@ -170,20 +170,23 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
     points = sorted({r["point_seconds"] for rows in data["curves"].values() for r in rows})
     at = {a: {r["point_seconds"]: r for r in curve} for a, curve in data["curves"].items()}
     clock = (lambda t: f"{t / 60:g} min") if points[-1] >= 600 else (lambda t: f"{t:g} s")
-    versus = {(c["algorithm"], c["point_seconds"]): c for c in data.get("comparisons", [])}
-    against = [a for a in at if any(k[0] == a for k in versus)]  # algorithms with a paired difference from the reference
+    # paired differences: each algorithm against learn2learn's MAML, each recipe against its base algorithm
+    versus = {(c["algorithm"], c.get("reference", "l2l_maml"), c["point_seconds"]): c
+              for c in data.get("comparisons", [])}
+    pairs = list(dict.fromkeys((a, ref) for a, ref, _ in versus))
     rows = [[clock(t), *(f"{at[a][t]['accuracy']:.2f} +- {at[a][t]['ci95']:.2f} ({at[a][t]['iterations']} it)"
                          if t in at[a] else "-" for a in at),
              *(f"{c['mean_diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}], p {c['p_ttest']:.1e} / "
-               f"{c['p_wilcoxon']:.1e}" if (c := versus.get((a, t))) else "-" for a in against)] for t in points]
+               f"{c['p_wilcoxon']:.1e}" if (c := versus.get((a, ref, t))) else "-" for a, ref in pairs)]
+            for t in points]
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
     loads = "; ".join(f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
                       for a, r in data["runs"].items())
     commits = "; ".join(f"{label(names, a)} {r['git']['commit'][:7]}{' (uncommitted changes)' if r['git']['dirty'] else ''}"
                         if r.get("git") else f"{label(names, a)} not recorded" for a, r in data["runs"].items())
-    reference = label(names, next(iter(versus.values()))["reference"]) if versus else ""
     lines = [*markdown(["training time", *(label(names, a) for a in at),
-                        *(f"{label(names, a)} - {reference} (95% CI), p t / Wilcoxon" for a in against)], rows), "",
+                        *(f"{label(names, a)} - {label(names, ref)} (95% CI), p t / Wilcoxon" for a, ref in pairs)],
+                       rows), "",
              f"{smoke}accuracy % (95% CI) on the first {s['curve_episodes']} meta-test episodes of the meta-"
              f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
              f"boundary at or after it; the training clock stops while a copy is taken); figure "

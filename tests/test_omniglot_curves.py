@@ -231,3 +231,32 @@ def test_each_algorithm_is_compared_with_learn2learn_at_every_point_on_the_same_
         assert (r["ci_low"], r["ci_high"], r["p_wilcoxon"]) == pytest.approx(
             (expected["ci_low"], expected["ci_high"], expected["p_wilcoxon"]))
     assert omniglot.curve_comparisons(curve_table({"protomaml": runs["protomaml"]})) == []
+
+
+def test_a_recipe_is_compared_with_the_algorithm_it_sets_options_on():
+    """all_comparisons: every algorithm against learn2learn's MAML, and Proto-MAML against metapeft's MAML (what the
+    prototype head adds), each paired on the same episodes; the README table gets a column per pair."""
+    from benchmarks import readme_tables
+
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.6, 1.0, size=(2, 30))
+    scores = {"l2l_maml": base, "maml": np.clip(base + 0.02, 0, 1), "protomaml": np.clip(base + 0.05, 0, 1)}
+    runs = {a: {"snapshots": [{"point_seconds": 60.0 * (i + 1), "seconds": 60.0 * (i + 1) + 1, "iterations": 10 * i,
+                               "accuracy": acc[i].tolist()} for i in range(2)]} for a, acc in scores.items()}
+    rows = omniglot.all_comparisons(curve_table(runs))
+    pairs = {(r["algorithm"], r["reference"]) for r in rows}
+    assert pairs == {("maml", "l2l_maml"), ("protomaml", "l2l_maml"), ("protomaml", "maml")}
+    head = next(r for r in rows if (r["algorithm"], r["reference"], r["point_seconds"]) == ("protomaml", "maml", 60.0))
+    assert head["mean_diff"] == pytest.approx(100 * (scores["protomaml"][0] - scores["maml"][0]).mean())
+    assert omniglot.all_comparisons(curve_table({a: runs[a] for a in ("maml", "protomaml")})) == [
+        r for r in rows if r["reference"] == "maml"]  # without learn2learn: the option's comparison alone
+
+    curves = {a: [{"point_seconds": s["point_seconds"], "seconds": s["seconds"], "iterations": s["iterations"],
+                   "accuracy": 100 * float(np.mean(s["accuracy"])), "ci95": 1.0} for s in r["snapshots"]]
+              for a, r in runs.items()}
+    data = {"settings": {"ways": 5, "shots": 1, "curve_episodes": 30, "budget_minutes": 2}, "smoke": True,
+            "curves": curves, "comparisons": rows,
+            "runs": {a: {"loadavg_start": [1.0], "loadavg_end": [1.0]} for a in runs}}
+    header = readme_tables.omniglot_curves([data])[0]
+    assert "metapeft Proto-MAML - metapeft MAML (2nd order) (95% CI)" in header
+    assert "metapeft Proto-MAML - learn2learn MAML (95% CI)" in header
