@@ -63,27 +63,28 @@ def _checked_steps(steps: int, score_steps: Sequence[int] | None) -> list[int]:
     return score_steps
 
 
-BLOW_UP = 1e6  # a mean query score this many times its start's scale (at least 1) is adaptation diverging
+BLOW_UP = 1e6  # a query score this many times the scores' scale at the start (at least 1): adaptation diverged
 
 
 def _finite(curve: np.ndarray, score_steps: list[int], lrs: Params, rate_name: str = "fast_lr") -> np.ndarray:
     """curve (len(score_steps), T), checked: raised here, a diverged adaptation never reaches a results table.
 
-    Diverged: a non-finite score, or a finite blow-up: the mean |score| over episodes at some step above BLOW_UP
-    times max(1, its mean at the first scored step). Scores bounded by 1 (accuracy) can never pass it; a loss that
-    adaptation multiplies a million-fold (an inner rate too large for the test-time steps) is no result."""
+    Diverged: a non-finite score, or a finite blow-up: an episode's |score| at some step above BLOW_UP times
+    max(1, the mean |score| over episodes at the first scored step), said with how many episodes did. Scores
+    bounded by 1 (accuracy) can never pass it; a loss that adaptation multiplies a million-fold (an inner rate too
+    large for the test-time steps) is no result, even on one episode of many: the method is unstable there."""
     rates = rates_in_force(lrs, rate_name)
     if not np.isfinite(curve).all():
         row = int(np.flatnonzero(~np.isfinite(curve).all(1))[0])
         bad = int((~np.isfinite(curve[row])).sum())
         raise Diverged(f"the query score is non-finite on {bad} of {curve.shape[1]} episodes", step=score_steps[row],
                        rates=rates)
-    size = np.abs(curve).mean(1)
-    if (grown := size > BLOW_UP * max(1.0, size[0])).any():
-        row = int(np.flatnonzero(grown)[0])
-        raise Diverged(f"the mean query score grew from {curve[0].mean():.4g} at step {score_steps[0]} to "
-                       f"{curve[row].mean():.4g} (over {BLOW_UP:g} times its start)", step=score_steps[row],
-                       rates=rates)
+    start = max(1.0, float(np.abs(curve[0]).mean()))
+    if (blown := np.abs(curve) > BLOW_UP * start).any():
+        row = int(np.flatnonzero(blown.any(1))[0])
+        raise Diverged(f"the query score blew up on {int(blown.any(0).sum())} of {curve.shape[1]} episodes (up to "
+                       f"{np.abs(curve).max():.3g}; over {BLOW_UP:g} times the mean |score| {start:.4g} at step "
+                       f"{score_steps[0]})", step=score_steps[row], rates=rates)
     return curve
 
 

@@ -100,6 +100,9 @@ def _moments(support: pd.DataFrame, grouped) -> pd.DataFrame:
     return stats.drop(columns=["x_min", "x_max"])
 
 
+EXACT_FIT = 1e-9  # a fit's rmse at most this fraction of the targets' rms is exact (float64 rounding: ~1e-16)
+
+
 def _sincos_fit(support: pd.DataFrame, grouped) -> pd.DataFrame:
     """Batched least squares y ~ a sin x + b cos x per task: amplitude, phase, residual rmse."""
     s, c, y = np.sin(support["x"]), np.cos(support["x"]), support["y"]
@@ -110,10 +113,14 @@ def _sincos_fit(support: pd.DataFrame, grouped) -> pd.DataFrame:
     coef = (np.linalg.pinv(gram, hermitian=True) @ rhs)[:, :, 0]  # (T, 2); min-norm if singular
     row = grouped.ngroup().to_numpy()  # task position of every support row
     resid = y.to_numpy() - coef[row, 0] * s.to_numpy() - coef[row, 1] * c.to_numpy()
-    mse = np.bincount(row, weights=resid ** 2) / np.bincount(row)
+    count = np.bincount(row)
+    rmse, y_rms = (np.sqrt(np.bincount(row, weights=v ** 2) / count) for v in (resid, y.to_numpy()))
+    # a residual at float rounding of y (~1e-16 relative) is an exact fit: 0, not noise that standardising
+    # would blow up to the weight of every real feature in the similarities
+    rmse = np.where(rmse <= EXACT_FIT * y_rms, 0.0, rmse)
     return pd.DataFrame({"sin_amplitude": np.hypot(coef[:, 0], coef[:, 1]),
                          "sin_phase": np.arctan2(coef[:, 1], coef[:, 0]),
-                         "sin_rmse": np.sqrt(mse)}, index=sums.index)
+                         "sin_rmse": rmse}, index=sums.index)
 
 
 def _query_counts(df: pd.DataFrame, task_ids: pd.Index) -> np.ndarray:

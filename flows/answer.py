@@ -16,7 +16,8 @@ TIE = 1e-6  # relative: means closer than this differ by float32 rounding (one q
 
 @dataclass(frozen=True)
 class Gap:
-    """best - other on the paired meta-test episodes: mean difference, its CI and the Holm-adjusted t-test p."""
+    """best - other on the paired meta-test episodes: mean difference, its CI and p_holm, the larger of the
+    Holm-adjusted paired t-test and Wilcoxon p (`verdict_p`: a difference when both tests agree)."""
 
     other: str
     diff: float
@@ -105,6 +106,14 @@ def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
 
 
 def _gap(comparisons: pd.DataFrame, best: str, other: str) -> Gap:
-    row = comparisons[(comparisons["method_a"] == best) & (comparisons["method_b"] == other)].iloc[0]
-    return Gap(other, float(row["mean_diff"]), float(row["ci_low"]), float(row["ci_high"]),
+    """best - other from their pair's row, whichever way round the row is: the summary ranks by its means (a fold
+    study: the mean of fold means) and the pairs by theirs (the pooled episodes; a rounding step apart for two
+    methods of the same scores), so the summary's best may be the row's method_b."""
+    pair = comparisons[(comparisons["method_a"] == best) & (comparisons["method_b"] == other)]
+    sign = 1.0
+    if pair.empty:
+        pair, sign = comparisons[(comparisons["method_a"] == other) & (comparisons["method_b"] == best)], -1.0
+    row = pair.iloc[0]
+    low, high = sorted((sign * float(row["ci_low"]), sign * float(row["ci_high"])))
+    return Gap(other, sign * float(row["mean_diff"]), low, high,
                float(verdict_p(row.to_frame().T).iloc[0]))  # both tests, as every verdict

@@ -723,8 +723,9 @@ def _score(row) -> str:
 def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
     """A run's results table, as CSV or JSON.
 
-    One row per method: the meta-test metric's mean and confidence interval, the Holm-adjusted paired t-test p
-    against the family's reference method, or where the method diverged."""
+    One row per method: the meta-test metric's mean and confidence interval, p_holm_vs_reference (the larger of
+    the Holm-adjusted paired t-test and Wilcoxon p against the family's reference method: a difference when both
+    are below alpha), or where the method diverged."""
     import json
 
     from components.storage import write_atomic
@@ -788,13 +789,27 @@ def _results(root: Path, run_id: str):
     rows = [{**{k: r[k] for k in ("method", "n", "mean", "ci_low", "ci_high")}, "diverged": "",
              "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref)}
             for r in tables["summary"].to_dict("records")]
-    rows += [{"method": d["method"], "diverged": f"in {d['stage']}: {d['reason']}"}
-             for d in tables[DIVERGED].to_dict("records")]
+    rows += diverged_rows(tables[DIVERGED], {r["method"] for r in rows})
     unfinished = _unfinished(tags.get("metapeft.unfinished", ""))
     rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
     table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
                                       reference=ref)
     return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg
+
+
+def diverged_rows(diverged, scored: set[str]) -> list[dict]:
+    """One results row per diverged method without a score ({method, diverged: where and why}); with seeds, a
+    method's rows (one per seed it diverged in) are joined, 'seed 1 in evaluate: ... | seed 2 in ...'."""
+    import pandas as pd
+
+    rows = []
+    for method, where in diverged.groupby("method", sort=False):
+        if method not in scored:
+            seeds = where["seed"] if "seed" in where else pd.Series(pd.NA, index=where.index)
+            rows.append({"method": method, "diverged": " | ".join(
+                f"{'' if pd.isna(seed) else f'seed {int(seed)} '}in {d['stage']}: {d['reason']}"
+                for seed, d in zip(seeds, where.to_dict("records")))})
+    return rows
 
 
 def _unfinished(tag: str) -> dict[str, str]:

@@ -146,7 +146,7 @@ def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[s
     """{unit label: note} for each meta-learner whose cached training (`meta_train` entry of algorithm_keys[label])
     is not the training the config asks for, so that its scores are not what its name promises:
     - a wall-clock budget stopped it before its iterations ("meta-training stopped by the time budget at
-      iteration i of n after m min of training in all; --budget-minutes N goes on from its checkpoint"; the
+      iteration i of n after m min of training in all (--budget-minutes N goes on from its checkpoint)"; the
       minutes across every budgeted run that continued it);
     - it kept its initial state: no validated state had a lower meta-val loss than iteration 0's, so its scores
       are those of the untrained start (the family's initialisation), whatever the algorithm."""
@@ -158,7 +158,7 @@ def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[s
             spent = f" after {meta['train_seconds_total'] / 60:.1f} min of training in all" \
                 if "train_seconds_total" in meta else ""
             notes[label] = f"meta-training stopped by the time budget at iteration {meta['iterations_total']} of " \
-                           f"{planned}{spent}; --budget-minutes N goes on from its checkpoint"
+                           f"{planned}{spent} (--budget-minutes N goes on from its checkpoint)"
         elif meta.get("best_iteration") == 0 and meta.get("iterations_total", 0) > 0:
             notes[label] = f"kept its initial state: no meta-val loss in {meta['iterations_total']} iterations was " \
                            f"below iteration 0's, so its scores are the untrained start's"

@@ -491,3 +491,15 @@ def test_a_transfer_study_takes_its_own_stage_names_and_no_set(project, capsys):
     assert "--set: a transfer study takes its settings from its file" in capsys.readouterr().err
     assert cli.main(["stages", "--config", config]) == 0
     assert "transfer_train[Latin]" in capsys.readouterr().out
+
+
+def test_a_method_diverged_in_every_seed_is_one_row():
+    """With seeds a method diverges once per seed: export and compare need one row per method (compare crashed on
+    two), saying each seed's reason."""
+    diverged = pd.DataFrame([{"method": "metasgd", "stage": "evaluate", "reason": "non-finite", "seed": 0},
+                             {"method": "metasgd", "stage": "evaluate", "reason": "blew up", "seed": 1},
+                             {"method": "scratch", "stage": "baselines", "reason": "non-finite", "seed": None},
+                             {"method": "maml", "stage": "evaluate", "reason": "x", "seed": 1}])
+    assert cli.diverged_rows(diverged, {"maml"}) == [
+        {"method": "metasgd", "diverged": "seed 0 in evaluate: non-finite | seed 1 in evaluate: blew up"},
+        {"method": "scratch", "diverged": "in baselines: non-finite"}]

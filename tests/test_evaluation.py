@@ -150,8 +150,12 @@ def test_a_finite_blow_up_of_the_query_score_is_divergence_not_a_score(tasks):
 
     model = make_model()
     params = dict(model.named_parameters())
-    with pytest.raises(Diverged, match=r"the mean query score grew from [\d.]+ at step 0 to [\d.e+]+ \(over 1e\+06 "
-                                       r"times its start\) at test-time step \d+ \(baselines.finetune_lr 3\)"):
+    with pytest.raises(Diverged, match=r"the query score blew up on 5 of 5 episodes \(up to [\d.e+]+; over 1e\+06 "
+                                       r"times the mean \|score\| [\d.]+ at step 0\) at test-time step \d+ "
+                                       r"\(baselines.finetune_lr 3\)"):
         finetune(model, params, tasks, 40, 3.0, F.mse_loss)
+    one = TaskBatch(*(torch.cat([t, 100 * t[:1]]) for t in (tasks.x_spt, tasks.y_spt, tasks.x_qry, tasks.y_qry)))
+    with pytest.raises(Diverged, match=r"blew up on 1 of 6 episodes"):  # one task's inputs 100x: it alone blows up
+        finetune(model, params, one, 40, 0.01, F.mse_loss)
     sane = finetune(model, params, tasks, 40, 0.01, F.mse_loss)  # no error: it moves, it does not blow up
     assert np.isfinite(sane).all() and sane.max() < 10 * sane[0].mean()

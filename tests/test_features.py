@@ -49,6 +49,8 @@ def test_recovers_true_parameters_of_sampled_tasks():
     np.testing.assert_allclose(f["sin_amplitude"], truth["amplitude"], atol=1e-6)
     np.testing.assert_allclose(f["sin_phase"], truth["phase"], atol=1e-6)
     assert (f["n_support"] == 5).all() and (f["n_query"] == 10).all()
+    # noise-free tasks fit exactly: rmse 0, not rounding noise that standardising would give full weight
+    assert (f["sin_rmse"] == 0).all()
 
 
 def test_many_tasks_match_per_task_numpy_reference():
@@ -62,6 +64,8 @@ def test_many_tasks_match_per_task_numpy_reference():
         assert f.loc[t, "y_std"] == pytest.approx(y.std())
         assert f.loc[t, "sin_amplitude"] == pytest.approx(np.hypot(a, b))
         assert f.loc[t, "sin_phase"] == pytest.approx(np.arctan2(b, a))
+        resid = y - a * np.sin(x) - b * np.cos(x)
+        assert f.loc[t, "sin_rmse"] == pytest.approx(np.sqrt(np.mean(resid ** 2)))  # a real residual: kept
 
 
 def test_query_rows_do_not_change_features():

@@ -53,6 +53,17 @@ def test_means_that_differ_by_rounding_only_are_a_tie_not_a_best_method():
     assert study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml"}, 0.95, 0.01).sentence().startswith("maml is best")
 
 
+def test_a_best_method_that_its_pair_ranks_second_gets_a_negative_gap_not_a_crash():
+    """A fold study ranks by the mean of fold means, its pairs by the pooled episodes: the summary's best can be
+    the pair's method_b. Its gap is then read the other way round (sign and interval flipped)."""
+    summary = SUMMARY.loc[["fomaml", "maml"]]
+    comparisons = COMPARISONS[(COMPARISONS.method_a == "maml") & (COMPARISONS.method_b == "fomaml")]
+    answer = study_answer(summary, comparisons, "accuracy", {"maml", "fomaml"}, 0.95, 0.01)
+    gap = answer.runner_up
+    assert (gap.other, gap.diff, gap.ci_low, gap.ci_high) == ("maml", -0.02, -0.044, 0.004)
+    assert gap.p_holm == pytest.approx(0.21)
+
+
 def test_verdict_when_a_baseline_is_best_names_the_best_meta_learner():
     summary = SUMMARY.loc[["pretrain_finetune", "scratch"]]
     comparisons = COMPARISONS[COMPARISONS.method_a == "pretrain_finetune"].query("method_b == 'scratch'")
@@ -236,11 +247,14 @@ def test_training_that_is_not_what_the_config_asks_for_is_said(tmp_path):
             (out / "state.pt").write_bytes(b"x")
     notes = report.unfinished_training(cache, cfg, {label: label for label in metas})
     assert notes == {
-        "maml": "meta-training stopped by the time budget at iteration 40 of 300 after 1.5 min of training in all; "
-                "--budget-minutes N goes on from its checkpoint",
+        "maml": "meta-training stopped by the time budget at iteration 40 of 300 after 1.5 min of training in all "
+                "(--budget-minutes N goes on from its checkpoint)",
         "fomaml": "kept its initial state: no meta-val loss in 300 iterations was below iteration 0's, so its "
                   "scores are the untrained start's"}
     assert report.unfinished_lines(notes)[1].startswith("~ fomaml: kept its initial state")
+    from flows.cli import _unfinished
+
+    assert _unfinished(report.unfinished_tag(notes)) == notes  # export and compare read the tag back, note by note
 
 
 def test_the_class_split_is_listed_and_an_overlap_is_flagged(tmp_path):
