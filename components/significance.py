@@ -256,7 +256,8 @@ def compare_folds(results: Mapping[str, pd.DataFrame], diverged: Mapping[str, pd
     seeds; diverged: fold -> its diverged methods (a `method` column), which are left out everywhere.
 
     Returns tables fold_means (`fold_means`), summary (`fold_summary`: mean over folds, t-interval over the fold
-    means), comparisons (`compare_methods` on the pooled episodes, Holm over all pairs) and diverged (fold, method).
+    means), comparisons (`compare_methods` on the pooled episodes, Holm over all pairs), fold_pairs (`fold_pairs`:
+    the same pairs tested over the folds) and diverged (fold, method).
     """
     out = pd.DataFrame([(fold, m) for fold, t in diverged.items() for m in dict.fromkeys(t.get("method", ()))],
                        columns=["fold", "method"])
@@ -264,7 +265,37 @@ def compare_folds(results: Mapping[str, pd.DataFrame], diverged: Mapping[str, pd
     for fold, table in results.items():
         table = across_seeds(table[~table["method"].isin(set(out["method"]))])
         final[fold] = table[table["steps"] == table["steps"].max()]
-    return {"fold_means": fold_means(final, metric),
+    means = fold_means(final, metric)
+    comparisons = compare_methods(pool_folds(final), metric, lower_is_better, confidence, alpha)
+    return {"fold_means": means,
             "summary": fold_summary(final, metric, confidence, lower_is_better=lower_is_better).reset_index(),
-            "comparisons": compare_methods(pool_folds(final), metric, lower_is_better, confidence, alpha),
+            "comparisons": comparisons, "fold_pairs": fold_pairs(means, comparisons, lower_is_better, confidence),
             "diverged": out}
+
+
+def fold_pairs(means: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: bool,
+               confidence: float = 0.95) -> pd.DataFrame:
+    """Each compared pair over the folds themselves: the pooled-episode tests count the episodes of every fold as
+    independent, but a new class split replicates a fold, not an episode. means: `fold_means`; comparisons:
+    `compare_methods`' pairs (method_a the better on the pooled episodes).
+
+    Returns one row per pair: method_a, method_b, n_folds, folds_a_better, folds_b_better (folds where that
+    method's mean is the better; equal means count for neither), mean_diff (mean over folds of a - b), ci_low, ci_high (Student t over the fold differences, F - 1
+    degrees of freedom) and p_folds (the paired t-test over folds; NaN with fewer than 2 folds or equal
+    differences)."""
+    wide = means.pivot(index="fold", columns="method", values="mean")
+    rows = []
+    for a, b in comparisons[["method_a", "method_b"]].itertuples(index=False):
+        d = (wide[a] - wide[b]).dropna().to_numpy(dtype=float)
+        better, worse = (int((d < 0).sum()), int((d > 0).sum())) if lower_is_better else \
+            (int((d > 0).sum()), int((d < 0).sum()))
+        low = high = p = float("nan")
+        if len(d) >= 2 and np.ptp(d) > 0:
+            test = stats.ttest_1samp(d, 0.0)
+            low, high = test.confidence_interval(confidence)
+            p = float(test.pvalue)
+        rows.append({"method_a": a, "method_b": b, "n_folds": len(d), "folds_a_better": better, "folds_b_better": worse,
+                     "mean_diff": float(d.mean()) if len(d) else float("nan"), "ci_low": float(low),
+                     "ci_high": float(high), "p_folds": p})
+    return pd.DataFrame(rows, columns=["method_a", "method_b", "n_folds", "folds_a_better", "folds_b_better",
+                                       "mean_diff", "ci_low", "ci_high", "p_folds"])

@@ -38,7 +38,8 @@ from flows.report import unfinished_lines, unfinished_tag, unfinished_training  
 from flows.tracking import PARENT_TAG, Tracker  # noqa: E402
 from flows.versions import code_version  # noqa: E402
 
-TABLES = ("fold_means", "summary", "comparisons", "diverged")  # the "folds" entry's tables, beside SUMMARY_TEXT
+# the "folds" entry's tables, beside SUMMARY_TEXT
+TABLES = ("fold_means", "summary", "comparisons", "fold_pairs", "diverged")
 
 
 def fold_plans(cfg: StudyConfig, config_path: str, overrides: dict | None, root: Path) -> dict[str, Plan]:
@@ -88,13 +89,15 @@ FEW_FOLDS = 5  # below this many folds, say the interval over fold means is wide
 
 
 def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, confidence: float, alpha: float) -> str:
-    """Each method's mean over folds +- the CI half-width, its fold means, and the pooled-episode paired tests
-    (Holm) against the reference; `*`: significant at alpha (`verdict_p`: both tests below it)."""
+    """Each method's mean over folds +- the CI half-width, its fold means, the pooled-episode paired tests (Holm)
+    against the reference (`*`: significant at alpha, `verdict_p`: both tests below it), and the same pair over the
+    folds: in how many folds the method was the better, and the paired t-test p over the fold means."""
     means = tables["fold_means"].pivot(index="method", columns="fold", values="mean")
     folds = list(dict.fromkeys(tables["fold_means"]["fold"]))
-    pairs = tables["comparisons"]
+    pairs, over = tables["comparisons"], tables.get("fold_pairs")
     lines = [f"{'method':<16} {f'{metric} over folds ({confidence:.0%} CI)':>30}  "
-             + " ".join(f"{f:>7}" for f in folds) + f"  {'p_t / p_wilcoxon vs ' + reference:>30}"]
+             + " ".join(f"{f:>7}" for f in folds) + f"  {'p_t / p_wilcoxon vs ' + reference:>30}"
+             + ("  better in folds, p over folds" if over is not None else "")]
     for row in tables["summary"].to_dict("records"):
         m = row["method"]
         pair = pairs[((pairs.method_a == m) & (pairs.method_b == reference))
@@ -102,13 +105,29 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
         p = "-" if pair.empty else (f"{pair['p_ttest_holm'].iloc[0]:.1e} / {pair['p_wilcoxon_holm'].iloc[0]:.1e}"
                                     + ("*" if verdict_p(pair).iloc[0] < alpha else ""))
         lines.append(f"{m:<16} {row['mean']:>20.4f} +- {row['ci_half']:<7.4f}  "
-                     + " ".join(f"{means.loc[m, f]:>7.4f}" for f in folds) + f"  {p:>30}")
+                     + " ".join(f"{means.loc[m, f]:>7.4f}" for f in folds) + f"  {p:>30}"
+                     + (f"  {_over_folds(over, m, reference)}" if over is not None else ""))
     for row in tables["diverged"].to_dict("records"):
         lines.append(f"{row['method']:<16} DIVERGED in fold {row['fold']}: left out")
     if len(folds) < FEW_FOLDS:
         lines.append(f"only {len(folds)} folds: the interval over the fold means has {len(folds) - 1} degree(s) of "
-                     f"freedom and may pass the metric's range; the pooled-episode tests are the firmer evidence")
+                     f"freedom and may pass the metric's range")
+    if over is not None and len(over):
+        lines.append("the pooled-episode tests count every fold's episodes as independent; 'better in folds' and "
+                     "the t-test over the fold means say whether a difference holds from one class split to another")
     return "\n".join(lines)
+
+
+def _over_folds(over: pd.DataFrame, method: str, reference: str) -> str:
+    """'3/5 folds, p 0.21' for method against reference (`fold_pairs`: 'better' is the method's side), '-' for the
+    reference itself."""
+    row = over[((over.method_a == method) & (over.method_b == reference))
+               | ((over.method_a == reference) & (over.method_b == method))]
+    if row.empty:
+        return "-"
+    r = row.iloc[0]
+    better = r["folds_a_better"] if r["method_a"] == method else r["folds_b_better"]
+    return f"{better}/{r['n_folds']} folds, p {r['p_folds']:.2g}"
 
 
 def fold_run_name() -> str:

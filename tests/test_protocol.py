@@ -311,6 +311,24 @@ def test_pooled_episodes_stay_distinct_per_fold_and_are_paired():
     assert out["diverged"].values.tolist() == [["02", "c"]]
 
 
+def test_each_pair_is_also_tested_over_the_folds_themselves():
+    """Fold means a - b: 0.2, 0.1, 0.2 (hand-computed: mean 0.16667, sd 0.057735, t = 5.0, p = 0.037750 with 2 df):
+    a is better in 3 of 3 folds. The text puts it beside the pooled-episode test and says what each counts."""
+    from flows.folds import folds_text
+
+    out = compare_folds({f: t.assign(steps=10) for f, t in FOLDS.items()}, {}, "accuracy", lower_is_better=False)
+    row = out["fold_pairs"].iloc[0]
+    assert (row["method_a"], row["method_b"], row["n_folds"], row["folds_a_better"], row["folds_b_better"]) == \
+        ("a", "b", 3, 3, 0)
+    assert (row["mean_diff"], row["p_folds"]) == pytest.approx((1 / 6, 0.037750), abs=1e-6)
+    assert row["ci_high"] - row["ci_low"] == pytest.approx(2 * 4.302653 * 0.057735 / np.sqrt(3), abs=1e-5)
+    text = folds_text(out, "accuracy", "b", 0.95, 0.01)
+    assert next(line for line in text.splitlines() if line.startswith("a ")).endswith("3/3 folds, p 0.038")
+    assert "count every fold's episodes as independent" in text
+    lower = compare_folds({f: t.assign(steps=10) for f, t in FOLDS.items()}, {}, "accuracy", lower_is_better=True)
+    assert lower["fold_pairs"].iloc[0][["method_a", "folds_a_better", "folds_b_better"]].tolist() == ["b", 3, 0]
+
+
 def test_compare_folds_leaves_out_diverged_methods_and_takes_the_last_step_and_seed_mean():
     results = {f: pd.concat([t.assign(steps=10, seed=0), t.assign(steps=10, seed=1),
                              t.assign(steps=0, seed=0, value=0.0)]) for f, t in FOLDS.items()}
@@ -461,8 +479,9 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     first = fold_study(config_path=str(path))
     assert first["folds"]["01"]["keys"]["task_sets"] != first["folds"]["02"]["keys"]["task_sets"]
     lines = first["results"].splitlines()
-    assert lines[-1].startswith("only 2 folds: the interval over the fold means has 1 degree(s) of freedom")
-    lines = lines[:-1]
+    assert lines[-2].startswith("only 2 folds: the interval over the fold means has 1 degree(s) of freedom")
+    assert lines[-1].startswith("the pooled-episode tests count every fold's episodes as independent")
+    lines = lines[:-2]
     assert {line.split()[0] for line in lines[1:]} == {"protonet", "maml", "prototypes", "linear_head",
                                                        "lora_finetune"}
     from mlflow.tracking import MlflowClient
