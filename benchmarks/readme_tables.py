@@ -153,8 +153,21 @@ def omniglot(jsons: list[dict]) -> list[str]:
              str(r["iterations"]), f"{r['tasks_per_s']:.1f}", f"{r['peak_rss_train_mb']:.0f} MB",
              f"{r['loadavg_1min_start']:.1f} / {r['loadavg_1min_end']:.1f}"] for i, r in enumerate(results)]
     minutes = f"{s['budget_minutes']:g} min"
-    return markdown(["algorithm", "accuracy % (95% CI)", f"meta-iterations in {minutes}", "tasks/s",
-                     "peak RSS (train)", "load avg (1 min) start/end"], rows)
+    lines = markdown(["algorithm", "accuracy % (95% CI)", f"meta-iterations in {minutes}", "tasks/s",
+                      "peak RSS (train)", "load avg (1 min) start/end"], rows)
+    pair = next((c for c in data.get("comparisons", []) if {c["method_a"], c["method_b"]} == {"maml", "l2l_maml"}),
+                None)
+    if pair is not None:  # the comparison the benchmark is for, in words (sign: metapeft's MAML minus learn2learn's)
+        sign = 1 if pair["method_a"] == "maml" else -1
+        low, high = sorted((sign * pair["ci_low"], sign * pair["ci_high"]))
+        its = {r["algorithm"]: r["iterations"] for r in data["results"]}
+        lines += ["", f"metapeft MAML - learn2learn MAML on the same episodes: {sign * pair['mean_diff']:+.2f} points "
+                      f"[{low:+.2f}, {high:+.2f}], Holm p {pair['p_ttest_holm']:.1e} (t) / "
+                      f"{pair['p_wilcoxon_holm']:.1e} (Wilcoxon); meta-iterations in the budget "
+                      f"{its['maml']} vs {its['l2l_maml']} ({its['maml'] / its['l2l_maml']:.2f}x)."
+                      + (f" Published MAML (Finn et al., 2017): {data['published_maml'][0]} +- "
+                         f"{data['published_maml'][1]}." if data.get("published_maml") else "")]
+    return lines
 
 
 CURVE_GOALS = {(5, 1): 98.0}  # issue 14: 5-way 1-shot, at least 98.0% within 2 hours of meta-training
