@@ -344,6 +344,10 @@ class MetaTrainSection(Section):
             if s["min_meta_lr"] > s["meta_lr"]:
                 raise ValueError(f"{self.field(algorithm, 'min_meta_lr')}: {s['min_meta_lr']} exceeds meta_lr "
                                  f"{s['meta_lr']} (algorithm {algorithm})")
+            if s["first_order_iterations"] and s["first_order_iterations"] >= s["iterations"]:  # all first order
+                raise ValueError(f"{self.field(algorithm, 'first_order_iterations')}: {s['first_order_iterations']} "
+                                 f"of {s['iterations']} iterations leaves none second order: that is fomaml, not "
+                                 f"{algorithm} (algorithm {algorithm})")
         return self
 
     def field(self, algorithm: str, name: str) -> str:
@@ -494,9 +498,10 @@ class StudyConfig(Section):
         if self.transfer is not None and self.seeds is not None:  # would be ignored: one shared initialisation
             raise ValueError(f"seeds: a transfer study uses `seed` (one shared initialisation for every source); "
                              f"remove seeds {list(self.seeds)}")
-        zero_head = self.meta_train.zero_head or any(o.zero_head for o in self.meta_train.overrides.values())
+        zero_head = [f"meta_train.{self.meta_train.field(a, 'zero_head')}" for a in self.meta_train.algorithms
+                     if self.meta_train.for_algorithm(a).get("zero_head")]
         if zero_head and self.family.kind == "sinusoid":
-            raise ValueError("meta_train.zero_head: the sinusoid family is regression; it has no classification head")
+            raise ValueError(f"{zero_head[0]}: the sinusoid family is regression; it has no classification head")
         if self.meta_train.task_batched and self.model.kind != "conv4":
             raise ValueError(f"meta_train.task_batched: only the conv4 model runs a chunk of tasks as one network; "
                              f"model.kind is {self.model.kind!r}")

@@ -155,8 +155,9 @@ def unfinished_training(cache, cfg, algorithm_keys: Mapping[str, str]) -> dict[s
         meta = cache.manifest("meta_train", key)["meta"] if cache.is_complete("meta_train", key) else {}
         if meta.get("stop_reason") == "budget":
             planned = cfg.meta_train.for_algorithm(label.split("/")[0])["iterations"]
-            spent = f" after {meta['train_seconds_total'] / 60:.1f} min of training in all" \
-                if "train_seconds_total" in meta else ""
+            seconds = meta.get("train_seconds_total")
+            spent = "" if seconds is None else f" after {seconds:.0f} s of training in all" if seconds < 60 else \
+                f" after {seconds / 60:.1f} min of training in all"
             notes[label] = f"meta-training stopped by the time budget at iteration {meta['iterations_total']} of " \
                            f"{planned}{spent} (--budget-minutes N goes on from its checkpoint)"
         elif meta.get("best_iteration") == 0 and meta.get("iterations_total", 0) > 0:

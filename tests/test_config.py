@@ -28,6 +28,10 @@ def test_quick_config_loads():
     ("runtime: {device: tpu}", "runtime.device"),
     ("colour: blue", "colour"),
     ("meta_train: {zero_head: true}", "meta_train.zero_head"),  # sinusoid: regression, no head
+    ("meta_train: {overrides: {maml: {zero_head: true}}}", "meta_train.overrides.maml.zero_head"),
+    # all first order: fomaml under maml's name
+    ("meta_train: {iterations: 50, overrides: {maml: {first_order_iterations: 50}}}",
+     "meta_train.overrides.maml.first_order_iterations: 50 of 50 iterations leaves none second order"),
 ])
 def test_bad_config_names_key_and_file(tmp_path, text, key):
     path = write(tmp_path, text)

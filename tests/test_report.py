@@ -241,7 +241,9 @@ def test_training_that_is_not_what_the_config_asks_for_is_said(tmp_path):
     metas = {"maml": {"stop_reason": "budget", "iterations_total": 40, "best_iteration": 40,
                       "train_seconds_total": 90.0},
              "fomaml": {"stop_reason": "iterations", "iterations_total": 300, "best_iteration": 0},
-             "reptile": {"stop_reason": "iterations", "iterations_total": 300, "best_iteration": 250}}
+             "reptile": {"stop_reason": "iterations", "iterations_total": 300, "best_iteration": 250},
+             "metasgd": {"stop_reason": "budget", "iterations_total": 7, "best_iteration": 7,
+                         "train_seconds_total": 3.2}}
     for label, meta in metas.items():
         with cache.writing("meta_train", label, meta) as out:
             (out / "state.pt").write_bytes(b"x")
@@ -250,7 +252,9 @@ def test_training_that_is_not_what_the_config_asks_for_is_said(tmp_path):
         "maml": "meta-training stopped by the time budget at iteration 40 of 300 after 1.5 min of training in all "
                 "(--budget-minutes N goes on from its checkpoint)",
         "fomaml": "kept its initial state: no meta-val loss in 300 iterations was below iteration 0's, so its "
-                  "scores are the untrained start's"}
+                  "scores are the untrained start's",
+        "metasgd": "meta-training stopped by the time budget at iteration 7 of 300 after 3 s of training in all "
+                   "(--budget-minutes N goes on from its checkpoint)"}
     assert report.unfinished_lines(notes)[1].startswith("~ fomaml: kept its initial state")
     from flows.cli import _unfinished
 
