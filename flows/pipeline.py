@@ -689,7 +689,27 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
                     text = outcome if stage == "significance" else text
                 if stage == "task_sets":  # computed or found cached: the parent's input datasets
                     tracker.log_inputs(parent, run.dataset_inputs())
+                if stage == "meta_train":
+                    tag_models(run)
     return {"run_id": parent, "keys": plan.keys, "hits": run.hits, "results": text}
+
+
+def tag_models(run: Run) -> None:
+    """Tag the parent run with the registered model version behind each unit's results (`metapeft.model.<label>`:
+    models:/<name>/<version>, the newest version of its meta_train key): `latest` is the newest training of a
+    study's algorithm, which a rerun from the cache (another config, then this one again) does not register."""
+    client, tags = run.tracker.client, {}
+    for label, key in run.plan.algorithm_keys.items():
+        name = registered_model(run.cfg, run.plan.units[label][0])
+        try:
+            found = [v for v in client.search_model_versions(f"name = '{name}'")
+                     if v.tags.get("metapeft.meta_train_key") == key]
+        except Exception:  # MlflowException: no such model (diverged, never registered)
+            continue
+        if found:
+            tags[f"metapeft.model.{label}"] = f"models:/{name}/{max(int(v.version) for v in found)}"
+    if tags:
+        run.tracker.set_tags(run.parent_id, tags)
 
 
 def warn_tracking(tracker: Tracker) -> None:

@@ -182,6 +182,7 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
     assert nested == {} and len(client.search_runs([parent.info.experiment_id])) == before + 1  # one parent run
     assert {m: rerun.data.tags[f"metapeft.run.{m}"] for m in METHODS} == {m: r.info.run_id for m, r in children.items()}
     assert rerun.data.tags["metapeft.trained_in.maml"] == maml
+    assert rerun.data.tags["metapeft.model.maml"] == parent.data.tags["metapeft.model.maml"] == "models:/tiny-maml/1"
     assert rerun.data.tags["metapeft.results_parent"] == first["run_id"]
     assert rerun.data.tags["metapeft.best_method"] == tags["metapeft.best_method"]
     with get_client(sync_client=True) as prefect:
