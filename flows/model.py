@@ -62,12 +62,18 @@ class MetaLearnedStart(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params: dict | None = None) -> pd.DataFrame:
         steps = int((params or {}).get("steps", self.steps))
+        if steps < 0:
+            raise ValueError(f"params.steps: need >= 0 SGD steps on the support set, got {steps}")
         x_spt, y_spt, x_qry = _task(model_input)
+        if not self.classify and not np.isfinite(np.asarray(y_spt, dtype=float)).all():
+            raise ValueError("y_spt: non-finite values; the adapted start would predict nan")
         classes = np.unique(y_spt) if self.classify else None
         if self.classify and len(classes) != self.family.data.n_way:
             raise ValueError(f"y_spt: the model's head is {self.family.data.n_way}-way (the study's n_way); the "
                              f"support set has {len(classes)} labels")
         tables, x_spt, x_qry = self._inputs(x_spt, x_qry)
+        if not torch.isfinite(x_spt).all() or not torch.isfinite(x_qry).all():
+            raise ValueError("x_spt, x_qry: non-finite values")
         learner = self.family.learner(tables, self.settings.learner, torch.device("cpu"), self.settings.train.seed,
                                       self.settings.zero_head)
         learner.load_state_dict(self.state)
@@ -95,6 +101,11 @@ class MetaLearnedStart(mlflow.pyfunc.PythonModel):
         x_spt, x_qry = (torch.as_tensor(np.asarray(x, dtype=np.float32)) for x in (x_spt, x_qry))
         if x_spt.ndim == 1:  # sinusoid x as a vector
             x_spt, x_qry = x_spt[:, None], x_qry[:, None]
+        sizes = self.family.model_settings if isinstance(self.family.model_settings, tuple) else None  # MLP widths
+        for name, x in (("x_spt", x_spt), ("x_qry", x_qry)):
+            if sizes and (x.ndim != 2 or x.shape[1] != sizes[0]):
+                raise ValueError(f"{name}: need shape (points, {sizes[0]}) for this model's input, got "
+                                 f"{tuple(x.shape)}")
         return {}, x_spt, x_qry
 
 

@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -165,6 +166,11 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
         return float(((prediction - support["y"].to_numpy()) ** 2).mean())
 
     assert support_mse(10) < support_mse(0)  # it adapts on the support set it is given
+    for params, bad, message in (({"steps": -3}, {}, "params.steps: need >= 0"),
+                                 ({}, {"y_spt": np.full(len(support), np.nan)}, "y_spt: non-finite"),
+                                 ({}, {"x_qry": np.ones((3, 2))}, r"x_qry: need shape \(points, 1\)")):
+        with pytest.raises(Exception, match=message):  # named, not a torch shape error or nan predictions
+            model.predict({**given, **bad}, params=params or None)
 
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.read_flow_run(state.state_details.flow_run_id)
