@@ -325,7 +325,9 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
             spec.write_text(json.dumps(study_spec(run.cfg, algorithm, seed)))
             version = run.tracker.log_model(child, CODE, {MODEL_STATE: path / STATE, STUDY: spec},
                                             registered_model(run.cfg, algorithm), signature(run.cfg.evaluate.steps),
-                                            {"metapeft.meta_train_key": key, "seed": seed})
+                                            {"metapeft.meta_train_key": key, "seed": seed,
+                                             "metapeft.stop_reason": meta["stop_reason"],
+                                             "metapeft.iterations": meta["iterations_total"]})
         run.tracker.set_tags(child, {"metapeft.model_version": version})
 
 

@@ -152,6 +152,8 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
 
     (version,) = client.search_model_versions("name = 'tiny-maml'")
     assert version.run_id == maml and children["maml"].data.tags["metapeft.model_version"] == str(version.version)
+    assert version.tags["metapeft.stop_reason"] in ("iterations", "early_stopping") and \
+        version.tags["metapeft.iterations"] == str(int(children["maml"].data.metrics["meta_train_iterations"]))
     assert "MLFLOW_TRACKING_URI" not in os.environ  # the pipeline left no default store behind for the next study
     with default_uri(client.tracking_uri):
         model = mlflow.pyfunc.load_model("models:/tiny-maml/1")
