@@ -141,9 +141,9 @@ def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] 
 
 
 def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
-    """Empty or missing texts and missing labels are errors, never silently dropped. Labels lose surrounding
-    spaces (as split files' lines and pools' labels do: 'news ' is 'news'); two labels that still differ only in
-    case ('News', 'news') are an error naming both, never two intents."""
+    """Empty or missing texts and missing labels are errors, never silently dropped. Two labels that differ only in
+    case once stripped ('News', 'news ') are an error naming both, never two intents (surrounding spaces alone are
+    stripped, and counted, by the family's cleaning: `episodes.clean_examples`)."""
     empty = table["text"].isna() | (table["text"].astype(str).str.strip() == "")
     blank = table["label"].isna() | (table["label"].astype(str).str.strip() == "")
     for what, bad in (("empty text", empty), ("no label", blank)):
@@ -151,9 +151,8 @@ def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
             where = table["source"][bad][:5].tolist() if "source" in table else np.flatnonzero(bad)[:5].tolist()
             raise ValueError(f"{file}: {int(bad.sum())} rows with {what}, e.g. {where}")
     table = table.astype({"text": str, "label": str}).reset_index(drop=True)
-    table["label"] = table["label"].str.strip()
-    spellings = table.drop_duplicates("label").groupby(table["label"].drop_duplicates().str.casefold())
-    for _, same in spellings:
+    named = table.assign(label=table["label"].str.strip()).drop_duplicates("label")  # (cleaning strips, and counts)
+    for _, same in named.groupby(named["label"].str.casefold()):
         if len(same) > 1:
             where = [f"{r.label!r} ({r.source})" if "source" in table else repr(r.label) for r in same.itertuples()]
             raise ValueError(f"{file}: labels {', '.join(where)} differ only in case: one intent or several? "

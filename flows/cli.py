@@ -803,6 +803,8 @@ def diverged_rows(diverged, scored: set[str]) -> list[dict]:
     import pandas as pd
 
     rows = []
+    if "method" not in diverged:  # an empty table written without columns
+        return rows
     for method, where in diverged.groupby("method", sort=False):
         if method not in scored:
             seeds = where["seed"] if "seed" in where else pd.Series(pd.NA, index=where.index)

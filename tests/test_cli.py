@@ -503,3 +503,4 @@ def test_a_method_diverged_in_every_seed_is_one_row():
     assert cli.diverged_rows(diverged, {"maml"}) == [
         {"method": "metasgd", "diverged": "seed 0 in evaluate: non-finite | seed 1 in evaluate: blew up"},
         {"method": "scratch", "diverged": "in baselines: non-finite"}]
+    assert cli.diverged_rows(pd.DataFrame(), {"maml"}) == []  # nothing diverged: an empty table, no columns

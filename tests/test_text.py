@@ -114,12 +114,12 @@ def test_empty_texts_are_an_error_naming_the_count(tmp_path):
         load_text_csv(path)
 
 
-def test_labels_lose_surrounding_spaces_and_case_only_spellings_are_named(tmp_path):
-    """'news ' is 'news' (as in split files and pools); 'News' beside 'news' is an error naming both rows, never
-    two intents that a random split could put on both sides of the meta-train / meta-test line."""
+def test_labels_differing_only_in_case_are_named(tmp_path):
+    """'News' beside 'news' is an error naming both rows, never two intents that a random split could put on both
+    sides of the meta-train / meta-test line; 'news ' beside 'news' is not (the cleaning strips it)."""
     path = tmp_path / "u.csv"
     path.write_text("text,label\nread it,news \nscore,sport\ntoday,news\n")
-    assert load_text_csv(path)["label"].tolist() == ["news", "sport", "news"]
+    assert load_text_csv(path)["label"].tolist() == ["news ", "sport", "news"]  # stripped (and counted) in cleaning
     path.write_text("text,label\nread it,news\nscore,sport\ntoday,News\nmatch, SPORT\n")
     with pytest.raises(ValueError, match=r"u.csv: labels 'news' \(u.csv:2\), 'News' \(u.csv:4\) differ only in case"):
         load_text_csv(path)
