@@ -692,7 +692,8 @@ def log_comparisons(tracker, run_id: str, out: dict, algorithm: str) -> None:
     from mlflow.entities import Metric
 
     rows = [c for c in out.get("comparisons", []) if c["algorithm"] == algorithm]
-    logged, start = tracker.client.get_run(run_id).data.metrics, tracker.client.get_run(run_id).info.start_time
+    run = tracker.client.get_run(run_id)
+    logged, start = run.data.metrics, run.info.start_time
     for reference in dict.fromkeys(c["reference"] for c in rows):
         if (name := f"accuracy_minus_{reference}_by_second") not in logged:
             tracker.log_points(run_id, [Metric(name, c["mean_diff"], start + int(1000 * c["point_seconds"]),

@@ -73,18 +73,17 @@ def _finite(curve: np.ndarray, score_steps: list[int], lrs: Params, rate_name: s
     max(1, the mean |score| over episodes at the first scored step), said with how many episodes did. Scores
     bounded by 1 (accuracy) can never pass it; a loss that adaptation multiplies a million-fold (an inner rate too
     large for the test-time steps) is no result, even on one episode of many: the method is unstable there."""
-    rates = rates_in_force(lrs, rate_name)
     if not np.isfinite(curve).all():
         row = int(np.flatnonzero(~np.isfinite(curve).all(1))[0])
         bad = int((~np.isfinite(curve[row])).sum())
         raise Diverged(f"the query score is non-finite on {bad} of {curve.shape[1]} episodes", step=score_steps[row],
-                       rates=rates)
+                       rates=rates_in_force(lrs, rate_name))
     start = max(1.0, float(np.abs(curve[0]).mean()))
     if (blown := np.abs(curve) > BLOW_UP * start).any():
         row = int(np.flatnonzero(blown.any(1))[0])
         raise Diverged(f"the query score blew up on {int(blown.any(0).sum())} of {curve.shape[1]} episodes (up to "
                        f"{np.abs(curve).max():.3g}; over {BLOW_UP:g} times the mean |score| {start:.4g} at step "
-                       f"{score_steps[0]})", step=score_steps[row], rates=rates)
+                       f"{score_steps[0]})", step=score_steps[row], rates=rates_in_force(lrs, rate_name))
     return curve
 
 

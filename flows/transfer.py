@@ -27,7 +27,7 @@ from flows import transfer_stages as ts  # noqa: E402
 from flows.config import StudyConfig, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.pipeline import Run, ending, flow_run_name, set_threads, unfinished, warn_tracking  # noqa: E402
-from flows.report import unfinished_tag  # noqa: E402
+from flows.report import unfinished_lines, unfinished_tag  # noqa: E402
 from flows.tracking import Tracker, flatten  # noqa: E402
 
 
@@ -189,7 +189,7 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         text = "Spearman rho(distance, transfer gain)\n" + correlation(run)
         text += f"\n\n{ts.nearest_title(cfg)}\n" + nearest_task(run)
         if notes := ts.unfinished_sources(cfg, run.cache, plan.source_keys):  # uneven starts: say so
-            text = "\n".join([text, *ts.unfinished_lines(notes)])
+            text = "\n".join([text, *unfinished_lines(notes)])
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(notes)})
         (root / "mlruns").mkdir(exist_ok=True)
         (root / "mlruns" / "transfer.txt").write_text(text + "\n")

@@ -304,13 +304,9 @@ def unfinished_sources(cfg: StudyConfig, cache: StageCache, source_keys: dict[st
         if meta.get("stop_reason") == "budget":
             planned = cfg.transfer.pooled_iterations if source == POOLED else cfg.transfer.iterations
             notes[f"source {source}"] = (f"meta-training stopped by the time budget at iteration "
-                                         f"{meta['iterations_total']} of {planned}")
+                                         f"{meta['iterations_total']} of {planned} (a rerun goes on from its "
+                                         f"checkpoint)")
     return notes
-
-
-def unfinished_lines(notes: dict[str, str]) -> list[str]:
-    """The `~` lines under the study's tables for `unfinished_sources`' notes."""
-    return [f"~ {label}: {note}; a rerun goes on from its checkpoint" for label, note in notes.items()]
 
 
 def _concat(batches: list):

@@ -129,8 +129,8 @@ def test_a_budget_stopped_study_says_so_and_a_rerun_continues_it(prefect_harness
     client, cache = MlflowClient(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}"), StageCache(project / "data")
     first = transfer_study(config_path=str(tiny(project, "budget.yaml", budget_minutes=1e-6)))
     lines = [line for line in first["results"].splitlines() if line.startswith("~ ")]
-    assert lines == [f"~ source {s}: meta-training stopped by the time budget at iteration 0 of {n}; a rerun goes "
-                     f"on from its checkpoint" for s, n in [*((g, 2) for g in GROUPS), ("pooled", 3)]]
+    assert lines == [f"~ source {s}: meta-training stopped by the time budget at iteration 0 of {n} (a rerun goes "
+                     f"on from its checkpoint)" for s, n in [*((g, 2) for g in GROUPS), ("pooled", 3)]]
     tag = client.get_run(first["run_id"]).data.tags.get("metapeft.unfinished", "")
     assert "source Braille: meta-training stopped by the time budget at iteration 0 of 2" in tag
 
