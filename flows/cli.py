@@ -197,6 +197,8 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         overrides.setdefault("meta_train", {})["budget_minutes"] = budget_minutes
     try:
         cfg = load_config(config, overrides)
+        for note in cfg.unused_overrides():  # valid (--set can narrow the algorithms), but maybe misplaced
+            click.echo(f"metapeft: note: {note}", err=True)
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
             return _transfer(config, only, dry_run, force, overrides)
         if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py

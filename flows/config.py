@@ -514,6 +514,15 @@ class StudyConfig(Section):
         self._check_split_files()
         return self
 
+    def unused_overrides(self) -> list[str]:
+        """`meta_train.overrides.<algorithm>` entries this study does not read: their algorithm is not among
+        meta_train.algorithms (a transfer study: not transfer.algorithm). Kept valid, not an error, so that
+        `--set meta_train.algorithms=[...]` can narrow a config; said (flows.cli) so a misplaced one is seen."""
+        used = {self.transfer.algorithm} if self.transfer is not None else set(self.meta_train.algorithms)
+        runs = f"transfer.algorithm is {self.transfer.algorithm}" if self.transfer is not None \
+            else f"meta_train.algorithms is [{', '.join(self.meta_train.algorithms)}]"
+        return [f"meta_train.overrides.{a}: not used, {runs}" for a in self.meta_train.overrides if a not in used]
+
     def _check_split_files(self) -> None:
         """split: files needs one fold's folder (split_dir), or folds under split_root; with folds, a split_dir
         names one of them (what flows.folds gives each fold's pipeline)."""

@@ -84,6 +84,14 @@ def test_overrides_apply_only_to_their_algorithm():
     assert cfg.meta_train.for_algorithm("maml")["fast_lr"] == 0.02
 
 
+def test_overrides_of_algorithms_not_run_are_named():
+    cfg = StudyConfig.model_validate({"meta_train": {"algorithms": ["maml"], "overrides": {
+        "maml": {"fast_lr": 0.05}, "metasgd": {"fast_lr": 0.05}}}})
+    assert cfg.unused_overrides() == ["meta_train.overrides.metasgd: not used, meta_train.algorithms is [maml]"]
+    assert StudyConfig.model_validate({"meta_train": {"algorithms": ["maml", "metasgd"], "overrides": {
+        "metasgd": {"fast_lr": 0.05}}}}).unused_overrides() == []
+
+
 def test_omniglot_configs_meta_train_on_the_task_batched_fast_path():
     import torch
 
