@@ -50,7 +50,10 @@ def holm(pvalues) -> np.ndarray:
 def paired_comparison(a, b, confidence: float = 0.95) -> dict:
     """Compare two methods scored on the same n episodes: a (n,), b (n,), a[i] and b[i] on episode i.
 
-    Tests H0: the mean (t-test) or the median (Wilcoxon signed-rank) of d = a - b is zero.
+    Tests H0: the mean (t-test) or the median (Wilcoxon signed-rank) of d = a - b is zero. The
+    Wilcoxon test is scipy.stats.wilcoxon's default: episodes with d = 0 (ties, common for accuracy
+    on easy episodes) are dropped before ranking (zero_method="wilcox", Wilcoxon 1945), so it
+    tests the direction among the episodes where the methods differ; the t-test counts them all.
     Returns n, mean_diff, the t-interval ci_low/ci_high of mean(d), t_stat/p_ttest,
     wilcoxon_stat/p_wilcoxon and Cohen's d_z = mean(d) / sd(d, ddof=1). When every d is zero
     both tests give statistic 0 and p = 1 and d_z is 0 (scipy would give nan or raise); a
