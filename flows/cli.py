@@ -200,7 +200,7 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         for note in cfg.unused_overrides():  # valid (--set can narrow the algorithms), but maybe misplaced
             click.echo(f"metapeft: note: {note}", err=True)
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
-            return _transfer(config, only, dry_run, force, overrides)
+            return _transfer(config, root, only, dry_run, force, overrides)
         if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
             return _folds(cfg, root, config, only, dry_run, force, overrides)
         if unknown := sorted(set(force) - set(STAGES)):
@@ -479,7 +479,7 @@ def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> tuple[str, .
         return ("task_sets", "train_sets") if write_train_sets(cache, plan, rebuild) else ("task_sets",)
 
 
-def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:
+def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:
     """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
     from flows.config import ConfigError
     from flows.transfer_stages import STAGES
@@ -498,11 +498,32 @@ def _transfer(config: str, only: set[str], dry_run: bool, force: tuple[str, ...]
         check_transfer(load_config(config))
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
+    if not force and (cached := _transfer_cached(config, root)):  # like a fully cached run: nothing started
+        click.echo(cached)
+        return 0
     start = time.perf_counter()
     out = transfer_study(config_path=config, force=list(force) or None)
     click.echo(f"\ntransfer study {config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
                f"cache, {time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}\n{out['results']}")
     return 0
+
+
+def _transfer_cached(config: str, root: Path) -> str | None:
+    """A transfer study whose every entry is cached, none stale or unfinished: what it would print, and the
+    MLflow run that computed it (as `_nothing_to_run` for the pipeline); None when something is to compute."""
+    from flows.cache import StageCache
+    from flows.config import load_config
+    from flows import transfer_stages as ts
+
+    cfg = load_config(config)
+    plan, cache = ts.make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    if not ts.fully_cached(cfg, cache, plan):
+        return None
+    n = len(ts.entries(plan))
+    source = cache.manifest("nearest_task", plan.keys["nearest_task"])["meta"].get("mlflow_run_id")
+    return (f"\ntransfer study {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or "
+            f"MLflow run; {f'the results of MLflow run {source}' if source else 'the cached results'}. "
+            f"--force STAGE recomputes.\n{ts.results_text(cfg, cache, plan)}")
 
 
 @cli.command()

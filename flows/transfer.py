@@ -35,11 +35,8 @@ def _path(run: Run, stage: str) -> Path:
     return run.cache.path(stage, run.plan.keys[stage])
 
 
-def _reads(run: Run, *stages: str, sources: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    """The entries a stage is computed from: the named stages' entries and the transfer_train entries of
-    `sources`. Recorded with the entry; rewritten since (a continued meta-training), the entry is stale."""
-    return [(s, run.plan.keys[s]) for s in stages if s in run.plan.keys] + \
-        [("transfer_train", run.plan.source_keys[source]) for source in sources]
+def _reads(run: Run, stage: str) -> list[tuple[str, str]]:
+    return ts.reads(run.plan, stage)
 
 
 @task(name="transfer_sets", cache_policy=NO_CACHE)
@@ -48,7 +45,7 @@ def transfer_sets(run: Run) -> str:
     if "prefix" in run.plan.keys:
         run.stage("prefix", run.plan.keys["prefix"], lambda out: build_prefix(family_for(run.cfg), out))
     _, meta = run.stage("transfer_sets", run.plan.keys["transfer_sets"], lambda out: ts.build_sets(run.cfg, out),
-                        _reads(run, "prefix"))
+                        _reads(run, "transfer_sets"))
     run.tracker.log_metrics(run.parent_id, {f"transfer_{k}": v for k, v in meta.items()})
     return run.plan.keys["transfer_sets"]
 
@@ -69,7 +66,7 @@ def train_source(run: Run, source: str) -> str:
             logger.info("%s: iteration %d val_loss=%.4f", source, iteration, metrics["val_loss"])
 
     path, meta = run.stage("transfer_train", key, lambda out: ts.train_source(
-        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress), _reads(run, "transfer_sets", "prefix"),
+        run.cfg, run.cache, run.plan.keys, source, out, checkpoint, progress), _reads(run, "transfer_train"),
         redo=unfinished)
     child = run.method_run(f"transfer/{source}", "transfer_source")
     run.tracker.set_tags(child, {"metapeft.transfer_train_key": key, "metapeft.groups": meta["groups"],
@@ -84,7 +81,7 @@ def train_source(run: Run, source: str) -> str:
 def transfer_matrix(run: Run) -> str:
     path, _ = run.stage("transfer_matrix", run.plan.keys["transfer_matrix"], lambda out: ts.score_matrix(
         run.cfg, run.cache, run.plan.keys, run.plan.source_keys, out),
-        _reads(run, "transfer_sets", "prefix", sources=tuple(run.plan.source_keys)))
+        _reads(run, "transfer_matrix"))
     gains = ts.read_gains(path)
     run.tracker.log_metrics(run.parent_id, {"transfer_gain_mean_off_diagonal": transfer_pairs(
         gains)["gain"].mean(), "transfer_gain_mean_diagonal": float(pd.Series(
@@ -99,7 +96,7 @@ def task_embeddings(run: Run) -> str:
     key = run.plan.keys["transfer_embeddings"]
     _, meta = run.stage("transfer_embeddings", key, lambda out: ts.embed_episodes(
         run.cfg, run.cache, run.plan.keys, run.plan.source_keys[ts.POOLED], out),
-        _reads(run, "transfer_sets", "prefix", sources=(ts.POOLED,)))
+        _reads(run, "transfer_embeddings"))
     run.tracker.log_metrics(run.parent_id, {"task2vec_dim": meta["task2vec_dim"],
                                             "task2vec_seconds": meta["seconds"]})
     return key
@@ -110,7 +107,7 @@ def task_encoder(run: Run) -> str:
     """The TaskEmbeddingNetwork in its own cached step: encoder.pt is its checkpoint."""
     key = run.plan.keys["transfer_encoder"]
     path, meta = run.stage("transfer_encoder", key, lambda out: ts.train_encoder(
-        run.cfg, _path(run, "transfer_embeddings"), out), _reads(run, "transfer_embeddings"))
+        run.cfg, _path(run, "transfer_embeddings"), out), _reads(run, "transfer_encoder"))
     history = pd.read_parquet(path / "history.parquet")
     run.tracker.log_curves(run.parent_id, (("encoder_loss", s, v) for s, v in zip(history["step"], history["loss"])))
     run.tracker.log_artifact(run.parent_id, path / "encoder.pt", "transfer")
@@ -122,7 +119,7 @@ def correlation(run: Run) -> str:
     """Spearman's rho between distance and gain per embedding x metric, with its bootstrap CI; the figures."""
     path, _ = run.stage("transfer_correlation", run.plan.keys["transfer_correlation"], lambda out: ts.correlate(
         run.cfg, _path(run, "transfer_matrix"), _path(run, "transfer_embeddings"), _path(run, "transfer_encoder"),
-        out), _reads(run, "transfer_matrix", "transfer_embeddings", "transfer_encoder"))
+        out), _reads(run, "transfer_correlation"))
     rho = pd.read_parquet(path / "rho.parquet")
     run.tracker.log_metrics(run.parent_id, {f"rho_{r.embedding}_{r.metric}{suffix}": getattr(r, field)
                                             for r in rho.itertuples()
@@ -130,21 +127,24 @@ def correlation(run: Run) -> str:
                                                                   ("_ci_high", "ci_high"))})
     for file in [path / "rho.parquet", path / "distances.parquet", *sorted(path.glob("*.png"))]:
         run.tracker.log_artifact(run.parent_id, file, "transfer")
-    return ts.rho_text(rho, run.cfg.transfer.confidence)
+    return run.plan.keys["transfer_correlation"]
 
 
 @task(name="nearest_task", cache_policy=NO_CACHE)
 def nearest_task(run: Run) -> str:
     """Nearest-task initialisation against the meta-learned start and scratch, paired tests with Holm."""
-    path, _ = run.stage("nearest_task", run.plan.keys["nearest_task"], lambda out: ts.nearest_task(
-        run.cfg, _path(run, "transfer_matrix"), _path(run, "transfer_embeddings"), _path(run, "transfer_encoder"),
-        out), _reads(run, "transfer_matrix", "transfer_embeddings", "transfer_encoder"))
+    def compute(out: Path) -> dict:
+        ts.nearest_task(run.cfg, _path(run, "transfer_matrix"), _path(run, "transfer_embeddings"),
+                        _path(run, "transfer_encoder"), out)
+        return {"mlflow_run_id": run.parent_id}  # named by a fully cached rerun (flows.cli), which starts no run
+
+    path, _ = run.stage("nearest_task", run.plan.keys["nearest_task"], compute, _reads(run, "nearest_task"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
     run.tracker.log_metrics(run.parent_id, {f"nearest_{m}_accuracy": v for m, v in summary["mean"].items()})
     for name in ("nearest.parquet", "comparisons.parquet", "summary.parquet"):
         run.tracker.log_artifact(run.parent_id, path / name, "transfer")
-    return nearest_text(summary, comparisons, run.cfg.significance.confidence)
+    return run.plan.keys["nearest_task"]
 
 
 def check_transfer(cfg: StudyConfig) -> None:
@@ -155,14 +155,6 @@ def check_transfer(cfg: StudyConfig) -> None:
     if cfg.transfer is None:
         raise ValueError("transfer: the config has no transfer section")
     ts.check_sets(cfg)
-
-
-def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame, confidence: float = 0.95) -> str:
-    lines = [f"{'start':<14} {f'accuracy ({confidence:.0%} CI)':>24}"]
-    lines += [f"{m:<14} {r['mean']:>12.4f} +- {r['ci_half']:<8.4f}" for m, r in summary.iterrows()]
-    lines += [f"{r.method_a} - {r.method_b}: {r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], "
-              f"p_holm t {r.p_ttest_holm:.2e}, Wilcoxon {r.p_wilcoxon_holm:.2e}" for r in comparisons.itertuples()]
-    return "\n".join(lines)
 
 
 @flow(name="transfer_study", flow_run_name=flow_run_name)
@@ -186,8 +178,9 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         transfer_matrix(run)
         task_embeddings(run)
         task_encoder(run)
-        text = "Spearman rho(distance, transfer gain)\n" + correlation(run)
-        text += f"\n\n{ts.nearest_title(cfg)}\n" + nearest_task(run)
+        correlation(run)
+        nearest_task(run)
+        text = ts.results_text(cfg, run.cache, plan)
         if notes := ts.unfinished_sources(cfg, run.cache, plan.source_keys):  # uneven starts: say so
             text = "\n".join([text, *unfinished_lines(notes)])
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(notes)})

@@ -54,6 +54,16 @@ STAGES = ("transfer_sets", "transfer_train", "transfer_matrix", "transfer_embedd
           "transfer_correlation", "nearest_task")
 
 
+# what each stage's entry is computed from, recorded with it (rewritten since, the entry is stale): upstream stages
+# and whose transfer_train entries ("all" sources or the pooled one)
+READS = {"transfer_sets": (("prefix",), ()), "transfer_train": (("transfer_sets", "prefix"), ()),
+         "transfer_matrix": (("transfer_sets", "prefix"), "all"),
+         "transfer_embeddings": (("transfer_sets", "prefix"), (POOLED,)),
+         "transfer_encoder": (("transfer_embeddings",), ()),
+         "transfer_correlation": (("transfer_matrix", "transfer_embeddings", "transfer_encoder"), ()),
+         "nearest_task": (("transfer_matrix", "transfer_embeddings", "transfer_encoder"), ())}
+
+
 @dataclass(frozen=True)
 class TransferPlan:
     keys: dict[str, str]  # stage -> key (transfer_train: a hash of the per-source keys)
@@ -101,6 +111,46 @@ def make_transfer_plan(cfg: StudyConfig) -> TransferPlan:
                                                 "embeddings": t.embeddings, "metrics": t.metrics},
                                "transfer_matrix", "transfer_embeddings", "transfer_encoder")
     return TransferPlan(keys, source_keys)
+
+
+def reads(plan: TransferPlan, stage: str) -> list[tuple[str, str]]:
+    """(stage, key) of each entry `stage`'s entry is computed from (READS)."""
+    stages, sources = READS[stage]
+    return [(s, plan.keys[s]) for s in stages if s in plan.keys] + \
+        [("transfer_train", plan.source_keys[s]) for s in (plan.source_keys if sources == "all" else sources)]
+
+
+def entries(plan: TransferPlan) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Every entry of the study in computing order: (stage, key, what it reads)."""
+    out = [("prefix", plan.keys["prefix"], [])] if "prefix" in plan.keys else []
+    for stage in STAGES:
+        keys = plan.source_keys.values() if stage == "transfer_train" else [plan.keys[stage]]
+        out += [(stage, key, reads(plan, stage)) for key in keys]
+    return out
+
+
+def fully_cached(cfg: StudyConfig, cache: StageCache, plan: TransferPlan) -> bool:
+    """Every entry cached, none stale, no source training its budget stopped (a rerun would go on with it)."""
+    return all(cache.status(stage, key, read) == "cached" for stage, key, read in entries(plan)) and \
+        not unfinished_sources(cfg, cache, plan.source_keys)
+
+
+def results_text(cfg: StudyConfig, cache: StageCache, plan: TransferPlan) -> str:
+    """What the study prints: rho per embedding x metric, then the nearest-task comparison (cached entries)."""
+    rho = pd.read_parquet(cache.path("transfer_correlation", plan.keys["transfer_correlation"]) / "rho.parquet")
+    path = cache.path("nearest_task", plan.keys["nearest_task"])
+    summary = pd.read_parquet(path / "summary.parquet").set_index("method")
+    return (f"Spearman rho(distance, transfer gain)\n{rho_text(rho, cfg.transfer.confidence)}\n\n"
+            f"{nearest_title(cfg)}\n" + nearest_text(summary, pd.read_parquet(path / "comparisons.parquet"),
+                                                      cfg.significance.confidence))
+
+
+def nearest_text(summary: pd.DataFrame, comparisons: pd.DataFrame, confidence: float = 0.95) -> str:
+    lines = [f"{'start':<14} {f'accuracy ({confidence:.0%} CI)':>24}"]
+    lines += [f"{m:<14} {r['mean']:>12.4f} +- {r['ci_half']:<8.4f}" for m, r in summary.iterrows()]
+    lines += [f"{r.method_a} - {r.method_b}: {r.mean_diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}], "
+              f"p_holm t {r.p_ttest_holm:.2e}, Wilcoxon {r.p_wilcoxon_holm:.2e}" for r in comparisons.itertuples()]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- groups, classes and fixed episodes

@@ -73,6 +73,13 @@ def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
                                                        "transfer_embeddings", "transfer_encoder",
                                                        "transfer_correlation", "nearest_task"}
     assert all(state.endswith("cached") for state in listed.values()) and "transfer_train[pooled]" in listed
+    experiment = client.get_run(first["run_id"]).info.experiment_id
+    runs = len(client.search_runs([experiment]))
+    with contextlib.redirect_stdout(io.StringIO()) as shown:  # fully cached: nothing started, the results said
+        assert cli.main(["run", "--config", str(path)]) == 0
+    assert f"nothing to run, no new Prefect or MLflow run; the results of MLflow run {first['run_id']}" \
+        in shown.getvalue() and first["results"] in shown.getvalue()
+    assert len(client.search_runs([experiment])) == runs
     again = cache.read_table("transfer_correlation", second["keys"]["transfer_correlation"], "rho")
     pd.testing.assert_frame_equal(again, rho)
 
