@@ -73,6 +73,12 @@ RECIPES = {
     "maml++": dict(algorithm="maml", inner_steps=5, fast_lr=0.1, lslr=True, msl_iterations=500, per_step_bn=True),
     "protomaml": dict(algorithm="protomaml"),  # Triantafillou et al. 2020: the head starts at the prototypes
 }
+# the ablation of MAML++ (what each option adds, paired against MAML++ less that option): its inner loop with no
+# option, then MAML++ less one option each
+RECIPES.update({"maml-5step": dict(algorithm="maml", inner_steps=5, fast_lr=0.1),
+                "maml++/no-lslr": {**RECIPES["maml++"], "lslr": False},
+                "maml++/no-msl": {**RECIPES["maml++"], "msl_iterations": 0},
+                "maml++/no-bn": {**RECIPES["maml++"], "per_step_bn": False}})
 PAPER = {5: dict(train_steps=1, fast_lr=0.4, meta_batch=32), 20: dict(train_steps=5, fast_lr=0.1, meta_batch=16)}
 TRAIN_STEPS = {"reptile": 5}  # overrides of the paper's inner steps at train time
 PUBLISHED = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}  # MAML paper, %
@@ -533,18 +539,20 @@ def curve_comparisons(table: pd.DataFrame, reference: str = REFERENCE) -> list[d
     return rows
 
 
-# what a recipe's options add: each recipe against metapeft's algorithm it sets options on, where both ran
-OPTION_BASE = {"protomaml": "maml", "maml++": "maml"}
+# what options add, (with, without) where both ran: each recipe against the algorithm it sets options on, the
+# 5-step inner loop against the paper's 1 step, and the ablation: MAML++ against MAML++ less each option
+OPTION_PAIRS = (("protomaml", "maml"), ("maml++", "maml"), ("maml-5step", "maml"), ("maml++", "maml-5step"),
+                ("maml++", "maml++/no-lslr"), ("maml++", "maml++/no-msl"), ("maml++", "maml++/no-bn"))
 
 
 def all_comparisons(table: pd.DataFrame) -> list[dict]:
-    """`curve_comparisons` against learn2learn's MAML, then each recipe of OPTION_BASE against its base algorithm
-    (what its options add, on the same episodes at the same wall-clock points) where both are in the table."""
+    """`curve_comparisons` against learn2learn's MAML, then each pair of OPTION_PAIRS (what its options add, on the
+    same episodes at the same wall-clock points) where both are in the table."""
     rows = curve_comparisons(table)
     methods = set(table["method"])
-    for recipe, base in OPTION_BASE.items():
-        if {recipe, base} <= methods:
-            rows += curve_comparisons(table[table["method"].isin([recipe, base])], reference=base)
+    for method, base in OPTION_PAIRS:
+        if {method, base} <= methods:
+            rows += curve_comparisons(table[table["method"].isin([method, base])], reference=base)
     return rows
 
 
@@ -695,7 +703,7 @@ def log_comparisons(tracker, run_id: str, out: dict, algorithm: str) -> None:
     run = tracker.client.get_run(run_id)
     logged, start = run.data.metrics, run.info.start_time
     for reference in dict.fromkeys(c["reference"] for c in rows):
-        if (name := f"accuracy_minus_{reference}_by_second") not in logged:
+        if (name := f"accuracy_minus_{reference.replace('+', 'p')}_by_second") not in logged:  # MLflow: no +
             tracker.log_points(run_id, [Metric(name, c["mean_diff"], start + int(1000 * c["point_seconds"]),
                                                round(c["point_seconds"])) for c in rows if c["reference"] == reference])
 

@@ -179,7 +179,9 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
     s = data["settings"]
     names = {"maml": "metapeft MAML (2nd order)", "fomaml": "metapeft FOMAML", "metasgd": "metapeft Meta-SGD",
              "reptile": "metapeft Reptile", "l2l_maml": "learn2learn MAML", "maml++": "metapeft MAML++",
-             "protomaml": "metapeft Proto-MAML"}
+             "protomaml": "metapeft Proto-MAML", "maml-5step": "metapeft MAML, 5 steps at 0.1",
+             **{f"maml++/no-{o}": f"MAML++ without {name}" for o, name in (("lslr", "LSLR"), ("msl", "MSL"),
+                                                                          ("bn", "per-step BN"))}}
     points = sorted({r["point_seconds"] for rows in data["curves"].values() for r in rows})
     at = {a: {r["point_seconds"]: r for r in curve} for a, curve in data["curves"].items()}
     clock = (lambda t: f"{t / 60:g} min") if points[-1] >= 600 else (lambda t: f"{t:g} s")

@@ -260,3 +260,21 @@ def test_a_recipe_is_compared_with_the_algorithm_it_sets_options_on():
     header = readme_tables.omniglot_curves([data])[0]
     assert "metapeft Proto-MAML - metapeft MAML (2nd order) (95% CI)" in header
     assert "metapeft Proto-MAML - learn2learn MAML (95% CI)" in header
+
+
+def test_the_maml_plus_plus_ablation_pairs_each_option_with_its_absence():
+    """MAML++ against MAML++ less one option is what that option adds (with minus without); a recipe less an option
+    differs from MAML++ in that option alone."""
+    from benchmarks.omniglot import RECIPES
+
+    for option, off in (("lslr", False), ("msl", 0), ("bn", False)):
+        differ = {k for k in RECIPES["maml++"] if RECIPES["maml++"][k] != RECIPES[f"maml++/no-{option}"][k]}
+        assert len(differ) == 1 and RECIPES[f"maml++/no-{option}"][differ.pop()] == off
+    rng = np.random.default_rng(2)
+    base = rng.uniform(0.6, 1.0, size=(1, 20))
+    scores = {"maml++": np.clip(base + 0.03, 0, 1), "maml++/no-lslr": base}
+    runs = {a: {"snapshots": [{"point_seconds": 60.0, "seconds": 61.0, "iterations": 5, "accuracy": acc[0].tolist()}]}
+            for a, acc in scores.items()}
+    (row,) = omniglot.all_comparisons(curve_table(runs))
+    assert (row["algorithm"], row["reference"]) == ("maml++", "maml++/no-lslr")
+    assert row["mean_diff"] == pytest.approx(100 * (scores["maml++"] - base).mean()) and row["mean_diff"] > 0
