@@ -283,10 +283,34 @@ def fold_pairs(means: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: 
     `compare_methods`' pairs (method_a the better on the pooled episodes).
 
     Returns one row per pair: method_a, method_b, n_folds, folds_a_better, folds_b_better (folds where that
-    method's mean is the better; equal means count for neither), mean_diff (mean over folds of a - b), ci_low, ci_high (Student t over the fold differences, F - 1
-    degrees of freedom) and p_folds (the paired t-test over folds; NaN with fewer than 2 folds or equal
-    differences)."""
-    wide = means.pivot(index="fold", columns="method", values="mean")
+    method's mean is the better; equal means count for neither), mean_diff (mean over folds of a - b), ci_low,
+    ci_high (Student t over the fold differences, F - 1 degrees of freedom) and p_folds (the paired t-test over
+    folds; NaN with fewer than 2 folds or equal differences)."""
+    return _replicate_pairs(means.pivot(index="fold", columns="method", values="mean"), comparisons,
+                            lower_is_better, confidence, "fold")
+
+
+def seed_pairs(spread: pd.DataFrame, summary: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: bool,
+               confidence: float = 0.95) -> pd.DataFrame:
+    """Each compared pair over the meta-training seeds: the episode tests score the seeds' mean, so they say how
+    sure the episodes make us of that mean, not whether another seed would agree. spread: `seed_spread` (method,
+    seed, metric, value); summary: `summarize` (index method, column mean), which gives a method trained without
+    seeds (a baseline) its one mean, the same against every seed; comparisons: `compare_methods`' pairs.
+
+    Returns, for each pair with a seeded method, the columns of `fold_pairs` with seed in place of fold
+    (n_seeds, seeds_a_better, seeds_b_better, mean_diff, ci_low, ci_high, p_seeds); pairs of two unseeded
+    methods are left out. Seed s of two seeded methods are paired; a seed only one has is dropped."""
+    wide = spread.pivot_table(index="seed", columns="method", values="value", aggfunc="mean")
+    seeded = set(wide.columns)
+    for method in set(summary.index) - seeded:
+        wide[method] = float(summary.loc[method, "mean"])
+    pairs = comparisons[comparisons["method_a"].isin(seeded) | comparisons["method_b"].isin(seeded)]
+    return _replicate_pairs(wide, pairs, lower_is_better, confidence, "seed")
+
+
+def _replicate_pairs(wide: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: bool, confidence: float,
+                     unit: str) -> pd.DataFrame:
+    """`fold_pairs` over any replicate: wide is replicate x method (its mean score)."""
     rows = []
     for a, b in comparisons[["method_a", "method_b"]].itertuples(index=False):
         d = (wide[a] - wide[b]).dropna().to_numpy(dtype=float)
@@ -297,8 +321,8 @@ def fold_pairs(means: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: 
             test = stats.ttest_1samp(d, 0.0)
             low, high = test.confidence_interval(confidence)
             p = float(test.pvalue)
-        rows.append({"method_a": a, "method_b": b, "n_folds": len(d), "folds_a_better": better, "folds_b_better": worse,
-                     "mean_diff": float(d.mean()) if len(d) else float("nan"), "ci_low": float(low),
-                     "ci_high": float(high), "p_folds": p})
-    return pd.DataFrame(rows, columns=["method_a", "method_b", "n_folds", "folds_a_better", "folds_b_better",
-                                       "mean_diff", "ci_low", "ci_high", "p_folds"])
+        rows.append({"method_a": a, "method_b": b, f"n_{unit}s": len(d), f"{unit}s_a_better": better,
+                     f"{unit}s_b_better": worse, "mean_diff": float(d.mean()) if len(d) else float("nan"),
+                     "ci_low": float(low), "ci_high": float(high), f"p_{unit}s": p})
+    return pd.DataFrame(rows, columns=["method_a", "method_b", f"n_{unit}s", f"{unit}s_a_better",
+                                       f"{unit}s_b_better", "mean_diff", "ci_low", "ci_high", f"p_{unit}s"])

@@ -385,19 +385,14 @@ def _all_cached(plan, cache, cfg) -> bool:
 def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
     """A run whose every entry is cached has nothing to do: like make, it starts nothing (no Prefect flow run,
     no MLflow run) and says so, with the results and the MLflow run (and report) that computed them."""
-    import pandas as pd
-
     from flows import report
-    from flows.cache import DIVERGED
     from flows.plan import STAGES, stage_entries
 
     key, sig, family = plan.keys["significance"], cfg.significance, plan.family
     path, source = cache.path("significance", key), cache.manifest("significance", key)["meta"].get("mlflow_run_id")
     n = sum(len(stage_entries(plan, stage)) for stage in STAGES)
-    text = report.results_text(pd.read_parquet(path / "summary.parquet").set_index("method"),
-                               pd.read_parquet(path / "comparisons.parquet"), family.metric, family.reference,
-                               sig.alpha, sig.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"),
-                               report.unfinished_training(cache, cfg, plan.algorithm_keys))
+    text = report.cached_results_text(path, family.metric, family.reference, sig.alpha, sig.confidence,
+                                      report.unfinished_training(cache, cfg, plan.algorithm_keys))
     page = root / "reports" / str(source) / "report.html"
     origin = f"the results of MLflow run {source}" if source else "the cached results"
     click.echo(f"\nstudy {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or MLflow run; "

@@ -498,14 +498,13 @@ def significance(run: Run) -> str:
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
     comparisons = pd.read_parquet(path / "comparisons.parquet")
     unfinished = report.unfinished_training(cache, run.cfg, run.plan.algorithm_keys)
-    text = report.results_text(summary, comparisons, family.metric, family.reference, run.cfg.significance.alpha,
-                               run.cfg.significance.confidence, pd.read_parquet(path / f"{DIVERGED}.parquet"),
-                               unfinished)
+    text = report.cached_results_text(path, family.metric, family.reference, run.cfg.significance.alpha,
+                                      run.cfg.significance.confidence, unfinished)
     if unfinished:  # `metapeft runs` shows it under the verdict
         run.tracker.set_tags(run.parent_id, {"metapeft.unfinished": report.unfinished_tag(unfinished)})
     (run.root / "mlruns" / "results.txt").write_text(text + "\n")
     for name in ("comparisons.parquet", "summary.parquet", "summary.png", "curves.png", "seeds.parquet",
-                 f"{DIVERGED}.parquet"):
+                 f"{report.SEED_PAIRS}.parquet", f"{DIVERGED}.parquet"):
         if (path / name).exists():  # seeds.parquet: only from evaluate tables with a seed column
             run.tracker.log_artifact(run.parent_id, path / name, "significance")
     run.tracker.log_artifact(run.parent_id, run.root / "mlruns" / "results.txt", "significance")

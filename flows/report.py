@@ -176,30 +176,66 @@ def unfinished_tag(unfinished: Mapping[str, str]) -> str:
     return "; ".join(f"{label}: {note}" for label, note in unfinished.items())
 
 
+SEED_PAIRS = "seed_pairs"  # the significance entry's table of each pair over the meta-training seeds
+
+
 def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, reference: str,
                  alpha: float = 0.01, confidence: float = 0.95, diverged: pd.DataFrame | None = None,
-                 unfinished: Mapping[str, str] | None = None) -> str:
+                 unfinished: Mapping[str, str] | None = None, seeds: pd.DataFrame | None = None) -> str:
     """A short fixed-width table: each method's mean +- CI and its Holm-corrected p against `reference`.
 
     `*` marks a difference to the reference significant at alpha: both Holm-adjusted paired tests (t-test and
     Wilcoxon) below it, the rule of every verdict (`components.significance.verdict_p`); p shown is that p. Methods that
     diverged (diverged: method, stage, reason) follow, each with where and why, instead of a score. unfinished
     (`unfinished_training`): units whose training a budget stopped, said below the table (`~` marks their method).
+    seeds (`components.significance.seed_pairs`, a study with several seeds): a column, in how many seeds the
+    method beat the reference and the t-test p over the seeds.
     """
-    lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"]
+    over = seeds is not None and len(seeds) > 0
+    lines = [f"{'method':<20} {f'{metric} ({confidence:.0%} CI)':>24} {'p_holm vs ' + reference:>22}"
+             + ("  better in seeds, p over seeds" if over else "")]
     short = {label.split("/")[0] for label in unfinished or {}}
     for method, row in summary.iterrows():
         p = _pair_p(comparisons, method, reference)
         p_text = "-" if np.isnan(p) else f"{p:.2e}{'*' if p < alpha else ' '}"
         name = f"{method}{' ~' if method in short else ''}"
-        lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}")
+        lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}"
+                     + (f"  {over_seeds(seeds, method, reference)}" if over else ""))
     for row in ([] if diverged is None else diverged.to_dict("records")):
         lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
+    if over:
+        lines.append("a seeded method's score is its seeds' mean: the CI and p say how sure the episodes make us of "
+                     "that mean; 'better in seeds' and the t-test over the seeds' means say whether another seed "
+                     "would agree")
     lines += unfinished_lines(unfinished or {})
     if "n" in summary and len(summary) and (n := int(summary["n"].min())) < FEW_EPISODES:
         lines.append(f"only {n} meta-test episodes: the t-intervals (which may pass the metric's range) and the "
                      f"p-values are rough; use {FEW_EPISODES} or more")
     return "\n".join(lines)
+
+
+def over_seeds(seeds: pd.DataFrame, method: str, reference: str) -> str:
+    """'2/3 seeds, p 0.21' for method against reference (`seed_pairs`), '-' without that pair (the reference
+    itself, two unseeded methods)."""
+    row = seeds[((seeds.method_a == method) & (seeds.method_b == reference))
+                | ((seeds.method_a == reference) & (seeds.method_b == method))]
+    if row.empty:
+        return "-"
+    r = row.iloc[0]
+    better = r["seeds_a_better"] if r["method_a"] == method else r["seeds_b_better"]
+    return f"{better}/{r['n_seeds']} seeds, p {r['p_seeds']:.2g}"
+
+
+def cached_results_text(path: Path, metric: str, reference: str, alpha: float, confidence: float,
+                        unfinished: Mapping[str, str] | None = None) -> str:
+    """`results_text` of a significance entry's tables (path: its folder)."""
+    from flows.cache import DIVERGED
+
+    seeds = path / f"{SEED_PAIRS}.parquet"
+    return results_text(pd.read_parquet(path / "summary.parquet").set_index("method"),
+                        pd.read_parquet(path / "comparisons.parquet"), metric, reference, alpha, confidence,
+                        pd.read_parquet(path / f"{DIVERGED}.parquet"), unfinished,
+                        pd.read_parquet(seeds) if seeds.exists() else None)
 
 
 def _pair_p(comparisons: pd.DataFrame, a: str, b: str) -> float:

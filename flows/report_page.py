@@ -25,8 +25,8 @@ from components.significance import verdict_p
 from flows.answer import Answer, study_answer
 from flows.cache import DIVERGED, HISTORY, MANIFEST, VALIDATION, StageCache
 from flows.config import StudyConfig
-from flows.report import (_algorithm, _pair_p, _pyplot, class_split, method_color, method_colors,
-                          unfinished_training)
+from flows.report import (SEED_PAIRS, _algorithm, _pair_p, _pyplot, class_split, method_color, method_colors,
+                          over_seeds, unfinished_training)
 
 VALIDATION_PAGE = "validation.html"  # beside the report
 PACKAGES = ("torch", "prefect", "mlflow", "great_expectations", "pandas", "scipy")
@@ -63,6 +63,7 @@ class Entries:
     comparisons: pd.DataFrame  # one row per pair, method_a the better
     diverged: pd.DataFrame  # method, stage, reason
     seeds: pd.DataFrame | None  # method, seed, metric, value (evaluate tables with a seed column)
+    seed_pairs: pd.DataFrame | None  # each pair over the seeds (components.significance.seed_pairs)
     histories: dict[str, pd.DataFrame]  # unit label -> iteration, metric, value
     validation: dict | None  # the task sets' Great Expectations report
     significance: Path  # the entry's folder (its figures)
@@ -84,7 +85,7 @@ class Entries:
         return cls(cache.read_table("significance", key, "summary").set_index("method"),
                    cache.read_table("significance", key, "comparisons"),
                    pd.DataFrame(columns=["method", "stage", "reason"]) if diverged is None else diverged,
-                   optional("seeds"), histories,
+                   optional("seeds"), optional(SEED_PAIRS), histories,
                    json.loads(tasks.read_text()) if tasks is not None and tasks.is_file() else None, entry,
                    sorted(cache.path("embeddings", keys["embeddings"]).glob("similarity_*.png")) if embeddings else [])
 
@@ -131,7 +132,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
         parts.append(_img_bytes(png(training_figure(e.histories, colors)), "meta-validation loss during meta-training"))
     parts += ["<h2>Pairwise significance</h2>", significance_table(comparisons, colors, sig.alpha)]
     if e.seeds is not None and e.seeds["seed"].nunique() > 1:
-        parts += ["<h2>Meta-training seeds</h2>", seeds_table(e.seeds, colors)]
+        parts += ["<h2>Meta-training seeds</h2>", seeds_table(e.seeds, colors, e.seed_pairs, reference)]
     out.parent.mkdir(parents=True, exist_ok=True)
     if e.validation is not None:
         (out.parent / VALIDATION_PAGE).write_text(page(f"{cfg.name}: task-set validation", validation_html(
@@ -307,13 +308,20 @@ def significance_table(comparisons: pd.DataFrame, colors: dict[str, str], alpha:
     return f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>{note}"
 
 
-def seeds_table(seeds: pd.DataFrame, colors: dict[str, str]) -> str:
-    """Each method's mean score per meta-training seed (seeds: method, seed, metric, value)."""
+def seeds_table(seeds: pd.DataFrame, colors: dict[str, str], pairs: pd.DataFrame | None = None,
+                reference: str | None = None) -> str:
+    """Each method's mean score per meta-training seed (seeds: method, seed, metric, value); with pairs
+    (`seed_pairs`), a column: in how many seeds it beat `reference` and the t-test p over the seeds."""
     wide = seeds.pivot_table(index="method", columns="seed", values="value", aggfunc="mean")
-    head = "<tr><th>method</th>" + "".join(f"<th>seed {int(s)}</th>" for s in wide.columns) + "</tr>"
-    rows = "".join(f"<tr><td>{_swatch(colors, m)}{_e(m)}</td>" + "".join(f"<td>{_num(v)}</td>" for v in r) + "</tr>"
+    over = pairs is not None and len(pairs) > 0 and reference is not None
+    head = "<tr><th>method</th>" + "".join(f"<th>seed {int(s)}</th>" for s in wide.columns) + \
+        (f"<th>vs {_e(reference)}: better in seeds, p over seeds</th>" if over else "") + "</tr>"
+    rows = "".join(f"<tr><td>{_swatch(colors, m)}{_e(m)}</td>" + "".join(f"<td>{_num(v)}</td>" for v in r)
+                   + (f"<td>{_e(over_seeds(pairs, m, reference))}</td>" if over else "") + "</tr>"
                    for m, r in wide.iterrows())
-    return f"<div class='scroll'><table>{head}{rows}</table></div>"
+    note = ("<p class='meta'>A method's score above is its seeds' mean; its interval says how sure the episodes "
+            "make us of that mean. Whether another seed would agree is this table's last column.</p>") if over else ""
+    return f"<div class='scroll'><table>{head}{rows}</table></div>{note}"
 
 
 # ---------------------------------------------------------------- figures

@@ -277,3 +277,29 @@ def test_the_class_split_is_listed_and_an_overlap_is_flagged(tmp_path):
     leaked = pd.concat([split, pd.DataFrame({"split": ["meta_test"], "class": ["a"]})], ignore_index=True)
     assert "shared by splits: a" in report_page.classes_html(leaked)
     assert class_split(object(), tmp_path) is None and report_page.classes_html(None) == ""
+
+
+def test_results_text_says_in_how_many_seeds_a_method_beat_the_reference():
+    import pandas as pd
+
+    from flows.report import results_text
+
+    summary = pd.DataFrame({"mean": [0.8, 0.72], "ci_half": [0.01, 0.01], "n": [600, 600]},
+                           index=pd.Index(["maml", "proto"], name="method"))
+    comparisons = pd.DataFrame({"method_a": ["maml"], "method_b": ["proto"], "p_ttest_holm": [1e-5],
+                                "p_wilcoxon_holm": [1e-4]})
+    seeds = pd.DataFrame({"method_a": ["maml"], "method_b": ["proto"], "n_seeds": [3], "seeds_a_better": [2],
+                          "seeds_b_better": [1], "mean_diff": [0.08], "ci_low": [-0.1], "ci_high": [0.3],
+                          "p_seeds": [0.31]})
+    text = results_text(summary, comparisons, "accuracy", "proto", seeds=seeds).splitlines()
+    assert text[0].endswith("better in seeds, p over seeds")
+    assert text[1].startswith("maml") and text[1].endswith("1.00e-04*  2/3 seeds, p 0.31")
+    assert text[2].startswith("proto") and text[2].endswith("-")
+    assert "another seed would agree" in text[-1]
+    assert "seeds" not in results_text(summary, comparisons, "accuracy", "proto")  # one seed: no column
+    from flows.report_page import seeds_table
+
+    spread = pd.DataFrame({"method": ["maml"] * 3, "seed": [0, 1, 2], "metric": "accuracy", "value": [0.8, 0.7, 0.9]})
+    html = seeds_table(spread, {"maml": "#123456"}, seeds, "proto")
+    assert "vs proto: better in seeds, p over seeds" in html and "<td>2/3 seeds, p 0.31</td>" in html
+    assert "better in seeds" not in seeds_table(spread, {"maml": "#123456"})

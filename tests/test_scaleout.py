@@ -4,6 +4,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -54,6 +55,30 @@ def test_across_seeds_averages_each_episode_over_seeds():
     assert seed_spread(rows).set_index("seed")["value"].to_dict() == {0: 1.5, 1: 4.5}
     single = rows.iloc[:2].drop(columns="seed")
     pd.testing.assert_frame_equal(across_seeds(single), single)
+
+
+def test_significance_of_a_seeded_study_tests_each_pair_over_the_seeds(tmp_path):
+    """The stage writes seed_pairs (maml's seeds against scratch's one mean) beside the episode tests; without
+    several seeds it writes none."""
+    from flows.report import cached_results_text
+    from flows.stages.significance import compare
+
+    rng = np.random.default_rng(0)
+    rows = pd.DataFrame([{"episode": e, "method": m, "steps": 1, "metric": "mse", "seed": s, "value": v + rng.normal()}
+                         for e in range(20) for m, s, v in (("maml", 0, 1.0), ("maml", 1, 2.0), ("maml", 2, 9.0),
+                                                            ("scratch", None, 5.0))])
+    diverged = pd.DataFrame(columns=["method", "stage", "reason"])
+    compare(rows, diverged, "mse", True, 0.95, 0.01, tmp_path)
+    (pair,) = pd.read_parquet(tmp_path / "seed_pairs.parquet").to_dict("records")
+    assert {pair["method_a"], pair["method_b"]} == {"maml", "scratch"} and pair["n_seeds"] == 3
+    maml_better = pair["seeds_a_better"] if pair["method_a"] == "maml" else pair["seeds_b_better"]
+    assert maml_better == 2  # seeds 0 and 1 beat scratch's 5.0, seed 2 does not
+    assert "2/3 seeds" in cached_results_text(tmp_path, "mse", "scratch", 0.01, 0.95)
+    one = tmp_path / "one"
+    one.mkdir()
+    compare(rows[rows["seed"].isin([0]) | rows["seed"].isna()], diverged, "mse", True, 0.95, 0.01, one)
+    assert not (one / "seed_pairs.parquet").exists() and "seeds" not in cached_results_text(one, "mse", "scratch",
+                                                                                             0.01, 0.95)
 
 
 @pytest.mark.slow  # 10 s: imports the flow module and creates an MLflow SQLite store

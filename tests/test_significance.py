@@ -263,3 +263,28 @@ def _significantly_better_row(comparisons, alpha):
     from components.significance import _significantly_better
 
     return bool(_significantly_better(comparisons, lower_is_better=False, alpha=alpha).iloc[0])
+
+
+def test_seed_pairs_test_each_pair_over_the_seeds_means():
+    """Hand-computed: maml trained with seeds 0-2 and 7, fomaml with 0-2, proto (a baseline) without seeds: its one
+    mean stands against every seed. Seed 7, which fomaml lacks, is dropped from maml - fomaml only."""
+    from components.significance import seed_pairs
+
+    means = {"maml": [0.8, 0.7, 0.9], "fomaml": [0.6, 0.75, 0.5]}
+    spread = pd.DataFrame([{"method": m, "seed": s, "metric": "accuracy", "value": v}
+                           for m, values in means.items() for s, v in enumerate(values)]
+                          + [{"method": "maml", "seed": 7, "metric": "accuracy", "value": 0.0}])
+    summary = pd.DataFrame({"mean": [0.8, 0.62, 0.72]}, index=pd.Index(["maml", "fomaml", "proto"], name="method"))
+    comparisons = pd.DataFrame({"method_a": ["maml", "maml", "proto"], "method_b": ["fomaml", "proto", "fomaml"]})
+    rows = seed_pairs(spread, summary, comparisons, lower_is_better=False).set_index(["method_a", "method_b"])
+    for pair, d, counts in ((("maml", "fomaml"), [0.2, -0.05, 0.4], (3, 2, 1)),
+                            (("maml", "proto"), [0.08, -0.02, 0.18, -0.72], (4, 2, 2)),
+                            (("proto", "fomaml"), [0.12, -0.03, 0.22], (3, 2, 1))):
+        r, test = rows.loc[pair], stats.ttest_1samp(d, 0.0)
+        assert (r["n_seeds"], r["seeds_a_better"], r["seeds_b_better"]) == counts
+        assert r["mean_diff"] == pytest.approx(np.mean(d)) and r["p_seeds"] == pytest.approx(test.pvalue)
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(test.confidence_interval(0.95)))
+    lower = seed_pairs(spread, summary, comparisons, lower_is_better=True).set_index(["method_a", "method_b"])
+    assert (lower.loc[("maml", "fomaml"), "seeds_a_better"], lower.loc[("maml", "fomaml"), "seeds_b_better"]) == (1, 2)
+    unseeded = pd.DataFrame({"method_a": ["proto"], "method_b": ["scratch"]})
+    assert seed_pairs(spread, summary, unseeded, lower_is_better=False).empty  # neither has seeds
