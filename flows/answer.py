@@ -24,6 +24,15 @@ class Gap:
     ci_low: float
     ci_high: float
     p_holm: float
+    seeds_better: int | None = None  # several meta-training seeds: in how many of them best beat other
+    n_seeds: int | None = None
+    p_seeds: float = float("nan")  # the paired t-test over the seeds' means (`seed_pairs`)
+
+    def seed_text(self) -> str:
+        if self.n_seeds is None:
+            return ""
+        return f" Better in {self.seeds_better} of {self.n_seeds} seeds (t-test over the seeds' means p = " \
+               f"{self.p_seeds:.2g})."
 
 
 @dataclass(frozen=True)
@@ -47,6 +56,8 @@ class Answer:
             if gap is not None:
                 out |= {f"best_vs_{what}_diff": gap.diff, f"best_vs_{what}_ci_low": gap.ci_low,
                         f"best_vs_{what}_ci_high": gap.ci_high, f"best_vs_{what}_p_holm": gap.p_holm}
+                if gap.n_seeds is not None:
+                    out |= {f"best_vs_{what}_seeds_better": gap.seeds_better, f"best_vs_{what}_p_seeds": gap.p_seeds}
         return out
 
     def tags(self) -> dict[str, str]:
@@ -75,7 +86,8 @@ class Answer:
         for what, gap in self.gaps():
             sure = "significant" if gap.p_holm < self.alpha else "not significant"
             text += f" Against {what}, {gap.other}: {gap.diff:+.4g} ({level} CI {gap.ci_low:+.4g} to " \
-                    f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}."
+                    f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}." + \
+                    gap.seed_text()
         return text
 
     def gaps(self) -> list[tuple[str, Gap]]:
@@ -89,9 +101,10 @@ class Answer:
 
 
 def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, meta_learners: set[str],
-                 confidence: float, alpha: float) -> Answer | None:
+                 confidence: float, alpha: float, seeds: pd.DataFrame | None = None) -> Answer | None:
     """summary: the significance stage's summary (index method, best first); comparisons: its pairwise table
-    (method_a the better one); meta_learners: the methods that are meta-learned starts. None without methods."""
+    (method_a the better one); meta_learners: the methods that are meta-learned starts; seeds: its `seed_pairs`
+    (several seeds: each gap also says in how many seeds it held). None without methods."""
     if summary.empty:
         return None
     best, row = summary.index[0], summary.iloc[0]
@@ -100,12 +113,12 @@ def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
     baseline = baselines[0] if best in meta_learners and baselines else None
     learner = learners[0] if best not in meta_learners and learners else None
     return Answer(metric, best, float(row["mean"]), float(row["ci_low"]), float(row["ci_high"]), confidence, alpha,
-                  _gap(comparisons, best, summary.index[1]) if len(summary) > 1 else None,
-                  _gap(comparisons, best, baseline) if baseline else None,
-                  _gap(comparisons, best, learner) if learner else None)
+                  _gap(comparisons, best, summary.index[1], seeds) if len(summary) > 1 else None,
+                  _gap(comparisons, best, baseline, seeds) if baseline else None,
+                  _gap(comparisons, best, learner, seeds) if learner else None)
 
 
-def _gap(comparisons: pd.DataFrame, best: str, other: str) -> Gap:
+def _gap(comparisons: pd.DataFrame, best: str, other: str, seeds: pd.DataFrame | None = None) -> Gap:
     """best - other from their pair's row, whichever way round the row is: the summary ranks by its means (a fold
     study: the mean of fold means) and the pairs by theirs (the pooled episodes; a rounding step apart for two
     methods of the same scores), so the summary's best may be the row's method_b."""
@@ -115,5 +128,13 @@ def _gap(comparisons: pd.DataFrame, best: str, other: str) -> Gap:
         pair, sign = comparisons[(comparisons["method_a"] == other) & (comparisons["method_b"] == best)], -1.0
     row = pair.iloc[0]
     low, high = sorted((sign * float(row["ci_low"]), sign * float(row["ci_high"])))
+    over = {}
+    if seeds is not None:
+        pair = seeds[((seeds["method_a"] == best) & (seeds["method_b"] == other))
+                     | ((seeds["method_a"] == other) & (seeds["method_b"] == best))]
+        if len(pair):
+            r = pair.iloc[0]
+            over = {"seeds_better": int(r["seeds_a_better"] if r["method_a"] == best else r["seeds_b_better"]),
+                    "n_seeds": int(r["n_seeds"]), "p_seeds": float(r["p_seeds"])}
     return Gap(other, sign * float(row["mean_diff"]), low, high,
-               float(verdict_p(row.to_frame().T).iloc[0]))  # both tests, as every verdict
+               float(verdict_p(row.to_frame().T).iloc[0]), **over)  # both tests, as every verdict

@@ -512,8 +512,9 @@ def significance(run: Run) -> str:
                                     run.root / "reports" / run.parent_id / "report.html", run.parent_id)
     run.tracker.log_artifact(run.parent_id, page)
     sig = run.cfg.significance
+    seeds = path / f"{report.SEED_PAIRS}.parquet"
     answer = study_answer(summary, comparisons, family.metric, set(run.cfg.meta_train.algorithms), sig.confidence,
-                          sig.alpha)
+                          sig.alpha, pd.read_parquet(seeds) if seeds.exists() else None)
     if answer is not None:
         run.tracker.log_metrics(run.parent_id, answer.metrics())
         run.tracker.set_tags(run.parent_id, answer.tags())

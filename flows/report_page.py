@@ -109,7 +109,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
     summary, comparisons = e.summary, e.comparisons
     colors = method_colors(summary.index, [*e.diverged.get("method", []), *e.histories])
     answer = study_answer(summary, comparisons, family.metric, set(cfg.meta_train.algorithms), sig.confidence,
-                          sig.alpha)
+                          sig.alpha, e.seed_pairs)
     reference = family.reference if family.reference in summary.index else summary.index[0] if len(summary) else None
     parts = [
         f"<h1>{_e(cfg.name)}</h1>",
@@ -182,7 +182,7 @@ def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.Data
         text += (f" Against {_e(what)}, <b>{_e(gap.other)}</b>: {by} "
                  f"({_e(answer.best)} &minus; {_e(gap.other)} = {gap.diff:+.4g}, {level} CI {gap.ci_low:+.4g} to "
                  f"{gap.ci_high:+.4g}, Holm-adjusted p = {_p(gap.p_holm)}), <b>{sure}</b> at &alpha; = "
-                 f"{answer.alpha:g}.")
+                 f"{answer.alpha:g}.{_e(gap.seed_text())}")
     if gone:
         text += f" Diverged, with no score: {_e(gone)}."
     return f"<p class='verdict'>{text}</p>"

@@ -303,3 +303,17 @@ def test_results_text_says_in_how_many_seeds_a_method_beat_the_reference():
     html = seeds_table(spread, {"maml": "#123456"}, seeds, "proto")
     assert "vs proto: better in seeds, p over seeds" in html and "<td>2/3 seeds, p 0.31</td>" in html
     assert "better in seeds" not in seeds_table(spread, {"maml": "#123456"})
+
+
+def test_with_seeds_the_verdict_says_in_how_many_seeds_each_gap_held():
+    seeds = pd.DataFrame({"method_a": ["maml", "pretrain_finetune"], "method_b": ["fomaml", "maml"], "n_seeds": [3, 3],
+                          "seeds_a_better": [1, 2], "seeds_b_better": [2, 1], "mean_diff": [0.02, -0.1],
+                          "ci_low": [-0.1, -0.3], "ci_high": [0.14, 0.1], "p_seeds": [0.7, 0.2]})
+    answer = study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml", "fomaml"}, 0.95, 0.05, seeds)
+    sentence = answer.sentence()
+    assert "Holm p = 0.21, not significant at alpha = 0.05. Better in 1 of 3 seeds (t-test over the seeds' means " \
+           "p = 0.7)." in sentence
+    assert "significant at alpha = 0.05. Better in 1 of 3 seeds (t-test over the seeds' means p = 0.2)." in sentence
+    assert answer.metrics()["best_vs_best_baseline_seeds_better"] == 1
+    assert "Better in 1 of 3 seeds" in report_page.verdict_html(answer, False, DIVERGED, 50)
+    assert "seeds" not in study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml", "fomaml"}, 0.95, 0.05).sentence()
