@@ -190,25 +190,28 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
               for c in data.get("comparisons", [])}
     pairs = list(dict.fromkeys((a, ref) for a, ref, _ in versus))
     rows = [[clock(t), *(f"{at[a][t]['accuracy']:.2f} +- {at[a][t]['ci95']:.2f} ({at[a][t]['iterations']} it)"
-                         if t in at[a] else "-" for a in at),
-             *(f"{c['mean_diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}], p {c['p_ttest']:.1e} / "
-               f"{c['p_wilcoxon']:.1e}" if (c := versus.get((a, ref, t))) else "-" for a, ref in pairs)]
-            for t in points]
+                         if t in at[a] else "-" for a in at)] for t in points]
+    # the differences in a table of their own (one column per pair): beside the accuracies they made it too wide
+    differences = [[clock(t), *(f"{c['mean_diff']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}], p "
+                                f"{c['p_ttest']:.2g} / {c['p_wilcoxon']:.2g}" if (c := versus.get((a, ref, t))) else "-"
+                                for a, ref in pairs)] for t in points]
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
     loads = "; ".join(f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
                       for a, r in data["runs"].items())
     commits = "; ".join(f"{label(names, a)} {r['git']['commit'][:7]}{' (uncommitted changes)' if r['git']['dirty'] else ''}"
                         if r.get("git") else f"{label(names, a)} not recorded" for a, r in data["runs"].items())
-    lines = [*markdown(["training time", *(label(names, a) for a in at),
-                        *(f"{label(names, a)} - {label(names, ref)} (95% CI), p t / Wilcoxon" for a, ref in pairs)],
-                       rows), "",
+    lines = [*markdown(["training time", *(label(names, a) for a in at)], rows), ""]
+    if pairs:
+        lines += [*markdown(["training time", *(f"{label(names, a)} - {label(names, ref)}" for a, ref in pairs)],
+                            differences), ""]
+    lines += [
              f"{smoke}accuracy % (95% CI) on the first {s['curve_episodes']} meta-test episodes of the meta-"
              f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
              f"boundary at or after it; the training clock stops while a copy is taken); figure "
              f"`benchmarks/results/omniglot-curves-{s['ways']}w{s['shots']}s{'-smoke' if data.get('smoke') else ''}"
              f".png`. Load average (1 min) at the start / end of each run: {loads}. Code of each run: {commits}." +
-             (" Differences: accuracy points on the same episodes, paired t-interval; p of the paired t-test and "
-              "the Wilcoxon signed-rank test." if versus else "")]
+             (" Differences (second table): accuracy points on the same episodes [95% paired t-interval], p of the "
+              "paired t-test / the Wilcoxon signed-rank test." if versus else "")]
     goal = CURVE_GOALS.get((s["ways"], s["shots"]))
     if goal is not None and not data.get("smoke"):
         for a, curve in data["curves"].items():
