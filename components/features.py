@@ -19,6 +19,7 @@ FEATURE_COLUMNS = (
     "corr_xy", "slope", "sin_amplitude", "sin_phase", "sin_rmse",
 )
 METRICS = ("cosine", "euclidean", "manhattan")
+SIMILARITIES = ("cosine",)  # higher is closer; the others are distances (0 on the diagonal)
 
 
 @dataclass(frozen=True)

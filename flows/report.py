@@ -115,15 +115,18 @@ def save(fig, path: Path) -> Path:
     return path
 
 
-def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path) -> Path:
-    """A square task x task similarity or distance matrix."""
+def plot_heatmap(matrix: pd.DataFrame, title: str, path: Path, label: str = "", distance: bool = False) -> Path:
+    """A square task x task similarity or distance matrix; label names the colour bar. A distance runs its colours
+    the other way (viridis reversed), so that close tasks take the same colour in both kinds of matrix."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    image = ax.imshow(matrix.to_numpy(), cmap="viridis")
-    fig.colorbar(image, ax=ax)
+    image = ax.imshow(matrix.to_numpy(), cmap="viridis_r" if distance else "viridis")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title)
-    ax.set_xlabel("task")
-    ax.set_ylabel("task")
+    for axis, names in ((ax.xaxis, matrix.columns), (ax.yaxis, matrix.index)):
+        axis.set_label_text(names.name or "task")  # where the matrix names them: source, target
+        if len(names) <= 20:  # each row named (a task id, an alphabet), not at fractional positions
+            axis.set_ticks(range(len(names)), [str(n) for n in names], fontsize=7)
     fig.tight_layout()
     return save(fig, path)
 

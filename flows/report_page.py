@@ -139,7 +139,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
             e.validation, cfg.name, out.name, f"{VALIDATION} in the task_sets entry {keys['task_sets']}")))
         parts += ["<h2>Task-set validation</h2>", validation_summary(e.validation, VALIDATION_PAGE)]
     if e.heatmaps:
-        parts += ["<h2>Task embeddings</h2><div class='row'>", *[_img(p, p.stem.replace("_", " ")) for p in e.heatmaps],
+        parts += ["<h2>Task embeddings</h2><div class='row'>", *[_img(p, heatmap_caption(p)) for p in e.heatmaps],
                   "</div>"]
     out.write_text(page(f"metapeft: {cfg.name}", "\n".join(parts)))
     return out
@@ -186,6 +186,15 @@ def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.Data
     if gone:
         text += f" Diverged, with no score: {_e(gone)}."
     return f"<p class='verdict'>{text}</p>"
+
+
+def heatmap_caption(path: Path) -> str:
+    """'meta-test tasks: euclidean distance' for the embeddings entry's similarity_euclidean.png (every matrix is
+    written as similarity_<metric>; cosine is a similarity, the others distances)."""
+    from components.features import SIMILARITIES
+
+    metric = path.stem.removeprefix("similarity_")
+    return f"meta-test tasks: {metric} {'similarity' if metric in SIMILARITIES else 'distance'}"
 
 
 def diverged_names(diverged: pd.DataFrame) -> str:

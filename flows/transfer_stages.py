@@ -489,8 +489,10 @@ def correlate(cfg: StudyConfig, matrix: Path, embeddings: Path, encoder: Path, o
     write_table(rho, out, "rho")
     for (name, metric), table in distances.groupby(["embedding", "metric"], sort=False):
         report.plot_heatmap(table.pivot(index="source", columns="target", values="distance"),
-                            f"{name}: {metric} distance", out / f"distance_{name}_{metric}.png")
-    report.plot_heatmap(gains, "transfer gain over scratch (source x target)", out / "transfer_matrix.png")
+                            f"{name}: {metric} distance", out / f"distance_{name}_{metric}.png",
+                            f"{metric} distance", distance=True)
+    report.plot_heatmap(gains, "transfer gain over scratch (source x target)", out / "transfer_matrix.png",
+                        "accuracy gain over scratch")
     plot_rho(rho, out / "rho.png", t.confidence)
     return rho
 

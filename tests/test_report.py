@@ -317,3 +317,28 @@ def test_with_seeds_the_verdict_says_in_how_many_seeds_each_gap_held():
     assert answer.metrics()["best_vs_best_baseline_seeds_better"] == 1
     assert "Better in 1 of 3 seeds" in report_page.verdict_html(answer, False, DIVERGED, 50)
     assert "seeds" not in study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml", "fomaml"}, 0.95, 0.05).sentence()
+
+
+def test_heatmaps_name_a_distance_a_distance(tmp_path):
+    """A euclidean matrix is a distance (0 on the diagonal): named so, its colours reversed so that close tasks take
+    the colour they take in a cosine similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    from flows import report
+    from pathlib import Path
+
+    from flows.report_page import heatmap_caption
+    from flows.stages.embeddings import build_embeddings
+
+    assert heatmap_caption(Path("similarity_euclidean.png")) == "meta-test tasks: euclidean distance"
+    assert heatmap_caption(Path("similarity_cosine.png")) == "meta-test tasks: cosine similarity"
+    features = pd.DataFrame({"split": ["meta_test"] * 3, "a": [0.0, 1.0, 3.0], "b": [1.0, 0.0, 2.0]})
+    family = mock.Mock(features=lambda tables: features)
+    with mock.patch.object(report, "plot_heatmap") as plot:
+        build_embeddings(family, None, ("cosine", "euclidean"), 3, tmp_path)
+    (cosine, euclidean) = plot.call_args_list
+    assert cosine.args[1] == "meta-test tasks: cosine similarity" and not cosine.kwargs["distance"]
+    assert euclidean.args[1] == "meta-test tasks: euclidean distance" and euclidean.kwargs["distance"]

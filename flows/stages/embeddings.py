@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.families import TaskFamily, Tables
-from components.features import pairwise_similarity
+from components.features import SIMILARITIES, pairwise_similarity
 from flows import report
 from flows.cache import write_table
 
@@ -17,5 +17,7 @@ def build_embeddings(family: TaskFamily, tables: Tables, metrics: tuple[str, ...
     for metric in metrics:
         matrix = pairwise_similarity(test, metric)
         write_table(matrix.rename(columns=str).reset_index(names="task_id"), out, f"similarity_{metric}")
-        report.plot_heatmap(matrix, f"meta-test tasks: {metric}", out / f"similarity_{metric}.png")
+        kind = "similarity" if metric in SIMILARITIES else "distance"  # the file keeps its name either way
+        report.plot_heatmap(matrix, f"meta-test tasks: {metric} {kind}", out / f"similarity_{metric}.png",
+                            f"{metric} {kind}", distance=kind == "distance")
     return {"n_features": features.shape[1] - 1, "n_tasks": features.shape[0]}
