@@ -159,3 +159,14 @@ def test_a_finite_blow_up_of_the_query_score_is_divergence_not_a_score(tasks):
         finetune(model, params, one, 40, 0.01, F.mse_loss)
     sane = finetune(model, params, tasks, 40, 0.01, F.mse_loss)  # no error: it moves, it does not blow up
     assert np.isfinite(sane).all() and sane.max() < 10 * sane[0].mean()
+
+
+def test_accuracy_is_an_exact_fraction_so_equal_counts_tie_exactly():
+    """k/B in float32 (2/3 -> 0.6666667) against the same count computed in float64 elsewhere (the text family's
+    prototypes) was a 1e-8 'difference' that paired tests run on."""
+    import torch
+
+    from components.families import accuracy
+
+    logits = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])  # predictions 1, 0, 0
+    assert accuracy(logits, torch.tensor([[1, 0, 1]])).item() == 2 / 3

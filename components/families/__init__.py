@@ -41,8 +41,10 @@ class TaskData:
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fraction of correct argmax predictions: logits (..., B, N), y (..., B) -> scalar."""
-    return (logits.argmax(-1) == y).float().mean()
+    """Fraction of correct argmax predictions: logits (..., B, N), y (..., B) -> scalar, float64: k/B in float32
+    (2/3 -> 0.6666667) differs from the same fraction computed in float64 by ~1e-8, which paired tests between
+    methods of equal counts would read as a difference."""
+    return (logits.argmax(-1) == y).double().mean()
 
 
 class TaskFamily(ABC):
