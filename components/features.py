@@ -164,6 +164,35 @@ def episode_features(x_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame:
     }).rename_axis("episode")
 
 
+EMBEDDING_FEATURES = ("n_way", "k_shot", "within_class_distance", "between_class_distance",
+                      "min_between_class_distance", "embedding_norm")
+
+
+def embedding_features(z_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame:
+    """Statistics of episodes given as feature vectors (sentence embeddings, a backbone's features), from their
+    support sets only: the geometry of the classes, not pixel statistics (`episode_features`), which on a feature
+    vector mean nothing (a unit-norm sentence embedding has no 'ink', and its std follows from its mean).
+
+    z_spt (T, N*K, D), y_spt (T, N*K) labels 0..N-1. Euclidean distances in the feature space: within = mean
+    distance of an example to its class mean (0 at 1-shot), between / min between = mean / smallest distance
+    between two class means (how far apart the hardest pair is), embedding_norm = mean L2 norm of an example.
+    Returns (T, len(EMBEDDING_FEATURES)) indexed by episode position."""
+    n_tasks, n_examples = y_spt.shape
+    n_way = int(y_spt.max()) + 1
+    flat = z_spt.reshape(n_tasks, n_examples, -1).double()
+    onehot = torch.nn.functional.one_hot(y_spt, n_way).double()  # (T, NK, N)
+    counts = onehot.sum(1)  # (T, N)
+    means = onehot.transpose(1, 2) @ flat / counts[..., None]  # (T, N, D)
+    pairs = torch.cdist(means, means) + torch.diag(torch.full((n_way,), torch.inf, dtype=flat.dtype))
+    return pd.DataFrame({
+        "n_way": n_way, "k_shot": counts.min(1).values.numpy(),
+        "within_class_distance": (flat - onehot @ means).norm(dim=-1).mean(1).numpy(),
+        "between_class_distance": (torch.cdist(means, means).sum((1, 2)) / (n_way * (n_way - 1))).numpy(),
+        "min_between_class_distance": pairs.flatten(1).min(1).values.numpy(),
+        "embedding_norm": flat.norm(dim=-1).mean(1).numpy(),
+    }).rename_axis("episode")
+
+
 MODEL_FEATURES = ("start_loss", "start_accuracy", "grad_norm")
 
 

@@ -26,7 +26,7 @@ from components.episodes import (class_members, clean_examples, derive_seed, epi
                                  sample_rows)
 from components.evaluation import evaluate_init
 from components.storage import load_tensors
-from components.features import episode_features, start_features
+from components.features import embedding_features, start_features
 from components.significance import compare_methods, summarize
 from components.task2vec import Task2VecConfig, conv4_task2vec, module_probe
 from components.task_encoder import EncoderTrainConfig, TaskEmbeddingNetwork, TaskEncoderConfig, fit_contrastive
@@ -411,7 +411,7 @@ def embed_episodes(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], po
         index = pd.MultiIndex.from_product([[group], range(len(batch.y_spt))], names=["group", "episode"])
         vectors.append(pd.DataFrame(vector.double().cpu().numpy(), index=index).rename(columns=lambda i: f"e{i:04d}"))
         start = start_features(learner.model, learner.params, batch.x_spt, batch.y_spt)
-        feats.append(pd.concat([episode_features(backbone, batch.y_spt), start], axis=1).set_index(index))
+        feats.append(pd.concat([embedding_features(backbone, batch.y_spt), start], axis=1).set_index(index))
         backbones.append(backbone.float().cpu())
         labels.append(batch.y_spt.cpu())
     write_table(pd.concat(vectors).reset_index(), out, "task2vec")

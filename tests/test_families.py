@@ -247,3 +247,19 @@ def test_the_test_protocol_changes_only_the_test_tables_image_folder(tmp_path):
     assert set(with_file.input_files()) - set(with_file.training_files()) == {
         tmp_path / "e.csv", *(held / f"new{c}" / f"{i}.png" for c in range(3) for i in range(2))}
     assert_training_tables_unchanged(with_file, family(n_test_episodes=4))
+
+
+def test_embedding_features_describe_the_classes_geometry_not_pixels():
+    """Three classes of two examples each, class means a (0, 0), b (1, 0), c (0, 2): hand-computed."""
+    from components.features import EMBEDDING_FEATURES, embedding_features
+
+    z = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 2.0], [0.0, 2.0]]])
+    z[0, 0, 1], z[0, 1, 1] = 0.5, -0.5  # class 0 spread around its mean (0, 0) by 0.5
+    features = embedding_features(z, torch.tensor([[0, 0, 1, 1, 2, 2]]))
+    assert tuple(features.columns) == EMBEDDING_FEATURES
+    row = features.loc[0]
+    assert (row["n_way"], row["k_shot"]) == (3, 2)
+    assert row["within_class_distance"] == pytest.approx(0.5 * 2 / 6)  # two of six examples 0.5 from their mean
+    assert row["between_class_distance"] == pytest.approx((1 + 2 + 5 ** 0.5) / 3)  # a-b 1, a-c 2, b-c sqrt(5)
+    assert row["min_between_class_distance"] == pytest.approx(1.0)
+    assert row["embedding_norm"] == pytest.approx((2 * 0.5 + 2 * 1 + 2 * 2) / 6)

@@ -28,7 +28,7 @@ from components.baselines import BaselineConfig, finetune
 from components.episodes import (SPLITS, EpisodeBatch, class_split, clean_examples, conflicting, normalized_text,
                                  numbered_lines)
 from components.families import ClassificationTasks, EpisodeSettings, Tables, TaskData
-from components.features import episode_features
+from components.features import embedding_features
 
 DATASETS = ("clinc150", "banking77", "csv")
 
@@ -268,7 +268,7 @@ class TextTasks(ClassificationTasks):
     def features(self, tables: Tables) -> pd.DataFrame:
         test = ClassificationTasks.open(self, tables, torch.device("cpu"), ["meta_test"]).test  # in episode order
         emb = self.sentences(tables)
-        return episode_features(emb[test.x_spt], test.y_spt).assign(split="meta_test").rename_axis("task_id")
+        return embedding_features(emb[test.x_spt], test.y_spt).assign(split="meta_test").rename_axis("task_id")
 
     def baseline_runs(self, tables: Tables, test: EpisodeBatch, model: nn.Module, steps: int,
                       score_steps: list[int], chunk: int, seed: int) -> dict[str, Callable[[], np.ndarray]]:
