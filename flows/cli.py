@@ -693,7 +693,7 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
 
     Each method's meta-test mean [CI] in run A and run B (pipeline runs, e.g. from `metapeft runs`), and B - A."""
     try:
-        (a, cfg_a), (b, cfg_b) = _results(root, run_a), _results(root, run_b)
+        (a, cfg_a, keys_a), (b, cfg_b, keys_b) = _results(root, run_a), _results(root, run_b)
     except LookupError as e:
         return lookup_failed(e)
     if a["metric"].iloc[0] != b["metric"].iloc[0]:
@@ -713,8 +713,14 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
         for method, note in t["unfinished"].items():
             if note:
                 click.echo(f"~ {name} {method}: {note}")
-    if differ := _setting_differences(cfg_a, cfg_b):
+    differ = _setting_differences(cfg_a, cfg_b)
+    if differ:
         click.echo("settings that differ (A -> B): " + "; ".join(differ))
+    if changed := [stage for stage in keys_a if stage in keys_b and keys_a[stage] != keys_b[stage]]:
+        why = "settings, input files or code changed" if differ else \
+            "input files or code changed (the settings are the same)"
+        click.echo(f"cache keys that differ: {', '.join(changed)}: their {why}; `metapeft stages --config ...` "
+                   f"names changed input files")
     return 0
 
 
@@ -752,7 +758,7 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
     if to_file and not out.parent.is_dir():  # before reading anything
         return fail(f"--out {out}: no folder {out.parent}", 2)
     try:
-        table, _ = _results(root, run_id)
+        table, _, _ = _results(root, run_id)
     except LookupError as e:
         return lookup_failed(e)
     # JSON numbers as Python writes floats (shortest exact repr; pandas' to_json rounds 2.5e-11 to fixed decimals)
@@ -774,7 +780,7 @@ RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", 
 
 
 def _results(root: Path, run_id: str):
-    """(the run's results table, its config). The table (RESULT_COLUMNS; best method first, diverged ones last) from
+    """(the run's results table, its config, its stage keys). The table (RESULT_COLUMNS; best method first, diverged ones last) from
     the significance
     tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
     cache entry when those artifacts are gone. LookupError: no such run; NoResults: one that never reached the
@@ -812,7 +818,7 @@ def _results(root: Path, run_id: str):
     rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
     table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
                                       reference=ref)
-    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg
+    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg, keys
 
 
 def diverged_rows(diverged, scored: set[str]) -> list[dict]:

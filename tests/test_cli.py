@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import click
 import pandas as pd
@@ -229,10 +230,17 @@ def test_runs_compare_and_export_a_finished_study(prefect_harness, project, caps
     assert cli.main(["compare", first, second]) == 0
     compared = capsys.readouterr().out
     assert "A (95% CI)" in compared and "B (90% CI)" in compared
-    *table_lines, settings = compared.splitlines()[2:]
+    *table_lines, settings, keys = compared.splitlines()[2:]
     rows = {line.split()[0]: line for line in table_lines}
     assert set(rows) == {"maml", "scratch", "pretrain_finetune"} and all(r.endswith("+0") for r in rows.values())
     assert settings == "settings that differ (A -> B): significance.confidence: 0.95 -> 0.9"
+    assert keys.startswith("cache keys that differ: significance: their settings, input files or code changed")
+    same_cfg = cli._results(project, first)
+    with mock.patch.object(cli, "_results", side_effect=[same_cfg, (same_cfg[0], same_cfg[1], {
+            **same_cfg[2], "task_sets": "0" * 16})]):  # the same settings, other task sets: data or code
+        assert cli.main(["compare", first, first]) == 0
+    assert "cache keys that differ: task_sets: their input files or code changed (the settings are the same)" \
+        in capsys.readouterr().out
 
     assert cli.main(["export", second]) == 0
     csv_text = capsys.readouterr().out
