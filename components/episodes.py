@@ -142,11 +142,12 @@ def sample_rows(members: np.ndarray, n_way: int, k_shot: int, n_query: int, n_ep
     counts = (members >= 0).sum(1)
     if n_way > len(members):
         raise ValueError(f"n_way: {n_way} exceeds the split's {len(members)} classes")
-    if (short := counts < k_shot + n_query).any():
-        where = np.flatnonzero(short)[:3]
-        examples = [class_names[i] for i in where] if class_names is not None else where.tolist()
-        raise ValueError(f"k_shot + n_query: {k_shot + n_query} exceeds the examples of {int(short.sum())} "
-                         f"classes, e.g. {examples} ({counts[where].tolist()})")
+    if (short := counts < k_shot + n_query).any():  # every short class named, up to 10
+        where = np.flatnonzero(short)
+        examples = [class_names[i] for i in where[:10]] if class_names is not None else where[:10].tolist()
+        more = f" and {len(where) - 10} more" if len(where) > 10 else ""
+        raise ValueError(f"k_shot + n_query: {k_shot + n_query} exceeds the examples of {len(where)} "
+                         f"classes, e.g. {examples} ({counts[where[:10]].tolist()}){more}")
     rng = np.random.default_rng(seed)
     ways = rng.random((n_episodes, len(members))).argsort(1)[:, :n_way]  # (T, N)
     keys = rng.random((n_episodes, n_way, members.shape[1]))

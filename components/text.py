@@ -12,7 +12,9 @@ up by utterance id, so an episode is just integer row ids and fits ``MetaLearner
 from __future__ import annotations
 
 import copy
+import csv
 import functools
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -59,8 +61,12 @@ def load_clinc150(path: Path) -> pd.DataFrame:
 def load_banking77(path: Path) -> pd.DataFrame:
     """BANKING77 (Casanueva et al. 2020) from ``train.csv`` and ``test.csv`` (columns ``text,category``) in path.
 
-    Columns ``text, label, split`` (train / test); 13,083 rows and 77 intents for the full files.
+    Columns ``text, label, split`` (train / test); 13,083 rows and 77 intents for the full files. Raises
+    ValueError when path is a file, not their folder.
     """
+    if Path(path).is_file():
+        raise ValueError(f"{path}: a file; dataset banking77 reads train.csv and test.csv from a folder: "
+                         "name the folder")
     frames = [_read_table(Path(path) / f"{split}.csv", "text", "category").assign(split=split)
               for split in ("train", "test")]
     return pd.concat(frames, ignore_index=True)
@@ -77,16 +83,33 @@ def load_text_csv(path: Path, text_col: str = "text", label_col: str = "label",
     """
     path = Path(path)
     table = _read_table(path, text_col, label_col, extra=["split"], domain_col=domain_col)
-    if domain_col:
-        table = table.rename(columns={domain_col: "domain"})
     return table if "split" in table else table.assign(split=path.stem)
 
 
-def _read_json(file: Path):
+def _need_file(file: Path) -> None:
+    """Raises FileNotFoundError naming file when it is missing, ValueError when it is a folder."""
     if not file.exists():
         raise FileNotFoundError(f"{file} not found")
+    if file.is_dir():
+        raise ValueError(f"{file}: a folder, not a file; name the data file itself")
+
+
+def _read_text(file: Path) -> str:
+    """file's text (UTF-8, a byte-order mark allowed). Raises as `_need_file`, and naming file:line when it is not
+    UTF-8."""
+    _need_file(file)
+    data = file.read_bytes()
     try:
-        return json.loads(file.read_text(encoding="utf-8-sig"))
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{file}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
+
+
+def _read_json(file: Path):
+    text = _read_text(file)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
 
@@ -95,30 +118,51 @@ def _read_jsonl(file: Path) -> tuple[pd.DataFrame, list[int]]:
     """One JSON object a line (UTF-8, a byte-order mark allowed, blank lines skipped): the table and each row's
     1-based line. Raises naming file:line: a line that is not JSON, or not an object."""
     rows, lines = [], []
-    with open(file, encoding="utf-8-sig") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{file}:{number}: need one JSON object a line, got {type(row).__name__}")
-            rows.append(row)
-            lines.append(number)
+    for number, line in enumerate(_read_text(file).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{file}:{number}: need one JSON object a line, got {type(row).__name__}")
+        rows.append(row)
+        lines.append(number)
     return pd.DataFrame(rows), lines
+
+
+def _read_csv(file: Path) -> tuple[pd.DataFrame, list[int]]:
+    """A header line, then one record a row (blank lines skipped, a quoted field may span lines; "" is missing):
+    the table of strings and each row's 1-based first line. Raises naming file:line: a row longer than the header,
+    a column named twice."""
+    reader = csv.reader(io.StringIO(_read_text(file), newline=""))  # splits lines on \n, \r\n, \r only
+    records, start = [], 1
+    for record in reader:
+        if len(record) > 1 or record and record[0].strip():
+            records.append((start, record))
+        start = reader.line_num + 1
+    if not records:
+        return pd.DataFrame(), []
+    (at, header), rows = records[0], records[1:]
+    if twice := [c for c in header if c and header.count(c) > 1]:
+        raise ValueError(f"{file}:{at}: column {twice[0]!r} is named twice in the header")
+    for line, record in rows:
+        if len(record) > len(header):
+            raise ValueError(f"{file}:{line}: {len(record)} fields, the header has {len(header)}; "
+                             "quote a text that holds a comma")
+    values = [[v or None for v in record] + [None] * (len(header) - len(record)) for _, record in rows]
+    return pd.DataFrame(values, columns=header, dtype=object), [line for line, _ in rows]
 
 
 def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] = (),
                 domain_col: str | None = None, fix: str = "set family.{role}_col") -> pd.DataFrame:
-    """file's text_col, label_col (+ domain_col, which must be there when given; + extra, where present) as
-    ``text, label, ...``, checked. Raises naming the file: no rows, a missing column."""
-    if not file.exists():
-        raise FileNotFoundError(f"{file} not found")
+    """file's text_col, label_col (+ domain_col as ``domain``, which must be there when given; + extra, where
+    present) as ``text, label, ...``, checked. Raises naming the file: no rows, a missing column; and file:line: a
+    text that is not a string, a label or domain that is a list or an object (JSON)."""
+    _need_file(file)
     if file.suffix == ".csv":
-        raw = pd.read_csv(file, dtype=str, keep_default_na=False, na_values=[""])
-        lines = list(range(2, len(raw) + 2))  # line 1 is the header
+        raw, lines = _read_csv(file)
     elif file.suffix == ".jsonl":
         raw, lines = _read_jsonl(file)
     elif file.suffix == ".json":
@@ -135,22 +179,42 @@ def _read_table(file: Path, text_col: str, label_col: str, extra: Sequence[str] 
         if col is not None and col not in raw:
             raise ValueError(f"{file}: no {role} column {col!r}; columns are {list(raw.columns)}; "
                              f"{fix.format(role=role)}")
-    keep = [text_col, label_col] + [c for c in (domain_col, *extra) if c and c in raw and c not in (text_col, label_col)]
-    table = raw[keep].rename(columns={text_col: "text", label_col: "label"})
-    return _check_table(table.assign(source=[f"{file.name}:{line}" for line in lines]), file)
+    columns = {"text": text_col, "label": label_col, "domain": domain_col,
+               **{c: c for c in extra if c in raw and c not in (text_col, label_col)}}
+    table = pd.DataFrame({name: raw[col] for name, col in columns.items() if col})
+    table["source"] = [f"{file.name}:{line}" for line in lines]
+    checks = [("text", text_col, _is_text, "a string"), ("label", label_col, _is_scalar, "a string or a number"),
+              ("domain", domain_col, _is_scalar, "a string or a number")]
+    for role, col, ok, need in checks:
+        if role in table and (bad := ~table[role].map(ok)).any():
+            where = [f"{s} ({type(v).__name__})" for s, v in zip(table["source"][bad][:5], table[role][bad][:5])]
+            raise ValueError(f"{file}: {int(bad.sum())} rows whose {role} ({col!r}) is not {need}, e.g. {where}")
+    return _check_table(table, file, domain_col)
 
 
-def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
-    """Empty or missing texts and missing labels are errors, never silently dropped. Two labels that differ only in
-    case once stripped ('News', 'news ') are an error naming both, never two intents (surrounding spaces alone are
-    stripped, and counted, by the family's cleaning: `episodes.clean_examples`)."""
-    empty = table["text"].isna() | (table["text"].astype(str).str.strip() == "")
-    blank = table["label"].isna() | (table["label"].astype(str).str.strip() == "")
-    for what, bad in (("empty text", empty), ("no label", blank)):
-        if bad.any():
+def _is_text(value) -> bool:  # a string, or missing (an empty text: _check_table names it)
+    return isinstance(value, str) or value is None or (isinstance(value, float) and np.isnan(value))
+
+
+def _is_scalar(value) -> bool:  # numbers are read as strings, as CSV gives them
+    return not isinstance(value, (list, dict))
+
+
+def _check_table(table: pd.DataFrame, file: Path, domain_col: str | None = None) -> pd.DataFrame:
+    """Empty or missing texts, missing labels and (with domain_col, the column ``domain`` was read from) missing
+    domains are errors, never silently dropped. Two labels that differ only in case once stripped ('News', 'news ')
+    are an error naming both, never two intents (surrounding spaces alone are stripped, and counted, by the family's
+    cleaning: `episodes.clean_examples`); so is an intent whose rows name two domains. Labels and domains are
+    read as strings (1 and "1" are one domain)."""
+    checks = [("empty text", "text"), ("no label", "label")]
+    for what, column in checks + ([(f"no domain ({domain_col!r})", "domain")] if domain_col else []):
+        if (bad := _blank(table[column])).any():
             where = table["source"][bad][:5].tolist() if "source" in table else np.flatnonzero(bad)[:5].tolist()
             raise ValueError(f"{file}: {int(bad.sum())} rows with {what}, e.g. {where}")
-    table = table.astype({"text": str, "label": str}).reset_index(drop=True)
+    table = table.astype({c: str for c in ("text", "label", "domain") if c in table}).reset_index(drop=True)
+    if domain_col:
+        table["domain"] = table["domain"].str.strip()
+        _check_one_domain(table, file, domain_col)
     named = table.assign(label=table["label"].str.strip()).drop_duplicates("label")  # (cleaning strips, and counts)
     for _, same in named.groupby(named["label"].str.casefold()):
         if len(same) > 1:
@@ -158,6 +222,22 @@ def _check_table(table: pd.DataFrame, file: Path) -> pd.DataFrame:
             raise ValueError(f"{file}: labels {', '.join(where)} differ only in case: one intent or several? "
                              f"spell each intent one way")
     return table
+
+
+def _blank(values: pd.Series) -> pd.Series:
+    return values.isna() | (values.astype(str).str.strip() == "")
+
+
+def _check_one_domain(table: pd.DataFrame, file: Path, domain_col: str) -> None:
+    """An intent (label once stripped) whose rows name two domains is a ValueError naming it, its domains and a
+    row of each."""
+    pairs = table.assign(label=table["label"].str.strip()).drop_duplicates(["label", "domain"])
+    several = pairs[pairs["label"].duplicated(keep=False)]
+    if len(several):
+        first = several[several["label"] == several["label"].iloc[0]]
+        where = ", ".join(f"{r.domain!r} ({r.source})" for r in first.itertuples())
+        raise ValueError(f"{file}: intent {first['label'].iloc[0]!r} is in {len(first)} domains ({domain_col!r}): "
+                         f"{where} ({several['label'].nunique()} such intents); give each intent one domain")
 
 
 # ---------------------------------------------------------------- class splits given as files

@@ -138,7 +138,8 @@ def input_digests(paths: Iterable[Path], memo: Path | None = None) -> dict[str, 
     """{`input_path`: sha256} of the input files (a link: of the file it points to), hashing only those whose
     (size, mtime_ns) the memo file has not seen (the memo names files resolved, so links to one file share it).
 
-    A missing file raises FileNotFoundError naming it. memo (a JSON file) is rewritten atomically when it grows.
+    A missing file raises FileNotFoundError naming it, a folder ValueError naming it. memo (a JSON file) is
+    rewritten atomically when it grows.
     """
     known = _read_memo(memo)
     digests, changed = {}, False
@@ -149,6 +150,8 @@ def input_digests(paths: Iterable[Path], memo: Path | None = None) -> dict[str, 
         except FileNotFoundError:
             raise FileNotFoundError(f"input file not found: {name}"
                                     + (f" (a link to {target})" if target != name else "")) from None
+        if os.path.isdir(target):
+            raise ValueError(f"{name}: a folder, not a file; name the data file itself")
         stamp = [stat.st_size, stat.st_mtime_ns]
         entry = known.get(target)
         if entry is None or entry["stamp"] != stamp:

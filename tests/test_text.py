@@ -502,3 +502,104 @@ def test_duplicates_and_conflicting_labels_are_cleaned_or_named():
     counts = report.set_index("what")["count"].to_dict()
     assert counts == {"labels_stripped": 2, "duplicates_dropped": 1, "conflicts_dropped": 2}
     assert report.set_index("what").loc["duplicates_dropped", "examples"] == ["u.csv:3"]
+
+
+# ---------------------------------------------------------------- input errors a user trial found
+
+def test_missing_mixed_or_several_domains_are_named(tmp_path):
+    """split_by: domain reads domain_col as strings: a blank one is an error naming file:line and the column, ints
+    beside strings in a .jsonl are two domains (no TypeError in the split), an intent in two domains names both."""
+    path = tmp_path / "u.csv"
+    path.write_text("text,label,area\nhi,greet,chat\nbye,leave,\nyo,greet,chat\n")
+    with pytest.raises(ValueError, match=r"u.csv: 1 rows with no domain \('area'\), e.g. \['u.csv:3'\]"):
+        load_text_csv(path, domain_col="area")
+    rows = [{"text": "a", "label": "x", "area": 1}, {"text": "b", "label": "y", "area": "home"},
+            {"text": "c", "label": "z", "area": None}]
+    nan = '{"text": "d", "label": "w", "area": NaN}'  # Python's json reads NaN
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n" + nan)
+    with pytest.raises(ValueError, match=r"u.jsonl: 2 rows with no domain \('area'\), "
+                                         r"e.g. \['u.jsonl:3', 'u.jsonl:4'\]"):
+        load_text_csv(tmp_path / "u.jsonl", domain_col="area")
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    table = load_text_csv(tmp_path / "u.jsonl", domain_col="area")
+    assert table["domain"].tolist() == ["1", "home"]
+    assert class_split(table["label"], {"a": 0.5, "b": 0.5}, 0, groups=table["domain"]) in (
+        {"a": ["x"], "b": ["y"]}, {"a": ["y"], "b": ["x"]})
+    path.write_text("text,label,area\nhi,greet,chat\nbye,leave,home\nyo,greet ,home\n")
+    with pytest.raises(ValueError, match=r"u.csv: intent 'greet' is in 2 domains \('area'\): 'chat' \(u.csv:2\), "
+                                         r"'home' \(u.csv:4\)"):
+        load_text_csv(path, domain_col="area")
+
+
+def test_a_folder_where_a_file_is_needed_is_one_line(tmp_path, capsys, monkeypatch):
+    from flows import cli
+    from flows.versions import input_digests
+
+    with pytest.raises(ValueError, match=rf"{tmp_path}: a folder, not a file"):
+        input_digests([tmp_path])
+    (tmp_path / "u.csv").mkdir()
+    (tmp_path / "data_full.json").mkdir()
+    with pytest.raises(ValueError, match=r"u.csv: a folder, not a file"):
+        load_text_csv(tmp_path / "u.csv")
+    with pytest.raises(ValueError, match=r"data_full.json: a folder, not a file"):
+        load_clinc150(tmp_path)
+    (tmp_path / "train.csv").write_text("text,category\nhi,greet\n")
+    with pytest.raises(ValueError, match=r"train.csv: a file; dataset banking77 reads train.csv and test.csv"):
+        load_banking77(tmp_path / "train.csv")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: t\nfamily: {{kind: text, dataset: csv, path: {DATA / 'banking77'}, n_way: 2, k_shot: 1, "
+                      "n_query: 1}\nmodel: {kind: minilm, adapted: lora}\nmeta_train: {algorithms: [maml]}\n")
+    monkeypatch.setenv("METAPEFT_HOME", str(tmp_path))
+    assert cli.main(["run", "--config", str(config), "--dry-run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"metapeft: {DATA / 'banking77'}: a folder, not a file"), err
+
+
+def test_files_not_in_utf8_and_empty_files_are_named(tmp_path):
+    (tmp_path / "latin.csv").write_bytes("text,label\nhi,greet\ncaf\xe9 please,order\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.csv:3: not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        load_text_csv(tmp_path / "latin.csv")
+    (tmp_path / "latin.jsonl").write_bytes('{"text": "caf\xe9", "label": "x"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.jsonl:1: not UTF-8 .*save the file as UTF-8"):
+        load_text_csv(tmp_path / "latin.jsonl")
+    (tmp_path / "wide.csv").write_text("text,label\nhi,greet\n", encoding="utf-16")
+    with pytest.raises(ValueError, match=r"wide.csv:1: not UTF-8 .*save the file as UTF-8"):
+        load_text_csv(tmp_path / "wide.csv")
+    (tmp_path / "zero.csv").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"zero.csv: no rows"):
+        load_text_csv(tmp_path / "zero.csv")
+
+
+def test_csv_lines_count_newlines_inside_quoted_texts(tmp_path):
+    path = tmp_path / "u.csv"
+    path.write_text('text,label\nhi,greet\n"two\nlines",greet\n\nbye,leave\n,leave\n')
+    with pytest.raises(ValueError, match=r"u.csv: 1 rows with empty text, e.g. \['u.csv:7'\]"):
+        load_text_csv(path)
+    path.write_text('text,label\nhi,greet\n"two\nlines",greet\n\nbye,leave\n')
+    table = load_text_csv(path)
+    assert table["source"].tolist() == ["u.csv:2", "u.csv:3", "u.csv:6"] and table.loc[1, "text"] == "two\nlines"
+    path.write_text('text,label\nhi,greet\nhello, there,greet\n')
+    with pytest.raises(ValueError, match=r"u.csv:3: 3 fields, the header has 2"):
+        load_text_csv(path)
+
+
+def test_every_short_class_and_split_is_named():
+    labels = ["a"] * 5 + [f"s{i}" for i in range(12) for _ in range(2)]
+    classes = ["a"] + [f"s{i}" for i in range(12)]
+    names = ", ".join(f"'s{i}'" for i in range(10))
+    with pytest.raises(ValueError, match=rf"exceeds the examples of 12 classes, e.g. \[{names}\] \(\[2(, 2)*\]\) "
+                                         r"and 2 more$"):
+        sample_text_episodes(labels, classes, 2, 1, 2, 3, seed=0)
+
+
+def test_a_jsonl_text_that_is_not_a_string_is_named(tmp_path):
+    rows = [{"text": "hi", "label": 1}, {"text": ["a", "b"], "label": "x"}, {"text": 3, "label": "y"}]
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ValueError, match=r"u.jsonl: 2 rows whose text \('text'\) is not a string, "
+                                         r"e.g. \['u.jsonl:2 \(list\)', 'u.jsonl:3 \(int\)'\]"):
+        load_text_csv(tmp_path / "u.jsonl")
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]) + '\n{"text": "b", "label": ["x"]}')
+    with pytest.raises(ValueError, match=r"u.jsonl: 1 rows whose label \('label'\) is not a string or a number"):
+        load_text_csv(tmp_path / "u.jsonl")
+    (tmp_path / "u.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:1]))
+    assert load_text_csv(tmp_path / "u.jsonl")["label"].tolist() == ["1"]  # numbers as labels are fine
