@@ -190,7 +190,7 @@ class ClassificationTasks(TaskFamily):
         """The fixed meta-val / meta-test episodes (`episode_table` rows); meta-train's classes are checked for
         K + Q examples too. labels: split -> labels of its rows; split: split -> its classes; given: splits whose
         episodes come from elsewhere (a fixed episode file), neither sampled nor checked. Errors name where."""
-        d, tables = self.data, {}
+        d, tables, errors = self.data, {}, []
         counts = {"meta_train": 0, "meta_val": d.n_val_episodes, "meta_test": d.n_test_episodes}
         for stream, s in enumerate(SPLITS):  # streams 1, 2: meta-val, meta-test (0 draws meta-training batches)
             if s in given:
@@ -199,9 +199,12 @@ class ClassificationTasks(TaskFamily):
                 rows, ways = sample_rows(class_members(labels[s], split[s]), d.n_way, d.k_shot, d.n_query, counts[s],
                                          derive_seed(seed, 0, stream), split[s])
             except ValueError as e:
-                raise ValueError(f"{where}{s} split: {e}") from None
+                errors.append(f"{s} split: {e}")  # every short split named at once, not the first alone
+                continue
             if counts[s]:
                 tables[f"episodes_{s}"] = episode_table(rows, ways, split[s], s)
+        if errors:
+            raise ValueError(where + "; ".join(errors))
         return tables
 
     def open(self, tables: Tables, device: torch.device, splits: Sequence[str] = SPLITS,

@@ -39,7 +39,8 @@ def run_cli(project, csv, *args: str, **family) -> tuple[int, list[str]]:
      ["intents.csv: meta_", " split: k_shot + n_query: 4 exceeds the examples of 1 classes, e.g. ['intent_01'] ([2])",
       "lower family.k_shot or family.n_query"]),
     (lambda: intents(16, 8), {"n_way": 5},
-     ["intents.csv: meta_val split: n_way: 5 exceeds the split's 3 classes", "lower family.n_way"]),
+     ["intents.csv: meta_val split: n_way: 5 exceeds the split's 3 classes",  # every short split, not the first
+      "; meta_test split: n_way: 5 exceeds the split's 3 classes", "lower family.n_way"]),
     (lambda: pd.concat([intents(12, 8), pd.DataFrame([{"text": "Please do task 3 in way 1", "label": "intent_05"}])]),
      {"fractions": [0.5, 0.25, 0.25]},
      ["intents.csv:27 ('intent_03'), intents.csv:98 ('intent_05')", "family.conflicting_labels: drop"]),
