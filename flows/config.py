@@ -181,6 +181,11 @@ class TextSection(EpisodeSection):
             raise ValueError("split_by: 'domain' needs domain_col, the column naming each utterance's domain")
         fields = type(self).model_fields
         written = {n for n in self.model_fields_set if getattr(self, n) != fields[n].default}
+        pool = self.split == "files" and self.train_pool != "full"  # a pool file is read with text_col / label_col
+        for name in ("text_col", "label_col", "domain_col"):
+            if self.dataset != "csv" and name in written and (name == "domain_col" or not pool):
+                raise ValueError(f"{name}: read only with dataset: csv (text_col / label_col also name a train_pool "
+                                 f"file's columns); {self.dataset} has a fixed layout")
         only = {"random": ("split_by", "fractions"), "files": ("split_dir", "split_root", "train_pool")}
         for split, names in only.items():
             if self.split != split and (wrong := [n for n in names if n in written]):

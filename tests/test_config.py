@@ -246,3 +246,13 @@ def test_a_csv_dataset_without_path_is_refused_not_sent_to_clinc150(tmp_path):
     """It used to fall back to the CLINC150 folder silently."""
     assert ": family.path: dataset 'csv' needs the file" in load_error(tmp_path, TEXT % "dataset: csv")
     assert load_config(write(tmp_path, TEXT % "dataset: banking77")).family.path == "../shared/data/banking77"
+
+
+def test_column_options_of_a_dataset_with_a_fixed_layout_are_refused():
+    text = {"kind": "text", "dataset": "banking77"}
+    with pytest.raises(ValueError, match="text_col: read only with dataset: csv"):
+        StudyConfig.model_validate({"family": {**text, "text_col": "foo"}, "model": {"kind": "minilm", "adapted": "lora"}})
+    with pytest.raises(ValueError, match="domain_col: read only with dataset: csv"):
+        StudyConfig.model_validate({"family": {**text, "dataset": "clinc150", "domain_col": "area"},
+                                    "model": {"kind": "minilm", "adapted": "lora"}})
+    StudyConfig.model_validate({"family": {**text, "text_col": "text"}, "model": {"kind": "minilm", "adapted": "lora"}})  # the default
