@@ -608,6 +608,8 @@ def _changed_inputs(cache, stage: str, key: str, plan) -> str | None:
     if not same:
         return None
     then, named = dict(input_content(same[0]["meta"]["inputs"])), _shown_input(plan.inputs)
+    if not set(then) & set(now):  # no file in common: other data, never built from these files (missing)
+        return None
     changed = [f"{named(name)} ({'added' if name not in then else 'changed'})" for name in sorted(now)
                if then.get(name) != now[name]] + [f"{named(name)} (removed)" for name in sorted(set(then) - set(now))]
     if not changed:

@@ -395,6 +395,9 @@ def test_stages_names_the_edited_file_against_the_entry_built_from_the_same_file
     assert cli.main(["stages", "--config", str(config)]) == 0
     state = entries(capsys.readouterr().out)["task_sets"][1]
     assert state.startswith("stale (inputs changed since entry") and state.endswith(": a.csv (changed))"), state
+    (project / "c.csv").write_text((project / "b.csv").read_text())  # a file never built: missing, not stale
+    assert cli.main(["stages", "--config", str(config), "--set", "family.path=c.csv"]) == 0
+    assert entries(capsys.readouterr().out)["task_sets"][1] == "missing"
 
 
 def test_stages_names_a_removed_image_against_its_own_folders_entry(project, capsys, monkeypatch):
