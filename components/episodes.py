@@ -107,9 +107,17 @@ def read_class_lists(folder: Path, files: Mapping[str, str]) -> dict[str, list[s
 def numbered_lines(path: Path) -> list[tuple[int, str]]:
     """(1-based line number, stripped text) of the non-blank lines of a class list (UTF-8; a byte-order mark, as
     some editors write, is not part of the first class)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a class list (a file of one class per line)")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: class list not found (one class per line)")
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}); save the class list as UTF-8") \
+            from None
     return [(i, s) for i, line in enumerate(text.splitlines(), 1) if (s := line.strip())]
 
 

@@ -167,6 +167,11 @@ def test_files_as_editors_and_exports_write_them_are_read_or_named(tmp_path):
         load_text_csv(tmp_path / "u.jsonl", "t", "l", domain_col="Area")
     (tmp_path / "labels.train.txt").write_text("timer\r\n\r\nalarm\r\n", encoding="utf-8-sig")
     assert numbered_lines(tmp_path / "labels.train.txt") == [(1, "timer"), (3, "alarm")]
+    (tmp_path / "labels.valid.txt").write_bytes("timer\ncaf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"labels.valid.txt:2: not UTF-8 \(byte 0xe9\)"):
+        numbered_lines(tmp_path / "labels.valid.txt")
+    with pytest.raises(ValueError, match="a folder, not a class list"):
+        numbered_lines(tmp_path)
 
 
 # ---------------------------------------------------------------- class splits and episodes
