@@ -244,7 +244,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
 
     out = fold_study(config_path=config, overrides=overrides or None, force=list(force) or None,
                      prebuilt=["task_sets", "train_sets"])
-    click.echo(f"\nfold study {config}: {len(cfg.folds)} folds, {time.perf_counter() - start:.1f} s; "
+    click.echo(f"\nfold study {cfg.name} ({config}): {len(cfg.folds)} folds, {time.perf_counter() - start:.1f} s; "
                f"MLflow run {out['run_id']}\n{out['results']}")
     return 0
 
@@ -367,7 +367,7 @@ def _run(cfg, root: Path, config: str, only: list[str], force: list[str], overri
     except (MissingUpstream, ValidationFailed, CacheWriteError) as e:
         return fail(str(e), 1)
     hits = sum(out["hits"].values())
-    click.echo(f"\nstudy {config}: {len(out['hits'])} stage entries, {hits} from cache, "
+    click.echo(f"\nstudy {cfg.name} ({config}): {len(out['hits'])} stage entries, {hits} from cache, "
                f"{time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}")
     if out["results"]:
         click.echo(out["results"])
@@ -395,7 +395,8 @@ def _nothing_to_run(cfg, root: Path, config: str, plan, cache) -> int:
                                       report.unfinished_training(cache, cfg, plan.algorithm_keys))
     page = root / "reports" / str(source) / "report.html"
     origin = f"the results of MLflow run {source}" if source else "the cached results"
-    click.echo(f"\nstudy {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or MLflow run; "
+    click.echo(f"\nstudy {cfg.name} ({config}): {n} stage entries, {n} from cache: nothing to run, no new Prefect "
+               f"or MLflow run; "
                f"{origin}{f' (report: {page})' if page.exists() else ''}. --force STAGE recomputes.\n{text}")
     return 0
 
@@ -418,8 +419,8 @@ def _folds_cached(cfg, root: Path, config: str, overrides: dict) -> str | None:
     source = cache.manifest("folds", key)["meta"].get("mlflow_run_id")
     origin = f"the results of MLflow run {source}" if source else "the cached results"
     summary = (cache.path("folds", key) / SUMMARY_TEXT).read_text().rstrip()
-    return (f"\nfold study {config}: {len(plans)} folds, every entry cached: nothing to run, no new Prefect or MLflow "
-            f"run; {origin}. --force STAGE recomputes.\n{summary}")
+    return (f"\nfold study {cfg.name} ({config}): {len(plans)} folds, every entry cached: nothing to run, no new "
+            f"Prefect or MLflow run; {origin}. --force STAGE recomputes.\n{summary}")
 
 
 def _start_prefect_server():
@@ -490,7 +491,8 @@ def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tup
     from flows.transfer import check_transfer, transfer_study
 
     try:  # what needs only the config and the data, one line each, before Prefect starts
-        check_transfer(load_config(config))
+        cfg = load_config(config)
+        check_transfer(cfg)
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
     if not force and (cached := _transfer_cached(config, root)):  # like a fully cached run: nothing started
@@ -498,8 +500,9 @@ def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tup
         return 0
     start = time.perf_counter()
     out = transfer_study(config_path=config, force=list(force) or None)
-    click.echo(f"\ntransfer study {config}: {len(out['hits'])} stage entries, {sum(out['hits'].values())} from "
-               f"cache, {time.perf_counter() - start:.1f} s; MLflow run {out['run_id']}\n{out['results']}")
+    click.echo(f"\ntransfer study {cfg.name} ({config}): {len(out['hits'])} stage entries, "
+               f"{sum(out['hits'].values())} from cache, {time.perf_counter() - start:.1f} s; MLflow run "
+               f"{out['run_id']}\n{out['results']}")
     return 0
 
 
@@ -516,8 +519,8 @@ def _transfer_cached(config: str, root: Path) -> str | None:
         return None
     n = len(ts.entries(plan))
     source = cache.manifest("nearest_task", plan.keys["nearest_task"])["meta"].get("mlflow_run_id")
-    return (f"\ntransfer study {config}: {n} stage entries, {n} from cache: nothing to run, no new Prefect or "
-            f"MLflow run; {f'the results of MLflow run {source}' if source else 'the cached results'}. "
+    return (f"\ntransfer study {cfg.name} ({config}): {n} stage entries, {n} from cache: nothing to run, no new "
+            f"Prefect or MLflow run; {f'the results of MLflow run {source}' if source else 'the cached results'}. "
             f"--force STAGE recomputes.\n{ts.results_text(cfg, cache, plan)}")
 
 
