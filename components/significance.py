@@ -313,11 +313,15 @@ def _replicate_pairs(wide: pd.DataFrame, comparisons: pd.DataFrame, lower_is_bet
     """`fold_pairs` over any replicate: wide is replicate x method (its mean score)."""
     rows = []
     for a, b in comparisons[["method_a", "method_b"]].itertuples(index=False):
-        d = (wide[a] - wide[b]).dropna().to_numpy(dtype=float)
+        pair = wide[[a, b]].dropna()
+        d = (pair[a] - pair[b]).to_numpy(dtype=float, copy=True)
+        # a difference within float rounding of the scores (the same count of correct queries summed in another
+        # order) is a tie, not a win; equal differences up to rounding leave nothing to test (scipy: t ~ 1e15)
+        d[np.abs(d) <= 1e-12 * pair.abs().max(axis=1).to_numpy(dtype=float)] = 0.0
         better, worse = (int((d < 0).sum()), int((d > 0).sum())) if lower_is_better else \
             (int((d > 0).sum()), int((d < 0).sum()))
         low = high = p = float("nan")
-        if len(d) >= 2 and np.ptp(d) > 0:
+        if len(d) >= 2 and not _constant(d):
             test = stats.ttest_1samp(d, 0.0)
             low, high = test.confidence_interval(confidence)
             p = float(test.pvalue)

@@ -288,3 +288,16 @@ def test_seed_pairs_test_each_pair_over_the_seeds_means():
     assert (lower.loc[("maml", "fomaml"), "seeds_a_better"], lower.loc[("maml", "fomaml"), "seeds_b_better"]) == (1, 2)
     unseeded = pd.DataFrame({"method_a": ["proto"], "method_b": ["scratch"]})
     assert seed_pairs(spread, summary, unseeded, lower_is_better=False).empty  # neither has seeds
+
+
+def test_replicate_pairs_read_rounding_as_a_tie_and_equal_differences_as_untestable():
+    """Fold means that differ by float rounding only tie (no fold 'won'); differences equal up to rounding give no
+    t-test (NaN), not p ~ 1e-15 from scipy's t ~ 1e15."""
+    from components.significance import fold_pairs
+
+    means = pd.DataFrame({"fold": ["01", "02", "01", "02", "01", "02"], "method": ["a", "a", "b", "b", "c", "c"],
+                          "mean": [0.3 - 0.2, 0.7, 0.1, 0.7 - 1e-17, 0.3 - 0.2 - 0.016, 0.7 - 0.016]})
+    comparisons = pd.DataFrame({"method_a": ["a", "a"], "method_b": ["b", "c"]})
+    rows = fold_pairs(means, comparisons, lower_is_better=False).set_index("method_b")
+    assert (rows.loc["b", "folds_a_better"], rows.loc["b", "folds_b_better"]) == (0, 0)
+    assert rows.loc["c", "folds_a_better"] == 2 and np.isnan(rows.loc["c", "p_folds"])
