@@ -24,15 +24,18 @@ class Gap:
     ci_low: float
     ci_high: float
     p_holm: float
-    seeds_better: int | None = None  # several meta-training seeds: in how many of them best beat other
-    n_seeds: int | None = None
-    p_seeds: float = float("nan")  # the paired t-test over the seeds' means (`seed_pairs`)
+    # over replicates (meta-training seeds, class-split folds): in how many of them best beat other, and the
+    # paired t-test over their means (`seed_pairs`, `fold_pairs`)
+    unit: str = "seed"
+    units_better: int | None = None
+    n_units: int | None = None
+    p_units: float = float("nan")
 
-    def seed_text(self) -> str:
-        if self.n_seeds is None:
+    def units_text(self) -> str:
+        if self.n_units is None:
             return ""
-        return f" Better in {self.seeds_better} of {self.n_seeds} seeds (t-test over the seeds' means p = " \
-               f"{self.p_seeds:.2g})."
+        return f" Better in {self.units_better} of {self.n_units} {self.unit}s (t-test over the {self.unit}s' " \
+               f"means p = {self.p_units:.2g})."
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,9 @@ class Answer:
             if gap is not None:
                 out |= {f"best_vs_{what}_diff": gap.diff, f"best_vs_{what}_ci_low": gap.ci_low,
                         f"best_vs_{what}_ci_high": gap.ci_high, f"best_vs_{what}_p_holm": gap.p_holm}
-                if gap.n_seeds is not None:
-                    out |= {f"best_vs_{what}_seeds_better": gap.seeds_better, f"best_vs_{what}_p_seeds": gap.p_seeds}
+                if gap.n_units is not None:
+                    out |= {f"best_vs_{what}_{gap.unit}s_better": gap.units_better,
+                            f"best_vs_{what}_p_{gap.unit}s": gap.p_units}
         return out
 
     def tags(self) -> dict[str, str]:
@@ -87,7 +91,7 @@ class Answer:
             sure = "significant" if gap.p_holm < self.alpha else "not significant"
             text += f" Against {what}, {gap.other}: {gap.diff:+.4g} ({level} CI {gap.ci_low:+.4g} to " \
                     f"{gap.ci_high:+.4g}), Holm p = {gap.p_holm:.2g}, {sure} at alpha = {self.alpha:g}." + \
-                    gap.seed_text()
+                    gap.units_text()
         return text
 
     def gaps(self) -> list[tuple[str, Gap]]:
@@ -101,10 +105,12 @@ class Answer:
 
 
 def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, meta_learners: set[str],
-                 confidence: float, alpha: float, seeds: pd.DataFrame | None = None) -> Answer | None:
+                 confidence: float, alpha: float, replicates: pd.DataFrame | None = None,
+                 unit: str = "seed") -> Answer | None:
     """summary: the significance stage's summary (index method, best first); comparisons: its pairwise table
-    (method_a the better one); meta_learners: the methods that are meta-learned starts; seeds: its `seed_pairs`
-    (several seeds: each gap also says in how many seeds it held). None without methods."""
+    (method_a the better one); meta_learners: the methods that are meta-learned starts; replicates: its
+    `seed_pairs` (unit "seed") or a fold study's `fold_pairs` (unit "fold"): each gap also says in how many of
+    them it held. None without methods."""
     if summary.empty:
         return None
     best, row = summary.index[0], summary.iloc[0]
@@ -113,12 +119,13 @@ def study_answer(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
     baseline = baselines[0] if best in meta_learners and baselines else None
     learner = learners[0] if best not in meta_learners and learners else None
     return Answer(metric, best, float(row["mean"]), float(row["ci_low"]), float(row["ci_high"]), confidence, alpha,
-                  _gap(comparisons, best, summary.index[1], seeds) if len(summary) > 1 else None,
-                  _gap(comparisons, best, baseline, seeds) if baseline else None,
-                  _gap(comparisons, best, learner, seeds) if learner else None)
+                  _gap(comparisons, best, summary.index[1], replicates, unit) if len(summary) > 1 else None,
+                  _gap(comparisons, best, baseline, replicates, unit) if baseline else None,
+                  _gap(comparisons, best, learner, replicates, unit) if learner else None)
 
 
-def _gap(comparisons: pd.DataFrame, best: str, other: str, seeds: pd.DataFrame | None = None) -> Gap:
+def _gap(comparisons: pd.DataFrame, best: str, other: str, replicates: pd.DataFrame | None = None,
+         unit: str = "seed") -> Gap:
     """best - other from their pair's row, whichever way round the row is: the summary ranks by its means (a fold
     study: the mean of fold means) and the pairs by theirs (the pooled episodes; a rounding step apart for two
     methods of the same scores), so the summary's best may be the row's method_b."""
@@ -129,12 +136,13 @@ def _gap(comparisons: pd.DataFrame, best: str, other: str, seeds: pd.DataFrame |
     row = pair.iloc[0]
     low, high = sorted((sign * float(row["ci_low"]), sign * float(row["ci_high"])))
     over = {}
-    if seeds is not None:
-        pair = seeds[((seeds["method_a"] == best) & (seeds["method_b"] == other))
-                     | ((seeds["method_a"] == other) & (seeds["method_b"] == best))]
-        if len(pair):
-            r = pair.iloc[0]
-            over = {"seeds_better": int(r["seeds_a_better"] if r["method_a"] == best else r["seeds_b_better"]),
-                    "n_seeds": int(r["n_seeds"]), "p_seeds": float(r["p_seeds"])}
+    if replicates is not None:
+        a, b = replicates["method_a"], replicates["method_b"]
+        rows = replicates[((a == best) & (b == other)) | ((a == other) & (b == best))]
+        if len(rows):
+            rep = rows.iloc[0]
+            side = "a" if rep["method_a"] == best else "b"
+            over = {"unit": unit, "units_better": int(rep[f"{unit}s_{side}_better"]),
+                    "n_units": int(rep[f"n_{unit}s"]), "p_units": float(rep[f"p_{unit}s"])}
     return Gap(other, sign * float(row["mean_diff"]), low, high,
                float(verdict_p(row.to_frame().T).iloc[0]), **over)  # both tests, as every verdict

@@ -405,9 +405,10 @@ def _folds_cached(cfg, root: Path, config: str, overrides: dict) -> str | None:
     """A fold study whose every fold's entries and summary over folds are cached has nothing to do: as
     `_nothing_to_run`, what to print (the cached summary, the MLflow run that computed it) with nothing started;
     None when something is to run."""
-    from flows.cache import SUMMARY_TEXT, StageCache
+    from flows.cache import StageCache
     from flows.config import fold_overrides, load_config
-    from flows.folds import fold_plans, summary_key, summary_reads  # imports Prefect, starts nothing
+    from flows.folds import (fold_plans, fold_unfinished, summary_key, summary_reads,  # imports Prefect, starts
+                             summary_text)  # nothing
 
     plans, cache = fold_plans(cfg, config, overrides, root), StageCache(root / cfg.runtime.data_dir)
     if not all(_all_cached(plans[fold], cache, load_config(config, changes))
@@ -418,7 +419,7 @@ def _folds_cached(cfg, root: Path, config: str, overrides: dict) -> str | None:
         return None
     source = cache.manifest("folds", key)["meta"].get("mlflow_run_id")
     origin = f"the results of MLflow run {source}" if source else "the cached results"
-    summary = (cache.path("folds", key) / SUMMARY_TEXT).read_text().rstrip()
+    summary = summary_text(cache.path("folds", key), fold_unfinished(cfg, config, overrides, cache, plans))
     return (f"\nfold study {cfg.name} ({config}): {len(plans)} folds, every entry cached: nothing to run, no new "
             f"Prefect or MLflow run; {origin}. --force STAGE recomputes.\n{summary}")
 

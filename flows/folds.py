@@ -55,7 +55,7 @@ def summary_key(cfg: StudyConfig, plans: dict[str, Plan]) -> str:
     return content_key({"folds": {f: [p.keys["evaluate"], p.keys["baselines"]] for f, p in plans.items()},
                         "confidence": cfg.significance.confidence, "alpha": cfg.significance.alpha,
                         "metric": family.metric, "lower_is_better": family.lower_is_better,
-                        "code": code_version(["components.significance"])})
+                        "code": code_version(["components.significance", __name__])})  # folds_text: here
 
 
 def summary_reads(plans: dict[str, Plan]) -> list[tuple[str, str]]:
@@ -64,13 +64,14 @@ def summary_reads(plans: dict[str, Plan]) -> list[tuple[str, str]]:
 
 
 @task(name="fold_summary", cache_policy=NO_CACHE)
-def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan], run_id: str | None = None) -> Path:
+def summarize(cfg: StudyConfig, cache: StageCache, plans: dict[str, Plan], run_id: str | None = None,
+              force: bool = False) -> Path:
     """The folds' results compared (`components.significance.compare_folds`), cached as the "folds" entry (run_id:
-    the study's MLflow run, recorded in the entry's manifest)."""
+    the study's MLflow run, recorded in the entry's manifest); force (--force significance) recomputes it."""
     key, family, sig = summary_key(cfg, plans), next(iter(plans.values())).family, cfg.significance
     reads = summary_reads(plans)
     with cache.lock("folds", key):
-        if cache.status("folds", key, reads) == "cached":  # a fold's results rewritten since: stale, recomputed
+        if not force and cache.status("folds", key, reads) == "cached":  # a fold's results rewritten: stale
             get_run_logger().info("folds [%s]: cache hit", key)
             return cache.path("folds", key)
         tables = {t: {f: pd.concat([cache.read_table(s, p.keys[s], t) for s in ("evaluate", "baselines")],
@@ -96,7 +97,7 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
     folds = list(dict.fromkeys(tables["fold_means"]["fold"]))
     pairs, over = tables["comparisons"], tables.get("fold_pairs")
     lines = [f"{'method':<16} {f'{metric} over folds ({confidence:.0%} CI)':>30}  "
-             + " ".join(f"{f:>7}" for f in folds) + f"  {'p_t / p_wilcoxon vs ' + reference:>30}"
+             + " ".join(f"{f:>7}" for f in folds) + f"  {'p_holm t / Wilcoxon vs ' + reference:>30}"
              + ("  better in folds, p over folds" if over is not None else "")]
     for row in tables["summary"].to_dict("records"):
         m = row["method"]
@@ -104,12 +105,15 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
                      | ((pairs.method_a == reference) & (pairs.method_b == m))]
         p = "-" if pair.empty else (f"{pair['p_ttest_holm'].iloc[0]:.1e} / {pair['p_wilcoxon_holm'].iloc[0]:.1e}"
                                     + ("*" if verdict_p(pair).iloc[0] < alpha else ""))
-        lines.append(f"{m:<16} {row['mean']:>20.4f} +- {row['ci_half']:<7.4f}  "
+        half = f"{row['ci_half']:<7.4f}" if len(folds) > 1 else "n/a    "  # one fold: no interval over folds
+        lines.append(f"{m:<16} {row['mean']:>20.4f} +- {half}  "
                      + " ".join(f"{means.loc[m, f]:>7.4f}" for f in folds) + f"  {p:>30}"
                      + (f"  {_over_folds(over, m, reference)}" if over is not None else ""))
     for row in tables["diverged"].to_dict("records"):
         lines.append(f"{row['method']:<16} DIVERGED in fold {row['fold']}: left out")
-    if len(folds) < FEW_FOLDS:
+    if len(folds) == 1:
+        lines.append("one fold: no interval over folds (the pooled-episode tests are that fold's own)")
+    elif len(folds) < FEW_FOLDS:
         lines.append(f"only {len(folds)} folds: the interval over the fold means has {len(folds) - 1} degree(s) of "
                      f"freedom and may pass the metric's range")
     if over is not None and len(over):
@@ -164,19 +168,17 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
                                    "while the study ran?); run it again")
             tracker.set_tags(outs[fold]["run_id"], {PARENT_TAG: parent, "metapeft.fold": fold})
         cache = StageCache(root / cfg.runtime.data_dir)
-        path = summarize(cfg, cache, plans, parent)
-        text = (path / SUMMARY_TEXT).read_text().rstrip("\n")
-        unfinished = {f"fold {fold} {label}": note for fold, changes in fold_overrides(cfg, overrides).items()
-                      for label, note in unfinished_training(cache, load_config(config_path, changes),
-                                                             plans[fold].algorithm_keys).items()}
+        path = summarize(cfg, cache, plans, parent, force="significance" in (force or ()))
+        unfinished = fold_unfinished(cfg, config_path, overrides, cache, plans)
+        text = summary_text(path, unfinished)
         if unfinished:  # the means over folds include training a time budget stopped short: say where
-            text = "\n".join([text, *unfinished_lines(unfinished)])
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(unfinished)})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
         summary = pd.read_parquet(path / "summary.parquet").set_index("method")
         answer = study_answer(summary, pd.read_parquet(path / "comparisons.parquet"),
                               plans[cfg.folds[0]].family.metric, set(cfg.meta_train.algorithms),
-                              cfg.significance.confidence, cfg.significance.alpha)
+                              cfg.significance.confidence, cfg.significance.alpha,
+                              pd.read_parquet(path / "fold_pairs.parquet"), unit="fold")
         if answer is not None:  # `metapeft runs` shows the study's answer: means over folds, pooled-episode tests
             tracker.log_metrics(parent, answer.metrics())
             tracker.set_tags(parent, answer.tags())
@@ -191,6 +193,21 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
         tracker.end_run(parent, status)
     get_run_logger().info("%s over folds %s: summary in MLflow run %s", cfg.name, ", ".join(cfg.folds), parent)
     return {"run_id": parent, "folds": outs, "results": text, "key": summary_key(cfg, plans)}
+
+
+def fold_unfinished(cfg: StudyConfig, config_path: str, overrides: dict | None, cache: StageCache,
+                    plans: dict[str, Plan]) -> dict[str, str]:
+    """{"fold <fold> <unit>": note} for each fold's meta-training its budget stopped short or that kept its initial
+    state (`flows.report.unfinished_training`)."""
+    return {f"fold {fold} {label}": note for fold, changes in fold_overrides(cfg, overrides).items()
+            for label, note in unfinished_training(cache, load_config(config_path, changes),
+                                                   plans[fold].algorithm_keys).items()}
+
+
+def summary_text(path: Path, unfinished: dict[str, str]) -> str:
+    """The folds entry's table (path: the entry) and below it the unfinished notes: what a study prints, computed
+    or cached."""
+    return "\n".join([(path / SUMMARY_TEXT).read_text().rstrip("\n"), *unfinished_lines(unfinished)])
 
 
 def _log_summary(tracker: Tracker, parent: str, path: Path, cfg: StudyConfig, metric: str) -> None:

@@ -182,7 +182,7 @@ def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.Data
         text += (f" Against {_e(what)}, <b>{_e(gap.other)}</b>: {by} "
                  f"({_e(answer.best)} &minus; {_e(gap.other)} = {gap.diff:+.4g}, {level} CI {gap.ci_low:+.4g} to "
                  f"{gap.ci_high:+.4g}, Holm-adjusted p = {_p(gap.p_holm)}), <b>{sure}</b> at &alpha; = "
-                 f"{answer.alpha:g}.{_e(gap.seed_text())}")
+                 f"{answer.alpha:g}.{_e(gap.units_text())}")
     if gone:
         text += f" Diverged, with no score: {_e(gone)}."
     return f"<p class='verdict'>{text}</p>"

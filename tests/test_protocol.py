@@ -515,6 +515,11 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
            f"{first['run_id']}" in said and first["results"] in said
     assert len(client.search_runs([study.info.experiment_id])) == runs_before
     assert "~ fold" not in first["results"] and "metapeft.unfinished" not in study.data.tags
+    from unittest import mock
+
+    with mock.patch("flows.folds.unfinished_training", return_value={"maml": "kept its initial state"}):
+        assert cli.main(["run", "--config", str(path)]) == 0  # cached: the notes are said as on the first run
+    assert "~ fold 02 maml: kept its initial state" in capsys.readouterr().out
 
     short = fold_study(config_path=str(path), overrides={"meta_train": {"iterations": 10**6, "budget_minutes": 1e-4}})
     for fold in ("01", "02"):  # the means over folds hold training a budget stopped short: the study says where

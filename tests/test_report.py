@@ -342,3 +342,12 @@ def test_heatmaps_name_a_distance_a_distance(tmp_path):
     (cosine, euclidean) = plot.call_args_list
     assert cosine.args[1] == "meta-test tasks: cosine similarity" and not cosine.kwargs["distance"]
     assert euclidean.args[1] == "meta-test tasks: euclidean distance" and euclidean.kwargs["distance"]
+
+
+def test_a_fold_studys_verdict_says_in_how_many_folds_each_gap_held():
+    folds = pd.DataFrame({"method_a": ["maml"], "method_b": ["fomaml"], "n_folds": [5], "folds_a_better": [4],
+                          "folds_b_better": [1], "mean_diff": [0.02], "ci_low": [-0.01], "ci_high": [0.05],
+                          "p_folds": [0.12]})
+    answer = study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml", "fomaml"}, 0.95, 0.05, folds, unit="fold")
+    assert "Better in 4 of 5 folds (t-test over the folds' means p = 0.12)." in answer.sentence()
+    assert answer.metrics()["best_vs_runner_up_folds_better"] == 4
