@@ -463,7 +463,7 @@ class TransferSection(Section):
 
 class StudyConfig(Section):
     name: str = "study"
-    seed: int = 0  # task sets, baselines and evaluation episodes
+    seed: int = Field(0, ge=0)  # task sets, baselines and evaluation episodes (numpy seeds are non-negative)
     seeds: tuple[int, ...] | None = None  # meta-training seeds (init, meta-batches); None: just `seed`
     family: Family = Field(default_factory=SinusoidSection)
     embedding: EmbeddingSection = Field(default_factory=EmbeddingSection)
@@ -492,6 +492,8 @@ class StudyConfig(Section):
     def _model_fits_family(self):
         if self.seeds is not None and (not self.seeds or len(set(self.seeds)) != len(self.seeds)):
             raise ValueError(f"seeds: need a non-empty list without repeats, got {list(self.seeds)}")
+        if self.seeds is not None and (negative := [s for s in self.seeds if s < 0]):
+            raise ValueError(f"seeds: need non-negative integers, got {negative}")
         expected = FAMILY_MODELS[self.family.kind]
         if self.model.kind != expected:
             raise ValueError(f"model.kind: the {self.family.kind} family needs {expected!r}, got {self.model.kind!r}")

@@ -37,6 +37,7 @@ def test_runtime_section_leaves_the_keys_alone(tmp_path):
 
 
 @pytest.mark.parametrize("sections, field", [({"seeds": [1, 1]}, "seeds"), ({"seeds": []}, "seeds"),
+                                             ({"seeds": [0, -1]}, "seeds: need non-negative"), ({"seed": -1}, "seed"),
                                              ({"runtime": {"dask_address": "tcp://127.0.0.1:8786"}}, "dask_address"),
                                              ({"runtime": {"runner": "ray"}}, "runtime.runner")])
 def test_bad_scaleout_settings_name_the_field(tmp_path, sections, field):
