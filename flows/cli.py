@@ -786,7 +786,7 @@ RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", 
 
 
 def _results(root: Path, run_id: str):
-    """(the run's results table, its config, its stage keys). The table (RESULT_COLUMNS; best method first, diverged ones last) from
+    """(the run's results table, its config, its stage keys (meta_train: its trainings' keys)). The table (RESULT_COLUMNS; best method first, diverged ones last) from
     the significance
     tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
     cache entry when those artifacts are gone. LookupError: no such run; NoResults: one that never reached the
@@ -799,10 +799,12 @@ def _results(root: Path, run_id: str):
     from flows.report import _pair_p
 
     try:
-        cfg, keys, _, tags = _run_keys(root, run_id, None)
+        cfg, keys, algorithm_keys, tags = _run_keys(root, run_id, None)
     except ConfigError as e:
         raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
     family, cache, key = family_for(cfg), StageCache(root / cfg.runtime.data_dir), keys["significance"]
+    # meta_train's own key hashes the units' names too (maml vs maml/seed0): compared, the trainings themselves
+    keys = {**keys, "meta_train": " ".join(sorted(set(algorithm_keys.values())))}
     client = _client(root)
     tables = {name: _logged_table(client, run_id, f"significance/{name}.parquet")
               for name in ("summary", "comparisons", DIVERGED)}
