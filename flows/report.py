@@ -205,7 +205,9 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
         lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}"
                      + (f"  {over_seeds(seeds, method, reference)}" if over else ""))
     for row in ([] if diverged is None else diverged.to_dict("records")):
-        lines.append(f"{row['method']:<20} DIVERGED in {row['stage']}: {row['reason']}")
+        seed = row.get("seed")
+        where = f"{row['stage']}{f' (seed {int(seed)})' if seed is not None and pd.notna(seed) else ''}"
+        lines.append(f"{row['method']:<20} DIVERGED in {where}: {row['reason']}")
     if over:
         lines.append("a seeded method's score is its seeds' mean: the CI and p say how sure the episodes make us of "
                      "that mean; 'better in seeds' and the t-test over the seeds' means say whether another seed "

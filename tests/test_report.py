@@ -351,3 +351,15 @@ def test_a_fold_studys_verdict_says_in_how_many_folds_each_gap_held():
     answer = study_answer(SUMMARY, COMPARISONS, "accuracy", {"maml", "fomaml"}, 0.95, 0.05, folds, unit="fold")
     assert "Better in 4 of 5 folds (t-test over the folds' means p = 0.12)." in answer.sentence()
     assert answer.metrics()["best_vs_runner_up_folds_better"] == 4
+
+
+def test_a_seed_that_diverged_is_named_in_the_results():
+    from flows.report import results_text
+
+    diverged = pd.DataFrame([{"method": "maml", "stage": "meta_train", "reason": "non-finite loss", "seed": s}
+                             for s in (1.0, 2.0)])
+    lines = results_text(SUMMARY, COMPARISONS, "accuracy", "scratch", diverged=diverged).splitlines()
+    assert [line.split(" DIVERGED in ")[1] for line in lines if "DIVERGED" in line] == [
+        "meta_train (seed 1): non-finite loss", "meta_train (seed 2): non-finite loss"]
+    assert "DIVERGED in meta_train: non-finite" in results_text(SUMMARY, COMPARISONS, "accuracy", "scratch",
+                                                                diverged=DIVERGED)  # no seeds: as before
