@@ -223,7 +223,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
     """A study over several split folders: every fold's task sets built and validated before Prefect starts,
     then one pipeline per fold and the summary over folds (`flows.folds.fold_study`)."""
     from flows.cache import CacheWriteError
-    from flows.config import ConfigError, fold_overrides, load_config
+    from flows.config import ConfigError, check_fold_dirs, fold_overrides, load_config
     from flows.validation import ValidationFailed
 
     if only or dry_run:
@@ -231,6 +231,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
                           "with --set family.split_dir=<its folder>")
     start = time.perf_counter()
     try:  # every fold's task sets: built (again with --force task_sets) and validated, or already cached
+        check_fold_dirs(cfg)
         if not force and (cached := _folds_cached(cfg, root, config, overrides)) is not None:
             click.echo(cached)
             return 0

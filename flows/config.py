@@ -622,6 +622,12 @@ def fold_overrides(cfg: StudyConfig, overrides: dict | None = None) -> dict[str,
             for fold, folder in fold_dirs(cfg).items()}
 
 
+def check_fold_dirs(cfg: StudyConfig) -> None:
+    """FileNotFoundError naming every fold whose folder is not there (said as such, not as its first list file)."""
+    if missing := [f"{fold} ({folder})" for fold, folder in fold_dirs(cfg).items() if not Path(folder).is_dir()]:
+        raise FileNotFoundError(f"folds: no folder for fold(s) {', '.join(missing)}")
+
+
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the key."""
 

@@ -30,7 +30,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from components.significance import compare_folds, verdict_p  # noqa: E402
 from flows.answer import study_answer  # noqa: E402
 from flows.cache import DIVERGED, RESULTS, SUMMARY_TEXT, StageCache, content_key, write_table  # noqa: E402
-from flows.config import StudyConfig, fold_overrides, load_config  # noqa: E402
+from flows.config import StudyConfig, check_fold_dirs, fold_overrides, load_config  # noqa: E402
 from flows.environment import project_root  # noqa: E402
 from flows.pipeline import config_hash, meta_pipeline  # noqa: E402
 from flows.plan import Plan, make_plan  # noqa: E402
@@ -46,6 +46,7 @@ def fold_plans(cfg: StudyConfig, config_path: str, overrides: dict | None, root:
     """fold -> its pipeline's plan; planning reads every fold's input files, so a missing one is named before any
     fold runs."""
     memo = root / cfg.runtime.data_dir / "inputs.json"
+    check_fold_dirs(cfg)
     return {fold: make_plan(load_config(config_path, o), memo) for fold, o in fold_overrides(cfg, overrides).items()}
 
 

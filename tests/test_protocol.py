@@ -232,6 +232,11 @@ def test_folds_run_each_fold_with_its_own_split_dir_and_keys(tmp_path):
 
     relative = os.path.relpath(tmp_path / "02", Path.cwd())  # the same folder written relative, split_root absolute
     assert load_config(path, {"family": {"split_dir": relative}}).family.split_dir == relative
+    from flows.config import check_fold_dirs
+
+    check_fold_dirs(cfg)
+    with pytest.raises(FileNotFoundError, match=rf"folds: no folder for fold\(s\) 09 \({tmp_path / '09'}\)$"):
+        check_fold_dirs(load_config(fold_config(tmp_path, ["01", "09"])))
 
 
 @pytest.mark.parametrize("folds, family, message", [
