@@ -538,7 +538,6 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
     States: cached, missing, stale (an entry it reads changed since; for the task sets, an input file), or
     unfinished (a meta-training stopped by its budget: a rerun continues it)."""
     from flows.config import ConfigError, load_config
-    from flows.plan import STAGES, WRITTEN_BESIDE, stage_entries
 
     try:
         cfg = load_config(config, parse_sets(sets))
@@ -549,9 +548,21 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
             if sets:  # as `run` refuses them: no keys of a run that cannot be
                 return fail("--set: a transfer study takes its settings from its file", 2)
             return _transfer_stages(cfg, root)
+        if cfg.folds is not None and cfg.family.split_dir is None:  # each fold's entries, then the summary's
+            return _fold_stages(cfg, root, config, parse_sets(sets))
         plan, cache = _plan(cfg, root)
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
+    for line in _stage_lines(plan, cache):
+        click.echo(line)
+    return 0
+
+
+def _stage_lines(plan, cache, prefix: str = "") -> list[str]:
+    """'<entry> <key>  <state>' of every entry of one pipeline's plan (`stages`), names prefixed (a fold's)."""
+    from flows.plan import STAGES, WRITTEN_BESIDE, stage_entries
+
+    lines = []
     for stage in STAGES:
         for name, (written, key) in stage_entries(plan, stage).items():
             state = plan.status(cache, written, key)
@@ -561,7 +572,23 @@ def stages(root: Path, config: str, sets: tuple[str, ...]) -> int:
                     cache.manifest(written, key)["meta"].get("stop_reason") == "budget":
                 meta = cache.manifest(written, key)["meta"]
                 state = f"cached, unfinished (budget at iteration {meta.get('iterations_total')}; a rerun continues)"
-            click.echo(f"{name:<28} {key}  {state}")
+            lines.append(f"{prefix + name:<28} {key}  {state}")
+    return lines
+
+
+def _fold_stages(cfg, root: Path, config: str, overrides: dict) -> int:
+    """`stages` of a fold study: each fold's entries (named '<fold>/<entry>'), then the summary over folds."""
+    from flows.cache import StageCache
+    from flows.config import check_fold_dirs, fold_overrides
+    from flows.folds import fold_plans, summary_key, summary_reads  # imports Prefect, starts nothing
+
+    check_fold_dirs(cfg)
+    plans, cache = fold_plans(cfg, config, overrides, root), StageCache(root / cfg.runtime.data_dir)
+    for fold in fold_overrides(cfg, overrides):
+        for line in _stage_lines(plans[fold], cache, f"{fold}/"):
+            click.echo(line)
+    key = summary_key(cfg, plans)
+    click.echo(f"{'folds':<28} {key}  {cache.status('folds', key, summary_reads(plans))}")
     return 0
 
 

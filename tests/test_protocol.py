@@ -525,6 +525,10 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     with mock.patch("flows.folds.unfinished_training", return_value={"maml": "kept its initial state"}):
         assert cli.main(["run", "--config", str(path)]) == 0  # cached: the notes are said as on the first run
     assert "~ fold 02 maml: kept its initial state" in capsys.readouterr().out
+    assert cli.main(["stages", "--config", str(path)]) == 0  # every fold's entries, then the summary's
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert "02/meta_train[maml]" in listed and listed["folds"] == f"{first['key']}  cached"
+    assert all(state.endswith("  cached") for state in listed.values())
 
     short = fold_study(config_path=str(path), overrides={"meta_train": {"iterations": 10**6, "budget_minutes": 1e-4}})
     for fold in ("01", "02"):  # the means over folds hold training a budget stopped short: the study says where
