@@ -98,7 +98,7 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
     folds = list(dict.fromkeys(tables["fold_means"]["fold"]))
     pairs, over = tables["comparisons"], tables.get("fold_pairs")
     lines = [f"{'method':<16} {f'{metric} over folds ({confidence:.0%} CI)':>30}  "
-             + " ".join(f"{f:>7}" for f in folds) + f"  {'p_holm t / Wilcoxon vs ' + reference:>30}"
+             + " ".join(f"{f:>{max(7, len(f))}}" for f in folds) + f"  {'p_holm t / Wilcoxon vs ' + reference:>30}"
              + ("  better in folds, p over folds" if over is not None else "")]
     for row in tables["summary"].to_dict("records"):
         m = row["method"]
@@ -108,7 +108,7 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
                                     + ("*" if verdict_p(pair).iloc[0] < alpha else ""))
         half = f"{row['ci_half']:<7.4f}" if len(folds) > 1 else "n/a    "  # one fold: no interval over folds
         lines.append(f"{m:<16} {row['mean']:>20.4f} +- {half}  "
-                     + " ".join(f"{means.loc[m, f]:>7.4f}" for f in folds) + f"  {p:>30}"
+                     + " ".join(f"{means.loc[m, f]:>{max(7, len(f))}.4f}" for f in folds) + f"  {p:>30}"
                      + (f"  {_over_folds(over, m, reference)}" if over is not None else ""))
     for row in tables["diverged"].to_dict("records"):
         lines.append(f"{row['method']:<16} DIVERGED in fold {row['fold']}: left out")
