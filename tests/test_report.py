@@ -340,8 +340,8 @@ def test_heatmaps_name_a_distance_a_distance(tmp_path):
     with mock.patch.object(report, "plot_heatmap") as plot:
         build_embeddings(family, None, ("cosine", "euclidean"), 3, tmp_path)
     (cosine, euclidean) = plot.call_args_list
-    assert cosine.args[1] == "meta-test tasks: cosine similarity" and not cosine.kwargs["distance"]
-    assert euclidean.args[1] == "meta-test tasks: euclidean distance" and euclidean.kwargs["distance"]
+    assert cosine.args[1] == "the first 3 meta-test tasks: cosine similarity" and not cosine.kwargs["distance"]
+    assert euclidean.args[1] == "the first 3 meta-test tasks: euclidean distance" and euclidean.kwargs["distance"]
 
 
 def test_a_fold_studys_verdict_says_in_how_many_folds_each_gap_held():

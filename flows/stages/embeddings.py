@@ -18,6 +18,7 @@ def build_embeddings(family: TaskFamily, tables: Tables, metrics: tuple[str, ...
         matrix = pairwise_similarity(test, metric)
         write_table(matrix.rename(columns=str).reset_index(names="task_id"), out, f"similarity_{metric}")
         kind = "similarity" if metric in SIMILARITIES else "distance"  # the file keeps its name either way
-        report.plot_heatmap(matrix, f"meta-test tasks: {metric} {kind}", out / f"similarity_{metric}.png",
-                            f"{metric} {kind}", distance=kind == "distance")
-    return {"n_features": features.shape[1] - 1, "n_tasks": features.shape[0]}
+        report.plot_heatmap(matrix, f"the first {len(test)} meta-test tasks: {metric} {kind}",
+                            out / f"similarity_{metric}.png", f"{metric} {kind}", distance=kind == "distance")
+    # fewer meta-test tasks than n_similarity_tasks: the matrices hold them all (recorded, said in the title)
+    return {"n_features": features.shape[1] - 1, "n_tasks": features.shape[0], "n_similarity_tasks": len(test)}
