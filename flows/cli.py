@@ -750,6 +750,9 @@ def compare(root: Path, run_a: str, run_b: str) -> int:
     differ = _setting_differences(cfg_a, cfg_b)
     if differ:
         click.echo("settings that differ (A -> B): " + "; ".join(differ))
+    units = keys_a.pop("meta_train_units"), keys_b.pop("meta_train_units")
+    if all(units):  # the trainings themselves, not the units' names
+        keys_a["meta_train"], keys_b["meta_train"] = units
     if changed := [stage for stage in keys_a if stage in keys_b and keys_a[stage] != keys_b[stage]]:
         why = "settings, input files or code changed" if differ else \
             "input files or code changed (the settings are the same)"
@@ -814,7 +817,7 @@ RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", 
 
 
 def _results(root: Path, run_id: str):
-    """(the run's results table, its config, its stage keys (meta_train: its trainings' keys)). The table (RESULT_COLUMNS; best method first, diverged ones last) from
+    """(the run's results table, its config, its stage keys (+ meta_train_units: its trainings' keys)). The table (RESULT_COLUMNS; best method first, diverged ones last) from
     the significance
     tables the run logged to MLflow (its own results, whoever computed the cache entry), or from its significance
     cache entry when those artifacts are gone. LookupError: no such run; NoResults: one that never reached the
@@ -831,8 +834,9 @@ def _results(root: Path, run_id: str):
     except ConfigError as e:
         raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
     family, cache, key = family_for(cfg), StageCache(root / cfg.runtime.data_dir), keys["significance"]
-    # meta_train's own key hashes the units' names too (maml vs maml/seed0): compared, the trainings themselves
-    keys = {**keys, "meta_train": " ".join(sorted(set(algorithm_keys.values())))}
+    # meta_train's own key hashes the units' names too (maml vs maml/seed0): `compare` compares the trainings' own
+    # keys where both runs recorded them (their nested runs' tags)
+    keys = {**keys, "meta_train_units": " ".join(sorted(set(algorithm_keys.values())))}
     client = _client(root)
     tables = {name: _logged_table(client, run_id, f"significance/{name}.parquet")
               for name in ("summary", "comparisons", DIVERGED)}
