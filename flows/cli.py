@@ -856,7 +856,8 @@ def _results(root: Path, run_id: str):
     rows += diverged_rows(tables[DIVERGED], {r["method"] for r in rows})
     unfinished = _unfinished(tags.get("metapeft.unfinished", ""))
     rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
-    table = pd.DataFrame(rows).assign(run_id=run_id, study=cfg.name, metric=family.metric, confidence=sig.confidence,
+    study = f"{cfg.name} fold {tags['metapeft.fold']}" if "metapeft.fold" in tags else cfg.name  # names its fold
+    table = pd.DataFrame(rows).assign(run_id=run_id, study=study, metric=family.metric, confidence=sig.confidence,
                                       reference=ref)
     return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg, keys
 

@@ -1,5 +1,6 @@
 """The published few-shot intent protocol: class splits given as files, a labelled pool for meta-training, studies
 over folds (mean over folds, pooled paired tests), and the prefix padded per episode and encoded in chunks."""
+import io
 import json
 import time
 from pathlib import Path
@@ -505,6 +506,8 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert cli.main(["export", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
     said = capsys.readouterr().err
     assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
+    assert cli.main(["export", first["folds"]["02"]["run_id"]]) == 0  # a fold's run: its rows name the fold
+    assert set(pd.read_csv(io.StringIO(capsys.readouterr().out))["study"]) == {"folds-tiny fold 02"}
     assert cli.main(["runs", "-n", "3"]) == 0  # the study and its folds, each marked
     listed = capsys.readouterr().out.splitlines()
     marks = {line.split()[0]: listed[i + 1].strip() for i, line in enumerate(listed[1:], 1) if not line[0].isspace()}
