@@ -308,6 +308,19 @@ def seed_pairs(spread: pd.DataFrame, summary: pd.DataFrame, comparisons: pd.Data
     return _replicate_pairs(wide, pairs, lower_is_better, confidence, "seed")
 
 
+def replicate_record(pairs: pd.DataFrame, method: str, other: str, unit: str) -> dict | None:
+    """method against other in a `fold_pairs` (unit "fold") or `seed_pairs` (unit "seed") table, whichever way
+    round its row is: {"better": replicates where method was the better, "n": replicates, "p": the t-test over
+    them}; None without that pair."""
+    a, b = pairs["method_a"], pairs["method_b"]
+    rows = pairs[((a == method) & (b == other)) | ((a == other) & (b == method))]
+    if rows.empty:
+        return None
+    row = rows.iloc[0]
+    side = "a" if row["method_a"] == method else "b"
+    return {"better": int(row[f"{unit}s_{side}_better"]), "n": int(row[f"n_{unit}s"]), "p": float(row[f"p_{unit}s"])}
+
+
 def _replicate_pairs(wide: pd.DataFrame, comparisons: pd.DataFrame, lower_is_better: bool, confidence: float,
                      unit: str) -> pd.DataFrame:
     """`fold_pairs` over any replicate: wide is replicate x method (its mean score)."""

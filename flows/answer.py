@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from components.significance import verdict_p
+from components.significance import replicate_record, verdict_p
 
 
 TIE = 1e-6  # relative: means closer than this differ by float32 rounding (one query of 75,000 is 1.3e-5)
@@ -135,14 +135,8 @@ def _gap(comparisons: pd.DataFrame, best: str, other: str, replicates: pd.DataFr
         pair, sign = comparisons[(comparisons["method_a"] == other) & (comparisons["method_b"] == best)], -1.0
     row = pair.iloc[0]
     low, high = sorted((sign * float(row["ci_low"]), sign * float(row["ci_high"])))
-    over = {}
-    if replicates is not None:
-        a, b = replicates["method_a"], replicates["method_b"]
-        rows = replicates[((a == best) & (b == other)) | ((a == other) & (b == best))]
-        if len(rows):
-            rep = rows.iloc[0]
-            side = "a" if rep["method_a"] == best else "b"
-            over = {"unit": unit, "units_better": int(rep[f"{unit}s_{side}_better"]),
-                    "n_units": int(rep[f"n_{unit}s"]), "p_units": float(rep[f"p_{unit}s"])}
+    rep = None if replicates is None else replicate_record(replicates, best, other, unit)
+    over = {} if rep is None else \
+        {"unit": unit, "units_better": rep["better"], "n_units": rep["n"], "p_units": rep["p"]}
     return Gap(other, sign * float(row["mean_diff"]), low, high,
                float(verdict_p(row.to_frame().T).iloc[0]), **over)  # both tests, as every verdict

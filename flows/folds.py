@@ -34,7 +34,7 @@ from flows.config import StudyConfig, check_fold_dirs, fold_overrides, load_conf
 from flows.environment import project_root  # noqa: E402
 from flows.pipeline import config_hash, meta_pipeline  # noqa: E402
 from flows.plan import Plan, make_plan  # noqa: E402
-from flows.report import unfinished_lines, unfinished_tag, unfinished_training  # noqa: E402
+from flows.report import over_replicates, unfinished_lines, unfinished_tag, unfinished_training  # noqa: E402
 from flows.tracking import PARENT_TAG, Tracker  # noqa: E402
 from flows.versions import code_version  # noqa: E402
 
@@ -109,7 +109,7 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
         half = f"{row['ci_half']:<7.4f}" if len(folds) > 1 else "n/a    "  # one fold: no interval over folds
         lines.append(f"{m:<16} {row['mean']:>20.4f} +- {half}  "
                      + " ".join(f"{means.loc[m, f]:>{max(7, len(f))}.4f}" for f in folds) + f"  {p:>30}"
-                     + (f"  {_over_folds(over, m, reference)}" if over is not None else ""))
+                     + (f"  {over_replicates(over, m, reference, 'fold')}" if over is not None else ""))
     for row in tables["diverged"].to_dict("records"):
         lines.append(f"{row['method']:<16} DIVERGED in fold {row['fold']}: left out")
     if len(folds) == 1:
@@ -121,18 +121,6 @@ def folds_text(tables: dict[str, pd.DataFrame], metric: str, reference: str, con
         lines.append("the pooled-episode tests count every fold's episodes as independent; 'better in folds' and "
                      "the t-test over the fold means say whether a difference holds from one class split to another")
     return "\n".join(lines)
-
-
-def _over_folds(over: pd.DataFrame, method: str, reference: str) -> str:
-    """'3/5 folds, p 0.21' for method against reference (`fold_pairs`: 'better' is the method's side), '-' for the
-    reference itself."""
-    row = over[((over.method_a == method) & (over.method_b == reference))
-               | ((over.method_a == reference) & (over.method_b == method))]
-    if row.empty:
-        return "-"
-    r = row.iloc[0]
-    better = r["folds_a_better"] if r["method_a"] == method else r["folds_b_better"]
-    return f"{better}/{r['n_folds']} folds, p {r['p_folds']:.2g}"
 
 
 def fold_run_name() -> str:

@@ -11,7 +11,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import pandas as pd
 
-from components.significance import verdict_p
+from components.significance import replicate_record, verdict_p
 
 # tab10, then Dark2: distinct hues in order, so a study's first ten methods never share a colour
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
@@ -203,7 +203,7 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
         p_text = "-" if np.isnan(p) else f"{p:.2e}{'*' if p < alpha else ' '}"
         name = f"{method}{' ~' if method in short else ''}"
         lines.append(f"{name:<20} {row['mean']:>12.4f} +- {row['ci_half']:<8.4f} {p_text:>22}"
-                     + (f"  {over_seeds(seeds, method, reference)}" if over else ""))
+                     + (f"  {over_replicates(seeds, method, reference)}" if over else ""))
     for row in ([] if diverged is None else diverged.to_dict("records")):
         seed = row.get("seed")
         where = f"{row['stage']}{f' (seed {int(seed)})' if seed is not None and pd.notna(seed) else ''}"
@@ -219,16 +219,11 @@ def results_text(summary: pd.DataFrame, comparisons: pd.DataFrame, metric: str, 
     return "\n".join(lines)
 
 
-def over_seeds(seeds: pd.DataFrame, method: str, reference: str) -> str:
-    """'2/3 seeds, p 0.21' for method against reference (`seed_pairs`), '-' without that pair (the reference
-    itself, two unseeded methods)."""
-    row = seeds[((seeds.method_a == method) & (seeds.method_b == reference))
-                | ((seeds.method_a == reference) & (seeds.method_b == method))]
-    if row.empty:
-        return "-"
-    r = row.iloc[0]
-    better = r["seeds_a_better"] if r["method_a"] == method else r["seeds_b_better"]
-    return f"{better}/{r['n_seeds']} seeds, p {r['p_seeds']:.2g}"
+def over_replicates(pairs: pd.DataFrame, method: str, reference: str, unit: str = "seed") -> str:
+    """'2/3 seeds, p 0.21' for method against reference (`seed_pairs`; unit "fold": `fold_pairs`), '-' without
+    that pair (the reference itself, two unseeded methods)."""
+    r = replicate_record(pairs, method, reference, unit)
+    return "-" if r is None else f"{r['better']}/{r['n']} {unit}s, p {r['p']:.2g}"
 
 
 def cached_results_text(path: Path, metric: str, reference: str, alpha: float, confidence: float,

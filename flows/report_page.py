@@ -26,7 +26,7 @@ from flows.answer import Answer, study_answer
 from flows.cache import DIVERGED, HISTORY, MANIFEST, VALIDATION, StageCache
 from flows.config import StudyConfig
 from flows.report import (SEED_PAIRS, _algorithm, _pair_p, _pyplot, class_split, method_color, method_colors,
-                          over_seeds, unfinished_training)
+                          over_replicates, unfinished_training)
 
 VALIDATION_PAGE = "validation.html"  # beside the report
 PACKAGES = ("torch", "prefect", "mlflow", "great_expectations", "pandas", "scipy")
@@ -326,7 +326,7 @@ def seeds_table(seeds: pd.DataFrame, colors: dict[str, str], pairs: pd.DataFrame
     head = "<tr><th>method</th>" + "".join(f"<th>seed {int(s)}</th>" for s in wide.columns) + \
         (f"<th>vs {_e(reference)}: better in seeds, p over seeds</th>" if over else "") + "</tr>"
     rows = "".join(f"<tr><td>{_swatch(colors, m)}{_e(m)}</td>" + "".join(f"<td>{_num(v)}</td>" for v in r)
-                   + (f"<td>{_e(over_seeds(pairs, m, reference))}</td>" if over else "") + "</tr>"
+                   + (f"<td>{_e(over_replicates(pairs, m, reference))}</td>" if over else "") + "</tr>"
                    for m, r in wide.iterrows())
     note = ("<p class='meta'>A method's score above is its seeds' mean; its interval says how sure the episodes "
             "make us of that mean. Whether another seed would agree is this table's last column.</p>") if over else ""
