@@ -148,20 +148,29 @@ def episode_features(x_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame:
     within = mean distance of an example to its class mean, between = mean distance between class means.
     Returns (T, len(EPISODE_FEATURES)) indexed by episode position.
     """
+    flat, geometry = _class_geometry(x_spt, y_spt)
+    return pd.DataFrame({
+        **geometry, "pixel_mean": flat.mean((1, 2)).numpy(), "pixel_std": flat.std((1, 2)).numpy(),
+        "ink_fraction": (flat > 0.5).double().mean((1, 2)).numpy(),
+    })[list(EPISODE_FEATURES)].rename_axis("episode")
+
+
+def _class_geometry(x_spt: torch.Tensor, y_spt: torch.Tensor) -> tuple[torch.Tensor, dict[str, np.ndarray]]:
+    """(the support examples flattened, (T, N*K, P) float64; per episode n_way, k_shot, within / between / min
+    between class distances): euclidean, within = mean distance of an example to its class mean, between = mean
+    distance between two class means, min between = the closest two."""
     n_tasks, n_examples = y_spt.shape
     n_way = int(y_spt.max()) + 1
     flat = x_spt.reshape(n_tasks, n_examples, -1).double()
     onehot = torch.nn.functional.one_hot(y_spt, n_way).double()  # (T, NK, N)
     counts = onehot.sum(1)  # (T, N)
     means = onehot.transpose(1, 2) @ flat / counts[..., None]  # (T, N, P)
-    within = (flat - onehot @ means).norm(dim=-1).mean(1)
-    between = torch.cdist(means, means).sum((1, 2)) / (n_way * (n_way - 1))
-    return pd.DataFrame({
-        "n_way": n_way, "k_shot": counts.min(1).values.numpy(),
-        "pixel_mean": flat.mean((1, 2)).numpy(), "pixel_std": flat.std((1, 2)).numpy(),
-        "ink_fraction": (flat > 0.5).double().mean((1, 2)).numpy(),
-        "within_class_distance": within.numpy(), "between_class_distance": between.numpy(),
-    }).rename_axis("episode")
+    apart = torch.cdist(means, means)  # (T, N, N), 0 on the diagonal
+    closest = (apart + torch.diag(torch.full((n_way,), torch.inf, dtype=flat.dtype))).flatten(1).min(1).values
+    return flat, {"n_way": np.full(n_tasks, n_way), "k_shot": counts.min(1).values.numpy(),
+                  "within_class_distance": (flat - onehot @ means).norm(dim=-1).mean(1).numpy(),
+                  "between_class_distance": (apart.sum((1, 2)) / (n_way * (n_way - 1))).numpy(),
+                  "min_between_class_distance": closest.numpy()}
 
 
 EMBEDDING_FEATURES = ("n_way", "k_shot", "within_class_distance", "between_class_distance",
@@ -177,20 +186,9 @@ def embedding_features(z_spt: torch.Tensor, y_spt: torch.Tensor) -> pd.DataFrame
     distance of an example to its class mean (0 at 1-shot), between / min between = mean / smallest distance
     between two class means (how far apart the hardest pair is), embedding_norm = mean L2 norm of an example.
     Returns (T, len(EMBEDDING_FEATURES)) indexed by episode position."""
-    n_tasks, n_examples = y_spt.shape
-    n_way = int(y_spt.max()) + 1
-    flat = z_spt.reshape(n_tasks, n_examples, -1).double()
-    onehot = torch.nn.functional.one_hot(y_spt, n_way).double()  # (T, NK, N)
-    counts = onehot.sum(1)  # (T, N)
-    means = onehot.transpose(1, 2) @ flat / counts[..., None]  # (T, N, D)
-    pairs = torch.cdist(means, means) + torch.diag(torch.full((n_way,), torch.inf, dtype=flat.dtype))
-    return pd.DataFrame({
-        "n_way": n_way, "k_shot": counts.min(1).values.numpy(),
-        "within_class_distance": (flat - onehot @ means).norm(dim=-1).mean(1).numpy(),
-        "between_class_distance": (torch.cdist(means, means).sum((1, 2)) / (n_way * (n_way - 1))).numpy(),
-        "min_between_class_distance": pairs.flatten(1).min(1).values.numpy(),
-        "embedding_norm": flat.norm(dim=-1).mean(1).numpy(),
-    }).rename_axis("episode")
+    flat, geometry = _class_geometry(z_spt, y_spt)
+    return pd.DataFrame({**geometry, "embedding_norm": flat.norm(dim=-1).mean(1).numpy()})[
+        list(EMBEDDING_FEATURES)].rename_axis("episode")
 
 
 MODEL_FEATURES = ("start_loss", "start_accuracy", "grad_norm")
