@@ -200,7 +200,7 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         for note in cfg.unused_overrides():  # valid (--set can narrow the algorithms), but maybe misplaced
             click.echo(f"metapeft: note: {note}", err=True)
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
-            return _transfer(config, root, only, dry_run, force, overrides)
+            return _transfer(cfg, config, root, only, dry_run, force, overrides)
         if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
             return _folds(cfg, root, config, only, dry_run, force, overrides)
         if unknown := sorted(set(force) - set(STAGES)):
@@ -477,8 +477,10 @@ def preflight(cfg, root: Path, rebuild: bool = False, plan=None) -> tuple[str, .
         return ("task_sets", "train_sets") if write_train_sets(cache, plan, rebuild) else ("task_sets",)
 
 
-def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tuple[str, ...], overrides: dict) -> int:
-    """The transfer study (a config with a `transfer:` section); --force takes its stage names."""
+def _transfer(cfg, config: str, root: Path, only: set[str], dry_run: bool, force: tuple[str, ...],
+              overrides: dict) -> int:
+    """The transfer study (cfg: the config file `config`, with a `transfer:` section); --force takes its stage
+    names."""
     from flows.config import ConfigError
     from flows.transfer_stages import STAGES
 
@@ -489,15 +491,13 @@ def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tup
         raise ConfigError("--set, --budget-minutes: a transfer study takes its settings from its file")
     if unknown := sorted(set(force) - set(STAGES)):
         raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
-    from flows.config import load_config
     from flows.transfer import check_transfer, transfer_study
 
     try:  # what needs only the config and the data, one line each, before Prefect starts
-        cfg = load_config(config)
         check_transfer(cfg)
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
-    if not force and (cached := _transfer_cached(config, root)):  # like a fully cached run: nothing started
+    if not force and (cached := _transfer_cached(cfg, config, root)):  # like a fully cached run: nothing started
         click.echo(cached)
         return 0
     start = time.perf_counter()
@@ -508,14 +508,12 @@ def _transfer(config: str, root: Path, only: set[str], dry_run: bool, force: tup
     return 0
 
 
-def _transfer_cached(config: str, root: Path) -> str | None:
+def _transfer_cached(cfg, config: str, root: Path) -> str | None:
     """A transfer study whose every entry is cached, none stale or unfinished: what it would print, and the
     MLflow run that computed it (as `_nothing_to_run` for the pipeline); None when something is to compute."""
     from flows.cache import StageCache
-    from flows.config import load_config
     from flows import transfer_stages as ts
 
-    cfg = load_config(config)
     plan, cache = ts.make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
     if not ts.fully_cached(cfg, cache, plan):
         return None
