@@ -56,7 +56,7 @@ from torch.func import functional_call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import git_state, write_json_atomic, write_parquet_atomic  # noqa: E402
+from benchmarks.common import OMNIGLOT_PUBLISHED, git_state, write_json_atomic, write_parquet_atomic  # noqa: E402
 from components.conv4 import Conv4, Conv4Config  # noqa: E402
 from components.metalearners import MetaLearner, MetaLearnerConfig
 from components.omniglot import (EpisodeBatch, build_class_pool, load_omniglot,  # noqa: E402
@@ -81,7 +81,7 @@ RECIPES.update({"maml-5step": dict(algorithm="maml", inner_steps=5, fast_lr=0.1)
                 "maml++/no-bn": {**RECIPES["maml++"], "per_step_bn": False}})
 PAPER = {5: dict(train_steps=1, fast_lr=0.4, meta_batch=32), 20: dict(train_steps=5, fast_lr=0.1, meta_batch=16)}
 TRAIN_STEPS = {"reptile": 5}  # overrides of the paper's inner steps at train time
-PUBLISHED = {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)}  # MAML paper, %
+PUBLISHED = {shape: methods["MAML"] for shape, methods in OMNIGLOT_PUBLISHED.items()}  # the MAML paper, %
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 META_LR = 1e-3
 N_QUERY = 15  # query images per class, at train and at test

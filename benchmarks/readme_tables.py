@@ -20,6 +20,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import OMNIGLOT_PUBLISHED, OMNIGLOT_SOURCES  # noqa: E402
 from components.storage import write_atomic  # noqa: E402
 
 README = ROOT / "README.md"
@@ -213,13 +214,21 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
              (" Differences (second table): accuracy points on the same episodes [95% paired t-interval], p of the "
               "paired t-test / the Wilcoxon signed-rank test." if versus else "")]
     goal = CURVE_GOALS.get((s["ways"], s["shots"]))
-    if goal is not None and not data.get("smoke"):
-        for a, curve in data["curves"].items():
-            first = next((r for r in curve if r["accuracy"] >= goal), None)
-            lines.append(f"{label(names, a)}: " + (
-                f"first at or above {goal:g}% at {first['point_seconds'] / 60:g} min of meta-training "
-                f"({first['iterations']} iterations): {first['accuracy']:.2f} +- {first['ci95']:.2f}." if first else
-                f"below {goal:g}% at every point (best {max(r['accuracy'] for r in curve):.2f})."))
+    if data.get("smoke"):
+        return lines
+    for a, curve in data["curves"].items():
+        first = next((r for r in curve if r["accuracy"] >= goal), None) if goal is not None else None
+        best = max(curve, key=lambda r: r["accuracy"])
+        lines.append(f"{label(names, a)}: " + (
+            f"first at or above {goal:g}% at {first['point_seconds'] / 60:g} min of meta-training "
+            f"({first['iterations']} iterations): {first['accuracy']:.2f} +- {first['ci95']:.2f}." if first else
+            f"below {goal:g}% at every point (best {best['accuracy']:.2f})." if goal is not None else
+            f"best {best['accuracy']:.2f} +- {best['ci95']:.2f} at {best['point_seconds'] / 60:g} min "
+            f"({best['iterations']} iterations)."))
+    if published := OMNIGLOT_PUBLISHED.get((s["ways"], s["shots"])):
+        lines.append(f"Published {s['ways']}-way {s['shots']}-shot, for reference (far longer training): " + "; ".join(
+            f"{method} {acc:g}" + (f" +- {ci:g}" if ci is not None else "") + f" ({OMNIGLOT_SOURCES[method]})"
+            for method, (acc, ci) in published.items()) + ".")
     return lines
 
 
