@@ -226,9 +226,16 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
     from flows.config import ConfigError, check_fold_dirs, fold_overrides, load_config
     from flows.validation import ValidationFailed
 
-    if only or dry_run:
-        raise ConfigError("--stage, --from, --until, --dry-run: a fold study runs every fold whole; run one fold "
+    if only:
+        raise ConfigError("--stage, --from, --until: a fold study runs every fold whole; run one fold's stages "
                           "with --set family.split_dir=<its folder>")
+    if dry_run:
+        try:
+            return _folds_dry_run(cfg, root, config, set(force), overrides)
+        except FileNotFoundError as e:
+            return fail(f"{e} (family.path / family.split_root in {config})", 1)
+        except ValueError as e:
+            return fail(str(e), 1)
     start = time.perf_counter()
     try:  # every fold's task sets: built (again with --force task_sets) and validated, or already cached
         check_fold_dirs(cfg)
@@ -275,21 +282,58 @@ def _unready(cfg, root: Path, only: set[str], rerun: str) -> str | None:
 def _dry_run(cfg, root: Path, only: set[str], force: set[str], chosen: str, rerun: str) -> int:
     """What `run` would do, from the plan and the cache alone: each entry computed (and why), from the cache,
     or not run; a partial run whose inputs are not all cached fails as the run would."""
-    from flows.plan import STAGES, needed_stages, stage_entries, unready_message, unready_upstream
+    from flows.plan import needed_stages, unready_message, unready_upstream
 
     plan, cache = _plan(cfg, root)
-    action = _actions(plan, cache, only, force, set(needed_stages(only, cfg)), chosen)
+    counts = _dry_run_lines(plan, cache, _actions(plan, cache, only, force, set(needed_stages(only, cfg)), chosen))
+    _dry_run_total(counts)
+    if unready := unready_upstream(plan, cache, only, cfg):
+        return fail(unready_message(unready, rerun), 1)
+    return 0
+
+
+def _dry_run_lines(plan, cache, action, prefix: str = "") -> Counter:
+    """Print '<entry> <key>  <what run would do>' for each entry of one pipeline's plan (names prefixed: a fold's);
+    the counts of each kind of action."""
+    from flows.plan import STAGES, stage_entries
+
     counts = Counter()
     for stage in STAGES:
         for name, entry in stage_entries(plan, stage).items():
             what = action(entry)
             counts["unready" if what.endswith("needed from the cache") else what.split()[0].rstrip(",")] += 1
-            click.echo(f"{name:<28} {entry[1]}  {what}")
+            click.echo(f"{prefix + name:<28} {entry[1]}  {what}")
+    return counts
+
+
+def _dry_run_total(counts: Counter) -> None:
     absent = f", {counts['unready']} needed from the cache but not there" if counts["unready"] else ""
     click.echo(f"dry run: {counts['compute']} to compute, {counts['cache']} from the cache, {counts['not']} not run"
                f"{absent}; nothing was started")
-    if unready := unready_upstream(plan, cache, only, cfg):
-        return fail(unready_message(unready, rerun), 1)
+
+
+def _folds_dry_run(cfg, root: Path, config: str, force: set[str], overrides: dict) -> int:
+    """`run --dry-run` of a fold study: each fold's entries as `_dry_run` shows one pipeline's (named
+    '<fold>/<entry>'), then the summary over folds, computed when any fold's results would be or it is not cached."""
+    from flows.cache import StageCache
+    from flows.config import fold_overrides, load_config
+    from flows.folds import fold_plans, summary_key, summary_reads  # imports Prefect, starts nothing
+    from flows.plan import needed_stages
+
+    plans, cache, counts = fold_plans(cfg, config, overrides, root), StageCache(root / cfg.runtime.data_dir), Counter()
+    recomputed = False
+    for fold, changes in fold_overrides(cfg, overrides).items():
+        plan, fold_cfg = plans[fold], load_config(config, changes)
+        action = _actions(plan, cache, set(), force, set(needed_stages(set(), fold_cfg)), "--stage")
+        counts += _dry_run_lines(plan, cache, action, f"{fold}/")
+        recomputed |= any(action(entry) != "cache" for entry in summary_reads({fold: plan}))
+    key = summary_key(cfg, plans)
+    status = cache.status("folds", key, summary_reads(plans))
+    what = "compute (--force)" if "significance" in force else f"compute ({status})" if status != "cached" else \
+        "cache, or compute if an entry it reads changes" if recomputed else "cache"
+    counts[what.split()[0].rstrip(",")] += 1
+    click.echo(f"{'folds':<28} {key}  {what}")
+    _dry_run_total(counts)
     return 0
 
 

@@ -61,8 +61,8 @@ def _text(cfg: StudyConfig) -> TextTasks:
                         domain_col=f.domain_col, max_length=f.max_length)
     if f.split == "files" and f.split_dir is None:
         raise ValueError(f"family.split_dir: the study runs over folds {list(cfg.folds or ())}: `metapeft run` "
-                         "runs them all (each fold's pipeline gets its split_dir); `stages` and `--dry-run` show "
-                         "one fold with --set family.split_dir=<its folder>")
+                         "runs them all (each fold's pipeline gets its split_dir), `stages` and `run --dry-run` list "
+                         "them all; one fold alone: --set family.split_dir=<its folder>")
     data = TextData(source=source, split_by=f.split_by, fractions=tuple(f.fractions), split=f.split,
                     split_dir=f.split_dir, train_pool=f.train_pool, **_episodes(f))
     model = TopModel(top_layers=m.top_layers, adapted=m.adapted, lora_r=m.lora_r, lora_alpha=m.lora_alpha,

@@ -482,6 +482,12 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
            "evaluate": {"steps": 2, "chunk": 3}, "embedding": {"n_similarity_tasks": 4}, "runtime": {"threads": 1}}
     path = project / "folds.yaml"
     path.write_text(yaml.safe_dump(raw))
+    from flows import cli
+
+    assert cli.main(["run", "--config", str(path), "--dry-run"]) == 0  # every fold's entries, nothing started
+    planned = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[:-1])
+    assert planned["01/meta_train[maml]"].endswith("compute (missing)") and "02/evaluate" in planned
+    assert planned["folds"].endswith("compute (missing)")
     first = fold_study(config_path=str(path))
     assert first["folds"]["01"]["keys"]["task_sets"] != first["folds"]["02"]["keys"]["task_sets"]
     lines = first["results"].splitlines()
@@ -501,8 +507,8 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert {m.name for m in client.search_registered_models()} >= {"folds-tiny-fold01-maml", "folds-tiny-fold02-maml"}
     fold_run = client.get_run(first["folds"]["02"]["run_id"])
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
-    from flows import cli
-
+    page = (project / "reports" / first["folds"]["02"]["run_id"] / "report.html").read_text()
+    assert "<h1>folds-tiny fold 02</h1>" in page and "<title>metapeft: folds-tiny fold 02</title>" in page
     assert cli.main(["export", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
     said = capsys.readouterr().err
     assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
@@ -532,6 +538,12 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert "02/meta_train[maml]" in listed and listed["folds"] == f"{first['key']}  cached"
     assert all(state.endswith("  cached") for state in listed.values())
+    assert cli.main(["run", "--config", str(path), "--dry-run", "--force", "evaluate"]) == 0
+    planned = capsys.readouterr().out.splitlines()
+    fates = dict(line.split(None, 1) for line in planned[:-1])
+    assert fates["02/evaluate"].endswith("compute (--force)") and fates["01/meta_train[maml]"].endswith("  cache")
+    assert fates["folds"] == f"{first['key']}  cache, or compute if an entry it reads changes"
+    assert planned[-1].startswith("dry run: 2 to compute, ")
 
     short = fold_study(config_path=str(path), overrides={"meta_train": {"iterations": 10**6, "budget_minutes": 1e-4}})
     for fold in ("01", "02"):  # the means over folds hold training a budget stopped short: the study says where
