@@ -521,6 +521,16 @@ class StudyConfig(Section):
         self._check_split_files()
         return self
 
+    @property
+    def fold(self) -> str | None:
+        """The fold this config runs (its split folder's name) when it is one fold of a fold study, else None."""
+        return Path(self.family.split_dir).name if self.folds and getattr(self.family, "split_dir", None) else None
+
+    @property
+    def label(self) -> str:
+        """The study's name as results show it: '<name> fold <NN>' for one fold of a fold study."""
+        return f"{self.name} fold {self.fold}" if self.fold else self.name
+
     def unused_overrides(self) -> list[str]:
         """`meta_train.overrides.<algorithm>` entries this study does not read: their algorithm is not among
         meta_train.algorithms (a transfer study: not transfer.algorithm). Kept valid, not an error, so that

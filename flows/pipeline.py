@@ -334,8 +334,7 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
 def registered_model(cfg: StudyConfig, algorithm: str) -> str:
     """The registered model of a study's algorithm (its seeds are versions of it); a fold study's fold has its own
     (`<study>-fold<NN>-<algorithm>`, NN its split folder's name): the folds are different class splits."""
-    fold = f"-fold{Path(cfg.family.split_dir).name}" if cfg.folds and getattr(cfg.family, "split_dir", None) else ""
-    return f"{cfg.name}{fold}-{algorithm}"
+    return f"{cfg.name}{f'-fold{cfg.fold}' if cfg.fold else ''}-{algorithm}"
 
 
 def set_threads(cfg: StudyConfig) -> None:

@@ -112,7 +112,7 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
                           sig.alpha, e.seed_pairs)
     reference = family.reference if family.reference in summary.index else summary.index[0] if len(summary) else None
     parts = [
-        f"<h1>{_e(cfg.name)}</h1>",
+        f"<h1>{_e(cfg.label)}</h1>",
         f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; significance entry {_e(keys['significance'])}"
         f", computed {_utc(e.significance / MANIFEST)} &middot; page written {datetime.now(timezone.utc):%Y-%m-%d %H:%M}"
         f" UTC</p>",
@@ -135,13 +135,13 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
         parts += ["<h2>Meta-training seeds</h2>", seeds_table(e.seeds, colors, e.seed_pairs, reference)]
     out.parent.mkdir(parents=True, exist_ok=True)
     if e.validation is not None:
-        (out.parent / VALIDATION_PAGE).write_text(page(f"{cfg.name}: task-set validation", validation_html(
-            e.validation, cfg.name, out.name, f"{VALIDATION} in the task_sets entry {keys['task_sets']}")))
+        (out.parent / VALIDATION_PAGE).write_text(page(f"{cfg.label}: task-set validation", validation_html(
+            e.validation, cfg.label, out.name, f"{VALIDATION} in the task_sets entry {keys['task_sets']}")))
         parts += ["<h2>Task-set validation</h2>", validation_summary(e.validation, VALIDATION_PAGE)]
     if e.heatmaps:
         parts += ["<h2>Task embeddings</h2><div class='row'>", *[_img(p, heatmap_caption(p)) for p in e.heatmaps],
                   "</div>"]
-    out.write_text(page(f"metapeft: {cfg.name}", "\n".join(parts)))
+    out.write_text(page(f"metapeft: {cfg.label}", "\n".join(parts)))
     return out
 
 
