@@ -855,7 +855,8 @@ def export(root: Path, run_id: str, fmt: str, out: Path | None) -> int:
 
 
 RESULT_COLUMNS = ("run_id", "study", "method", "metric", "n", "mean", "ci_low", "ci_high", "confidence", "reference",
-                  "p_holm_vs_reference", "diverged", "unfinished")
+                  "p_holm_vs_reference", "replicates", "n_replicates", "better_in_replicates", "p_over_replicates",
+                  "diverged", "unfinished")
 
 
 def _results(root: Path, run_id: str):
@@ -869,8 +870,10 @@ def _results(root: Path, run_id: str):
     from flows.cache import DIVERGED, StageCache
     from flows.config import ConfigError
     from flows.families import family_for
-    from flows.report import _pair_p
+    from flows.report import SEED_PAIRS, _pair_p
 
+    if _tags(root, run_id).get("metapeft.kind") == "fold_study":
+        return _fold_results(root, run_id)
     try:
         cfg, keys, algorithm_keys, tags = _run_keys(root, run_id, None)
     except ConfigError as e:
@@ -881,7 +884,7 @@ def _results(root: Path, run_id: str):
     keys = {**keys, "meta_train_units": " ".join(sorted(set(algorithm_keys.values())))}
     client = _client(root)
     tables = {name: _logged_table(client, run_id, f"significance/{name}.parquet")
-              for name in ("summary", "comparisons", DIVERGED)}
+              for name in ("summary", "comparisons", DIVERGED, SEED_PAIRS)}
     if tables["summary"] is None or tables["comparisons"] is None:  # never logged, or the artifacts are gone
         _require_significance(client, run_id, tags, cache, key)
         if not cache.is_complete("significance", key):
@@ -891,17 +894,83 @@ def _results(root: Path, run_id: str):
         click.echo(f"MLflow run {run_id}: its significance artifacts are gone; results from cache entry "
                    f"significance/{key}", err=True)
         tables = {name: cache.read_table("significance", key, name) for name in ("summary", "comparisons", DIVERGED)}
-    ref, sig = family.reference, cfg.significance
+        seeds = cache.path("significance", key) / f"{SEED_PAIRS}.parquet"
+        tables[SEED_PAIRS] = pd.read_parquet(seeds) if seeds.exists() else None
+    ref = family.reference
     rows = [{**{k: r[k] for k in ("method", "n", "mean", "ci_low", "ci_high")}, "diverged": "",
-             "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref)}
+             "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref),
+             **_over_replicates(tables[SEED_PAIRS], r["method"], ref, "seed")}
             for r in tables["summary"].to_dict("records")]
     rows += diverged_rows(tables[DIVERGED], {r["method"] for r in rows})
-    unfinished = _unfinished(tags.get("metapeft.unfinished", ""))
-    rows = [{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows]
     study = f"{cfg.name} fold {tags['metapeft.fold']}" if "metapeft.fold" in tags else cfg.name  # names its fold
-    table = pd.DataFrame(rows).assign(run_id=run_id, study=study, metric=family.metric, confidence=sig.confidence,
-                                      reference=ref)
-    return table.astype({"n": "Int64"})[list(RESULT_COLUMNS)], cfg, keys
+    return _result_table(rows, run_id, study, family, cfg, _unfinished(tags.get("metapeft.unfinished", ""))), cfg, keys
+
+
+def _result_table(rows: list[dict], run_id: str, study: str, family, cfg, unfinished: dict[str, str]):
+    """The RESULT_COLUMNS table of a run's rows (one per method)."""
+    import pandas as pd
+
+    table = pd.DataFrame([{**r, "unfinished": unfinished.get(r["method"], "")} for r in rows])
+    table = table.assign(run_id=run_id, study=study, metric=family.metric, confidence=cfg.significance.confidence,
+                         reference=family.reference).reindex(columns=list(RESULT_COLUMNS))
+    table["replicates"] = table["replicates"].fillna("")
+    return table.astype({"n": "Int64", "n_replicates": "Int64", "better_in_replicates": "Int64",
+                         "p_over_replicates": float})
+
+
+def _over_replicates(pairs, method: str, reference: str, unit: str) -> dict:
+    """The replicates columns of method against the reference: over the meta-training seeds (unit "seed",
+    `seed_pairs`) or the folds (unit "fold", `fold_pairs`); empty where the run has no such table or pair."""
+    from components.significance import replicate_record
+
+    found = None if pairs is None or not len(pairs) else replicate_record(pairs, method, reference, unit)
+    return {} if found is None else {"replicates": unit, "n_replicates": found["n"],
+                                     "better_in_replicates": found["better"], "p_over_replicates": found["p"]}
+
+
+def _fold_results(root: Path, run_id: str):
+    """`_results` of a fold study's own run: per method its mean over folds with the interval over the fold means,
+    the pooled-episode p against the reference (Holm, `verdict_p`), and the pair over the folds (replicates
+    "fold": in how many folds it was the better, the t-test p over the fold means); from the `folds/` tables the
+    run logged, or its folds cache entry when those are gone."""
+    import pandas as pd
+
+    from flows.cache import StageCache
+    from flows.config import ConfigError
+    from flows.families import family_for
+    from flows.report import _pair_p
+
+    client, tags = _client(root), _tags(root, run_id)
+    try:
+        cfg = _run_config(client, run_id, tags)
+    except ConfigError as e:
+        raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
+    from flows.config import fold_dirs
+
+    first = next(iter(fold_dirs(cfg).values()))  # the family's metric and reference: those of any fold's pipeline
+    family = family_for(cfg.model_copy(update={"family": cfg.family.model_copy(update={"split_dir": first})}))
+    key = tags.get("metapeft.key.folds")
+    names = ("summary", "comparisons", "fold_pairs", "diverged")
+    tables = {name: _logged_table(client, run_id, f"folds/{name}.parquet") for name in names}
+    if tables["summary"] is None or tables["comparisons"] is None:
+        cache = StageCache(root / cfg.runtime.data_dir)
+        if key is None or _computed_by(cache, key, "folds") != run_id:
+            raise NoResults(f"MLflow run {run_id}: a fold study without its summary tables (it stopped before its "
+                            f"summary, or its artifacts are gone and its folds cache entry is not its own); rerun it: "
+                            f"{_rerun(tags)}")
+        tables = {name: cache.read_table("folds", key, name) for name in names}
+    ref = family.reference
+    rows = [{"method": r["method"], "n": r["n_episodes"], **{k: r[k] for k in ("mean", "ci_low", "ci_high")},
+             "diverged": "", "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref),
+             **_over_replicates(tables["fold_pairs"], r["method"], ref, "fold")}
+            for r in tables["summary"].to_dict("records")]
+    diverged = tables["diverged"]
+    if "fold" in diverged:
+        rows += [{"method": m, "diverged": "in fold " + ", ".join(map(str, where["fold"])) + ": left out"}
+                 for m, where in diverged.groupby("method", sort=False)]
+    study = f"{cfg.name} (mean over folds {', '.join(cfg.folds or ())})"
+    return _result_table(rows, run_id, study, family, cfg, _unfinished(tags.get("metapeft.unfinished", ""))), cfg, \
+        {"folds": key or "", "meta_train_units": ""}
 
 
 def diverged_rows(diverged, scored: set[str]) -> list[dict]:
@@ -927,7 +996,11 @@ def _unfinished(tag: str) -> dict[str, str]:
     notes: dict[str, list[str]] = {}
     for item in filter(None, tag.split("; ")):
         label, note = item.split(": ", 1)
-        notes.setdefault(label.split("/")[0], []).append(note if "/" not in label else f"{label}: {note}")
+        fold = ""
+        if label.startswith("fold "):  # a fold study's: "fold 01 maml" or "fold 01 maml/seed1"
+            _, fold, label = label.split(" ", 2)
+        where = " ".join(filter(None, [f"fold {fold}" if fold else "", label if "/" in label else ""]))
+        notes.setdefault(label.split("/")[0], []).append(f"{where}: {note}" if where else note)
     return {method: "; ".join(n) for method, n in notes.items()}
 
 
@@ -945,9 +1018,19 @@ def _logged_table(client, run_id: str, path: str):
             return pd.DataFrame(columns=["method", "stage", "reason"]) if path.endswith("diverged.parquet") else None
 
 
-def _computed_by(cache, key: str) -> str | None:
-    """The MLflow run that computed the significance entry now cached under key (None: no entry, or an old one)."""
-    return ((cache.manifest("significance", key) or {}).get("meta") or {}).get("mlflow_run_id")
+def _computed_by(cache, key: str, stage: str = "significance") -> str | None:
+    """The MLflow run that computed the entry of stage (significance; folds: a fold study's summary) now cached
+    under key (None: no entry, or an old one)."""
+    return ((cache.manifest(stage, key) or {}).get("meta") or {}).get("mlflow_run_id")
+
+
+def _tags(root: Path, run_id: str) -> dict:
+    """run_id's tags. LookupError: no MLflow store, or no such run."""
+    client = _client(root)
+    try:
+        return client.get_run(run_id).data.tags
+    except Exception as e:  # MlflowException: unknown run id
+        raise LookupError(f"MLflow run {run_id}: {e}") from None
 
 
 def _require_significance(client, run_id: str, tags: dict, cache, key: str) -> None:
@@ -1103,8 +1186,10 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
                           for r in sorted(folds, key=lambda r: r.data.tags.get("metapeft.fold", ""))
                           if "metapeft.key.significance" in r.data.tags)
         kind = {"fold_study": "fold study", "transfer": "transfer study"}[tags["metapeft.kind"]]
-        raise LookupError(f"MLflow run {run_id} is a {kind}: report, export and compare take one pipeline's run"
-                          + (f" ({named})" if named else "") + "; the study's own table is in its run's artifacts")
+        whole = "export and compare take the study's run too" if kind == "fold study" else \
+            "the study's own table is in its run's artifacts"
+        raise LookupError(f"MLflow run {run_id} is a {kind}: report takes one pipeline's run"
+                          + (f" ({named})" if named else "") + f"; {whole}")
     if "metapeft.key.significance" not in tags:
         raise LookupError(f"MLflow run {run_id} is not a metapeft pipeline run (no metapeft.key.* tags)")
     keys = {k.removeprefix("metapeft.key."): v for k, v in tags.items() if k.startswith("metapeft.key.")}

@@ -147,9 +147,11 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
     parent = tracker.start_run(cfg.name, tags={"metapeft.kind": "fold_study", "metapeft.config": str(config_path),
                                                "metapeft.folds": ",".join(cfg.folds),
                                                "metapeft.config_hash": config_hash(cfg),
+                                               "metapeft.key.folds": summary_key(cfg, plans),
                                                **({"metapeft.overrides": json.dumps(overrides)} if overrides else {})})
     status, outs = "FAILED", {}
     try:
+        tracker.log_config(parent, cfg.model_dump(mode="json"))
         for fold, changes in fold_overrides(cfg, overrides).items():
             outs[fold] = meta_pipeline(config_path=config_path, overrides=changes, force=force, prebuilt=prebuilt)
             if outs[fold]["keys"] != plans[fold].keys:

@@ -670,10 +670,7 @@ def meta_pipeline(config_path: str = DEFAULT_CONFIG, stages: list[str] | None = 
     text = ""
     with ending(run):
         tracker.log_params(parent, study_params(cfg))
-        with tempfile.TemporaryDirectory() as tmp:  # the settings it ran with: `report`/`export` read these, not
-            stored = Path(tmp) / "config.json"  # the file, which may change or move
-            stored.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-            tracker.log_artifact(parent, stored)
+        tracker.log_config(parent, cfg.model_dump(mode="json"))
         _require_cached(run, config_path)
         with task_runner(cfg, root) as runner:
             run_stage = {

@@ -208,6 +208,17 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def log_config(self, run_id: str, settings: dict) -> None:
+        """The validated config a run ran with (--set overrides applied), as its artifact config.json: `report`,
+        `export` and `compare` read it, not the config file, which may change or move."""
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            stored = Path(tmp) / "config.json"
+            stored.write_text(json.dumps(settings, indent=2) + "\n")
+            self.log_artifact(run_id, stored)
+
 
 class CurveLog:
     """Points of a run's curves, each stamped when it was measured, sent in batches: at `flush` (call it at

@@ -515,3 +515,17 @@ def test_a_method_diverged_in_every_seed_is_one_row():
         {"method": "metasgd", "diverged": "seed 0 in evaluate: non-finite | seed 1 in evaluate: blew up"},
         {"method": "scratch", "diverged": "in baselines: non-finite"}]
     assert cli.diverged_rows(pd.DataFrame(), {"maml"}) == []  # nothing diverged: an empty table, no columns
+
+
+def test_export_rows_carry_each_pair_over_the_seeds_or_folds_and_fold_notes_join_under_their_method():
+    """The replicates columns of a seeded study (seed_pairs) give the count and p over the seeds against the
+    reference, either way round the pair's row is; a method without a pair (the reference) gets none. A fold
+    study's unfinished notes ('fold 01 maml/seed1: ...') join under their method."""
+    pairs = pd.DataFrame([{"method_a": "scratch", "method_b": "maml", "n_seeds": 3, "seeds_a_better": 1,
+                           "seeds_b_better": 2, "mean_diff": 0.5, "ci_low": -1.0, "ci_high": 2.0, "p_seeds": 0.25}])
+    assert cli._over_replicates(pairs, "maml", "scratch", "seed") == {
+        "replicates": "seed", "n_replicates": 3, "better_in_replicates": 2, "p_over_replicates": 0.25}
+    assert cli._over_replicates(pairs, "scratch", "scratch", "seed") == {}
+    assert cli._over_replicates(None, "maml", "scratch", "seed") == {}
+    assert cli._unfinished("fold 01 maml: stopped at 3; fold 02 maml/seed1: kept; reptile/seed0: stopped") == {
+        "maml": "fold 01: stopped at 3; fold 02 maml/seed1: kept", "reptile": "reptile/seed0: stopped"}

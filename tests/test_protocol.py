@@ -509,9 +509,23 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
     page = (project / "reports" / first["folds"]["02"]["run_id"] / "report.html").read_text()
     assert "<h1>folds-tiny fold 02</h1>" in page and "<title>metapeft: folds-tiny fold 02</title>" in page
-    assert cli.main(["export", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
+    assert cli.main(["report", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
     said = capsys.readouterr().err
     assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
+    assert cli.main(["export", first["run_id"]]) == 0  # the study's table: means over folds, pairs over folds
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out)).set_index("method")
+    summary = pd.read_parquet(study_folder := project / "data" / "folds" / first["key"] / "summary.parquet")
+    assert set(table["study"]) == {"folds-tiny (mean over folds 01, 02)"} and set(table.index) == set(summary["method"])
+    np.testing.assert_array_equal(table.loc[summary["method"], "mean"], summary["mean"])
+    pairs = pd.read_parquet(study_folder.parent / "fold_pairs.parquet")
+    row = pairs[(pairs.method_a == "protonet") & (pairs.method_b == "prototypes")
+                | (pairs.method_a == "prototypes") & (pairs.method_b == "protonet")].iloc[0]
+    side = "a" if row["method_a"] == "protonet" else "b"
+    assert table.loc["protonet", "replicates"] == "fold" and table.loc["protonet", "n_replicates"] == 2
+    assert table.loc["protonet", "better_in_replicates"] == row[f"folds_{side}_better"]
+    assert pd.isna(table.loc["prototypes", "n_replicates"])  # the reference itself
+    assert cli.main(["compare", first["run_id"], first["folds"]["02"]["run_id"]]) == 0  # the mean over folds vs a fold
+    assert "A = " + first["run_id"] + " (folds-tiny (mean over folds 01, 02))" in capsys.readouterr().out
     assert cli.main(["export", first["folds"]["02"]["run_id"]]) == 0  # a fold's run: its rows name the fold
     assert set(pd.read_csv(io.StringIO(capsys.readouterr().out))["study"]) == {"folds-tiny fold 02"}
     assert cli.main(["runs", "-n", "3"]) == 0  # the study and its folds, each marked
