@@ -320,14 +320,21 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
     if "diverged" in meta:
         get_run_logger().warning("%s diverged: %s", label, meta["diverged"])
     else:
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = Path(tmp) / "study.json"
-            spec.write_text(json.dumps(study_spec(run.cfg, algorithm, seed)))
-            version = run.tracker.log_model(child, CODE, {MODEL_STATE: path / STATE, STUDY: spec},
-                                            registered_model(run.cfg, algorithm), signature(run.cfg.evaluate.steps),
-                                            {"metapeft.meta_train_key": key, "seed": seed,
-                                             "metapeft.stop_reason": meta["stop_reason"],
-                                             "metapeft.iterations": meta["iterations_total"]})
+        name, weights = registered_model(run.cfg, algorithm), run.cache.manifest("meta_train", key)["files"][STATE]
+        # the same weights under the same key (--force meta_train, deterministic): the version already registered
+        version = run.tracker.model_version(name, {"metapeft.meta_train_key": key, "metapeft.weights_sha256": weights})
+        if version is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                spec = Path(tmp) / "study.json"
+                spec.write_text(json.dumps(study_spec(run.cfg, algorithm, seed)))
+                version = run.tracker.log_model(child, CODE, {MODEL_STATE: path / STATE, STUDY: spec}, name,
+                                                signature(run.cfg.evaluate.steps),
+                                                {"metapeft.meta_train_key": key, "seed": seed,
+                                                 "metapeft.stop_reason": meta["stop_reason"],
+                                                 "metapeft.iterations": meta["iterations_total"],
+                                                 "metapeft.weights_sha256": weights})
+        else:
+            get_run_logger().info("%s: the same weights as models:/%s/%s, not registered again", label, name, version)
         run.tracker.set_tags(child, {"metapeft.model_version": version})
 
 
@@ -696,16 +703,12 @@ def tag_models(run: Run) -> None:
     """Tag the parent run with the registered model version behind each unit's results (`metapeft.model.<label>`:
     models:/<name>/<version>, the newest version of its meta_train key): `latest` is the newest training of a
     study's algorithm, which a rerun from the cache (another config, then this one again) does not register."""
-    client, tags = run.tracker.client, {}
+    tags = {}
     for label, key in run.plan.algorithm_keys.items():
         name = registered_model(run.cfg, run.plan.units[label][0])
-        try:
-            found = [v for v in client.search_model_versions(f"name = '{name}'")
-                     if v.tags.get("metapeft.meta_train_key") == key]
-        except Exception:  # MlflowException: no such model (diverged, never registered)
-            continue
-        if found:
-            tags[f"metapeft.model.{label}"] = f"models:/{name}/{max(int(v.version) for v in found)}"
+        # none: never registered (diverged)
+        if (version := run.tracker.model_version(name, {"metapeft.meta_train_key": key})) is not None:
+            tags[f"metapeft.model.{label}"] = f"models:/{name}/{version}"
     if tags:
         run.tracker.set_tags(run.parent_id, tags)
 

@@ -163,6 +163,15 @@ class Tracker:
             self.client.set_model_version_tag(registered_name, version, k, str(v))
         return version
 
+    def model_version(self, registered_name: str, tags: Mapping[str, str]) -> str | None:
+        """The newest version of registered_name carrying all of tags; None without one (or without the model)."""
+        try:
+            found = [v for v in self.client.search_model_versions(f"name = '{registered_name}'")
+                     if all(v.tags.get(k) == str(t) for k, t in tags.items())]
+        except Exception:  # MlflowException: no such registered model yet
+            return None
+        return str(max(int(v.version) for v in found)) if found else None
+
     def end_stale_runs(self) -> list[str]:
         """Mark KILLED this host's RUNNING runs whose owning process is gone (SIGKILL, power loss); their ids."""
         host = socket.gethostname().replace("'", "")

@@ -197,3 +197,8 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
         task_runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(
             any_=[state.state_details.flow_run_id])))
     assert task_runs and {t.state.name for t in task_runs} == {"Cached"}
+
+    forced = meta_pipeline(config_path=path, force=["meta_train"])  # retrained: the same weights, not a new version
+    _, _, retrained = runs_of(project, forced["run_id"])
+    assert retrained["maml"].data.tags["metapeft.model_version"] == "1"
+    assert len(client.search_model_versions("name = 'tiny-maml'")) == 1
