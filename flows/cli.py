@@ -740,7 +740,7 @@ def _study_part(tags: dict[str, str]) -> str:
     study ('' otherwise)."""
     if tags.get("metapeft.kind") == "fold_study":
         return (f"fold study over folds {tags.get('metapeft.folds', '?').replace(',', ', ')}: its folds are pipeline "
-                f"runs of their own (report, export and compare take those)")
+                f"runs of their own (report takes those; export and compare take this run too)")
     if fold := tags.get("metapeft.fold"):
         return f"fold {fold} of fold study {tags.get('mlflow.parentRunId', '?')}"
     if tags.get("metapeft.kind") == "transfer":
