@@ -740,7 +740,7 @@ def _study_part(tags: dict[str, str]) -> str:
     study ('' otherwise)."""
     if tags.get("metapeft.kind") == "fold_study":
         return (f"fold study over folds {tags.get('metapeft.folds', '?').replace(',', ', ')}: its folds are pipeline "
-                f"runs of their own (report takes those; export and compare take this run too)")
+                f"runs of their own (report, export and compare take this run or a fold's)")
     if fold := tags.get("metapeft.fold"):
         return f"fold {fold} of fold study {tags.get('mlflow.parentRunId', '?')}"
     if tags.get("metapeft.kind") == "transfer":
@@ -937,7 +937,7 @@ def _fold_results(root: Path, run_id: str):
 
     from flows.cache import StageCache
     from flows.config import ConfigError
-    from flows.families import family_for
+    from flows.families import fold_family
     from flows.report import _pair_p
 
     client, tags = _client(root), _tags(root, run_id)
@@ -945,20 +945,13 @@ def _fold_results(root: Path, run_id: str):
         cfg = _run_config(client, run_id, tags)
     except ConfigError as e:
         raise LookupError(f"MLflow run {run_id}: its config: {e}") from None
-    from flows.config import fold_dirs
-
-    first = next(iter(fold_dirs(cfg).values()))  # the family's metric and reference: those of any fold's pipeline
-    family = family_for(cfg.model_copy(update={"family": cfg.family.model_copy(update={"split_dir": first})}))
-    key = tags.get("metapeft.key.folds")
+    family, key = fold_family(cfg), tags.get("metapeft.key.folds")
     names = ("summary", "comparisons", "fold_pairs", "diverged")
     tables = {name: _logged_table(client, run_id, f"folds/{name}.parquet") for name in names}
     if tables["summary"] is None or tables["comparisons"] is None:
         cache = StageCache(root / cfg.runtime.data_dir)
-        if key is None or _computed_by(cache, key, "folds") != run_id:
-            raise NoResults(f"MLflow run {run_id}: a fold study without its summary tables (it stopped before its "
-                            f"summary, or its artifacts are gone and its folds cache entry is not its own); rerun it: "
-                            f"{_rerun(tags)}")
-        tables = {name: cache.read_table("folds", key, name) for name in names}
+        entry = _fold_entry(run_id, tags, cache)
+        tables = {name: pd.read_parquet(entry / f"{name}.parquet") for name in names}
     ref = family.reference
     rows = [{"method": r["method"], "n": r["n_episodes"], **{k: r[k] for k in ("mean", "ci_low", "ci_high")},
              "diverged": "", "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref),
@@ -1016,6 +1009,42 @@ def _logged_table(client, run_id: str, path: str):
             return pd.read_parquet(client.download_artifacts(run_id, path, tmp))
         except Exception:  # MlflowException, OSError: not logged, or the artifacts are gone
             return pd.DataFrame(columns=["method", "stage", "reason"]) if path.endswith("diverged.parquet") else None
+
+
+def _fold_entry(run_id: str, tags: dict, cache) -> Path:
+    """The folds cache entry of a fold study's run (its summary key, tag metapeft.key.folds: the same key, the
+    same folds' results and code). NoResults when it is not cached."""
+    key = tags.get("metapeft.key.folds")
+    if key is None or not cache.is_complete("folds", key):
+        raise NoResults(f"MLflow run {run_id}: a fold study whose summary is not cached (it stopped before its "
+                        f"summary, or the entry is gone); rerun it: {_rerun(tags)}")
+    return cache.path("folds", key)
+
+
+def _fold_report(root: Path, run_id: str, tags: dict, out: Path | None) -> int:
+    """`report` of a fold study's own run: `report_page.fold_study_report` from its folds cache entry, logged to it."""
+    from flows.cache import StageCache
+    from flows.config import ConfigError
+    from flows.families import fold_family
+    from flows.report_page import fold_study_report
+
+    client = _client(root)
+    try:
+        cfg = _run_config(client, run_id, tags)
+    except ConfigError as e:
+        return fail(f"MLflow run {run_id}: its config: {e}", 2)
+    try:
+        entry = _fold_entry(run_id, tags, StageCache(root / cfg.runtime.data_dir))
+    except LookupError as e:
+        return lookup_failed(e)
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    fold_runs = dict(sorted((r.data.tags["metapeft.fold"], r.info.run_id) for r in runs if "metapeft.fold" in r.data.tags))
+    unfinished = dict(item.split(": ", 1) for item in tags.get("metapeft.unfinished", "").split("; ") if ": " in item)
+    out = out or root / "reports" / run_id / "report.html"
+    fold_study_report(cfg, fold_family(cfg), entry, fold_runs, out, run_id, unfinished)
+    client.log_artifact(run_id, str(out))
+    click.echo(out)
+    return 0
 
 
 def _computed_by(cache, key: str, stage: str = "significance") -> str | None:
@@ -1133,6 +1162,8 @@ def report(root: Path, run_id: str | None, config: str | None, out: Path | None)
     from flows.report_page import study_report
 
     try:
+        if run_id and config is None and (tags := _tags(root, run_id)).get("metapeft.kind") == "fold_study":
+            return _fold_report(root, run_id, tags, out)
         cfg, keys, algorithm_keys, tags = _run_keys(root, run_id, config)
     except ConfigError as e:
         return fail(str(e), 2)
@@ -1169,9 +1200,8 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
         cfg = load_config(config or DEFAULT_CONFIG)
         if cfg.transfer is not None or (cfg.folds is not None and cfg.family.split_dir is None):
             kind = "a transfer study" if cfg.transfer is not None else "a fold study"
-            raise LookupError(f"{config or DEFAULT_CONFIG} is {kind}: report takes one pipeline (a fold study's fold: "
-                              f"its run, from `metapeft runs`); the study's own table is printed by `metapeft run` "
-                              f"and logged to its MLflow run")
+            raise LookupError(f"{config or DEFAULT_CONFIG} is {kind}: report --config takes one pipeline; give the "
+                              f"study's MLflow run instead (`metapeft runs`{': report RUN_ID' if cfg.folds else ''})")
         plan = make_plan(cfg, root / cfg.runtime.data_dir / "inputs.json")
         return cfg, plan.keys, plan.algorithm_keys, {}
     client = _client(root)
@@ -1186,9 +1216,9 @@ def _run_keys(root: Path, run_id: str | None, config: str | None):
                           for r in sorted(folds, key=lambda r: r.data.tags.get("metapeft.fold", ""))
                           if "metapeft.key.significance" in r.data.tags)
         kind = {"fold_study": "fold study", "transfer": "transfer study"}[tags["metapeft.kind"]]
-        whole = "export and compare take the study's run too" if kind == "fold study" else \
+        whole = "report without --config, export and compare take the study's run" if kind == "fold study" else \
             "the study's own table is in its run's artifacts"
-        raise LookupError(f"MLflow run {run_id} is a {kind}: report takes one pipeline's run"
+        raise LookupError(f"MLflow run {run_id} is a {kind}: this takes one pipeline's run"
                           + (f" ({named})" if named else "") + f"; {whole}")
     if "metapeft.key.significance" not in tags:
         raise LookupError(f"MLflow run {run_id} is not a metapeft pipeline run (no metapeft.key.* tags)")

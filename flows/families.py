@@ -78,6 +78,15 @@ def family_for(cfg: StudyConfig) -> TaskFamily:
     return FAMILIES[cfg.family.kind](cfg)
 
 
+def fold_family(cfg: StudyConfig) -> TaskFamily:
+    """The family of a fold study's first fold (its folder as family.split_dir): what every fold shares, its metric
+    and reference method, for the study's own tables; a fold's pipeline plans with its own config."""
+    from flows.config import fold_dirs
+
+    first = next(iter(fold_dirs(cfg).values()))
+    return family_for(cfg.model_copy(update={"family": cfg.family.model_copy(update={"split_dir": first})}))
+
+
 @dataclass(frozen=True)
 class AlgorithmSettings:
     """One (algorithm, seed) unit's meta-training: what its cache key hashes, budget aside."""

@@ -35,6 +35,7 @@ from flows.environment import project_root  # noqa: E402
 from flows.pipeline import config_hash, meta_pipeline  # noqa: E402
 from flows.plan import Plan, make_plan  # noqa: E402
 from flows.report import over_replicates, unfinished_lines, unfinished_tag, unfinished_training  # noqa: E402
+from flows.report_page import fold_study_report  # noqa: E402
 from flows.tracking import PARENT_TAG, Tracker  # noqa: E402
 from flows.versions import code_version  # noqa: E402
 
@@ -165,6 +166,9 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
         if unfinished:  # the means over folds include training a time budget stopped short: say where
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(unfinished)})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
+        page = fold_study_report(cfg, plans[cfg.folds[0]].family, path, {f: o["run_id"] for f, o in outs.items()},
+                                 root / "reports" / parent / "report.html", parent, unfinished)
+        tracker.log_artifact(parent, page)
         summary = pd.read_parquet(path / "summary.parquet").set_index("method")
         answer = study_answer(summary, pd.read_parquet(path / "comparisons.parquet"),
                               plans[cfg.folds[0]].family.metric, set(cfg.meta_train.algorithms),

@@ -145,6 +145,73 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
     return out
 
 
+def fold_study_report(cfg: StudyConfig, family, entry: Path, fold_runs: dict[str, str], out: Path,
+                      run_id: str | None = None, unfinished: dict[str, str] | None = None) -> Path:
+    """Write the report of a fold study's own run to `out`: the answer over folds, each method's mean over folds
+    with its interval over the fold means and its fold means, the pair with the reference over the folds, the
+    pooled-episode tests, and a link to each fold's own report. entry: the study's "folds" cache entry
+    (`flows.folds.summarize`); family: any fold's (its metric and reference); fold_runs: fold -> its pipeline's
+    MLflow run (reports/<run>/report.html beside this one); unfinished: `flows.folds.fold_unfinished`."""
+    tables = {name: pd.read_parquet(entry / f"{name}.parquet")
+              for name in ("summary", "fold_means", "comparisons", "fold_pairs", "diverged")}
+    summary = tables["summary"].set_index("method").rename(columns={"n_episodes": "n"})
+    comparisons, sig, gone = tables["comparisons"], cfg.significance, tables["diverged"]
+    diverged = pd.DataFrame({"method": gone.get("method", pd.Series(dtype=str)),
+                             "stage": [f"fold {f}" for f in gone.get("fold", [])]})
+    colors = method_colors(summary.index, diverged["method"])
+    answer = study_answer(summary, comparisons, family.metric, set(cfg.meta_train.algorithms), sig.confidence,
+                          sig.alpha, tables["fold_pairs"], unit="fold")
+    reference = family.reference if family.reference in summary.index else summary.index[0] if len(summary) else None
+    links = ", ".join(f"<a href='../{_e(r)}/report.html'>fold {_e(f)}</a>" for f, r in fold_runs.items())
+    parts = [
+        f"<h1>{_e(cfg.name)}: {len(cfg.folds or ())} folds</h1>",
+        f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; folds entry {_e(entry.name)}, computed "
+        f"{_utc(entry / MANIFEST)} &middot; page written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
+        verdict_html(answer, family.lower_is_better, diverged, int(summary["n"].max()) if len(summary) else 0,
+                     f"over the means of {len(cfg.folds or ())} folds "
+                     f"({int(summary['n'].max()) if len(summary) else 0} meta-test episodes pooled)"),
+        study_facts(cfg, family, summary, unfinished),
+        f"<p>Each fold is a class split of its own (folder under {_e(cfg.family.split_root or '-')}), run as its own "
+        f"pipeline: {links or 'no fold runs recorded'}.</p>",
+        f"<h2>Results: meta-test {_e(family.metric)}, mean over folds</h2>",
+        folds_table(summary, tables, reference, sig.alpha, sig.confidence, colors),
+        diverged_html(diverged.assign(reason="left out of the study")),
+    ]
+    if reference is not None and len(summary) > 1:
+        parts += forest_section(comparisons, list(summary.index), reference, family, sig, colors)
+    parts += ["<h2>Pairwise significance (pooled episodes)</h2>", significance_table(comparisons, colors, sig.alpha)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page(f"metapeft: {cfg.name} ({len(cfg.folds or ())} folds)", "\n".join(parts)))
+    return out
+
+
+def folds_table(summary: pd.DataFrame, tables: dict[str, pd.DataFrame], reference: str | None, alpha: float,
+                confidence: float, colors: dict[str, str]) -> str:
+    """One row per method (best first): the mean over folds with its t-interval over the fold means, each fold's
+    mean, the pooled-episode p against the reference (both Holm-adjusted tests: `verdict_p`) and the same pair
+    over the folds (in how many folds it was the better, the t-test p over the fold means)."""
+    means = tables["fold_means"].pivot(index="method", columns="fold", values="mean")
+    folds = list(dict.fromkeys(tables["fold_means"]["fold"]))
+    head = (f"<tr><th>method</th><th>mean over folds</th><th>{confidence:.0%} CI over folds</th>"
+            + "".join(f"<th>fold {_e(f)}</th>" for f in folds)
+            + f"<th>p (Holm, pooled) vs {_e(reference or '-')}</th><th>better in folds, p over folds</th></tr>")
+    rows = []
+    for i, (method, r) in enumerate(summary.iterrows()):
+        p = _pair_p(tables["comparisons"], method, reference) if reference else float("nan")
+        interval = f"[{_num(r['ci_low'])}, {_num(r['ci_high'])}]" if len(folds) > 1 else "n/a (one fold)"
+        rows.append(f"<tr{' class=best' if i == 0 else ''}><td>{_swatch(colors, method)}{_e(method)}</td>"
+                    f"<td>{_num(r['mean'])}</td><td>{interval}</td>"
+                    + "".join(f"<td>{_num(means.loc[method, f])}</td>" for f in folds)
+                    + f"<td>{'-' if pd.isna(p) else _p(p) + (' *' if p < alpha else '')}</td>"
+                    f"<td>{_e(over_replicates(tables['fold_pairs'], method, reference, 'fold')) if reference else '-'}"
+                    f"</td></tr>")
+    note = (f"<p class='meta'>The interval is over the {len(folds)} fold means (episodes are nested in folds). "
+            f"* significant at &alpha; = {alpha:g} on the pooled episodes: both Holm-adjusted paired tests agree; "
+            f"they count every fold's episodes as independent, so the last column says whether the difference holds "
+            f"from one class split to another.</p>")
+    return f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>{note}"
+
+
 def forest_section(comparisons: pd.DataFrame, methods: list[str], reference: str, family, sig,
                    colors: dict[str, str]) -> list[str]:
     """The forest plot of (method - reference) with its heading and a note on the test."""
@@ -164,9 +231,11 @@ def page(title: str, body: str) -> str:
 
 # ---------------------------------------------------------------- the answer and the study
 
-def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.DataFrame, n_episodes: int) -> str:
+def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.DataFrame, n_episodes: int,
+                 over: str | None = None) -> str:
     """The first paragraph: the best method and its score, each gap the answer states (runner-up, best
-    baseline or best meta-learner) with its CI and Holm-adjusted p at the answer's alpha, the diverged methods."""
+    baseline or best meta-learner) with its CI and Holm-adjusted p at the answer's alpha, the diverged methods.
+    over: what the score's interval is over [default: 'over <n_episodes> meta-test episodes']."""
     gone = diverged_names(diverged)
     if answer is None:
         return f"<p class='verdict'>No method finished: every method diverged ({_e(gone)}).</p>"
@@ -174,7 +243,8 @@ def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.Data
     lead = f"<b>{_e(answer.best)}</b> scores best" if not answer.tied(answer.runner_up) else \
         f"<b>{_e(answer.best)}</b> and <b>{_e(answer.runner_up.other)}</b> tie (their means differ by rounding only)"
     text = (f"{lead}: meta-test {_e(answer.metric)} {_num(answer.mean)} "
-            f"({level} CI {_num(answer.ci_low)} to {_num(answer.ci_high)}) over {n_episodes} meta-test episodes"
+            f"({level} CI {_num(answer.ci_low)} to {_num(answer.ci_high)}) "
+            f"{over or f'over {n_episodes} meta-test episodes'}"
             f" ({'lower' if lower_is_better else 'higher'} is better).")
     for what, gap in answer.gaps():
         sure = "significant" if gap.p_holm < answer.alpha else "not significant"

@@ -2,6 +2,7 @@
 over folds (mean over folds, pooled paired tests), and the prefix padded per episode and encoded in chunks."""
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -509,7 +510,17 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert fold_run.data.tags["mlflow.parentRunId"] == first["run_id"] and fold_run.data.tags["metapeft.fold"] == "02"
     page = (project / "reports" / first["folds"]["02"]["run_id"] / "report.html").read_text()
     assert "<h1>folds-tiny fold 02</h1>" in page and "<title>metapeft: folds-tiny fold 02</title>" in page
-    assert cli.main(["report", first["run_id"]]) == 2  # the study's own run: said so, with the fold runs to use
+    page = (project / "reports" / first["run_id"] / "report.html").read_text()  # the study's own report
+    assert "<h1>folds-tiny: 2 folds</h1>" in page and "mean over folds" in page
+    assert f"href='../{first['folds']['02']['run_id']}/report.html'>fold 02</a>" in page
+    best = lines[1].split()[0]
+    assert f"<b>{best}</b>" in page.split("class='verdict'>")[1][:50] and "over the means of 2 folds (12 meta-test" in page
+    assert re.search(r"Better in [0-2] of 2 folds", page)
+    (project / "reports" / first["run_id"] / "report.html").unlink()
+    assert cli.main(["report", first["run_id"]]) == 0  # rewritten from the folds entry
+    assert (project / "reports" / first["run_id"] / "report.html").read_text().split("page written")[0] == \
+        page.split("page written")[0]
+    assert cli.main(["report", first["run_id"], "--config", str(path)]) == 2  # --config: one pipeline's
     said = capsys.readouterr().err
     assert f"{first['run_id']} is a fold study" in said and f"fold 02: {first['folds']['02']['run_id']}" in said
     assert cli.main(["export", first["run_id"]]) == 0  # the study's table: means over folds, pairs over folds
