@@ -3,6 +3,12 @@ state a result records."""
 from __future__ import annotations
 
 import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -36,3 +42,33 @@ def git_state() -> dict | None:
 
     found = code_commit()
     return {"commit": found[0], "dirty": found[1]} if found else None
+
+
+FOREIGN = ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "METAPEFT_HOME")  # never inherited
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def metapeft(args: list[str], project: Path, log: Path) -> tuple[float, str]:
+    """`metapeft run ...` in the project; (wall seconds, its MLflow run id or ""). A failure raises with its log."""
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {"METAPEFT_HOME": str(project)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [str(ROOT / ".venv" / "bin" / "metapeft"), "run", *args]
+    print(f"  $ {shlex.join(['metapeft', 'run', *args])}  (log {log})", flush=True)
+    start = time.perf_counter()
+    with log.open("w") as out:
+        rc = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    seconds, text = time.perf_counter() - start, log.read_text()
+    if rc != 0:
+        raise RuntimeError(f"metapeft run failed (exit {rc}) after {seconds:.0f} s; log {log}:\n{text[-3000:]}")
+    found = re.findall(r"MLflow run ([0-9a-f]{32})", text)
+    return seconds, found[-1] if found else ""
+
+
+def machine_info(threads: int | None) -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "threads": threads, "loadavg_start": os.getloadavg()}

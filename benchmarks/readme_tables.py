@@ -232,6 +232,41 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
     return lines
 
 
+TRANSFER = {"task2vec": "Task2Vec", "encoder": "encoder", "features": "features"}
+TRANSFER_STAGES = {"prefix": "MiniLM prefix", "transfer_sets": "task sets", "transfer_train": "meta-training",
+                   "transfer_matrix": "transfer matrix", "transfer_embeddings": "Task2Vec + features",
+                   "transfer_encoder": "encoder", "transfer_correlation": "correlation", "nearest_task": "nearest task"}
+
+
+def transfer(jsons: list[dict]) -> list[str]:
+    """Spearman's rho between task distance and transfer gain per embedding x metric (bold: the CI excludes 0),
+    then the nearest-task comparison, the mean gains and the run's times (`benchmarks/transfer.py`)."""
+    (data,) = jsons
+    level, t = f"{data['confidence']:.0%}", data["transfer"]
+    rows = [[label(TRANSFER, r["embedding"]), r["metric"].replace("_", " "),
+             bold_if(f"{r['rho']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["ci_high"] < 0 or r["ci_low"] > 0),
+             f"{r['rho_within_target']:.3f}"] for r in data["rho"]]
+    smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
+    starts = "; ".join(f"{r['method']} {r['mean']:.3f} +- {r['ci_half']:.3f}" for r in data["nearest"]["summary"])
+    pairs = "; ".join(f"{c['method_a']} - {c['method_b']} {c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, "
+                      f"{c['ci_high']:+.3f}], Holm p {c['p_ttest_holm']:.1g} (t) / {c['p_wilcoxon_holm']:.1g} "
+                      f"(Wilcoxon)" for c in data["nearest"]["comparisons"])
+    seconds = ", ".join(f"{label(TRANSFER_STAGES, stage)} {s:.0f} s" for stage, s in data["stage_seconds"].items()
+                        if s >= 0.5)
+    entries, m = data["entries"], data["machine"]
+    first = "cold" if entries["computed"] == entries["total"] else \
+        f"{entries['computed']} of {entries['total']} entries computed, the others from the cache"
+    return [*markdown(["embedding", "metric", f"rho ({level} CI)", "within-target rho"], rows), "",
+            f"{smoke}{len(data['groups'])} groups, rho over the {rows and data['rho'][0]['n_pairs']} off-diagonal "
+            f"(source, target) pairs, {level} percentile bootstrap CI resampling {t['resample']} ({t['n_boot']} "
+            f"replicates); within-target: the mean over targets of rho among one target's sources; bold: the CI "
+            f"excludes 0. Accuracy of each start on the targets' test episodes ({level} CI): {starts}; {pairs}. "
+            f"Mean gain over scratch: {data['gain_mean_off_diagonal']:.3f} off the diagonal, "
+            f"{data['gain_mean_diagonal']:.3f} on it. First run ({first}): {data['first_run_seconds']:.0f} s "
+            f"({seconds}); the cached rerun {data['cached_rerun_seconds']:.1f} s; load average (1 min) "
+            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end."]
+
+
 def omniglot_throughput(jsons: list[dict]) -> list[str]:
     (data,) = jsons
     names = {"default": "default", "tcmalloc": "tcmalloc (`LD_PRELOAD`)"}
@@ -491,6 +526,8 @@ TABLES = {
                              text_speed),
     "text_protocol": Table(text_protocol_sources(), "benchmarks/text_protocol.py", text_protocol),
     "task2vec": Table(("task2vec.json",), "benchmarks/task2vec.py", task2vec),
+    "transfer-omniglot": Table(("transfer-omniglot.json",), "benchmarks/transfer.py", transfer),
+    "transfer-clinc150": Table(("transfer-clinc150.json",), "benchmarks/transfer.py", transfer),
     "throughput": Table(("throughput.json",), "benchmarks/throughput.py", throughput),
 }
 
@@ -500,6 +537,9 @@ TABLES = {
 def generate(name: str, results: Path = RESULTS) -> str:
     """The body of block `name`, from its JSON under results."""
     table = TABLES[name]
+    if missing := [source for source in table.sources if not (results / source).exists()]:  # not run on this code
+        return (f"Not measured yet: `{table.script}` writes "
+                + ", ".join(f"`benchmarks/results/{source}`" for source in missing) + ".\n")
     jsons = [json.loads((results / source).read_text()) for source in table.sources]
     return "\n".join([*table.render(jsons), "", provenance(table.sources, jsons, table.script)]) + "\n"
 

@@ -26,8 +26,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import re
 import shlex
 import statistics
 import subprocess
@@ -39,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import write_json_atomic  # noqa: E402
+from benchmarks.common import FOREIGN, machine_info, metapeft, write_json_atomic  # noqa: E402
 
 DATASETS = {"banking77": "BANKING77", "oos": "OOS (CLINC150)"}  # config prefix -> name in the tables
 SHOTS = (1, 5)
@@ -49,7 +47,6 @@ META_LEARNERS = ("maml", "fomaml", "protomaml", "anil_maml", "protonet", "metasg
 BASELINES = ("prototypes", "linear_head", "lora_finetune")  # every study runs all three (one stage)
 REFERENCE = "prototypes"  # the frozen prototype baseline of the 1-shot goal
 MARGIN, ALPHA = 0.02, 0.01  # the goal: 2 accuracy points; both tests below 0.01
-FOREIGN = ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI", "METAPEFT_HOME")  # never inherited
 
 # Each algorithm's grid, chosen on fold 01's meta-val loss (the same iterations for every candidate). Four
 # candidates for every algorithm with an inner loop; ProtoNet has none, so nothing to choose (its config values).
@@ -191,22 +188,6 @@ class Setting:
     @property
     def config(self) -> str:
         return f"configs/{self.dataset}-protaugment-{self.shot}shot.yaml"
-
-
-def metapeft(args: list[str], project: Path, log: Path) -> tuple[float, str]:
-    """`metapeft run ...` in the project; (wall seconds, its MLflow run id or ""). A failure raises with its log."""
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {"METAPEFT_HOME": str(project)}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv" / "bin" / "metapeft"), "run", *args]
-    print(f"  $ {shlex.join(['metapeft', 'run', *args])}  (log {log})", flush=True)
-    start = time.perf_counter()
-    with log.open("w") as out:
-        rc = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
-    seconds, text = time.perf_counter() - start, log.read_text()
-    if rc != 0:
-        raise RuntimeError(f"metapeft run failed (exit {rc}) after {seconds:.0f} s; log {log}:\n{text[-3000:]}")
-    found = re.findall(r"MLflow run ([0-9a-f]{32})", text)
-    return seconds, found[-1] if found else ""
 
 
 def set_args(sets: dict[str, object]) -> list[str]:
@@ -439,16 +420,6 @@ def git_state() -> dict:
 
     changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
     return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed)}
-
-
-def machine_info(threads: int | None) -> dict:
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "threads": threads, "loadavg_start": os.getloadavg()}
 
 
 def parse_args(argv: list[str] | None = None):

@@ -528,9 +528,8 @@ def _transfer(cfg, config: str, root: Path, only: set[str], dry_run: bool, force
     from flows.config import ConfigError
     from flows.transfer_stages import STAGES
 
-    if only or dry_run:
-        raise ConfigError("--stage, --from, --until, --dry-run: a transfer study runs whole; use --force to "
-                          "recompute a stage")
+    if only:
+        raise ConfigError("--stage, --from, --until: a transfer study runs whole; use --force to recompute a stage")
     if overrides:
         raise ConfigError("--set, --budget-minutes: a transfer study takes its settings from its file")
     if unknown := sorted(set(force) - set(STAGES)):
@@ -539,6 +538,8 @@ def _transfer(cfg, config: str, root: Path, only: set[str], dry_run: bool, force
 
     try:  # what needs only the config and the data, one line each, before Prefect starts
         check_transfer(cfg)
+        if dry_run:
+            return _transfer_dry_run(cfg, root, set(force))
     except (FileNotFoundError, ValueError) as e:
         return fail(_input_error(e, config), 1)
     if not force and (cached := _transfer_cached(cfg, config, root)):  # like a fully cached run: nothing started
@@ -549,6 +550,30 @@ def _transfer(cfg, config: str, root: Path, only: set[str], dry_run: bool, force
     click.echo(f"\ntransfer study {cfg.name} ({config}): {len(out['hits'])} stage entries, "
                f"{sum(out['hits'].values())} from cache, {time.perf_counter() - start:.1f} s; MLflow run "
                f"{out['run_id']}\n{out['results']}")
+    return 0
+
+
+def _transfer_dry_run(cfg, root: Path, force: set[str]) -> int:
+    """`run --dry-run` of a transfer study: each entry (`transfer_stages.entries`, named as `stages` names them)
+    computed (and why: missing, stale, --force, a source training to go on from its checkpoint) or from the cache;
+    an entry whose inputs would be recomputed is from the cache only if they come out the same."""
+    from flows.cache import StageCache
+    from flows.transfer_stages import entries, make_transfer_plan, unfinished_sources
+
+    plan, cache = make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
+    unfinished, source = unfinished_sources(cfg, cache, plan.source_keys), {k: s for s, k in plan.source_keys.items()}
+    fate, counts = {}, Counter()
+    for stage, key, read in entries(plan):
+        status = cache.status(stage, key, read)
+        name = f"{stage}[{source[key]}]" if stage == "transfer_train" else stage
+        what = "compute (--force)" if stage in force else f"compute ({status})" if status != "cached" else \
+            "compute (unfinished: goes on from its checkpoint)" if stage == "transfer_train" and \
+            unfinished.get(f"source {source[key]}") else \
+            "cache, or compute if an entry it reads changes" if any(fate[r] != "cache" for r in read) else "cache"
+        fate[(stage, key)] = what
+        counts[what.split()[0].rstrip(",")] += 1
+        click.echo(f"{name:<28} {key}  {what}")
+    _dry_run_total(counts)
     return 0
 
 

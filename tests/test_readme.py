@@ -58,3 +58,14 @@ def test_a_json_without_commit_or_machine_says_so():
     assert readme_tables.machine({}) == "machine not recorded"
     assert readme_tables.commit({"git": {"commit": "0123456789abcdef", "dirty": True}}) == \
         "commit 0123456789 with uncommitted changes"
+
+
+def test_a_block_whose_json_is_not_written_yet_says_so_and_names_its_script(tmp_path):
+    """A benchmark not yet run on this code: its block says which script writes which JSON, no numbers; once the
+    JSON is there the block is its table."""
+    results = tmp_path / "results"
+    shutil.copytree(readme_tables.RESULTS, results, ignore=shutil.ignore_patterns("*.parquet", "ui"))
+    (results / "quick.json").unlink()
+    assert readme_tables.generate("quick", results) == \
+        "Not measured yet: `benchmarks/quick.py` writes `benchmarks/results/quick.json`.\n"
+    assert readme_tables.differing((ROOT / "README.md").read_text(), results) == ["quick"]

@@ -24,6 +24,9 @@ TINY = {
 }
 
 
+TRANSFER_NAMES = {"task2vec": "Task2Vec", "encoder": "encoder", "features": "features"}
+
+
 def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
     from mlflow.tracking import MlflowClient
 
@@ -60,6 +63,21 @@ def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
     artifacts = {a.path for a in client.list_artifacts(first["run_id"], "transfer")}
     assert {"transfer/rho.png", "transfer/transfer_matrix.png", "transfer/encoder.pt",
             "transfer/distance_task2vec_normalized_cosine.png"} <= artifacts
+
+    from benchmarks.readme_tables import transfer as transfer_table
+    from benchmarks.transfer import study_record
+
+    record = study_record(path, project, set())  # what benchmarks/transfer.py writes, and the README's table of it
+    assert record["entries"] == {"total": len(first["hits"]), "computed": len(first["hits"])}
+    assert set(record["stage_seconds"]) >= {"transfer_train", "transfer_matrix"} and set(record["groups"]) == set(GROUPS)
+    table = transfer_table([{**record, "smoke": False, "first_run_seconds": 12.0, "cached_rerun_seconds": 1.5,
+                             "machine": {"loadavg_start": [1.0], "loadavg_end": [1.0]}}])
+    shown = {tuple(cells[:2]): cells[2] for line in table[2:] if line.startswith("| ")
+             for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+    for r in rho.itertuples():  # every rho of the study, with its interval, bold when it excludes 0
+        text = f"{r.rho:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]"
+        assert shown[(TRANSFER_NAMES[r.embedding], r.metric.replace("_", " "))] in (text, f"**{text}**")
+    assert "cold): 12 s" in table[-1] and f"{len(GROUPS)} groups" in table[-1]
 
     second = transfer_study(config_path=str(path))
     assert second["hits"] and all(second["hits"].values())
@@ -98,6 +116,13 @@ def test_transfer_study_runs_then_hits_the_cache(prefect_harness, project):
         state = torch.load(out / "state.pt")
         state["params"] = {name: value + 0.01 for name, value in state["params"].items()}
         torch.save(state, out / "state.pt")
+    with contextlib.redirect_stdout(io.StringIO()) as shown:  # what a run would do now, nothing started
+        assert cli.main(["run", "--config", str(path), "--dry-run"]) == 0
+    *planned, total = shown.getvalue().splitlines()
+    fates = dict(line.split(None, 1) for line in planned)
+    assert fates["transfer_matrix"].endswith("compute (stale)") and fates[f"transfer_train[{group}]"].endswith(
+        "  cache") and fates["nearest_task"].endswith("  cache, or compute if an entry it reads changes")
+    assert total.startswith("dry run: 1 to compute, ") and len(client.search_runs([experiment])) == runs
     third = transfer_study(config_path=str(path))
     recomputed = {entry.split("/")[0] for entry, hit in third["hits"].items() if not hit}
     assert recomputed == {"transfer_matrix", "transfer_correlation", "nearest_task"}  # not the pooled start's
