@@ -86,6 +86,7 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 META_LR = 1e-3
 N_QUERY = 15  # query images per class, at train and at test
 EVAL_CHUNK = 4  # test episodes adapted and scored at once (bounds the evaluation's memory)
+LOAD_EVERY = 10.0  # seconds between samples of the 1-minute load average during a curve's training
 # metapeft's default tasks per adaptation graph / per query graph (speed vs memory): a 20-way task has 4x the
 # queries and 5 inner steps, so fewer of its graphs fit beside each other
 CHUNKS = {5: (16, 2), 20: (4, 1)}
@@ -294,7 +295,10 @@ def train(args, step, snapshot=None, points: list[float] = ()) -> dict:
     paper, budget = PAPER[args.ways], 60 * args.budget_minutes
     iterations, update_seconds, paused, losses, snapshots = 0, 0.0, 0.0, [], []
     start, load_start = time.perf_counter(), os.getloadavg()
+    loads, sampled = [], start  # the 1-minute load, sampled every LOAD_EVERY s: each point records its stretch's
     while time.perf_counter() - start - paused < budget and iterations < args.max_iterations:
+        if time.perf_counter() - sampled >= LOAD_EVERY:
+            loads, sampled = [*loads, os.getloadavg()[0]], time.perf_counter()
         iterations += 1
         batch, _ = sample_episodes(train_pool, args.ways, args.shots, N_QUERY, paper["meta_batch"],
                                    seed=episode_seed(args.seed, iterations))
@@ -302,7 +306,9 @@ def train(args, step, snapshot=None, points: list[float] = ()) -> dict:
         losses.append(step(batch, iterations))
         update_seconds += time.perf_counter() - t
         if due := points_due(points, len(snapshots), clock := time.perf_counter() - start - paused):
-            taken = {"seconds": clock, "iterations": iterations, "state": snapshot()}
+            stretch, loads = loads or [os.getloadavg()[0]], []  # a stretch too short to sample: the load now
+            taken = {"seconds": clock, "iterations": iterations, "state": snapshot(),
+                     "load_mean": statistics.fmean(stretch), "load_max": max(stretch)}
             snapshots += [{"point_seconds": points[i], **taken} for i in due]
             paused = time.perf_counter() - start - clock  # the clock stood still while the copy was taken
     return {"iterations": iterations, "tasks": iterations * paper["meta_batch"],
@@ -503,7 +509,8 @@ def curve_rows(snapshots: list[dict]) -> list[dict]:
     for s in snapshots:
         mean, half = mean_ci(100 * np.asarray(s["accuracy"]))
         rows.append({"point_seconds": s["point_seconds"], "seconds": s["seconds"], "iterations": s["iterations"],
-                     "accuracy": mean, "ci95": half})
+                     "accuracy": mean, "ci95": half,
+                     **{k: s[k] for k in ("load_mean", "load_max") if k in s}})  # runs before these: not recorded
     return rows
 
 

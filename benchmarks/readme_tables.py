@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,8 +198,14 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
                                 f"{c['p_ttest']:.2g} / {c['p_wilcoxon']:.2g}" if (c := versus.get((a, ref, t))) else "-"
                                 for a, ref in pairs)] for t in points]
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
-    loads = "; ".join(f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
-                      for a, r in data["runs"].items())
+    def load(a: str, r: dict) -> str:  # sampled through the run (newer runs), else only its start / end
+        points = [p for p in data["curves"][a] if "load_mean" in p]
+        if len(points) == len(data["curves"][a]):
+            return (f"{label(names, a)} mean {statistics.fmean(p['load_mean'] for p in points):.1f}, max "
+                    f"{max(p['load_max'] for p in points):.1f} (sampled through the run)")
+        return f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
+
+    loads = "; ".join(load(a, r) for a, r in data["runs"].items())
     commits = "; ".join(f"{label(names, a)} {r['git']['commit'][:7]}{' (uncommitted changes)' if r['git']['dirty'] else ''}"
                         if r.get("git") else f"{label(names, a)} not recorded" for a, r in data["runs"].items())
     lines = [*markdown(["training time", *(label(names, a) for a in at)], rows), ""]
@@ -210,7 +217,7 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
              f"parameters kept at each point of a {s['budget_minutes']:g}-minute budget (the first iteration "
              f"boundary at or after it; the training clock stops while a copy is taken); figure "
              f"`benchmarks/results/omniglot-curves-{s['ways']}w{s['shots']}s{'-smoke' if data.get('smoke') else ''}"
-             f".png`. Load average (1 min) at the start / end of each run: {loads}. Code of each run: {commits}." +
+             f".png`. Load average (1 min) of each run, at its start / end or sampled through it: {loads}. Code of each run: {commits}." +
              (" Differences (second table): accuracy points on the same episodes [95% paired t-interval], p of the "
               "paired t-test / the Wilcoxon signed-rank test." if versus else "")]
     goal = CURVE_GOALS.get((s["ways"], s["shots"]))
@@ -265,6 +272,50 @@ def transfer(jsons: list[dict]) -> list[str]:
             f"{data['gain_mean_diagonal']:.3f} on it. First run ({first}): {data['first_run_seconds']:.0f} s "
             f"({seconds}); the cached rerun {data['cached_rerun_seconds']:.1f} s; load average (1 min) "
             f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end."]
+
+
+def conv_profile(jsons: list[dict]) -> list[str]:
+    """Per thread count, each variant's step time, and the convolutions' share of the profiled step: the bound on
+    any speed-up that leaves the convolution kernels as they are (`benchmarks/conv_profile.py`)."""
+    (data,) = jsons
+    rows = [[str(r["threads"]), f"{v['conv']} {v['task_chunk']}x{v['query_chunk']}", f"{v['ms_per_step']:.0f}",
+             f"{v['tasks_per_s']:.1f}", f"{v['speed_vs_first']:.2f}x"] for r in data["results"] for v in r["variants"]]
+    notes = []
+    for r in data["results"]:
+        share = sum(row["share"] for row in r["profile"]["rows"] if row["kind"].startswith("conv"))
+        notes.append(f"at {r['threads']} thread{'s' * (r['threads'] != 1)} the convolutions are {share:.0%} of the "
+                     f"profiled step ({r['profile']['clock']}): with everything else free it would be at most "
+                     f"{1 / share:.2f}x faster")
+    s = data["settings"]
+    return [*markdown(["threads", "variant (tasks per adaptation x query graph)", "ms per meta-step", "tasks/s",
+                       "vs the first"], rows), "",
+            f"{s['n_way']}-way {s['k_shot']}-shot MAML, meta-batch {s['meta_batch']}, {s['steps']} inner steps; median "
+            f"of {s['rounds']} interleaved rounds; " + "; ".join(notes) + ". gemm: convolutions as unfold + one "
+            f"batched matmul. Worst float64 meta-gradient difference between the variants: "
+            f"{data['float64_worst_relative_difference']:.0e}."]
+
+
+def text_prefix(jsons: list[dict]) -> list[str]:
+    """Episodes padded to their own longest utterance (trim) against the dataset's max_length (full), and the
+    prefix encoding streamed in chunks against all at once (`benchmarks/text_prefix.py`)."""
+    (data,) = jsons
+    pad, mem = data["padding"], data["memory"]
+    runs = {mode: pad["results"][mode] for mode in ("trim", "full")}
+    rows = [[{"trim": "each episode's longest utterance", "full": f"max_length {pad['settings']['max_length']}"}[m],
+             f"{r['train_episodes_per_s']:.2f}", f"{r['test_episodes_per_s']:.2f}", f"{100 * r['accuracy_10_steps']:.2f}"]
+            for m, r in runs.items()]
+    memory = [[r["mode"].replace("_", " "), str(r["chunk"] or "all"), f"{r['seconds']:.0f}",
+               f"{r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}", f"{r['parquet_mb']:.0f}"] for r in mem["results"]["rows"]]
+    median = runs["trim"]["runs"][0]["median_tokens"]
+    return [*markdown(["padded to", "MAML meta-train episodes/s", "test episodes/s", "accuracy % (10 steps)"], rows),
+            "",
+            f"`{pad['command']}`: {pad['settings']['utterances']} BANKING77 utterances (median {median:g} tokens); "
+            f"meta-training {pad['results']['train_episodes_per_s_ratio']:.2f}x and evaluation "
+            f"{pad['results']['test_episodes_per_s_ratio']:.2f}x faster trimmed, the same accuracy.", "",
+            *markdown(["prefix encoding", "utterances per chunk", "seconds", "peak MB above the loaded model",
+                       "Parquet MB"], memory), "",
+            f"`{mem['command']}`: {mem['settings']['utterances']} CLINC150 utterances at max_length "
+            f"{mem['settings']['max_length']}."]
 
 
 def omniglot_throughput(jsons: list[dict]) -> list[str]:
@@ -513,6 +564,8 @@ TABLES = {
     "omniglot-accuracy": Table(("omniglot-5w1s.json",), "benchmarks/omniglot.py", omniglot),
     "omniglot-curves": Table(("omniglot-curves-5w1s.json",), "benchmarks/omniglot.py", omniglot_curves),
     "omniglot-throughput": Table(("omniglot-throughput-5w1s.json",), "benchmarks/omniglot.py", omniglot_throughput),
+    "conv-profile": Table(("conv-profile.json",), "benchmarks/conv_profile.py", conv_profile),
+    "text-prefix": Table(("text-prefix.json",), "benchmarks/text_prefix.py", text_prefix),
     "quick": Table(("quick.json",), "benchmarks/quick.py", quick),
     "text-lora-1shot": Table(("text-lora-clinc150.json", "text-lora-banking77.json"), "benchmarks/text_lora.py",
                              text_accuracy),

@@ -64,6 +64,31 @@ def test_train_takes_one_snapshot_per_point_with_the_clock_stopped(monkeypatch):
     assert run["snapshots"][1]["state"] is not run["snapshots"][2]["state"]
 
 
+def test_each_point_records_the_load_sampled_since_the_last(monkeypatch):
+    """The 1-minute load is sampled every LOAD_EVERY s of the wall clock (copies included): each point keeps the
+    mean and max of its stretch's samples, or the load at the point when its stretch had none."""
+    clock, loads = FakeClock(), iter([1.0, 2.0, 3.0, 5.0, 7.0, 9.0, 11.0])
+    durations = iter([4.0, 17.0, 12.0, 9.0, 30.0])
+    monkeypatch.setattr(omniglot.time, "perf_counter", clock)
+    monkeypatch.setattr(omniglot, "class_pools", lambda data: (None, None))
+    monkeypatch.setattr(omniglot, "sample_episodes", lambda *a, **k: (None, None))
+    monkeypatch.setattr(omniglot.os, "getloadavg", lambda: (next(loads), 0.0, 0.0))
+
+    def step(batch, iteration):
+        clock.now += next(durations)
+        return 0.0
+
+    def snapshot():
+        clock.now += 50.0
+        return {}
+
+    args = types.SimpleNamespace(data=None, ways=5, shots=1, seed=0, budget_minutes=1.0, max_iterations=10**9)
+    run = train(args, step, snapshot, curve_points(60.0, 3))  # points 20, 40, 60 s
+    # wall clock at the loop starts: 0, 4 (then point 20: no sample in its stretch, the load then: 2.0), 71 (a
+    # sample: 3.0), 83 (5.0; then point 40), 142 (7.0; then point 60)
+    assert [(s["load_mean"], s["load_max"]) for s in run["snapshots"]] == [(2.0, 2.0), (4.0, 5.0), (7.0, 7.0)]
+
+
 def test_an_iteration_past_several_points_shares_one_copy(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(omniglot.time, "perf_counter", clock)

@@ -69,3 +69,18 @@ def test_a_block_whose_json_is_not_written_yet_says_so_and_names_its_script(tmp_
     assert readme_tables.generate("quick", results) == \
         "Not measured yet: `benchmarks/quick.py` writes `benchmarks/results/quick.json`.\n"
     assert readme_tables.differing((ROOT / "README.md").read_text(), results) == ["quick"]
+
+
+def test_curves_sampled_for_load_say_its_mean_and_max_and_older_runs_their_start_and_end(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(readme_tables.RESULTS, results, ignore=shutil.ignore_patterns("*.parquet", "ui"))
+    data = json.loads((results / "omniglot-curves-5w1s.json").read_text())
+    first, *others = data["curves"]
+    for i, point in enumerate(data["curves"][first]):
+        point.update(load_mean=1.0 + i, load_max=2.0 + 2 * i)
+    (results / "omniglot-curves-5w1s.json").write_text(json.dumps(data))
+    n = len(data["curves"][first])
+    text = readme_tables.generate("omniglot-curves", results)
+    assert f"mean {(2 + n - 1) / 2:.1f}, max {2.0 + 2 * (n - 1):.1f} (sampled through the run)" in text
+    run = data["runs"][others[0]]
+    assert f"{run['loadavg_start'][0]:.1f} / {run['loadavg_end'][0]:.1f}" in text
