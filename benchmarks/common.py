@@ -8,6 +8,7 @@ import platform
 import re
 import shlex
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,10 +50,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def metapeft(args: list[str], project: Path, log: Path) -> tuple[float, str]:
-    """`metapeft run ...` in the project; (wall seconds, its MLflow run id or ""). A failure raises with its log."""
-    env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {"METAPEFT_HOME": str(project)}
+    """`metapeft run ...` in the project; (wall seconds, its MLflow run id or ""). A failure raises with its log.
+    The CLI imports this checkout's code (PYTHONPATH), also when the environment's editable install is another
+    checkout's: a long protocol can run from a worktree frozen at one commit, its cache keys unchanged by edits."""
+    env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {
+        "METAPEFT_HOME": str(project), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                                   os.environ.get("PYTHONPATH")]))}
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [str(ROOT / ".venv" / "bin" / "metapeft"), "run", *args]
+    command = [sys.executable, "-m", "flows.cli", "run", *args]  # this interpreter: a worktree has no .venv
     print(f"  $ {shlex.join(['metapeft', 'run', *args])}  (log {log})", flush=True)
     start = time.perf_counter()
     with log.open("w") as out:
