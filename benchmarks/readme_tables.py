@@ -563,6 +563,7 @@ TABLES = {
     "overhead": Table(("overhead.json",), "benchmarks/overhead.py", overhead),
     "omniglot-accuracy": Table(("omniglot-5w1s.json",), "benchmarks/omniglot.py", omniglot),
     "omniglot-curves": Table(("omniglot-curves-5w1s.json",), "benchmarks/omniglot.py", omniglot_curves),
+    "omniglot-curves-20w1s": Table(("omniglot-curves-20w1s.json",), "benchmarks/omniglot.py", omniglot_curves),
     "omniglot-throughput": Table(("omniglot-throughput-5w1s.json",), "benchmarks/omniglot.py", omniglot_throughput),
     "conv-profile": Table(("conv-profile.json",), "benchmarks/conv_profile.py", conv_profile),
     "text-prefix": Table(("text-prefix.json",), "benchmarks/text_prefix.py", text_prefix),
