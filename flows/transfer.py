@@ -140,7 +140,6 @@ def nearest_task(run: Run) -> str:
 
     path, _ = run.stage("nearest_task", run.plan.keys["nearest_task"], compute, _reads(run, "nearest_task"))
     summary = pd.read_parquet(path / "summary.parquet").set_index("method")
-    comparisons = pd.read_parquet(path / "comparisons.parquet")
     run.tracker.log_metrics(run.parent_id, {f"nearest_{m}_accuracy": v for m, v in summary["mean"].items()})
     for name in ("nearest.parquet", "comparisons.parquet", "summary.parquet"):
         run.tracker.log_artifact(run.parent_id, path / name, "transfer")

@@ -434,7 +434,6 @@ def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
     import numpy as np
     from PIL import Image
 
-    from flows.cache import StageCache
     from flows.config import StudyConfig
 
     root, rng = project / "images", np.random.default_rng(0)

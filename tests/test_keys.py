@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from flows.config import load_config
-from flows.plan import MODULES, make_plan
+from flows.plan import MODULES, Plan, make_plan
 from flows.versions import ROOT, input_digests, module_closure
 
 CONFIGS = {"sinusoid": "quick", "omniglot": "omniglot-5w1s", "text": "clinc150-lora"}
