@@ -52,7 +52,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def metapeft(args: list[str], project: Path, log: Path) -> tuple[float, str]:
     """`metapeft run ...` in the project; (wall seconds, its MLflow run id or ""). A failure raises with its log.
     The CLI imports this checkout's code (PYTHONPATH), also when the environment's editable install is another
-    checkout's: a long protocol can run from a worktree frozen at one commit, its cache keys unchanged by edits."""
+    checkout's: a long protocol can run from a worktree frozen at one commit, its cache keys unchanged by edits
+    (run from the worktree's root, configs' relative paths resolve there: link or copy its data/ and give
+    --project an absolute path)."""
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN} | {
         "METAPEFT_HOME": str(project), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
                                                                                    os.environ.get("PYTHONPATH")]))}

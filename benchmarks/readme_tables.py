@@ -68,7 +68,7 @@ def bold_if(text: str, best: bool) -> str:
 
 
 def p_value(p: float | None) -> str:
-    return "-" if p is None else f"{p:.2g}"
+    return "-" if p is None or p != p else f"{p:.2g}"  # None or NaN: no test
 
 
 def commit(data: dict) -> str:
@@ -202,7 +202,7 @@ def omniglot_curves(jsons: list[dict]) -> list[str]:
         points = [p for p in data["curves"][a] if "load_mean" in p]
         if len(points) == len(data["curves"][a]):
             return (f"{label(names, a)} mean {statistics.fmean(p['load_mean'] for p in points):.1f}, max "
-                    f"{max(p['load_max'] for p in points):.1f} (sampled through the run)")
+                    f"{max(p['load_max'] for p in points):.1f} (sampled through its training)")
         return f"{label(names, a)} {r['loadavg_start'][0]:.1f} / {r['loadavg_end'][0]:.1f}"
 
     loads = "; ".join(load(a, r) for a, r in data["runs"].items())
@@ -256,21 +256,21 @@ def transfer(jsons: list[dict]) -> list[str]:
     smoke = "**Smoke run** (a check that the benchmark runs, not a result): " if data.get("smoke") else ""
     starts = "; ".join(f"{r['method']} {r['mean']:.3f} +- {r['ci_half']:.3f}" for r in data["nearest"]["summary"])
     pairs = "; ".join(f"{c['method_a']} - {c['method_b']} {c['mean_diff']:+.3f} [{c['ci_low']:+.3f}, "
-                      f"{c['ci_high']:+.3f}], Holm p {c['p_ttest_holm']:.1g} (t) / {c['p_wilcoxon_holm']:.1g} "
-                      f"(Wilcoxon)" for c in data["nearest"]["comparisons"])
+                      f"{c['ci_high']:+.3f}], Holm p {p_value(c['p_ttest_holm'])} (t) / "
+                      f"{p_value(c['p_wilcoxon_holm'])} (Wilcoxon)" for c in data["nearest"]["comparisons"])
     seconds = ", ".join(f"{label(TRANSFER_STAGES, stage)} {s:.0f} s" for stage, s in data["stage_seconds"].items()
-                        if s >= 0.5)
+                        if s >= 0.5) or "nothing computed"
     entries, m = data["entries"], data["machine"]
     first = "cold" if entries["computed"] == entries["total"] else \
         f"{entries['computed']} of {entries['total']} entries computed, the others from the cache"
     return [*markdown(["embedding", "metric", f"rho ({level} CI)", "within-target rho"], rows), "",
-            f"{smoke}{len(data['groups'])} groups, rho over the {rows and data['rho'][0]['n_pairs']} off-diagonal "
+            f"{smoke}{len(data['groups'])} groups, rho over the {data['rho'][0]['n_pairs'] if rows else 0} off-diagonal "
             f"(source, target) pairs, {level} percentile bootstrap CI resampling {t['resample']} ({t['n_boot']} "
             f"replicates); within-target: the mean over targets of rho among one target's sources; bold: the CI "
             f"excludes 0. Accuracy of each start on the targets' test episodes ({level} CI): {starts}; {pairs}. "
             f"Mean gain over scratch: {data['gain_mean_off_diagonal']:.3f} off the diagonal, "
             f"{data['gain_mean_diagonal']:.3f} on it. First run ({first}): {data['first_run_seconds']:.0f} s "
-            f"({seconds}); the cached rerun {data['cached_rerun_seconds']:.1f} s; load average (1 min) "
+            f"(what it computed: {seconds}); the cached rerun {data['cached_rerun_seconds']:.1f} s; load average (1 min) "
             f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end."]
 
 
@@ -283,9 +283,10 @@ def conv_profile(jsons: list[dict]) -> list[str]:
     notes = []
     for r in data["results"]:
         share = sum(row["share"] for row in r["profile"]["rows"] if row["kind"].startswith("conv"))
+        bound = f"with everything else free it would be at most {1 / share:.2f}x faster" if share > 0 else \
+            "no convolution in the profile"
         notes.append(f"at {r['threads']} thread{'s' * (r['threads'] != 1)} the convolutions are {share:.0%} of the "
-                     f"profiled step ({r['profile']['clock']}): with everything else free it would be at most "
-                     f"{1 / share:.2f}x faster")
+                     f"profiled step ({r['profile']['clock']}): {bound}")
     s = data["settings"]
     return [*markdown(["threads", "variant (tasks per adaptation x query graph)", "ms per meta-step", "tasks/s",
                        "vs the first"], rows), "",
@@ -307,11 +308,17 @@ def text_prefix(jsons: list[dict]) -> list[str]:
     memory = [[r["mode"].replace("_", " "), str(r["chunk"] or "all"), f"{r['seconds']:.0f}",
                f"{r['peak_rss_mb'] - r['rss_after_load_mb']:.0f}", f"{r['parquet_mb']:.0f}"] for r in mem["results"]["rows"]]
     median = runs["trim"]["runs"][0]["median_tokens"]
+
+    def faster(ratio: float) -> str:
+        return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+    same = runs["trim"]["accuracy_10_steps"] == runs["full"]["accuracy_10_steps"]
     return [*markdown(["padded to", "MAML meta-train episodes/s", "test episodes/s", "accuracy % (10 steps)"], rows),
             "",
             f"`{pad['command']}`: {pad['settings']['utterances']} BANKING77 utterances (median {median:g} tokens); "
-            f"meta-training {pad['results']['train_episodes_per_s_ratio']:.2f}x and evaluation "
-            f"{pad['results']['test_episodes_per_s_ratio']:.2f}x faster trimmed, the same accuracy.", "",
+            f"trimmed, meta-training is {faster(pad['results']['train_episodes_per_s_ratio'])} and evaluation "
+            f"{faster(pad['results']['test_episodes_per_s_ratio'])}, "
+            f"{'the same accuracy' if same else 'and the accuracies differ (see the table)'}.", "",
             *markdown(["prefix encoding", "utterances per chunk", "seconds", "peak MB above the loaded model",
                        "Parquet MB"], memory), "",
             f"`{mem['command']}`: {mem['settings']['utterances']} CLINC150 utterances at max_length "

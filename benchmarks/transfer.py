@@ -51,7 +51,8 @@ def study_config(name: str, project: Path, smoke: bool) -> Path:
 
 def study_record(config: Path, project: Path, computed_before: set[tuple[str, str]]) -> dict:
     """What the study's cache entries hold (they are all cached by now): rho, the nearest-task comparison, the
-    mean gains, each entry's compute seconds; computed_before: the entries cached before the first run."""
+    mean gains, the compute seconds of what the first run computed; computed_before: the entries it found cached
+    (`already_cached`)."""
     import pandas as pd
 
     from flows.cache import StageCache
@@ -67,9 +68,10 @@ def study_record(config: Path, project: Path, computed_before: set[tuple[str, st
 
     gains = read_gains(cache.path("transfer_matrix", plan.keys["transfer_matrix"]))
     off = [gains.loc[s, t] for s in gains.index for t in gains.columns if s != t]
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # compute seconds of the entries the first run computed
     for stage, key, _ in listed:
-        seconds[stage] = seconds.get(stage, 0.0) + float(cache.manifest(stage, key)["meta"].get("seconds", 0.0))
+        if (stage, key) not in computed_before:
+            seconds[stage] = seconds.get(stage, 0.0) + float(cache.manifest(stage, key)["meta"].get("seconds", 0.0))
     return {"name": cfg.name, "config": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
             "family": cfg.family.kind, "groups": list(gains.index), "transfer": cfg.transfer.model_dump(mode="json"),
             "confidence": cfg.transfer.confidence,
@@ -80,6 +82,17 @@ def study_record(config: Path, project: Path, computed_before: set[tuple[str, st
             "gain_mean_off_diagonal": float(sum(off) / len(off)),
             "gain_mean_diagonal": float(sum(gains.loc[g, g] for g in gains.index) / len(gains)),
             "stage_seconds": seconds}
+
+
+def already_cached(cfg, cache) -> set[tuple[str, str]]:
+    """The study's entries a run would take from the cache: cached, not stale, no source training its budget stopped
+    (a run goes on with it)."""
+    from flows.transfer_stages import entries, make_transfer_plan, unfinished_sources
+
+    plan = make_transfer_plan(cfg)
+    unfinished = {plan.source_keys[name.removeprefix("source ")] for name in unfinished_sources(cfg, cache,
+                                                                                                plan.source_keys)}
+    return {(s, k) for s, k, read in entries(plan) if cache.status(s, k, read) == "cached" and k not in unfinished}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["METAPEFT_HOME"] = str(project)  # before flows is imported: the cache and stores are the project's
     from flows.cache import StageCache
     from flows.config import load_config
-    from flows.transfer_stages import entries, make_transfer_plan
 
     names = ["transfer-omniglot"] if args.smoke else args.configs.split(",")
     if unknown := [n for n in names if not (ROOT / "configs" / f"{n}.yaml").is_file()]:
@@ -104,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         config = study_config(name, project, args.smoke)
         cfg = load_config(config)
         cache = StageCache(project / cfg.runtime.data_dir)
-        before = {(s, k) for s, k, _ in entries(make_transfer_plan(cfg)) if cache.is_complete(s, k)}
+        before = already_cached(cfg, cache)
         machine = machine_info(cfg.runtime.threads)
         log = project / "logs" / f"{cfg.name}.log"
         first, run_id = metapeft(["--config", str(config)], project, log)

@@ -34,6 +34,9 @@ class Gap:
     def units_text(self) -> str:
         if self.n_units is None:
             return ""
+        if self.p_units != self.p_units:  # NaN: one replicate, or differences equal up to rounding
+            why = f"one {self.unit}: no test over {self.unit}s" if self.n_units < 2 else "no test: equal differences"
+            return f" Better in {self.units_better} of {self.n_units} {self.unit}{'s' * (self.n_units != 1)} ({why})."
         return f" Better in {self.units_better} of {self.n_units} {self.unit}s (t-test over the {self.unit}s' " \
                f"means p = {self.p_units:.2g})."
 

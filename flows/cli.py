@@ -201,10 +201,10 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
             click.echo(f"metapeft: note: {note}", err=True)
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
             return _transfer(cfg, config, root, only, dry_run, force, overrides)
-        if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
-            return _folds(cfg, root, config, only, dry_run, force, overrides)
         if unknown := sorted(set(force) - set(STAGES)):
             raise ConfigError(f"--force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
+            return _folds(cfg, root, config, only, dry_run, force, overrides)
     except ConfigError as e:
         return fail(f"{e}{' (with --set ' + ', '.join(sets) + ')' if sets else ''}", 2)
     rerun = " ".join(["metapeft run --config", shlex.quote(config), *(f"--set {shlex.quote(s)}" for s in sets)])
@@ -973,13 +973,16 @@ def _fold_results(root: Path, run_id: str):
     family, key = fold_family(cfg), tags.get("metapeft.key.folds")
     names = ("summary", "comparisons", "fold_pairs", "diverged")
     tables = {name: _logged_table(client, run_id, f"folds/{name}.parquet") for name in names}
-    if tables["summary"] is None or tables["comparisons"] is None:
-        cache = StageCache(root / cfg.runtime.data_dir)
-        entry = _fold_entry(run_id, tags, cache)
+    if tables["summary"] is None or tables["comparisons"] is None:  # never logged, or the artifacts are gone
+        entry = _fold_entry(run_id, tags, StageCache(root / cfg.runtime.data_dir))
+        click.echo(f"MLflow run {run_id}: its summary artifacts are gone; results from cache entry folds/{key}",
+                   err=True)
         tables = {name: pd.read_parquet(entry / f"{name}.parquet") for name in names}
     ref = family.reference
+    # every row says its interval is over the folds (n is the pooled episodes); against the reference: the pair
     rows = [{"method": r["method"], "n": r["n_episodes"], **{k: r[k] for k in ("mean", "ci_low", "ci_high")},
              "diverged": "", "p_holm_vs_reference": _pair_p(tables["comparisons"], r["method"], ref),
+             "replicates": "fold", "n_replicates": r["n_folds"],
              **_over_replicates(tables["fold_pairs"], r["method"], ref, "fold")}
             for r in tables["summary"].to_dict("records")]
     diverged = tables["diverged"]
@@ -1037,17 +1040,26 @@ def _logged_table(client, run_id: str, path: str):
 
 
 def _fold_entry(run_id: str, tags: dict, cache) -> Path:
-    """The folds cache entry of a fold study's run (its summary key, tag metapeft.key.folds: the same key, the
-    same folds' results and code). NoResults when it is not cached."""
+    """The folds cache entry of a fold study's run, when this run computed it (an entry under the same key written
+    by another run, e.g. after one fold's results were rewritten, holds that run's numbers). NoResults otherwise."""
     key = tags.get("metapeft.key.folds")
-    if key is None or not cache.is_complete("folds", key):
-        raise NoResults(f"MLflow run {run_id}: a fold study whose summary is not cached (it stopped before its "
-                        f"summary, or the entry is gone); rerun it: {_rerun(tags)}")
+    if key is None:
+        raise NoResults(f"MLflow run {run_id}: a fold study run that logged no summary tables and predates the "
+                        f"summary's key tag (metapeft.key.folds); rerun it: {_rerun(tags)}")
+    if not cache.is_complete("folds", key):
+        raise NoResults(f"MLflow run {run_id}: its summary tables were not logged and cache entry folds/{key} is not "
+                        f"there (it stopped before its summary, or the entry is gone); rerun it: {_rerun(tags)}")
+    if (by := _computed_by(cache, key, "folds")) != run_id:
+        raise NoResults(f"MLflow run {run_id}: its summary tables were not logged, and cache entry folds/{key} is "
+                        f"MLflow run {by}'s, not this run's results; rerun it: {_rerun(tags)}")
     return cache.path("folds", key)
 
 
 def _fold_report(root: Path, run_id: str, tags: dict, out: Path | None) -> int:
-    """`report` of a fold study's own run: `report_page.fold_study_report` from its folds cache entry, logged to it."""
+    """`report` of a fold study's own run: `report_page.fold_study_report` from the summary tables it logged (else
+    its own folds cache entry), logged to it."""
+    import tempfile
+
     from flows.cache import StageCache
     from flows.config import ConfigError
     from flows.families import fold_family
@@ -1058,15 +1070,20 @@ def _fold_report(root: Path, run_id: str, tags: dict, out: Path | None) -> int:
         cfg = _run_config(client, run_id, tags)
     except ConfigError as e:
         return fail(f"MLflow run {run_id}: its config: {e}", 2)
-    try:
-        entry = _fold_entry(run_id, tags, StageCache(root / cfg.runtime.data_dir))
-    except LookupError as e:
-        return lookup_failed(e)
     runs = client.search_runs([client.get_run(run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
-    fold_runs = dict(sorted((r.data.tags["metapeft.fold"], r.info.run_id) for r in runs if "metapeft.fold" in r.data.tags))
+    fold_pages = {r.data.tags["metapeft.fold"]: root / "reports" / r.info.run_id / "report.html"
+                  for r in sorted(runs, key=lambda r: r.data.tags.get("metapeft.fold", "")) if "metapeft.fold" in r.data.tags}
     unfinished = dict(item.split(": ", 1) for item in tags.get("metapeft.unfinished", "").split("; ") if ": " in item)
     out = out or root / "reports" / run_id / "report.html"
-    fold_study_report(cfg, fold_family(cfg), entry, fold_runs, out, run_id, unfinished)
+    with tempfile.TemporaryDirectory() as tmp:  # its own cache entry (it says when it was computed), else the
+        try:  # tables the run logged
+            entry = _fold_entry(run_id, tags, StageCache(root / cfg.runtime.data_dir))
+        except LookupError as e:
+            with contextlib.suppress(Exception):  # MlflowException, OSError: not logged, or the artifacts are gone
+                entry = Path(client.download_artifacts(run_id, "folds", tmp))
+            if not (Path(tmp) / "folds" / "summary.parquet").is_file():
+                return lookup_failed(e)
+        fold_study_report(cfg, fold_family(cfg), entry, fold_pages, out, run_id, unfinished)
     client.log_artifact(run_id, str(out))
     click.echo(out)
     return 0

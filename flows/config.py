@@ -523,8 +523,14 @@ class StudyConfig(Section):
 
     @property
     def fold(self) -> str | None:
-        """The fold this config runs (its split folder's name) when it is one fold of a fold study, else None."""
-        return Path(self.family.split_dir).name if self.folds and getattr(self.family, "split_dir", None) else None
+        """The fold this config runs when it is one fold of a fold study (its name in `folds`, as the study tags its
+        run), else None."""
+        split_dir = getattr(self.family, "split_dir", None)
+        if not self.folds or not split_dir:
+            return None
+        here = Path(split_dir).resolve()
+        return next((f for f, folder in fold_dirs(self).items() if Path(folder).resolve() == here),
+                    Path(split_dir).name)
 
     @property
     def label(self) -> str:

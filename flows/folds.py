@@ -166,7 +166,8 @@ def fold_study(config_path: str, overrides: dict | None = None, force: list[str]
         if unfinished:  # the means over folds include training a time budget stopped short: say where
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(unfinished)})
         _log_summary(tracker, parent, path, cfg, plans[cfg.folds[0]].family.metric)
-        page = fold_study_report(cfg, plans[cfg.folds[0]].family, path, {f: o["run_id"] for f, o in outs.items()},
+        page = fold_study_report(cfg, plans[cfg.folds[0]].family, path,
+                                 {f: root / "reports" / o["run_id"] / "report.html" for f, o in outs.items()},
                                  root / "reports" / parent / "report.html", parent, unfinished)
         tracker.log_artifact(parent, page)
         summary = pd.read_parquet(path / "summary.parquet").set_index("method")

@@ -341,7 +341,7 @@ def _log_training(run: Run, label: str, key: str, path: Path, meta: dict) -> Non
 def registered_model(cfg: StudyConfig, algorithm: str) -> str:
     """The registered model of a study's algorithm (its seeds are versions of it); a fold study's fold has its own
     (`<study>-fold<NN>-<algorithm>`, NN its split folder's name): the folds are different class splits."""
-    return f"{cfg.name}{f'-fold{cfg.fold}' if cfg.fold else ''}-{algorithm}"
+    return f"{cfg.name}{f'-fold{Path(cfg.fold).name}' if cfg.fold else ''}-{algorithm}"
 
 
 def set_threads(cfg: StudyConfig) -> None:
@@ -706,8 +706,15 @@ def tag_models(run: Run) -> None:
     tags = {}
     for label, key in run.plan.algorithm_keys.items():
         name = registered_model(run.cfg, run.plan.units[label][0])
-        # none: never registered (diverged)
-        if (version := run.tracker.model_version(name, {"metapeft.meta_train_key": key})) is not None:
+        # the version of these weights (a budget-stopped retraining under the same key registers other weights);
+        # a version registered before versions recorded their weights: the newest of the key; none: diverged
+        weights = run.cache.manifest("meta_train", key)["files"].get(STATE) if \
+            run.cache.is_complete("meta_train", key) else None
+        version = run.tracker.model_version(name, {"metapeft.meta_train_key": key, "metapeft.weights_sha256": weights}) \
+            if weights else None
+        version = version or run.tracker.model_version(name, {"metapeft.meta_train_key": key,
+                                                              "metapeft.weights_sha256": None})
+        if version is not None:
             tags[f"metapeft.model.{label}"] = f"models:/{name}/{version}"
     if tags:
         run.tracker.set_tags(run.parent_id, tags)

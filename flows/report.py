@@ -223,7 +223,10 @@ def over_replicates(pairs: pd.DataFrame, method: str, reference: str, unit: str 
     """'2/3 seeds, p 0.21' for method against reference (`seed_pairs`; unit "fold": `fold_pairs`), '-' without
     that pair (the reference itself, two unseeded methods)."""
     r = replicate_record(pairs, method, reference, unit)
-    return "-" if r is None else f"{r['better']}/{r['n']} {unit}s, p {r['p']:.2g}"
+    if r is None:
+        return "-"
+    tested = f"p {r['p']:.2g}" if r["p"] == r["p"] else "no test" if r["n"] > 1 else f"no test over one {unit}"
+    return f"{r['better']}/{r['n']} {unit}{'s' * (r['n'] != 1)}, {tested}"
 
 
 def cached_results_text(path: Path, metric: str, reference: str, alpha: float, confidence: float,

@@ -145,13 +145,16 @@ def study_report(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], algo
     return out
 
 
-def fold_study_report(cfg: StudyConfig, family, entry: Path, fold_runs: dict[str, str], out: Path,
+def fold_study_report(cfg: StudyConfig, family, entry: Path, fold_pages: dict[str, Path], out: Path,
                       run_id: str | None = None, unfinished: dict[str, str] | None = None) -> Path:
     """Write the report of a fold study's own run to `out`: the answer over folds, each method's mean over folds
     with its interval over the fold means and its fold means, the pair with the reference over the folds, the
-    pooled-episode tests, and a link to each fold's own report. entry: the study's "folds" cache entry
-    (`flows.folds.summarize`); family: any fold's (its metric and reference); fold_runs: fold -> its pipeline's
-    MLflow run (reports/<run>/report.html beside this one); unfinished: `flows.folds.fold_unfinished`."""
+    pooled-episode tests, and a link to each fold's own report. entry: a folder with the study's summary tables
+    (its "folds" cache entry, `flows.folds.summarize`, or the copies its run logged); family: any fold's (its
+    metric and reference); fold_pages: fold -> its pipeline run's report.html; unfinished:
+    `flows.folds.fold_unfinished`."""
+    import os
+
     tables = {name: pd.read_parquet(entry / f"{name}.parquet")
               for name in ("summary", "fold_means", "comparisons", "fold_pairs", "diverged")}
     summary = tables["summary"].set_index("method").rename(columns={"n_episodes": "n"})
@@ -162,14 +165,18 @@ def fold_study_report(cfg: StudyConfig, family, entry: Path, fold_runs: dict[str
     answer = study_answer(summary, comparisons, family.metric, set(cfg.meta_train.algorithms), sig.confidence,
                           sig.alpha, tables["fold_pairs"], unit="fold")
     reference = family.reference if family.reference in summary.index else summary.index[0] if len(summary) else None
-    links = ", ".join(f"<a href='../{_e(r)}/report.html'>fold {_e(f)}</a>" for f, r in fold_runs.items())
+    links = ", ".join(f"<a href='{_e(Path(os.path.relpath(page, out.parent)).as_posix())}'>fold {_e(f)}</a>"
+                      for f, page in fold_pages.items())
+    folds, episodes = len(cfg.folds or ()), int(summary["n"].max()) if len(summary) else 0
     parts = [
-        f"<h1>{_e(cfg.name)}: {len(cfg.folds or ())} folds</h1>",
-        f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; folds entry {_e(entry.name)}, computed "
-        f"{_utc(entry / MANIFEST)} &middot; page written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
-        verdict_html(answer, family.lower_is_better, diverged, int(summary["n"].max()) if len(summary) else 0,
-                     f"over the means of {len(cfg.folds or ())} folds "
-                     f"({int(summary['n'].max()) if len(summary) else 0} meta-test episodes pooled)"),
+        f"<h1>{_e(cfg.name)}: {folds} fold{'s' * (folds != 1)}</h1>",
+        f"<p class='meta'>MLflow run {_e(run_id or '-')} &middot; summary computed "
+        f"{_utc(entry / MANIFEST) if (entry / MANIFEST).is_file() else 'by this run (the tables it logged)'} "
+        f"&middot; page written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC</p>",
+        verdict_html(answer, family.lower_is_better, diverged, episodes,
+                     f"over the means of {folds} folds ({episodes} meta-test episodes pooled)" if folds > 1 else
+                     f"over one fold's {episodes} meta-test episodes (one fold: no interval over folds)",
+                     " on the pooled episodes"),
         study_facts(cfg, family, summary, unfinished),
         f"<p>Each fold is a class split of its own (folder under {_e(cfg.family.split_root or '-')}), run as its own "
         f"pipeline: {links or 'no fold runs recorded'}.</p>",
@@ -232,25 +239,28 @@ def page(title: str, body: str) -> str:
 # ---------------------------------------------------------------- the answer and the study
 
 def verdict_html(answer: Answer | None, lower_is_better: bool, diverged: pd.DataFrame, n_episodes: int,
-                 over: str | None = None) -> str:
+                 over: str | None = None, gaps_on: str = "") -> str:
     """The first paragraph: the best method and its score, each gap the answer states (runner-up, best
     baseline or best meta-learner) with its CI and Holm-adjusted p at the answer's alpha, the diverged methods.
-    over: what the score's interval is over [default: 'over <n_episodes> meta-test episodes']."""
+    over: what the score's interval is over [default: 'over <n_episodes> meta-test episodes']; gaps_on: what the
+    gaps' intervals and tests are on, when that differs (a fold study's: ' on the pooled episodes')."""
     gone = diverged_names(diverged)
     if answer is None:
         return f"<p class='verdict'>No method finished: every method diverged ({_e(gone)}).</p>"
     level = f"{answer.confidence:.0%}"
     lead = f"<b>{_e(answer.best)}</b> scores best" if not answer.tied(answer.runner_up) else \
         f"<b>{_e(answer.best)}</b> and <b>{_e(answer.runner_up.other)}</b> tie (their means differ by rounding only)"
-    text = (f"{lead}: meta-test {_e(answer.metric)} {_num(answer.mean)} "
-            f"({level} CI {_num(answer.ci_low)} to {_num(answer.ci_high)}) "
+    interval = f"({level} CI {_num(answer.ci_low)} to {_num(answer.ci_high)}) " \
+        if pd.notna(answer.ci_low) and pd.notna(answer.ci_high) else ""  # one fold: none
+    text = (f"{lead}: meta-test {_e(answer.metric)} {_num(answer.mean)} {interval}"
             f"{over or f'over {n_episodes} meta-test episodes'}"
             f" ({'lower' if lower_is_better else 'higher'} is better).")
     for what, gap in answer.gaps():
         sure = "significant" if gap.p_holm < answer.alpha else "not significant"
         by = "the same" if gap.diff == 0 else f"{_num(abs(gap.diff))} {'lower' if gap.diff < 0 else 'higher'}"
         text += (f" Against {_e(what)}, <b>{_e(gap.other)}</b>: {by} "
-                 f"({_e(answer.best)} &minus; {_e(gap.other)} = {gap.diff:+.4g}, {level} CI {gap.ci_low:+.4g} to "
+                 f"({_e(answer.best)} &minus; {_e(gap.other)} = {gap.diff:+.4g}, {level} CI{gaps_on} "
+                 f"{gap.ci_low:+.4g} to "
                  f"{gap.ci_high:+.4g}, Holm-adjusted p = {_p(gap.p_holm)}), <b>{sure}</b> at &alpha; = "
                  f"{answer.alpha:g}.{_e(gap.units_text())}")
     if gone:

@@ -164,10 +164,11 @@ class Tracker:
         return version
 
     def model_version(self, registered_name: str, tags: Mapping[str, str]) -> str | None:
-        """The newest version of registered_name carrying all of tags; None without one (or without the model)."""
+        """The newest version of registered_name carrying all of tags (a tag given as None: one the version does not
+        carry); None without one (or without the model)."""
         try:
             found = [v for v in self.client.search_model_versions(f"name = '{registered_name}'")
-                     if all(v.tags.get(k) == str(t) for k, t in tags.items())]
+                     if all(v.tags.get(k) == (None if t is None else str(t)) for k, t in tags.items())]
         except Exception:  # MlflowException: no such registered model yet
             return None
         return str(max(int(v.version) for v in found)) if found else None

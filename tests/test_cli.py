@@ -190,7 +190,7 @@ def test_set_changes_the_keys_and_its_errors_name_the_key(project, capsys):
 
 def test_a_transfer_study_runs_whole_with_its_own_settings(capsys):
     config = str(REPO / "configs" / "transfer-omniglot.yaml")
-    assert cli.main(["run", "--config", config, "--dry-run"]) == 2
+    assert cli.main(["run", "--config", config, "--until", "meta_train"]) == 2
     assert "a transfer study runs whole" in capsys.readouterr().err
     assert cli.main(["run", "--config", config, "--set", "evaluate.steps=2"]) == 2
     assert "a transfer study takes its settings from its file" in capsys.readouterr().err
@@ -467,7 +467,8 @@ def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):
                                         ("banking77-protaugment-1shot", "a fold study")])
 def test_report_of_a_study_of_another_kind_says_what_to_report(project, capsys, name, kind):
     assert cli.main(["report", "--config", str(REPO / "configs" / f"{name}.yaml")]) == 2
-    assert f"{name}.yaml is {kind}: report takes one pipeline" in capsys.readouterr().err
+    assert f"{name}.yaml is {kind}: report --config takes one pipeline; give the study's MLflow run" in \
+        capsys.readouterr().err
 
 
 def transfer_config(project, **transfer) -> str:
@@ -528,3 +529,32 @@ def test_export_rows_carry_each_pair_over_the_seeds_or_folds_and_fold_notes_join
     assert cli._over_replicates(None, "maml", "scratch", "seed") == {}
     assert cli._unfinished("fold 01 maml: stopped at 3; fold 02 maml/seed1: kept; reptile/seed0: stopped") == {
         "maml": "fold 01: stopped at 3; fold 02 maml/seed1: kept", "reptile": "reptile/seed0: stopped"}
+
+
+def test_a_fold_studys_summary_entry_is_read_only_when_that_run_computed_it(tmp_path):
+    """A fold study run without its logged tables may read its folds entry only if it computed it: an entry under
+    the same key written by another run holds that run's numbers."""
+    from flows.cache import StageCache
+
+    cache, tags = StageCache(tmp_path), {"metapeft.key.folds": "k" * 16, "metapeft.config": "c.yaml"}
+    with pytest.raises(cli.NoResults, match="is not there"):
+        cli._fold_entry("mine", tags, cache)
+    with cache.writing("folds", "k" * 16, {"mlflow_run_id": "theirs"}) as out:
+        (out / "summary.parquet").write_bytes(b"x")
+    with pytest.raises(cli.NoResults, match="is MLflow run theirs's, not this run's results"):
+        cli._fold_entry("mine", tags, cache)
+    assert cli._fold_entry("theirs", tags, cache) == cache.path("folds", "k" * 16)
+    with pytest.raises(cli.NoResults, match="predates the summary's key tag"):
+        cli._fold_entry("mine", {"metapeft.config": "c.yaml"}, cache)
+
+
+def test_one_replicate_or_equal_differences_say_there_is_no_test():
+    from flows.answer import Gap
+    from flows.report import over_replicates
+
+    pairs = pd.DataFrame([{"method_a": "maml", "method_b": "proto", "n_folds": 1, "folds_a_better": 1,
+                           "folds_b_better": 0, "p_folds": float("nan")}])
+    assert over_replicates(pairs, "maml", "proto", "fold") == "1/1 fold, no test over one fold"
+    assert over_replicates(pairs.assign(n_folds=3, folds_a_better=3), "maml", "proto", "fold") == "3/3 folds, no test"
+    gap = Gap(other="proto", diff=0.1, ci_low=0.0, ci_high=0.2, p_holm=0.5, unit="fold", units_better=1, n_units=1)
+    assert gap.units_text() == " Better in 1 of 1 fold (one fold: no test over folds)."

@@ -81,6 +81,6 @@ def test_curves_sampled_for_load_say_its_mean_and_max_and_older_runs_their_start
     (results / "omniglot-curves-5w1s.json").write_text(json.dumps(data))
     n = len(data["curves"][first])
     text = readme_tables.generate("omniglot-curves", results)
-    assert f"mean {(2 + n - 1) / 2:.1f}, max {2.0 + 2 * (n - 1):.1f} (sampled through the run)" in text
+    assert f"mean {(2 + n - 1) / 2:.1f}, max {2.0 + 2 * (n - 1):.1f} (sampled through its training)" in text
     run = data["runs"][others[0]]
     assert f"{run['loadavg_start'][0]:.1f} / {run['loadavg_end'][0]:.1f}" in text

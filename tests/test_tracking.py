@@ -201,4 +201,5 @@ def test_tiny_study_as_mlflow_and_prefect_users_see_it(prefect_harness, project)
     forced = meta_pipeline(config_path=path, force=["meta_train"])  # retrained: the same weights, not a new version
     _, _, retrained = runs_of(project, forced["run_id"])
     assert retrained["maml"].data.tags["metapeft.model_version"] == "1"
+    assert client.get_run(forced["run_id"]).data.tags["metapeft.model.maml"] == "models:/tiny-maml/1"
     assert len(client.search_model_versions("name = 'tiny-maml'")) == 1
