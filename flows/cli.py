@@ -292,15 +292,19 @@ def _dry_run(cfg, root: Path, only: set[str], force: set[str], chosen: str, reru
     return 0
 
 
-def _dry_run_lines(plan, cache, action, prefix: str = "") -> Counter:
+def _dry_run_lines(plan, cache, action, prefix: str = "", first: dict | None = None) -> Counter:
     """Print '<entry> <key>  <what run would do>' for each entry of one pipeline's plan (names prefixed: a fold's);
-    the counts of each kind of action."""
+    the counts of each kind of action. first (a fold study's): entry -> the fold that computes it first; an entry
+    an earlier fold computes (the same key: the prefix every fold shares) comes from the cache after it."""
     from flows.plan import STAGES, stage_entries
 
     counts = Counter()
     for stage in STAGES:
         for name, entry in stage_entries(plan, stage).items():
             what = action(entry)
+            if first is not None and what.startswith("compute") and "--force" not in what:  # forced: every fold
+                what = f"cache (fold {first[entry]} computes it first)" if entry in first else what
+                first.setdefault(entry, prefix.rstrip("/"))
             counts["unready" if what.endswith("needed from the cache") else what.split()[0].rstrip(",")] += 1
             click.echo(f"{prefix + name:<28} {entry[1]}  {what}")
     return counts
@@ -321,11 +325,11 @@ def _folds_dry_run(cfg, root: Path, config: str, force: set[str], overrides: dic
     from flows.plan import needed_stages
 
     plans, cache, counts = fold_plans(cfg, config, overrides, root), StageCache(root / cfg.runtime.data_dir), Counter()
-    recomputed = False
+    recomputed, first = False, {}
     for fold, changes in fold_overrides(cfg, overrides).items():
         plan, fold_cfg = plans[fold], load_config(config, changes)
         action = _actions(plan, cache, set(), force, set(needed_stages(set(), fold_cfg)), "--stage")
-        counts += _dry_run_lines(plan, cache, action, f"{fold}/")
+        counts += _dry_run_lines(plan, cache, action, f"{fold}/", first)
         recomputed |= any(action(entry) != "cache" for entry in summary_reads({fold: plan}))
     key = summary_key(cfg, plans)
     status = cache.status("folds", key, summary_reads(plans))

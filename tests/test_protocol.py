@@ -488,6 +488,8 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     assert cli.main(["run", "--config", str(path), "--dry-run"]) == 0  # every fold's entries, nothing started
     planned = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[:-1])
     assert planned["01/meta_train[maml]"].endswith("compute (missing)") and "02/evaluate" in planned
+    assert planned["01/prefix"].endswith("compute (missing)")  # one utterance file: the folds share its prefix
+    assert planned["02/prefix"].endswith("cache (fold 01 computes it first)")
     assert planned["folds"].endswith("compute (missing)")
     first = fold_study(config_path=str(path))
     assert first["folds"]["01"]["keys"]["task_sets"] != first["folds"]["02"]["keys"]["task_sets"]
