@@ -233,7 +233,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
         try:
             return _folds_dry_run(cfg, root, config, set(force), overrides)
         except FileNotFoundError as e:
-            return fail(f"{e} (family.path / family.split_root in {config})", 1)
+            return fail(f"{e} (the folds and family.split_root in {config})", 1)
         except ValueError as e:
             return fail(str(e), 1)
     start = time.perf_counter()
@@ -245,7 +245,7 @@ def _folds(cfg, root: Path, config: str, only: set[str], dry_run: bool, force: t
         for fold_set in fold_overrides(cfg, overrides).values():
             preflight(load_config(config, fold_set), root, rebuild="task_sets" in force)
     except FileNotFoundError as e:
-        return fail(f"{e} (family.path / family.split_root in {config})", 1)
+        return fail(f"{e} (the folds, family.split_root and family.path in {config})", 1)
     except (ValidationFailed, CacheWriteError, ValueError) as e:
         return fail(str(e), 1)
     from flows.folds import fold_study
@@ -371,6 +371,8 @@ def _actions(plan, cache, only: set[str], force: set[str], needed: set[str], cho
             return f"compute ({chosen})"
         if status != "cached":
             note = resume(key) if kind == "meta_train" and "meta_train" not in force else ""
+            if status == "missing" and kind in ("task_sets", *WRITTEN_BESIDE):  # as `stages`: the files that changed
+                status = _changed_inputs(cache, kind, key, plan) or status
             return f"compute ({status}{'; ' + note if note else ''})"
         if kind == "meta_train" and cache.manifest(kind, key)["meta"].get("stop_reason") == "budget":
             return "compute (unfinished: goes on from its checkpoint)"

@@ -186,7 +186,8 @@ def fold_study_report(cfg: StudyConfig, family, entry: Path, fold_pages: dict[st
     ]
     if reference is not None and len(summary) > 1:
         parts += forest_section(comparisons, list(summary.index), reference, family, sig, colors)
-    parts += ["<h2>Pairwise significance (pooled episodes)</h2>", significance_table(comparisons, colors, sig.alpha)]
+    parts += ["<h2>Pairwise significance (pooled episodes)</h2>",
+              significance_table(comparisons, colors, sig.alpha, "the study's folds entry")]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page(f"metapeft: {cfg.name} ({len(cfg.folds or ())} folds)", "\n".join(parts)))
     return out
@@ -212,7 +213,9 @@ def folds_table(summary: pd.DataFrame, tables: dict[str, pd.DataFrame], referenc
                     + f"<td>{'-' if pd.isna(p) else _p(p) + (' *' if p < alpha else '')}</td>"
                     f"<td>{_e(over_replicates(tables['fold_pairs'], method, reference, 'fold')) if reference else '-'}"
                     f"</td></tr>")
-    note = (f"<p class='meta'>The interval is over the {len(folds)} fold means (episodes are nested in folds). "
+    few = f" Only {len(folds)} folds: {len(folds) - 1} degree(s) of freedom, so the interval is wide and may pass " \
+        f"the metric's range." if 1 < len(folds) < 5 else ""
+    note = (f"<p class='meta'>The interval is over the {len(folds)} fold means (episodes are nested in folds).{few} "
             f"* significant at &alpha; = {alpha:g} on the pooled episodes: both Holm-adjusted paired tests agree; "
             f"they count every fold's episodes as independent, so the last column says whether the difference holds "
             f"from one class split to another.</p>")
@@ -380,7 +383,8 @@ def diverged_html(diverged: pd.DataFrame) -> str:
     return f"<p><b>Diverged</b> (no score, left out of the comparison): {rows}</p>"
 
 
-def significance_table(comparisons: pd.DataFrame, colors: dict[str, str], alpha: float) -> str:
+def significance_table(comparisons: pd.DataFrame, colors: dict[str, str], alpha: float,
+                       entry: str = "the significance entry") -> str:
     """Every pair, compact: a - b with its CI, the Holm-adjusted t-test and Wilcoxon p, Cohen's d_z, and
     whether a is better at alpha (both tests); the raw p-values are in comparisons.parquet."""
     head = ("<tr><th>a</th><th>b</th><th>n</th><th>a &minus; b</th><th>CI</th><th>p t-test (Holm)</th>"
@@ -393,7 +397,7 @@ def significance_table(comparisons: pd.DataFrame, colors: dict[str, str], alpha:
                     f"<td>{_p(r['p_ttest_holm'])}</td><td>{_p(r.get('p_wilcoxon_holm'))}</td>"
                     f"<td>{_num(r['cohens_dz'], 2)}</td><td>{'yes' if r.get('a_better') else 'no'}</td></tr>")
     note = (f"<p class='meta'>a: the method with the better mean. a better: both Holm-adjusted p &lt; {alpha:g} "
-            f"and the difference favours a. Raw p-values: comparisons.parquet in the significance entry.</p>")
+            f"and the difference favours a. Raw p-values: comparisons.parquet in {entry}.</p>")
     return f"<div class='scroll'><table>{head}{''.join(rows)}</table></div>{note}"
 
 

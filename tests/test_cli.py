@@ -426,6 +426,8 @@ def test_stages_names_a_removed_image_against_its_own_folders_entry(project, cap
     state = entries(capsys.readouterr().out)["task_sets"][1]
     assert state.startswith("stale (inputs changed since entry") and state.endswith(": class0/2.png (removed))"), \
         state
+    assert cli.main(["run", "--config", str(config), "--dry-run"]) == 0  # the run's plan says the same
+    assert entries(capsys.readouterr().out)["task_sets"][1] == f"compute ({state})"
 
 
 def test_forcing_the_task_sets_rebuilds_the_training_tables_too(project):

@@ -518,6 +518,7 @@ def test_fold_study_runs_each_fold_then_hits_the_cache(prefect_harness, project,
     best = lines[1].split()[0]
     assert f"<b>{best}</b>" in page.split("class='verdict'>")[1][:50] and "over the means of 2 folds (12 meta-test" in page
     assert re.search(r"Better in [0-2] of 2 folds", page)
+    assert "Only 2 folds: 1 degree(s) of freedom" in page and "comparisons.parquet in the study's folds entry" in page
     (project / "reports" / first["run_id"] / "report.html").unlink()
     assert cli.main(["report", first["run_id"]]) == 0  # rewritten from the folds entry
     assert (project / "reports" / first["run_id"] / "report.html").read_text().split("page written")[0] == \
