@@ -271,7 +271,8 @@ def transfer(jsons: list[dict]) -> list[str]:
             f"Mean gain over scratch: {data['gain_mean_off_diagonal']:.3f} off the diagonal, "
             f"{data['gain_mean_diagonal']:.3f} on it. First run ({first}): {data['first_run_seconds']:.0f} s "
             f"(what it computed: {seconds}); the cached rerun {data['cached_rerun_seconds']:.1f} s; load average (1 min) "
-            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end."]
+            f"{m['loadavg_start'][0]:.1f} at the start, {m['loadavg_end'][0]:.1f} at the end."
+            + "".join(f" Note, {source}: {note}." for source, note in data.get("start_notes", {}).items())]
 
 
 def conv_profile(jsons: list[dict]) -> list[str]:

@@ -57,7 +57,7 @@ def study_record(config: Path, project: Path, computed_before: set[tuple[str, st
 
     from flows.cache import StageCache
     from flows.config import load_config
-    from flows.transfer_stages import entries, make_transfer_plan, read_gains
+    from flows.transfer_stages import entries, make_transfer_plan, read_gains, start_notes
 
     cfg = load_config(config)
     plan, cache = make_transfer_plan(cfg), StageCache(project / cfg.runtime.data_dir)
@@ -81,7 +81,8 @@ def study_record(config: Path, project: Path, computed_before: set[tuple[str, st
                         "comparisons": read("nearest_task", "comparisons").to_dict("records")},
             "gain_mean_off_diagonal": float(sum(off) / len(off)),
             "gain_mean_diagonal": float(sum(gains.loc[g, g] for g in gains.index) / len(gains)),
-            "stage_seconds": seconds}
+            "stage_seconds": seconds,
+            "start_notes": start_notes(cfg, cache, plan.source_keys)}  # starts not trained as their name says
 
 
 def already_cached(cfg, cache) -> set[tuple[str, str]]:

@@ -588,6 +588,7 @@ def _transfer_cached(cfg, config: str, root: Path) -> str | None:
     MLflow run that computed it (as `_nothing_to_run` for the pipeline); None when something is to compute."""
     from flows.cache import StageCache
     from flows import transfer_stages as ts
+    from flows.report import unfinished_lines
 
     plan, cache = ts.make_transfer_plan(cfg), StageCache(root / cfg.runtime.data_dir)
     if not ts.fully_cached(cfg, cache, plan):
@@ -596,7 +597,9 @@ def _transfer_cached(cfg, config: str, root: Path) -> str | None:
     source = cache.manifest("nearest_task", plan.keys["nearest_task"])["meta"].get("mlflow_run_id")
     return (f"\ntransfer study {cfg.name} ({config}): {n} stage entries, {n} from cache: nothing to run, no new "
             f"Prefect or MLflow run; {f'the results of MLflow run {source}' if source else 'the cached results'}. "
-            f"--force STAGE recomputes.\n{ts.results_text(cfg, cache, plan)}")
+            f"--force STAGE recomputes.\n" + "\n".join([ts.results_text(cfg, cache, plan),
+                                                           *unfinished_lines(ts.start_notes(cfg, cache,
+                                                                                            plan.source_keys))]))
 
 
 @cli.command()

@@ -180,7 +180,7 @@ def transfer_study(config_path: str, force: list[str] | None = None) -> dict:
         correlation(run)
         nearest_task(run)
         text = ts.results_text(cfg, run.cache, plan)
-        if notes := ts.unfinished_sources(cfg, run.cache, plan.source_keys):  # uneven starts: say so
+        if notes := ts.start_notes(cfg, run.cache, plan.source_keys):  # uneven or untrained starts: say so
             text = "\n".join([text, *unfinished_lines(notes)])
             tracker.set_tags(parent, {"metapeft.unfinished": unfinished_tag(notes)})
         (root / "mlruns").mkdir(exist_ok=True)

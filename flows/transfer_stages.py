@@ -344,6 +344,19 @@ def train_source(cfg: StudyConfig, cache: StageCache, keys: dict[str, str], sour
             "best_iteration": result.best_iteration}
 
 
+def start_notes(cfg: StudyConfig, cache: StageCache, source_keys: dict[str, str]) -> dict[str, str]:
+    """Every source start whose scores are not what its name promises: `unfinished_sources` (a budget stopped it)
+    and those that kept their initial state (no meta-val loss below iteration 0's: the shared initialisation, which
+    is scratch's), as `flows.report.unfinished_training` says them for the pipeline."""
+    notes = unfinished_sources(cfg, cache, source_keys)
+    for source, key in source_keys.items():
+        meta = cache.manifest("transfer_train", key)["meta"] if cache.is_complete("transfer_train", key) else {}
+        if f"source {source}" not in notes and meta.get("best_iteration") == 0 and meta.get("iterations_total", 0):
+            notes[f"source {source}"] = (f"kept its initial state: no meta-val loss in {meta['iterations_total']} "
+                                         f"iterations was below iteration 0's, so it scores as scratch")
+    return notes
+
+
 def unfinished_sources(cfg: StudyConfig, cache: StageCache, source_keys: dict[str, str]) -> dict[str, str]:
     """{"source <name>": "meta-training stopped by the time budget at iteration i of n"} for each cached source
     training that transfer.budget_minutes stopped short (as `flows.report.unfinished_training` for the
