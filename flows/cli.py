@@ -60,7 +60,9 @@ class StageName(click.Choice):
             if value in TRANSFER_STAGES:
                 return value
             self.fail(f"{value!r} is not a stage: a pipeline's are {', '.join(self.choices)}; a transfer study's "
-                      f"are {', '.join(TRANSFER_STAGES)}", param, ctx)
+                      f"are {', '.join(TRANSFER_STAGES)}" + ("; a fold study's summary over folds is recomputed by "
+                                                              "--force significance" if value == "folds" else ""),
+                      param, ctx)
         return super().convert(value, param, ctx)
 
 
@@ -202,7 +204,7 @@ def run(root: Path, config: str, stage: tuple[str, ...], first: str | None, last
         if cfg.transfer is not None:  # a transfer study: flows/transfer.py
             return _transfer(cfg, config, root, only, dry_run, force, overrides)
         if unknown := sorted(set(force) - set(STAGES)):
-            raise ConfigError(f"--force: unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+            raise ConfigError(f"--force: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
         if cfg.folds is not None and cfg.family.split_dir is None:  # one pipeline per fold: flows/folds.py
             return _folds(cfg, root, config, only, dry_run, force, overrides)
     except ConfigError as e:
@@ -539,7 +541,7 @@ def _transfer(cfg, config: str, root: Path, only: set[str], dry_run: bool, force
     if overrides:
         raise ConfigError("--set, --budget-minutes: a transfer study takes its settings from its file")
     if unknown := sorted(set(force) - set(STAGES)):
-        raise ConfigError(f"--force: unknown transfer stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        raise ConfigError(f"--force: unknown transfer stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
     from flows.transfer import check_transfer, transfer_study
 
     try:  # what needs only the config and the data, one line each, before Prefect starts

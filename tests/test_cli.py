@@ -560,3 +560,9 @@ def test_one_replicate_or_equal_differences_say_there_is_no_test():
     assert over_replicates(pairs.assign(n_folds=3, folds_a_better=3), "maml", "proto", "fold") == "3/3 folds, no test"
     gap = Gap(other="proto", diff=0.1, ci_low=0.0, ci_high=0.2, p_holm=0.5, unit="fold", units_better=1, n_units=1)
     assert gap.units_text() == " Better in 1 of 1 fold (one fold: no test over folds)."
+
+
+def test_force_folds_says_how_a_fold_studys_summary_is_recomputed(capsys):
+    config = str(REPO / "configs" / "banking77-protaugment-1shot.yaml")
+    assert cli.main(["run", "--config", config, "--dry-run", "--force", "folds"]) == 2
+    assert "a fold study's summary over folds is recomputed by --force significance" in capsys.readouterr().err
